@@ -1,0 +1,239 @@
+"""Step 2 of the pipeline: validation, donor mapping, the design matrix and the stage-1 spectral precompute."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import linalg, sparse
+
+#: Relative tolerance on the diagonal of R (QR of the design) below which a column counts as collinear.
+RANK_TOL = 1e-8
+#: Eigenvalues of D^1/2 G D^1/2 below ``-NEG_EIG_TOL * max(eigenvalue)`` are reported as clearly negative.
+NEG_EIG_TOL = 1e-6
+#: Relative tolerance for the GRM's symmetry check.
+SYM_TOL = 1e-6
+
+
+def _preview(items, k: int = 5) -> str:
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:k])
+    return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
+
+
+@dataclass
+class Donors:
+    """Cell-to-donor mapping in model order."""
+
+    ids: np.ndarray  #: donor IDs (str), in model order
+    codes: np.ndarray  #: (cells,) int index of each cell's donor
+    counts: np.ndarray  #: (donors,) cells per donor, float64
+
+
+def donor_labels(obs: pd.DataFrame, donor_key: str) -> np.ndarray:
+    """The donor ID of every cell, as strings, with missing IDs rejected."""
+    if donor_key not in obs.columns:
+        raise KeyError(f"donor_key {donor_key!r} is not a column of adata.obs (columns: {list(obs.columns)}).")
+    labels = obs[donor_key]
+    missing = labels.isna().to_numpy()
+    if missing.any():
+        raise ValueError(f"obs[{donor_key!r}] has {int(missing.sum())} cells with a missing donor ID.")
+    return labels.astype(str).to_numpy()
+
+
+def align_grm(grm: pd.DataFrame, labels: np.ndarray, source: str) -> tuple[np.ndarray, Donors]:
+    """Check the GRM, keep the donors that have cells and order everything by the GRM's order.
+
+    Returns the donor-level GRM ``G`` (donors x donors) and the donor mapping.
+    """
+    if not isinstance(grm, pd.DataFrame):
+        raise ValueError(f"GRM from {source} must be a DataFrame, not {type(grm).__name__}.")
+    if grm.shape[0] != grm.shape[1]:
+        raise ValueError(f"GRM from {source} is not square: shape {grm.shape}.")
+    index = grm.index.astype(str)
+    columns = grm.columns.astype(str)
+    if not index.equals(columns):
+        raise ValueError(
+            f"GRM from {source}: its row IDs and column IDs differ (first rows {list(index[:3])}, "
+            f"first columns {list(columns[:3])}); it must be indexed and columned by the same donor IDs."
+        )
+    if index.has_duplicates:
+        raise ValueError(f"GRM from {source} has duplicated donor IDs: {_preview(index[index.duplicated()].unique())}.")
+    values = grm.to_numpy(dtype=np.float64, copy=False)
+    if not np.isfinite(values).all():
+        bad = index[~np.isfinite(values).all(axis=1)]
+        raise ValueError(f"GRM from {source} has NaN or infinite entries in the rows of donors {_preview(bad)}.")
+    scale = max(np.abs(values).max(), 1e-300)
+    asym = np.abs(values - values.T).max()
+    if asym > SYM_TOL * scale:
+        i, j = np.unravel_index(np.argmax(np.abs(values - values.T)), values.shape)
+        raise ValueError(
+            f"GRM from {source} is not symmetric: entry ({index[i]!r}, {index[j]!r}) differs from its transpose "
+            f"by {asym:.3g}."
+        )
+
+    uniq = pd.unique(labels)
+    missing = pd.Index(uniq).difference(index, sort=False)
+    if len(missing):
+        raise ValueError(f"donors with cells but not in the GRM from {source}: {_preview(missing)}.")
+
+    keep = np.flatnonzero(index.isin(uniq))
+    ids = index[keep].to_numpy().astype(str)
+    G = values[np.ix_(keep, keep)]
+    G = (G + G.T) / 2
+    codes = pd.Index(ids).get_indexer(labels).astype(np.int64)
+    counts = np.bincount(codes, minlength=len(ids)).astype(np.float64)
+    return G, Donors(ids=ids, codes=codes, counts=counts)
+
+
+@dataclass
+class Design:
+    """The fixed-effects design matrix after rank reduction."""
+
+    X: np.ndarray  #: (cells, p) float64, intercept first
+    names: list[str]  #: column names, matching X
+    dropped: list[str]  #: columns dropped as collinear or constant
+
+
+def _encode(obs: pd.DataFrame, col: str) -> tuple[np.ndarray, list[str]]:
+    s = obs[col]
+    if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
+        if s.isna().any():
+            raise ValueError(f"covariate {col!r} has {int(s.isna().sum())} missing values.")
+        cat = s.astype("category") if not isinstance(s.dtype, pd.CategoricalDtype) else s
+        cat = cat.cat.remove_unused_categories()
+        levels = list(cat.cat.categories)
+        codes = cat.cat.codes.to_numpy()
+        if len(levels) < 2:
+            return np.zeros((len(s), 1)), [f"{col}[{levels[0] if levels else ''}]"]
+        onehot = (codes[:, None] == np.arange(1, len(levels))[None, :]).astype(np.float64)
+        return onehot, [f"{col}[{lev}]" for lev in levels[1:]]
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return s.to_numpy(dtype=np.float64)[:, None], [col]
+    if not pd.api.types.is_numeric_dtype(s.dtype):
+        raise ValueError(f"covariate {col!r} has unsupported dtype {s.dtype}; use numbers or categories.")
+    values = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"covariate {col!r} has {int(bad.sum())} NaN or infinite values.")
+    return values[:, None], [col]
+
+
+def build_design(
+    obs: pd.DataFrame,
+    covariates: Sequence[str],
+    donor_covariates: Sequence[str] | None,
+    donors: Donors,
+) -> Design:
+    """Intercept + covariates (categoricals one-hot, first level dropped), checked and reduced to full rank."""
+    covariates = [covariates] if isinstance(covariates, str) else list(covariates)
+    donor_covariates = (
+        [] if donor_covariates is None else [donor_covariates] if isinstance(donor_covariates, str) else list(donor_covariates)
+    )
+    for col in [*covariates, *donor_covariates]:
+        if col not in obs.columns:
+            raise KeyError(f"covariate {col!r} is not a column of adata.obs.")
+    dup = pd.Index(covariates)[pd.Index(covariates).duplicated()]
+    if len(dup):
+        raise ValueError(f"covariates lists {list(dup)} more than once.")
+    columns = covariates + [c for c in donor_covariates if c not in covariates]
+
+    blocks, names = [np.ones((len(obs), 1))], ["intercept"]
+    for col in columns:
+        values, col_names = _encode(obs, col)
+        blocks.append(values)
+        names.extend(col_names)
+        if col in donor_covariates:
+            _check_constant_within_donor(obs[col], values, col, donors)
+    X = np.hstack(blocks)
+
+    keep = full_rank_columns(X)
+    dropped = [n for n, k in zip(names, keep, strict=True) if not k]
+    if dropped:
+        warnings.warn(
+            f"dropping design columns that are constant or collinear with earlier ones: {dropped}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return Design(X=np.ascontiguousarray(X[:, keep]), names=[n for n, k in zip(names, keep, strict=True) if k], dropped=dropped)
+
+
+def _check_constant_within_donor(series: pd.Series, values: np.ndarray, col: str, donors: Donors) -> None:
+    n = len(donors.ids)
+    for j in range(values.shape[1]):
+        v = values[:, j]
+        lo = np.full(n, np.inf)
+        hi = np.full(n, -np.inf)
+        np.minimum.at(lo, donors.codes, v)
+        np.maximum.at(hi, donors.codes, v)
+        varying = np.flatnonzero(hi - lo > 1e-12 * np.maximum(1.0, np.abs(hi)))
+        if len(varying):
+            raise ValueError(
+                f"donor covariate {col!r} varies within donors {_preview(donors.ids[varying])}; "
+                "a donor covariate must be constant within each donor."
+            )
+
+
+def full_rank_columns(X: np.ndarray) -> np.ndarray:
+    """Boolean mask of the columns kept greedily, in order, such that the kept ones have full rank.
+
+    One QR of X gives R with R'R = X'X; the greedy selection then works on R's p columns only.
+    """
+    p = X.shape[1]
+    R = linalg.qr(X, mode="r", check_finite=False)[0][:p]
+    norms = np.sqrt(np.einsum("ij,ij->j", R, R))
+    keep = np.zeros(p, dtype=bool)
+    for j in range(p):
+        if norms[j] == 0:
+            continue
+        cols = [*np.flatnonzero(keep), j]
+        Rj = linalg.qr(R[:, cols], mode="r", check_finite=False)[0]
+        keep[j] = abs(Rj[len(cols) - 1, len(cols) - 1]) > RANK_TOL * norms[j]
+    return keep
+
+
+@dataclass
+class Spectral:
+    """Stage 1: everything shared by all genes."""
+
+    lam: np.ndarray  #: (donors,) eigenvalues of D^1/2 G D^1/2, clipped at 0
+    U: np.ndarray  #: (donors, donors) eigenvectors
+    Xrot: np.ndarray  #: (donors, p) rotated covariates U' D^-1/2 Z'X
+    XtX: np.ndarray  #: (p, p)
+    Aw: np.ndarray  #: (p, p) within-donor cross-products X'X - Xrot'Xrot
+    n_cells: int
+
+
+def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectral:
+    """Eigendecompose D^1/2 G D^1/2 and rotate the covariates' donor sums."""
+    sqrt_c = np.sqrt(donors.counts)
+    M = G * sqrt_c[:, None] * sqrt_c[None, :]
+    lam, U = linalg.eigh(M, check_finite=False, driver="evr")
+    top = max(lam.max(initial=0.0), 1e-300)
+    if lam.min(initial=0.0) < -NEG_EIG_TOL * top:
+        warnings.warn(
+            f"the GRM is not positive semi-definite: smallest eigenvalue of D^1/2 G D^1/2 is {lam.min():.3g} "
+            f"(largest {top:.3g}); negative eigenvalues are set to 0.",
+            UserWarning,
+            stacklevel=3,
+        )
+    lam = np.clip(lam, 0.0, None)
+    ZtX = donor_sums(X, donors)
+    Xrot = U.T @ (ZtX / sqrt_c[:, None])
+    Xw = X - (ZtX / donors.counts[:, None])[donors.codes]
+    Aw = Xw.T @ Xw
+    return Spectral(lam=lam, U=U, Xrot=Xrot, XtX=X.T @ X, Aw=(Aw + Aw.T) / 2, n_cells=X.shape[0])
+
+
+def incidence(codes: np.ndarray, n_donors: int) -> sparse.csr_matrix:
+    """Z' as a sparse (donors, cells) matrix."""
+    n = len(codes)
+    return sparse.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_donors, n))
+
+
+def donor_sums(values: np.ndarray, donors: Donors) -> np.ndarray:
+    """Z' values for a dense (cells, k) array."""
+    return np.asarray(incidence(donors.codes, len(donors.ids)) @ values)

@@ -1,0 +1,34 @@
+"""DataFrame accessors for stored results."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def nullfit_df(adata: AnnData, key: str = "nullfit") -> pd.DataFrame:
+    """The per-gene null-model results of :func:`scverse_nullfit.tl.fit_null` as a DataFrame.
+
+    Parameters
+    ----------
+    adata
+        An AnnData on which :func:`~scverse_nullfit.tl.fit_null` has been run (possibly read back from h5ad).
+    key
+        The ``key_added`` of that call.
+
+    Returns
+    -------
+    A copy of ``adata.varm[key]``, indexed by gene.
+    """
+    if key not in adata.varm:
+        raise KeyError(f"no null-model results under adata.varm[{key!r}]; run snf.tl.fit_null(adata, key_added={key!r}).")
+    df = adata.varm[key]
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"adata.varm[{key!r}] is a {type(df).__name__}, not the DataFrame fit_null stores.")
+    out = df.copy()
+    out.index = adata.var_names.copy()
+    return out

@@ -1,0 +1,3 @@
+"""Plots of null-model fits and association results."""
+
+__all__: list[str] = []

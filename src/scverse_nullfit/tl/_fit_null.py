@@ -1,0 +1,194 @@
+"""The null-model fit: :func:`scverse_nullfit.tl.fit_null`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scanpy import logging as logg
+from scanpy import settings
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from .._core._design import align_grm, build_design, donor_labels, spectral_precompute
+from .._core._read import describe_matrix, get_expression, resolve_grm
+from .._core._reml import RemlProblem, fit_genes
+from .._core._store import per_gene_arrays, results_frame, shared_part, store
+from .._core._suffstats import pre_residualise, sufficient_stats
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def _select_genes(var_names: pd.Index, genes) -> np.ndarray:
+    """Boolean mask over ``var_names`` from names, a boolean mask or None."""
+    if genes is None:
+        return np.ones(len(var_names), dtype=bool)
+    if isinstance(genes, str):
+        genes = [genes]
+    genes = np.asarray(genes)
+    if genes.dtype == bool:
+        if genes.shape != (len(var_names),):
+            raise ValueError(f"genes is a boolean mask of length {len(genes)}, but adata has {len(var_names)} genes.")
+        return genes.copy()
+    idx = var_names.get_indexer(genes.astype(str))
+    if (idx < 0).any():
+        missing = genes[idx < 0]
+        raise KeyError(f"genes not in adata.var_names: {list(missing[:5])}{' ...' if len(missing) > 5 else ''}.")
+    mask = np.zeros(len(var_names), dtype=bool)
+    mask[idx] = True
+    return mask
+
+
+def _grm_param(grm) -> str:
+    if isinstance(grm, pd.DataFrame):
+        return "DataFrame"
+    return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
+
+
+def fit_null(
+    adata: AnnData,
+    *,
+    donor_key: str = "donor_id",
+    grm: str | os.PathLike | pd.DataFrame = "grm",
+    covariates: Sequence[str] = (),
+    donor_covariates: Sequence[str] | None = None,
+    layer: str | None = None,
+    genes: Sequence[str] | np.ndarray | None = None,
+    tau: float | None = None,
+    key_added: str = "nullfit",
+    n_threads: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Fit the null linear mixed model of every gene by exact REML.
+
+    For each gene, cell-level expression is modelled as covariates plus a donor random effect with covariance
+    ``sigma2_g * GRM`` plus independent cell noise ``sigma2_e``, with ``tau = sigma2_g / sigma2_e`` estimated per
+    gene. Stage 1 (once) eigendecomposes the donor-level matrix; stage 2 fits all genes at once from their
+    sufficient statistics, never forming a cells x cells matrix. See the "Model and algorithm" page of the docs.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. Expression in ``X`` or ``layers[layer]``: dense, scipy sparse, backed or dask.
+    donor_key
+        Column of ``obs`` with each cell's donor ID.
+    grm
+        The donor genetic relationship matrix: a key of ``adata.uns`` holding a DataFrame indexed and columned
+        by donor ID, such a DataFrame, or a GRM file path (see :func:`scverse_nullfit.io.read_grm`).
+        Donors in the GRM without cells are ignored.
+    covariates
+        Columns of ``obs`` used as fixed effects (numeric, boolean or categorical; categoricals are one-hot
+        encoded with the first level dropped). An intercept is always included. Columns that are constant or
+        collinear with earlier ones are dropped with a warning.
+    donor_covariates
+        Covariates that must be constant within each donor (age, sex, genotype PCs); checked, and added to
+        ``covariates`` if not already there.
+    layer
+        Layer to use instead of ``X``.
+    genes
+        Names or a boolean mask of the genes to fit; the others get NaN / ``converged=False``.
+    tau
+        ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
+    key_added
+        Key under which results are stored in ``varm`` and ``uns``.
+    n_threads
+        Limit on BLAS threads for the call.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``, with
+
+    ``adata.varm[key_added]``
+        DataFrame by gene: ``tau``, ``sigma2_g``, ``sigma2_e``, ``h2``, ``loglik`` (REML, the convention of
+        statsmodels' ``MixedLM.fit(reml=True).llf``), ``converged``, ``n_iter``, ``h2_pval`` (REML likelihood-ratio
+        test of ``tau > 0``, 50:50 mixture of chi2_0 and chi2_1), ``tau_se`` (observed information),
+        ``loglik_null`` (at ``tau = 0``).
+    ``adata.varm[f"{key_added}_beta"]``
+        Fixed effects (genes x covariates, named in ``uns[key_added]["covariate_names"]``).
+    ``adata.varm[f"{key_added}_xhx_inv"]``, ``adata.varm[f"{key_added}_resid_rot"]``
+        The per-gene part of the compact projection used by :func:`scverse_nullfit.tl.score_test`.
+    ``adata.uns[key_added]``
+        The shared part (donor order, cells per donor, eigenvalues, eigenvectors, rotated covariates,
+        covariate names) and ``params``.
+    """
+    if tau is not None and not (np.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
+    if n_threads is not None and (int(n_threads) != n_threads or n_threads < 1):
+        raise ValueError(f"n_threads must be a positive integer, not {n_threads!r}.")
+
+    start = logg.info(f"fitting null models (key_added={key_added!r})")
+    Y = get_expression(adata, layer)
+    mask = _select_genes(adata.var_names, genes)
+    labels = donor_labels(adata.obs, donor_key)
+    grm_df, grm_source = resolve_grm(adata, grm)
+    G, donors = align_grm(grm_df, labels, grm_source)
+    design = build_design(adata.obs, covariates, donor_covariates, donors)
+
+    with threadpool_limits(limits=n_threads, user_api="blas"):
+        t1 = logg.debug("    stage 1: donor-level eigendecomposition")
+        spectral = spectral_precompute(G, donors, design.X)
+        problem = RemlProblem(spectral)
+        logg.debug(f"    stage 1: {len(donors.ids)} donors, {design.X.shape[1]} design columns", time=t1)
+
+        fitted_idx = np.flatnonzero(mask)
+        t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
+        stats = sufficient_stats(Y, fitted_idx, donors, design.X)
+        pre = pre_residualise(stats, donors, design.X, spectral)
+        del stats
+        logg.debug("    stage 2: sufficient statistics done", time=t2)
+
+        ok_idx = np.flatnonzero(pre.ok)
+        if len(ok_idx) < len(fitted_idx):
+            logg.warning(
+                f"{len(fitted_idx) - len(ok_idx)} genes are constant, non-finite or fully explained by the covariates; "
+                "their results are NaN"
+            )
+        T = pre.T[:, ok_idx] / np.sqrt(donors.counts)[:, None]
+        U = spectral.U
+
+        def rotate(sl: slice) -> np.ndarray:
+            return (U.T @ T[:, sl]).T
+
+        t3 = logg.debug("    stage 2: REML")
+        show = settings.verbosity >= 2 and len(ok_idx) > 2000
+        with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
+            fits = fit_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
+        logg.debug("    stage 2: REML done", time=t3)
+
+    beta = fits.beta + pre.b0[ok_idx]
+    beta[:, 0] += pre.mean[ok_idx]
+    fitted = np.zeros(adata.n_vars, dtype=bool)
+    fitted[fitted_idx[ok_idx]] = True
+    table = results_frame(adata.var_names, fitted, fits)
+    arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta)
+    params = {
+        "donor_key": donor_key,
+        "grm": _grm_param(grm),
+        "covariates": list(covariates) if not isinstance(covariates, str) else [covariates],
+        "donor_covariates": [] if donor_covariates is None else list(np.atleast_1d(donor_covariates)),
+        "layer": layer,
+        "tau": tau,
+        "n_genes_requested": int(mask.sum()),
+        "n_genes_fitted": int(fitted.sum()),
+        "input": describe_matrix(Y),
+    }
+    shared = shared_part(donors, design, spectral, params)
+
+    target = adata.copy() if copy else adata
+    store(target, key_added, table, arrays, shared)
+    logg.info(
+        "    finished",
+        time=start,
+        deep=(
+            f"added\n    'varm[{key_added!r}]', per-gene variance components (DataFrame)\n"
+            f"    'varm[{key_added!r}_beta|_xhx_inv|_resid_rot]', fixed effects and compact projection\n"
+            f"    'uns[{key_added!r}]', shared donor-level part and parameters"
+        ),
+    )
+    return target if copy else None
