@@ -53,6 +53,8 @@ def simulate(
     n_snps: int = 2000,
     n_cis_variants: int = 20,
     seed: int = 0,
+    frac_eqtl: float = 0.0,
+    eqtl_effect: float = 0.5,
 ) -> AnnData:
     """Simulate a single-cell data set with related donors under the null model of :func:`~scverse_nullfit.tl.fit_null`.
 
@@ -80,6 +82,13 @@ def simulate(
         Number of variants simulated around each gene (for step-2 tests); stored in ``uns["genotypes"]``.
     seed
         Seed of the random generator; the output is a deterministic function of the arguments.
+    frac_eqtl
+        Fraction of genes given one causal cis-eQTL among their own ``n_cis_variants`` variants (default none).
+        The causal variant adds ``eqtl_effect * sqrt(true_sigma2_e)`` per allele (centred dosage) to every cell
+        of its donor. Drawn from a separate random stream, so everything else is the same as with
+        ``frac_eqtl=0``, which is the default output exactly.
+    eqtl_effect
+        Effect per allele of a causal variant, in units of the gene's residual standard deviation.
 
     Returns
     -------
@@ -87,10 +96,13 @@ def simulate(
     ``age``, ``sex``; cell-level ``cell_type``, ``log_counts``); ``var`` holds the truth (``true_tau``,
     ``true_h2``, ``true_sigma2_e``, ``true_sigma2_g``) and gene positions (``chrom``, ``start``);
     ``uns["grm"]`` the donor GRM and ``uns["genotypes"]`` a donors x variants dosage DataFrame with
-    ``uns["variants"]`` their positions.
+    ``uns["variants"]`` their positions. With ``frac_eqtl > 0``, ``var`` also holds ``eqtl_variant`` (the causal
+    variant's name, ``""`` for none) and ``eqtl_beta`` (its effect per allele, 0 for none).
     """
+    if not 0.0 <= frac_eqtl <= 1.0:
+        raise ValueError(f"frac_eqtl must be within [0, 1], not {frac_eqtl!r}.")
     rng = np.random.default_rng(seed)
-    dosage, family = _family_genotypes(rng, n_donors, n_snps)
+    dosage, _family = _family_genotypes(rng, n_donors, n_snps)
     G = standardised_grm(dosage)
     donor_ids = np.array([f"D{i:04d}" for i in range(n_donors)])
 
@@ -146,6 +158,8 @@ def simulate(
     )
 
     geno, variants = _cis_variants(rng, dosage, var, n_cis_variants)
+    if frac_eqtl > 0 and n_cis_variants > 0:
+        Y, var = _add_eqtls(np.random.default_rng([seed, 1]), Y, codes, var, geno, variants, frac_eqtl, eqtl_effect)
 
     adata = AnnData(X=Y.astype(np.float32), obs=obs, var=var)
     adata.uns["grm"] = pd.DataFrame(G, index=donor_ids, columns=donor_ids)
@@ -167,8 +181,33 @@ def _cis_variants(rng: np.random.Generator, dosage: np.ndarray, var: pd.DataFram
             pos.append(int(s + off))
             names.append(f"{gene}_v{k}")
     geno = dosage[:, cols] if cols else np.zeros((dosage.shape[0], 0))
-    variants = pd.DataFrame({"chrom": chrom, "pos": np.asarray(pos, dtype=np.int64)}, index=pd.Index(names, name="variant"))
+    variants = pd.DataFrame(
+        {"chrom": chrom, "pos": np.asarray(pos, dtype=np.int64)}, index=pd.Index(names, name="variant")
+    )
     return geno, variants
+
+
+def _add_eqtls(rng, Y, codes, var, geno, variants, frac, effect):
+    """Give a fraction of genes one causal variant among their own cis variants (a separate random stream)."""
+    n_genes = var.shape[0]
+    n_eqtl = round(frac * n_genes)
+    chosen = np.sort(rng.choice(n_genes, size=n_eqtl, replace=False))
+    per_gene = geno.shape[1] // n_genes
+    names = np.full(n_genes, "", dtype=object)
+    betas = np.zeros(n_genes)
+    Y = Y.copy()
+    for j in chosen:
+        cols = np.arange(j * per_gene, (j + 1) * per_gene)
+        maf = np.minimum(geno[:, cols].mean(axis=0), 2 - geno[:, cols].mean(axis=0)) / 2
+        candidates = cols[maf >= 0.1] if (maf >= 0.1).any() else cols[[int(np.argmax(maf))]]
+        k = int(rng.choice(candidates))
+        beta = effect * np.sqrt(var["true_sigma2_e"].iloc[j])
+        g = geno[:, k] - geno[:, k].mean()
+        Y[:, j] += beta * g[codes]
+        names[j] = variants.index[k]
+        betas[j] = beta
+    var = var.assign(eqtl_variant=names.astype(str), eqtl_beta=betas)
+    return Y, var
 
 
 def example() -> AnnData:
