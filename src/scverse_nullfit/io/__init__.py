@@ -1,5 +1,23 @@
 """Readers and writers for genetic relationship matrices (GRMs) and genotypes."""
 
-from ._grm import read_gcta_grm, read_grm, write_grm
+from ._grm import (
+    read_gcta_grm,
+    read_gcta_grm_gz,
+    read_grm,
+    read_grm_table,
+    read_plink_rel,
+    read_saige_sparse_grm,
+    write_grm,
+)
+from ._plink import grm_from_plink
 
-__all__ = ["read_gcta_grm", "read_grm", "write_grm"]
+__all__ = [
+    "grm_from_plink",
+    "read_gcta_grm",
+    "read_gcta_grm_gz",
+    "read_grm",
+    "read_grm_table",
+    "read_plink_rel",
+    "read_saige_sparse_grm",
+    "write_grm",
+]
