@@ -1,3 +1,5 @@
 """Plots of null-model fits and association results."""
 
-__all__: list[str] = []
+from ._plots import cis_locus, h2_hist, lambda_gc, qq
+
+__all__ = ["cis_locus", "h2_hist", "lambda_gc", "qq"]

@@ -1,5 +1,7 @@
 """Tools: fit null models and test variants."""
 
+from ._cis_map import cis_map
 from ._fit_null import fit_null
+from ._score_test import score_test
 
-__all__ = ["fit_null"]
+__all__ = ["cis_map", "fit_null", "score_test"]

@@ -1,0 +1,82 @@
+"""DataFrame accessors for stored association results (:func:`scverse_nullfit.tl.cis_map`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def _cis_results(adata: AnnData, key: str) -> dict:
+    hint = f"run snf.tl.cis_map(adata, genotypes, key_added={key!r})"
+    if key not in adata.uns or not isinstance(adata.uns[key], dict) or "variants" not in adata.uns[key]:
+        raise KeyError(f"no cis-mapping results under adata.uns[{key!r}]; {hint}.")
+    table = adata.uns[key]["variants"]
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(
+            f"adata.uns[{key!r}]['variants'] is a {type(table).__name__}, not the DataFrame cis_map stores."
+        )
+    return adata.uns[key]
+
+
+def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """The per-variant results of :func:`scverse_nullfit.tl.cis_map` as a DataFrame.
+
+    Parameters
+    ----------
+    adata
+        An AnnData on which :func:`~scverse_nullfit.tl.cis_map` has been run (possibly read back from h5ad).
+    key
+        The ``key_added`` of that call.
+    genes
+        A gene name or names to keep (default: all tested genes).
+
+    Returns
+    -------
+    A copy of the table, one row per gene and cis variant: ``gene``, ``variant``, ``chrom``, ``pos``,
+    ``distance``, ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` (see
+    :func:`~scverse_nullfit.tl.score_test` for their definitions), with a fresh integer index.
+    """
+    table = _cis_results(adata, key)["variants"]
+    if genes is not None:
+        wanted = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+        unknown = [g for g in wanted if g not in adata.var_names]
+        if unknown:
+            raise KeyError(f"genes not in adata.var_names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}.")
+        table = table[table["gene"].astype(str).isin(wanted).to_numpy()]
+    return table.reset_index(drop=True).copy()
+
+
+def cis_genes_df(adata: AnnData, key: str = "cis", *, tested_only: bool = False) -> pd.DataFrame:
+    """The per-gene summary of :func:`scverse_nullfit.tl.cis_map` as a DataFrame.
+
+    Parameters
+    ----------
+    adata
+        An AnnData on which :func:`~scverse_nullfit.tl.cis_map` has been run (possibly read back from h5ad).
+    key
+        The ``key_added`` of that call.
+    tested_only
+        Keep only the genes with at least one variant in their window.
+
+    Returns
+    -------
+    A copy of ``adata.varm[key]``, indexed by gene: ``n_variants``, ``pval_acat`` (ACAT gene-level p-value),
+    ``top_variant``, ``top_pos``, ``top_distance``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``,
+    ``top_pval_bonf``.
+    """
+    if key not in adata.varm:
+        raise KeyError(f"no cis-mapping results under adata.varm[{key!r}]; run snf.tl.cis_map(adata, genotypes).")
+    df = adata.varm[key]
+    if not isinstance(df, pd.DataFrame) or "pval_acat" not in df.columns:
+        raise ValueError(f"adata.varm[{key!r}] is not the per-gene table cis_map stores.")
+    out = df.copy()
+    out.index = adata.var_names.copy()
+    if tested_only:
+        out = out[np.asarray(out["n_variants"] > 0)]
+    return out

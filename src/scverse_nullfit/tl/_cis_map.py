@@ -1,0 +1,371 @@
+"""cis-eQTL mapping with the stored null models: :func:`scverse_nullfit.tl.cis_map`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scanpy import logging as logg
+from scanpy import settings
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from ._fit_null import _select_genes
+from ._score_test import RESULT_COLUMNS, CompactNull, GenotypeMatrix, derived_statistics, fitted_genes, impute
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: Most genes handled together in one block (their windows share one read and rotation of the variants).
+MAX_BLOCK_GENES = 256
+#: Columns of the per-gene summary ``adata.varm[key_added]``, in order.
+GENE_COLUMNS = (
+    "n_variants",
+    "pval_acat",
+    "top_variant",
+    "top_pos",
+    "top_distance",
+    "top_z",
+    "top_beta",
+    "top_se",
+    "top_pval",
+    "top_pval_bonf",
+)
+
+
+def normalise_chrom(values) -> np.ndarray:
+    """Chromosome names as strings without a leading ``chr`` (any case); missing values become ``""``.
+
+    Integer-valued numbers (``1``, ``1.0``) become ``"1"``, so numeric and string columns match.
+    """
+    s = pd.Series(np.asarray(values, dtype=object))
+    missing = s.isna().to_numpy()
+    out = np.empty(len(s), dtype=object)
+    for i, v in enumerate(s.to_numpy()):
+        if missing[i]:
+            out[i] = ""
+            continue
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            v = int(v)
+        text = str(v).strip()
+        out[i] = text[3:] if text[:3].lower() == "chr" else text
+    return out
+
+
+def _positions(values: pd.Series, what: str) -> np.ndarray:
+    if not (pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype)):
+        raise ValueError(f"{what} must hold numeric positions, not dtype {values.dtype}.")
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def acat(pvals: np.ndarray, groups: np.ndarray | None = None, n_groups: int | None = None) -> np.ndarray | float:
+    """Aggregated Cauchy association test (ACAT) of p-values, with equal weights.
+
+    ``T = mean_i tan((1/2 - p_i) pi)`` and the combined p-value is ``P(Cauchy > T) = 1/2 - arctan(T)/pi``
+    (computed as ``arctan(1/T)/pi`` for ``T > 0``, accurate for tiny p-values). Non-finite p-values are
+    ignored; a p-value of 0 gives 0; a group without finite p-values gives NaN.
+
+    Parameters
+    ----------
+    pvals
+        P-values.
+    groups
+        Integer group of each p-value (0..n_groups-1): one combined p-value per group. ``None`` combines all.
+    n_groups
+        Number of groups (default ``groups.max() + 1``).
+
+    Returns
+    -------
+    The combined p-value (a float without ``groups``, else an array over groups).
+    """
+    p = np.asarray(pvals, dtype=np.float64).ravel()
+    single = groups is None
+    groups = np.zeros(len(p), dtype=np.intp) if single else np.asarray(groups, dtype=np.intp).ravel()
+    if len(groups) != len(p):
+        raise ValueError(f"groups has {len(groups)} entries for {len(p)} p-values.")
+    if n_groups is None:
+        n_groups = int(groups.max()) + 1 if len(groups) else (1 if single else 0)
+    ok = np.isfinite(p) & (p >= 0) & (p <= 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # tan((1/2 - p) pi) = cot(p pi): exact for small p, where tan((1/2 - p) pi) loses digits
+        t = 1.0 / np.tan(np.pi * p[ok])
+    t = np.where(p[ok] == 0, np.inf, t)
+    count = np.bincount(groups[ok], minlength=n_groups).astype(np.float64)
+    zero = np.bincount(groups[ok], weights=(p[ok] == 0).astype(np.float64), minlength=n_groups) > 0
+    total = np.bincount(groups[ok], weights=np.where(np.isinf(t), 0.0, t), minlength=n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        T = total / count
+        out = np.where(T > 0, np.arctan(1.0 / T) / np.pi, 0.5 - np.arctan(T) / np.pi)
+    out = np.where(zero, 0.0, out)
+    out = np.where(count > 0, out, np.nan)
+    return float(out[0]) if single else out
+
+
+def _gene_blocks(chrom_code: np.ndarray, pos: np.ndarray, window: float) -> list[np.ndarray]:
+    """Genes sorted by (chromosome, position), cut into blocks on one chromosome spanning at most ``window``."""
+    order = np.lexsort((pos, chrom_code))
+    blocks, i = [], 0
+    while i < len(order):
+        first = order[i]
+        j = i + 1
+        while (
+            j < len(order)
+            and j - i < MAX_BLOCK_GENES
+            and chrom_code[order[j]] == chrom_code[first]
+            and pos[order[j]] - pos[first] <= window
+        ):
+            j += 1
+        blocks.append(order[i:j])
+        i = j
+    return blocks
+
+
+def cis_map(
+    adata: AnnData,
+    genotypes: AnnData | pd.DataFrame | str | os.PathLike,
+    *,
+    window: int = 1_000_000,
+    key: str = "nullfit",
+    genes: Sequence[str] | np.ndarray | None = None,
+    variants: pd.DataFrame | None = None,
+    chrom_key: str = "chrom",
+    pos_key: str = "start",
+    variant_chrom_key: str = "chrom",
+    variant_pos_key: str = "pos",
+    key_added: str = "cis",
+    chunk_size: int | None = None,
+    n_threads: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Map cis-eQTLs: score-test every gene against the variants near it, and combine them per gene.
+
+    For each gene, the variants on its chromosome within ``window`` base pairs of its position
+    (``|variant pos - gene pos| <= window``, edges included) are tested with the exact score test of
+    :func:`~scverse_nullfit.tl.score_test` against the gene's fitted null model. Chromosome names match with or
+    without a ``chr`` prefix (``"chr1"`` = ``"1"``). Per gene, the variants' p-values are combined by the
+    aggregated Cauchy association test (ACAT, equal weights: ``T = mean tan((1/2 - p) pi)``,
+    ``p = 1/2 - arctan(T)/pi``), which stays valid under the linkage disequilibrium between them.
+
+    Parameters
+    ----------
+    adata
+        The AnnData on which :func:`~scverse_nullfit.tl.fit_null` was run; ``var`` holds each gene's chromosome
+        and position (e.g. its TSS).
+    genotypes
+        Donors x variants dosages (0..2): an AnnData whose ``var`` holds the variants' chromosome and position,
+        a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a PLINK ``.bed``
+        fileset (with ``.bim`` and ``.fam`` beside it; needs ``pip install 'scverse-nullfit[plink]'``; donors
+        named by IID; only the variants near tested genes are read). Donors are matched by ID as in
+        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant.
+    window
+        Half-width of the cis window, in base pairs.
+    key
+        The ``key_added`` of the ``fit_null`` call.
+    genes
+        Names or a boolean mask of the genes to map (default: every gene fitted under ``key``). Genes without a
+        chromosome or position are skipped.
+    variants
+        With a DataFrame of genotypes: a DataFrame indexed by variant ID holding the chromosome and position
+        columns (for the simulated data, ``adata.uns["variants"]``).
+    chrom_key, pos_key
+        Columns of ``adata.var`` with each gene's chromosome and position.
+    variant_chrom_key, variant_pos_key
+        Columns of the variants' metadata with their chromosome and position.
+    key_added
+        Where to store the results.
+    chunk_size
+        Variants per chunk (default: chosen to bound memory).
+    n_threads
+        Limit on BLAS threads for the call.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``, with
+
+    ``adata.uns[key_added]["variants"]``
+        The per-variant table, one row per tested gene and cis variant (genes in ``adata`` order, variants by
+        position): ``gene``, ``variant``, ``chrom``, ``pos``, ``distance`` (variant position minus gene
+        position), and the score-test columns ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` defined
+        in :func:`~scverse_nullfit.tl.score_test`. Get it with :func:`scverse_nullfit.get.cis_df`.
+    ``adata.varm[key_added]``
+        The per-gene summary, indexed by gene: ``n_variants`` (variants in the window), ``pval_acat`` (the ACAT
+        combination of their finite p-values), ``top_variant`` (smallest p-value; first by position on ties),
+        its ``top_pos``, ``top_distance``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``, and
+        ``top_pval_bonf = min(1, top_pval * n_variants)``. Genes not tested have ``n_variants = 0`` and NaN.
+        Get it with :func:`scverse_nullfit.get.cis_genes_df`.
+    ``adata.uns[key_added]["params"]``
+        The call's parameters.
+    """
+    if not (np.isscalar(window) and np.isfinite(window) and window >= 0):
+        raise ValueError(f"window must be a number of base pairs >= 0, not {window!r}.")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, not {chunk_size!r}.")
+    if n_threads is not None and (int(n_threads) != n_threads or n_threads < 1):
+        raise ValueError(f"n_threads must be a positive integer, not {n_threads!r}.")
+    if key_added in (key, f"{key}_beta", f"{key}_xhx_inv", f"{key}_resid_rot"):
+        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
+    for col in (chrom_key, pos_key):
+        if col not in adata.var.columns:
+            raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
+
+    # genes: requested, fitted (or requested by name), with a position
+    if genes is None:
+        mask = fitted_genes(adata, key)
+    else:
+        mask = _select_genes(adata.var_names, genes)
+    g_chrom = normalise_chrom(adata.var[chrom_key])
+    g_pos = _positions(adata.var[pos_key], f"adata.var[{pos_key!r}]")
+    mask &= (g_chrom != "") & np.isfinite(g_pos)
+    model = CompactNull.from_adata(adata, key, mask)
+    model_row = np.full(adata.n_vars, -1, dtype=np.intp)
+    model_row[model.var_index] = np.arange(model.n_genes)
+
+    # variants and donors
+    geno = genotypes if isinstance(genotypes, GenotypeMatrix) else GenotypeMatrix(genotypes, variants=variants)
+    for col in (variant_chrom_key, variant_pos_key):
+        if col not in geno.var.columns:
+            where = "variants" if isinstance(genotypes, pd.DataFrame) else "the genotypes' var"
+            raise KeyError(f"{col!r} is not a column of {where} (columns: {list(geno.var.columns)}).")
+    v_chrom = normalise_chrom(geno.var[variant_chrom_key])
+    v_pos = _positions(geno.var[variant_pos_key], f"variant column {variant_pos_key!r}")
+    rows = geno.align(model.donors)
+
+    codes, _ = pd.factorize(np.concatenate([g_chrom, v_chrom]))
+    gcode, vcode = codes[: adata.n_vars], codes[adata.n_vars :]
+    vvalid = (v_chrom != "") & np.isfinite(v_pos)
+    v_order = np.lexsort((v_pos, vcode))
+    v_order = v_order[vvalid[v_order]]
+    by_chrom = {c: v_order[vcode[v_order] == c] for c in np.unique(vcode[v_order])}
+
+    genes_idx = np.flatnonzero(mask)
+    blocks = _gene_blocks(gcode[genes_idx], g_pos[genes_idx], float(window))
+    start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    show = settings.verbosity >= 2 and len(genes_idx) > 1000
+    with (
+        threadpool_limits(limits=n_threads, user_api="blas"),
+        tqdm(total=len(genes_idx), desc="genes", unit="gene", disable=not show) as bar,
+    ):
+        for block in blocks:
+            gidx = genes_idx[block]
+            bar.update(len(gidx))
+            cand = by_chrom.get(gcode[gidx[0]])
+            if cand is None:
+                continue
+            cpos = v_pos[cand]
+            lo = np.searchsorted(cpos, g_pos[gidx].min() - window, side="left")
+            hi = np.searchsorted(cpos, g_pos[gidx].max() + window, side="right")
+            if hi <= lo:
+                continue
+            cand = cand[lo:hi]
+            mrows = model_row[gidx]
+            fitted = mrows >= 0
+            step = int(chunk_size) if chunk_size is not None else model.variant_chunk(max(1, int(fitted.sum())))
+            for c0 in range(0, len(cand), step):
+                cols = cand[c0 : c0 + step]
+                inwin = np.abs(v_pos[cols][None, :] - g_pos[gidx][:, None]) <= window
+                if not inwin.any():
+                    continue
+                S = np.full((len(gidx), len(cols)), np.nan)
+                Var = np.full((len(gidx), len(cols)), np.nan)
+                if fitted.any():
+                    G, poly = impute(geno.read(rows, cols))
+                    if poly.any():
+                        s, v = model.stats(model.rotate(G[:, poly]), mrows[fitted])
+                        S[np.ix_(fitted, poly)] = s
+                        Var[np.ix_(fitted, poly)] = v
+                gi, vi = np.nonzero(inwin)
+                pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi]))
+
+    if pieces:
+        gene_i, var_i, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
+    else:
+        gene_i = var_i = np.zeros(0, dtype=np.intp)
+        S = Var = np.zeros(0)
+    order = np.lexsort((var_i, v_pos[var_i], gene_i))
+    gene_i, var_i, S, Var = gene_i[order], var_i[order], S[order], Var[order]
+    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, g_pos, v_chrom, v_pos)
+    summary = _gene_summary(adata, table, gene_i)
+    params = {
+        "key": key,
+        "window": float(window) if not float(window).is_integer() else int(window),
+        "chrom_key": chrom_key,
+        "pos_key": pos_key,
+        "variant_chrom_key": variant_chrom_key,
+        "variant_pos_key": variant_pos_key,
+        "genotypes": geno.source,
+        "n_genes_tested": int((summary["n_variants"] > 0).sum()),
+        "n_tests": len(table),
+    }
+    target = adata.copy() if copy else adata
+    target.varm[key_added] = summary
+    target.uns[key_added] = {"variants": table, "params": params}
+    logg.info(
+        "    finished",
+        time=start,
+        deep=(
+            f"added\n    'uns[{key_added!r}][\"variants\"]', per-variant score tests (DataFrame)\n"
+            f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value (DataFrame)"
+        ),
+    )
+    return target if copy else None
+
+
+def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, g_pos, v_chrom, v_pos) -> pd.DataFrame:
+    gene_cats = adata.var_names[genes_idx]
+    used = np.unique(var_i)
+    var_cats = geno.var.index[used]
+    stats = derived_statistics(S, Var)
+    return pd.DataFrame(
+        {
+            "gene": pd.Categorical.from_codes(np.searchsorted(genes_idx, gene_i), categories=pd.Index(gene_cats)),
+            "variant": pd.Categorical.from_codes(np.searchsorted(used, var_i), categories=pd.Index(var_cats)),
+            "chrom": pd.Categorical(v_chrom[var_i].astype(str)),
+            "pos": v_pos[var_i].astype(np.int64) if np.all(np.mod(v_pos[var_i], 1) == 0) else v_pos[var_i],
+            "distance": v_pos[var_i] - g_pos[gene_i],
+            **{c: stats[c] for c in RESULT_COLUMNS[2:]},
+        }
+    )
+
+
+def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFrame:
+    n = adata.n_vars
+    pval = table["pval"].to_numpy()
+    n_var = np.bincount(gene_i, minlength=n).astype(np.int64)
+    combined = acat(pval, gene_i, n)
+    # top variant: smallest p-value per gene, the first by position on ties (rows are sorted by gene, position)
+    finite = np.isfinite(pval)
+    rank = np.lexsort((np.arange(len(pval)), np.where(finite, pval, np.inf), gene_i))
+    first = np.ones(len(rank), dtype=bool)
+    first[1:] = gene_i[rank][1:] != gene_i[rank][:-1]
+    top = rank[first & finite[rank]]
+    tg = gene_i[top]
+
+    def col(values, fill=np.nan):
+        out = np.full(n, fill, dtype=np.float64)
+        out[tg] = values[top]
+        return out
+
+    top_codes = np.full(n, -1, dtype=np.int64)
+    top_codes[tg] = table["variant"].cat.codes.to_numpy()[top]
+    top_pval = col(pval)
+    return pd.DataFrame(
+        {
+            "n_variants": n_var,
+            "pval_acat": combined,
+            "top_variant": pd.Categorical.from_codes(top_codes, categories=table["variant"].cat.categories),
+            "top_pos": col(table["pos"].to_numpy(dtype=np.float64)),
+            "top_distance": col(table["distance"].to_numpy(dtype=np.float64)),
+            "top_z": col(table["z"].to_numpy()),
+            "top_beta": col(table["beta"].to_numpy()),
+            "top_se": col(table["se"].to_numpy()),
+            "top_pval": top_pval,
+            "top_pval_bonf": np.minimum(1.0, top_pval * n_var),
+        },
+        index=adata.var_names.copy(),
+    )
