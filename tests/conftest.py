@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import linalg, optimize
+from threadpoolctl import threadpool_limits
 
 import scverse_nullfit as snf
 
@@ -60,6 +61,11 @@ class DenseReml:
         return cls(X, K)
 
     def at(self, y: np.ndarray, tau: float) -> dict:
+        """REML quantities at a fixed tau."""
+        with threadpool_limits(limits=1, user_api="blas"):  # small matrices: threads only contend
+            return self._at(y, tau)
+
+    def _at(self, y: np.ndarray, tau: float) -> dict:
         y = np.asarray(y, np.float64)
         H = np.eye(self.N) + tau * self.K
         cf = linalg.cho_factor(H, lower=True)
@@ -89,6 +95,10 @@ class DenseReml:
 
         The search runs on the eigendecomposition of the N x N ``K``; the optimum is re-evaluated by Cholesky.
         """
+        with threadpool_limits(limits=1, user_api="blas"):  # small matrices: threads only contend
+            return self._fit(y)
+
+    def _fit(self, y: np.ndarray) -> dict:
         if not hasattr(self, "_V"):
             s, self._V = np.linalg.eigh(self.K)
             self._s = np.clip(s, 0.0, None)
@@ -104,8 +114,8 @@ class DenseReml:
             method="bounded",
             options={"xatol": 1e-11},
         )
-        best = self.at(y, float(np.exp(res.x)))
-        zero = self.at(y, 0.0)
+        best = self._at(y, float(np.exp(res.x)))
+        zero = self._at(y, 0.0)
         return zero if zero["loglik"] >= best["loglik"] else best
 
 
