@@ -323,8 +323,12 @@ def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, g_pos, v_chrom
     stats = derived_statistics(S, Var)
     return pd.DataFrame(
         {
-            "gene": pd.Categorical.from_codes(np.searchsorted(genes_idx, gene_i), categories=pd.Index(gene_cats)),
-            "variant": pd.Categorical.from_codes(np.searchsorted(used, var_i), categories=pd.Index(var_cats)),
+            "gene": pd.Categorical.from_codes(
+                np.searchsorted(genes_idx, gene_i), categories=pd.Index(np.asarray(gene_cats))
+            ),
+            "variant": pd.Categorical.from_codes(
+                np.searchsorted(used, var_i), categories=pd.Index(np.asarray(var_cats))
+            ),
             "chrom": pd.Categorical(v_chrom[var_i].astype(str)),
             "pos": v_pos[var_i].astype(np.int64) if np.all(np.mod(v_pos[var_i], 1) == 0) else v_pos[var_i],
             "distance": v_pos[var_i] - g_pos[gene_i],

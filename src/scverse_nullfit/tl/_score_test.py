@@ -431,8 +431,12 @@ def score_test(
     gene_names = adata.var_names[sel]
     out = pd.DataFrame(
         {
-            "gene": pd.Categorical.from_codes(np.repeat(np.arange(n_sel), n_var), categories=pd.Index(gene_names)),
-            "variant": pd.Categorical.from_codes(np.tile(np.arange(n_var), n_sel), categories=geno.var.index),
+            "gene": pd.Categorical.from_codes(
+                np.repeat(np.arange(n_sel), n_var), categories=pd.Index(np.asarray(gene_names))
+            ),
+            "variant": pd.Categorical.from_codes(
+                np.tile(np.arange(n_var), n_sel), categories=pd.Index(np.asarray(geno.var.index))
+            ),
             **stats,
         }
     )
