@@ -26,8 +26,7 @@ def lambda_gc(pvals) -> float:
     p = p[np.isfinite(p) & (p >= 0) & (p <= 1)]
     if not len(p):
         return float("nan")
-    # the median statistic is the statistic of the median p-value (isf is decreasing)
-    return float(stats.chi2.isf(np.median(p), 1) / stats.chi2.ppf(0.5, 1))
+    return float(np.median(stats.chi2.isf(p, 1)) / stats.chi2.ppf(0.5, 1))
 
 
 def _pvalues(data, key: str, column: str) -> np.ndarray:

@@ -1,0 +1,105 @@
+"""snf.pl: QQ plot with lambda_GC, h2 histogram, cis locus plot; scanpy-style show/save/ax."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from matplotlib.axes import Axes
+from scipy import stats
+
+import scverse_nullfit as snf
+
+COVARIATES = ["age", "sex", "cell_type", "log_counts"]
+DONOR_COVARIATES = ["age", "sex"]
+
+
+@pytest.fixture(scope="module")
+def mapped():
+    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=8, seed=1)
+    snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES)
+    snf.tl.cis_map(adata, adata.uns["genotypes"], variants=adata.uns["variants"])
+    return adata
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_lambda_gc():
+    p = np.array([0.01, 0.2, 0.5, 0.7, np.nan])
+    expected = np.median(stats.chi2.isf(p[:4], 1)) / stats.chi2.ppf(0.5, 1)
+    assert snf.pl.lambda_gc(p) == pytest.approx(expected, rel=1e-12)
+    assert snf.pl.lambda_gc(np.linspace(0.0005, 0.9995, 1000)) == pytest.approx(1.0, abs=0.01)
+
+
+def test_qq_from_anndata_dataframe_array_and_dict(mapped):
+    ax = snf.pl.qq(mapped, show=False)
+    assert isinstance(ax, Axes)
+    lam = snf.pl.lambda_gc(snf.get.cis_df(mapped)["pval"])
+    assert any(f"λ_GC = {lam:.3f}" in t for t in _legend_texts(ax))
+
+    table = snf.get.cis_df(mapped)
+    assert isinstance(snf.pl.qq(table, show=False), Axes)
+    rng = np.random.default_rng(0)
+    _, ax = plt.subplots()
+    out = snf.pl.qq({"lmm": table["pval"], "uniform": rng.uniform(size=50_000)}, ax=ax, show=False, ci=None)
+    assert out is ax
+    texts = _legend_texts(ax)
+    assert any(t.startswith("lmm (λ_GC") for t in texts) and any(t.startswith("uniform (λ_GC") for t in texts)
+    with pytest.raises(ValueError, match="p-values"):
+        snf.pl.qq(np.array([0.5, 1.5]), show=False)
+
+
+def test_h2_hist(mapped):
+    ax = snf.pl.h2_hist(mapped, show=False, bins=10)
+    assert isinstance(ax, Axes)
+    n_zero = int((snf.get.nullfit_df(mapped)["h2"] == 0).sum())
+    assert any(t.startswith(f"{n_zero} of {mapped.n_vars} genes") for t in _legend_texts(ax))
+    assert sum(p.get_height() for p in ax.patches) == mapped.n_vars
+
+
+def test_cis_locus(mapped):
+    gene = mapped.var_names[0]
+    ax = snf.pl.cis_locus(mapped, gene, show=False)
+    assert isinstance(ax, Axes)
+    assert gene in ax.get_title() and "ACAT" in ax.get_title()
+    n = len(snf.get.cis_df(mapped, genes=gene))
+    assert ax.collections[0].get_offsets().shape[0] == n
+    with pytest.raises(KeyError, match="nope"):
+        snf.pl.cis_locus(mapped, "nope", show=False)
+
+
+@pytest.fixture
+def figdir(tmp_path):
+    old = sc.settings.figdir
+    sc.settings.figdir = tmp_path
+    yield tmp_path
+    sc.settings.figdir = old
+
+
+def test_save_to_figdir(mapped, figdir):
+    tmp_path = figdir
+    assert snf.pl.qq(mapped, save="_test.png") is None
+    assert (tmp_path / "qq_test.png").is_file()
+    ax = snf.pl.h2_hist(mapped, save=True, show=False)
+    assert isinstance(ax, Axes)
+    assert (tmp_path / f"h2_hist.{sc.settings.file_format_figs}").is_file()
+    snf.pl.cis_locus(mapped, mapped.var_names[1], save=".svg")
+    assert (tmp_path / f"cis_locus_{mapped.var_names[1]}.svg").is_file()
+
+
+def test_qq_accepts_series_with_nan():
+    s = pd.Series([0.1, np.nan, 0.3, 0.9])
+    ax = snf.pl.qq(s, show=False, label="x")
+    assert ax.collections[-1].get_offsets().shape[0] == 3
