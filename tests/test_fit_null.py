@@ -47,7 +47,9 @@ def _assert_same_fit(res, ref, *, rtol=1e-8, key="nullfit", ref_key="nullfit", c
             # at tau = 0 the p-value is exactly 1 (test_boundary_h2_pval_is_one)
             boundary = b["tau"].to_numpy() == 0
             np.testing.assert_array_equal(x[boundary], y[boundary])
-            x, y = x[~boundary], y[~boundary]
+            # tiny p-values amplify loglik rounding: compare log p (absolute 1e-6 = 5e-7 in loglik)
+            np.testing.assert_allclose(np.log(x[~boundary]), np.log(y[~boundary]), rtol=0, atol=1e-6, err_msg=col)
+            continue
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=col)
     rows_a = slice(None) if genes is None else res.var_names.get_indexer(genes)
     rows_b = slice(None) if genes is None else ref.var_names.get_indexer(genes)
@@ -448,3 +450,59 @@ def test_string_and_integer_donor_ids(small_adata, reference):
     grm.index = grm.columns = [str(i + 1000) for i in range(len(grm))]
     res = _fit(adata, donor_key="donor_int", grm=grm)
     _assert_same_fit(res, reference, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numerical robustness: large means (cancellation), scale, float32 accumulation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["dense_f64", "csr_f64", "csc_f64"])
+def test_location_shift_invariance(small_adata, reference, storage):
+    """Adding 1,000 to every gene changes only the intercept (no cancellation in the quadratic forms)."""
+    shift = 1e3
+    adata = small_adata.copy()
+    adata.X = STORAGES[storage](np.asarray(small_adata.X, np.float64) + shift)
+    res = _fit(adata)
+    a, b = res.varm["nullfit"], reference.varm["nullfit"]
+    np.testing.assert_allclose(a["loglik"], b["loglik"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a["tau"], b["tau"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(a["sigma2_e"], b["sigma2_e"], rtol=1e-6)
+    beta = reference.varm["nullfit_beta"].copy()
+    beta[:, 0] += shift
+    np.testing.assert_allclose(res.varm["nullfit_beta"], beta, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="sparse path loses ~4 digits for a gene with mean 1e4 and sd 1: _core/_suffstats.py computes the sparse "
+    "M2 as sum(y^2) - n*mean^2 (uncentred) instead of a shifted/centred sum",
+)
+def test_location_shift_invariance_sparse_large_mean(small_adata, reference):
+    adata = small_adata.copy()
+    adata.X = sparse.csr_matrix(np.asarray(small_adata.X, np.float64) + 1e4)
+    res = _fit(adata)
+    np.testing.assert_allclose(res.varm["nullfit"]["loglik"], reference.varm["nullfit"]["loglik"], rtol=0, atol=1e-6)
+
+
+def test_scale_equivariance(small_adata, reference):
+    """Multiplying expression by 1,000: tau unchanged, variances x 1e6, REML loglik shifted by -(N - p) log 1000."""
+    adata = small_adata.copy()
+    adata.X = np.asarray(small_adata.X, np.float64) * 1e3
+    res = _fit(adata)
+    a, b = res.varm["nullfit"], reference.varm["nullfit"]
+    df = adata.n_obs - len(reference.uns["nullfit"]["covariate_names"])
+    np.testing.assert_allclose(a["tau"], b["tau"], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(a["sigma2_e"], 1e6 * b["sigma2_e"], rtol=1e-8)
+    np.testing.assert_allclose(a["loglik"], b["loglik"] - df * np.log(1e3), rtol=1e-10)
+    np.testing.assert_allclose(res.varm["nullfit_beta"], 1e3 * reference.varm["nullfit_beta"], rtol=1e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["dense_f32", "csr_f32"])
+def test_float32_accumulates_in_float64(small_adata, storage):
+    """Float32 input with a large mean gives the fit of the same values held in float64."""
+    values = (np.asarray(small_adata.X, np.float64) + 500.0).astype(np.float32)
+    a, b = small_adata.copy(), small_adata.copy()
+    a.X = STORAGES[storage](values)
+    b.X = values.astype(np.float64)
+    _assert_same_fit(_fit(a), _fit(b), rtol=1e-8)
