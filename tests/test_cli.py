@@ -178,6 +178,19 @@ def test_thread_count_does_not_change_results(small_h5ad, tmp_path, capsys):
     assert_same_fit(results(tmp_path / "t1.h5ad"), results(tmp_path / "t2.h5ad"), rtol=1e-9)
 
 
+def test_backed_input(small_h5ad, tmp_path, capsys):
+    path, adata = small_h5ad
+    before = digest(path)
+    out = tmp_path / "b.h5ad"
+    rc, stdout, err = run(capsys, "fit-null", path, "-o", out, *COV_ARGS, "--backed")
+    assert rc == 0, err
+    assert "backed" in stdout and digest(path) == before
+    back = ad.read_h5ad(out)
+    np.testing.assert_array_equal(back.X, adata.X)
+    expected = snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES, copy=True)
+    assert_same_fit(back.varm["nullfit"], expected.varm["nullfit"])
+
+
 def test_overwrite(small_h5ad, tmp_path, capsys):
     path, _ = small_h5ad
     out = tmp_path / "o.h5ad"

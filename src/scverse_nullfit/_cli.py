@@ -79,6 +79,11 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("input", nargs="?", metavar="INPUT.h5ad", help="Input AnnData (cells x genes).")
     fit.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad", help="Output h5ad (written atomically).")
     fit.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    fit.add_argument(
+        "--backed",
+        action="store_true",
+        help="Open INPUT read-only in backed mode: X stays on disk during the fit (less memory for large files).",
+    )
     _add_model_args(fit)
     fit.add_argument(
         "--example", action="store_true", help="Fit the built-in example (snf.datasets.example()) instead of INPUT."
@@ -168,7 +173,7 @@ def _check_output(output: str | None, overwrite: bool, inputs: Sequence[Path]) -
     return out
 
 
-def _read_h5ad(path: Path) -> AnnData:
+def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
     import anndata as ad
 
     if not path.exists():
@@ -176,7 +181,7 @@ def _read_h5ad(path: Path) -> AnnData:
     if path.is_dir():
         raise CLIError(f"input {str(path)!r} is a directory, not an h5ad file.")
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r" if backed else None)
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise CLIError(f"could not read {str(path)!r} as an h5ad file: {_one_line(err)}") from err
 
@@ -420,9 +425,47 @@ def _run_fit(args: argparse.Namespace) -> int:
             if genes is not None:
                 raise CLIError("give --genes or --trait-name, not both.")
             genes = traits
-        adata = _read_h5ad(Path(input_path))
-        input_desc = f"{input_path} ({adata.n_obs} cells, {adata.n_vars} genes)"
+        adata = _read_h5ad(Path(input_path), backed=getattr(args, "backed", False))
+        input_desc = f"{input_path} ({adata.n_obs} cells, {adata.n_vars} genes{', backed' if adata.isbacked else ''})"
         logg.info(f"read {input_path}: {adata.n_obs} cells x {adata.n_vars} genes")
+
+    try:
+        return _fit_and_write(
+            adata,
+            args,
+            grm=grm,
+            donor_key=donor_key,
+            covariates=covariates,
+            donor_covariates=donor_covariates,
+            genes=genes,
+            out=out,
+            input_path=input_path,
+            input_desc=input_desc,
+            t0=t0,
+        )
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+
+
+def _fit_and_write(
+    adata: AnnData,
+    args: argparse.Namespace,
+    *,
+    grm: str | None,
+    donor_key: str,
+    covariates: list[str] | None,
+    donor_covariates: list[str] | None,
+    genes: list[str] | None,
+    out: Path | None,
+    input_path: str | None,
+    input_desc: str,
+    t0: float,
+) -> int:
+    """Fit, write OUTPUT atomically and print the summary."""
+    from scanpy import logging as logg
+
+    import scverse_nullfit as snf
 
     if grm is None:
         if "grm" not in adata.uns:

@@ -217,7 +217,15 @@ def read_gcta_grm_gz(path: str | os.PathLike) -> pd.DataFrame:
     ids = _read_id_file(id_path)
     n = len(ids)
     try:
-        table = pd.read_csv(gz_path, sep=r"\s+", header=None, compression="infer", comment="#", dtype=np.float64)
+        table = pd.read_csv(
+            gz_path,
+            sep=r"\s+",
+            header=None,
+            compression="infer",
+            comment="#",
+            dtype=np.float64,
+            float_precision="round_trip",
+        )
     except (pd.errors.ParserError, ValueError, OSError, EOFError) as err:
         raise ValueError(f"{str(gz_path)!r} is not a GCTA text GRM ('i j nsnp value' lines): {err}") from err
     if table.shape[1] != 4:
@@ -431,7 +439,14 @@ def read_grm_table(path: str | os.PathLike) -> pd.DataFrame:
     try:
         with opener(path, "rt") as fh:
             header_line = fh.readline().rstrip("\r\n")
-            body = pd.read_csv(fh, sep=sep if sep else r"\s+", header=None, dtype={0: str}, keep_default_na=False)
+            body = pd.read_csv(
+                fh,
+                sep=sep if sep else r"\s+",
+                header=None,
+                dtype={0: str},
+                keep_default_na=False,
+                float_precision="round_trip",
+            )
     except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"could not read {str(path)!r} as a square GRM table: {err}") from err
     header = [h.strip().strip('"') for h in (header_line.split(sep) if sep else header_line.split())]
