@@ -1,5 +1,6 @@
 """Readers and writers for genetic relationship matrices (GRMs) and genotypes."""
 
+from ._genotypes import read_plink_genotypes
 from ._grm import (
     read_gcta_grm,
     read_gcta_grm_gz,
@@ -17,6 +18,7 @@ __all__ = [
     "read_gcta_grm_gz",
     "read_grm",
     "read_grm_table",
+    "read_plink_genotypes",
     "read_plink_rel",
     "read_saige_sparse_grm",
     "write_grm",
