@@ -113,6 +113,11 @@ def test_copy_returns_fitted_copy_and_leaves_input(small_adata, reference):
     _assert_same_fit(adata, reference, rtol=0)
 
 
+def test_n_threads(small_adata, reference):
+    res = _fit(small_adata, n_threads=1)
+    _assert_same_fit(res, reference, rtol=1e-10)
+
+
 def test_key_added_keeps_other_fits(reference):
     adata = reference.copy()
     snf.tl.fit_null(adata, covariates=["cell_type"], key_added="other")
@@ -370,7 +375,7 @@ def test_grm_with_tiny_negative_eigenvalues(small_adata, reference):
     tiny = grm - 1e-9 * np.eye(len(grm))
     assert np.linalg.eigvalsh(tiny.to_numpy()).min() < 0
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # rounding-level negativity is silent
+        warnings.filterwarnings("error", message=".*semi-definite.*")  # rounding-level negativity is silent
         res = _fit(small_adata, grm=tiny)
     assert res.varm["nullfit"]["converged"].all()
     assert (res.uns["nullfit"]["eigenvalues"] >= 0).all()
@@ -506,3 +511,18 @@ def test_float32_accumulates_in_float64(small_adata, storage):
     a.X = STORAGES[storage](values)
     b.X = values.astype(np.float64)
     _assert_same_fit(_fit(a), _fit(b), rtol=1e-8)
+
+
+def test_unused_donor_categories_are_ignored(small_adata):
+    """Dropping every cell of some donors (their categories stay in obs) equals a fit on the reduced GRM."""
+    gone = list(small_adata.obs["donor_id"].cat.categories[[2, 9, 30]])
+    subset = small_adata[~small_adata.obs["donor_id"].isin(gone).to_numpy()].copy()
+    obs = subset.obs.copy()
+    obs["donor_id"] = pd.Categorical(obs["donor_id"].astype(str), categories=small_adata.obs["donor_id"].cat.categories)
+    subset.obs = obs
+    assert set(gone) <= set(subset.obs["donor_id"].cat.categories)
+    res = _fit(subset)
+    keep = [d for d in small_adata.uns["grm"].index if d not in gone]
+    reduced = _fit(subset, grm=small_adata.uns["grm"].loc[keep, keep])
+    assert not set(gone) & set(res.uns["nullfit"]["donors"])
+    _assert_same_fit(res, reduced, rtol=1e-10)
