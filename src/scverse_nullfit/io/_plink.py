@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from scanpy import logging as logg
+from scipy.linalg import blas
 
 #: Target number of float64 genotype entries (donors x variants) read at a time.
 CHUNK_ELEMENTS = 1 << 22
@@ -23,6 +24,13 @@ def _import_bed_reader():
             "pip install 'scverse-nullfit[plink]' (or pip install bed-reader)."
         ) from err
     return open_bed
+
+
+def _add_gram(C: np.ndarray, A: np.ndarray) -> None:
+    """``C += A A'`` in the lower triangle of the Fortran-ordered ``C`` (BLAS syrk: half the flops of a GEMM)."""
+    out = blas.dsyrk(1.0, np.asfortranarray(A, dtype=np.float64), beta=1.0, c=C, trans=0, lower=1, overwrite_c=1)
+    if out is not C:  # pragma: no cover - only when scipy could not update in place
+        C[...] = out
 
 
 def _bed_paths(bed_prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
@@ -98,8 +106,8 @@ def grm_from_plink(
             dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique()[:5].tolist()
             raise ValueError(f"{str(fam_path)!r} lists duplicated IIDs: {dup}.")
         step = chunk_variants or max(1, CHUNK_ELEMENTS // max(n, 1))
-        A = np.zeros((n, n))
-        N = np.zeros((n, n))  # pairwise counts beyond the common ones (only where genotypes are missing)
+        A = np.zeros((n, n), order="F")  # lower triangles only until the end
+        N = np.zeros((n, n), order="F")  # pairwise counts beyond the common ones (only where genotypes are missing)
         n_common = 0  # variants used that are complete in every sample
         diag_extra = np.zeros(n)
         n_used = 0
@@ -121,12 +129,11 @@ def grm_from_plink(
             var = 2.0 * p * (1.0 - p)
             Z = (X - 2.0 * p) / np.sqrt(var)
             Z[~observed] = 0.0
-            A += Z @ Z.T
+            _add_gram(A, Z)
             complete = observed.all(axis=0)
             n_common += int(complete.sum())
             if not complete.all():
-                obs = observed[:, ~complete].astype(np.float64)
-                N += obs @ obs.T
+                _add_gram(N, observed[:, ~complete])
             if diagonal == "gcta":
                 Xo = np.where(observed, X, 0.0)
                 gcta = (Xo * Xo - (1.0 + 2.0 * p) * Xo + 2.0 * p * p) / var
@@ -137,6 +144,9 @@ def grm_from_plink(
             f"no variant of {str(bed_path)!r} passes min_maf={min_maf} and max_missing={max_missing}; cannot "
             "compute a GRM."
         )
+    lower = np.tril_indices(n, -1)
+    A[lower[1], lower[0]] = A[lower]
+    N[lower[1], lower[0]] = N[lower]
     N += n_common
     if (N == 0).any():
         j, k = np.unravel_index(np.argmin(N), N.shape)
