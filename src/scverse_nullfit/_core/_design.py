@@ -19,7 +19,7 @@ SYM_TOL = 1e-6
 
 
 def _preview(items, k: int = 5) -> str:
-    items = list(items)
+    items = [str(i) for i in items]
     shown = ", ".join(repr(i) for i in items[:k])
     return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
 

@@ -36,8 +36,8 @@ def _select_genes(var_names: pd.Index, genes) -> np.ndarray:
         return genes.copy()
     idx = var_names.get_indexer(genes.astype(str))
     if (idx < 0).any():
-        missing = genes[idx < 0]
-        raise KeyError(f"genes not in adata.var_names: {list(missing[:5])}{' ...' if len(missing) > 5 else ''}.")
+        missing = [str(g) for g in genes[idx < 0]]
+        raise KeyError(f"genes not in adata.var_names: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
     mask = np.zeros(len(var_names), dtype=bool)
     mask[idx] = True
     return mask
