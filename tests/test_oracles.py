@@ -104,6 +104,11 @@ def test_dense_reml_estimates(related, dense_reml):
             n_interior += 1
             np.testing.assert_allclose(ours["tau"], ref["tau"], rtol=1e-4)
             np.testing.assert_allclose(ours["sigma2_g"], ref["sigma2_g"], rtol=1e-4)
+            # tau_se from the observed information: central second difference of the dense REML
+            t, h = ours["tau"], 1e-3 * ours["tau"]
+            lls = [oracle.at(adata.X[:, j], t + k * h)["loglik"] for k in (-1, 0, 1)]
+            d2 = (lls[0] - 2 * lls[1] + lls[2]) / h**2
+            np.testing.assert_allclose(ours["tau_se"], np.sqrt(-1 / d2), rtol=1e-4)
         np.testing.assert_allclose(ours["sigma2_e"], ref["sigma2_e"], rtol=1e-6)
         np.testing.assert_allclose(ours["h2"], ours["tau"] / (1 + ours["tau"]), rtol=1e-12)
         np.testing.assert_allclose(adata.varm["nullfit_beta"][j], ref["beta"], rtol=1e-5, atol=1e-6)
