@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 #: Most genes handled together in one block (their windows share one read and rotation of the variants).
 MAX_BLOCK_GENES = 256
+#: Most float64 elements of rotated variants kept for reuse by the next gene block (about 128 MB).
+CACHE_ELEMENTS = 1 << 24
 #: Columns of the per-gene summary ``adata.varm[key_added]``, in order.
 GENE_COLUMNS = (
     "n_variants",
@@ -121,6 +123,50 @@ def _gene_blocks(chrom_code: np.ndarray, pos: np.ndarray, window: float) -> list
         blocks.append(order[i:j])
         i = j
     return blocks
+
+
+class _RotationCache:
+    """Rotated variants ``g~`` of one chromosome's position-sorted variants over a sliding range ``[lo, hi)``.
+
+    Gene blocks come in position order, so consecutive blocks' variant ranges overlap and move forward: each
+    variant is read, imputed and rotated once, as long as a block's range fits in ``CACHE_ELEMENTS``.
+    """
+
+    def __init__(self, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray):
+        self.model, self.geno, self.rows = model, geno, rows
+        self.n = model.U.shape[0]
+        self.max_columns = max(1, CACHE_ELEMENTS // max(1, self.n))
+        self._reset(None, 0)
+
+    def _reset(self, key, at: int) -> None:
+        self.key, self.lo, self.hi = key, at, at
+        self.Gt = np.empty((self.n, 0))
+
+    def _drop_before(self, at: int) -> None:
+        if at > self.hi:
+            self._reset(self.key, at)
+        elif at > self.lo:
+            self.Gt = self.Gt[:, at - self.lo :]
+            self.lo = at
+
+    def advance(self, key, lo: int) -> None:
+        """Start a block whose variants begin at index ``lo`` of chromosome ``key``'s sorted variants."""
+        if key != self.key or lo < self.lo:
+            self._reset(key, lo)
+        else:
+            self._drop_before(lo)
+
+    def get(self, cand: np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """``g~`` of the variants ``cand[c0:c1]`` (donors x variants)."""
+        if c0 < self.lo:
+            self._reset(self.key, c0)
+        if c1 - self.lo > self.max_columns:
+            self._drop_before(c0)
+        if c1 > self.hi:
+            G, poly = impute(self.geno.read(self.rows, cand[self.hi : c1]))
+            self.Gt = np.concatenate([self.Gt, self.model.rotate(G, poly)], axis=1)
+            self.hi = c1
+        return self.Gt[:, c0 - self.lo : c1 - self.lo]
 
 
 def cis_map(
@@ -251,34 +297,33 @@ def cis_map(
         threadpool_limits(limits=n_threads, user_api="blas"),
         tqdm(total=len(genes_idx), desc="genes", unit="gene", disable=not show) as bar,
     ):
+        cache = _RotationCache(model, geno, rows)
         for block in blocks:
             gidx = genes_idx[block]
             bar.update(len(gidx))
-            cand = by_chrom.get(gcode[gidx[0]])
+            chrom = gcode[gidx[0]]
+            cand = by_chrom.get(chrom)
             if cand is None:
                 continue
             cpos = v_pos[cand]
-            lo = np.searchsorted(cpos, g_pos[gidx].min() - window, side="left")
-            hi = np.searchsorted(cpos, g_pos[gidx].max() + window, side="right")
+            lo = int(np.searchsorted(cpos, g_pos[gidx].min() - window, side="left"))
+            hi = int(np.searchsorted(cpos, g_pos[gidx].max() + window, side="right"))
             if hi <= lo:
                 continue
-            cand = cand[lo:hi]
             mrows = model_row[gidx]
             fitted = mrows >= 0
+            cache.advance(chrom, lo)
             step = int(chunk_size) if chunk_size is not None else model.variant_chunk(max(1, int(fitted.sum())))
-            for c0 in range(0, len(cand), step):
-                cols = cand[c0 : c0 + step]
+            for c0 in range(lo, hi, step):
+                c1 = min(hi, c0 + step)
+                cols = cand[c0:c1]
                 inwin = np.abs(v_pos[cols][None, :] - g_pos[gidx][:, None]) <= window
                 if not inwin.any():
                     continue
                 S = np.full((len(gidx), len(cols)), np.nan)
                 Var = np.full((len(gidx), len(cols)), np.nan)
                 if fitted.any():
-                    G, poly = impute(geno.read(rows, cols))
-                    if poly.any():
-                        s, v = model.stats(model.rotate(G[:, poly]), mrows[fitted])
-                        S[np.ix_(fitted, poly)] = s
-                        Var[np.ix_(fitted, poly)] = v
+                    S[fitted], Var[fitted] = model.stats(cache.get(cand, c0, c1), mrows[fitted])
                 gi, vi = np.nonzero(inwin)
                 pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi]))
 

@@ -128,42 +128,64 @@ class CompactNull:
             C=np.ascontiguousarray(C_all[idx]),
         )
 
-    def rotate(self, G: np.ndarray) -> np.ndarray:
+    def rotate(self, G: np.ndarray, poly: np.ndarray | None = None) -> np.ndarray:
         """``g~ = U' D^1/2 g`` of every column of ``G`` (donors x variants, model order, no missing values).
 
         With an intercept in the design each variant is first centred by its cell-weighted mean: ``Z(g - m)``
         differs from ``Zg`` by a multiple of the intercept column, which leaves score and variance unchanged.
+        Columns where ``poly`` is False (monomorphic variants) are returned as exact zeros, so that their
+        results come out NaN.
         """
         if self.centre:
             G = G - (self.counts @ G) / self.counts.sum()
-        return self.U.T @ (np.sqrt(self.counts)[:, None] * G)
+        Gt = self.U.T @ (np.sqrt(self.counts)[:, None] * G)
+        if poly is not None and not poly.all():
+            Gt[:, ~poly] = 0.0
+        return Gt
+
+    def gene_chunk(self) -> int:
+        """Genes per chunk so that the weighted covariates ``w * X~`` of a chunk stay near ``BLOCK_ELEMENTS``."""
+        n, p = self.Xrot.shape
+        return int(max(1, BLOCK_ELEMENTS // max(1, n * p)))
 
     def stats(self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Score and its variance, (genes x variants), for the genes ``rows`` and rotated variants ``Gt``.
 
-        ``S = g~'(w*r~)/s2e`` and ``Var = [g~'(w*g~) - v'Cv]/s2e`` with ``v = X~'(w*g~)``, all genes at once:
-        ``W @ g~^2`` and ``W @ (X~ (x) g~)`` are GEMMs, the quadratic form a batched matmul. Entries whose
-        variance is not clearly positive (monomorphic variants, variants collinear with the covariates) are NaN.
+        ``S = g~'(w*r~)/s2e`` and ``Var = [g~'(w*g~) - v'Cv]/s2e`` with ``v = X~'(w*g~)``. For a chunk of genes,
+        the scores and all genes' ``v`` come from one GEMM of the stacked ``(w*r~)'`` and ``(w * X~)'``
+        (genes*(p+1) x donors) with ``g~``, ``g~'(w*g~)`` from ``W @ g~^2``, and the quadratic form is a
+        batched matmul. Entries whose variance is not
+        clearly positive (monomorphic variants, variants collinear with the covariates) are NaN.
         """
-        W, WR, C, s2e = self.W[rows], self.WR[rows], self.C[rows], self.s2e[rows]
+        idx = np.arange(self.n_genes)[rows]
         n, V = Gt.shape
         p = self.Xrot.shape[1]
-        g = W.shape[0]
-        S = (WR @ Gt) / s2e[:, None]
-        a = W @ (Gt * Gt)
-        XG = (self.Xrot[:, :, None] * Gt[:, None, :]).reshape(n, p * V)
-        v = (W @ XG).reshape(g, p, V)
-        quad = np.einsum("gpv,gpv->gv", v, np.matmul(C, v))
-        var_h = a - quad
-        ok = var_h > VAR_RTOL * a
-        Var = np.where(ok, var_h, np.nan) / s2e[:, None]
-        S = np.where(ok, S, np.nan)
+        XrotT = np.ascontiguousarray(self.Xrot.T)
+        Gt2 = Gt * Gt
+        S = np.empty((len(idx), V))
+        Var = np.empty((len(idx), V))
+        step = self.gene_chunk()
+        for g0 in range(0, len(idx), step):
+            r = idx[g0 : g0 + step]
+            W, s2e, k = self.W[r], self.s2e[r][:, None], len(r)
+            # one GEMM for the scores and v: rows (w*r~)' of the genes, then (w*X~)' stacked over genes
+            A = np.concatenate([self.WR[r], (W[:, None, :] * XrotT[None, :, :]).reshape(k * p, n)])
+            B = A @ Gt
+            score = B[:k] / s2e
+            v = B[k:].reshape(k, p, V)
+            a = W @ Gt2
+            var_h = a - np.einsum("gpv,gpv->gv", v, np.matmul(self.C[r], v))
+            ok = var_h > VAR_RTOL * a
+            S[g0 : g0 + len(r)] = np.where(ok, score, np.nan)
+            Var[g0 : g0 + len(r)] = np.where(ok, var_h, np.nan) / s2e
         return S, Var
 
     def variant_chunk(self, n_genes: int | None = None) -> int:
-        """Variants per chunk so that a genes x covariates x variants block stays near ``BLOCK_ELEMENTS``."""
-        g = self.n_genes if n_genes is None else n_genes
-        per_variant = max(1, g) * (self.Xrot.shape[1] + 2) + self.Xrot.shape[0] * (self.Xrot.shape[1] + 2)
+        """Variants per chunk so that the genes x variants outputs and a gene chunk's covariates x variants
+        block stay near ``BLOCK_ELEMENTS`` each."""
+        g = max(1, self.n_genes if n_genes is None else n_genes)
+        n, p = self.Xrot.shape
+        per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
         return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
 
 
@@ -227,9 +249,11 @@ class GenotypeMatrix:
 
         self._df = self._X = self._plink = None
         if isinstance(genotypes, pd.DataFrame):
-            bad = [c for c in genotypes.columns if not _numeric(genotypes[c].dtype)]
+            dtypes = genotypes.dtypes
+            kinds = {dt: _numeric(dt) for dt in set(dtypes)}
+            bad = [c for c, dt in zip(genotypes.columns, dtypes, strict=True) if not kinds[dt]]
             if bad:
-                dtype = genotypes[bad[0]].dtype
+                dtype = dtypes.iloc[genotypes.columns.get_loc(bad[0])]
                 raise ValueError(f"genotype columns must hold numeric dosages; column {bad[0]!r} has dtype {dtype}.")
             self._df = genotypes
             donors, var = genotypes.index, pd.DataFrame(index=genotypes.columns)
@@ -421,10 +445,9 @@ def score_test(
             cols = np.arange(v0, min(n_var, v0 + step))
             G, poly = impute(geno.read(rows, cols))
             if model.n_genes and poly.any():
-                Gt = model.rotate(G[:, poly])
-                S, Var = model.stats(Gt)
-                S_all[np.ix_(pos_in_sel, cols[poly])] = S
-                V_all[np.ix_(pos_in_sel, cols[poly])] = Var
+                S, Var = model.stats(model.rotate(G, poly))
+                S_all[np.ix_(pos_in_sel, cols)] = S
+                V_all[np.ix_(pos_in_sel, cols)] = Var
             bar.update(len(cols))
 
     stats = derived_statistics(S_all.ravel(), V_all.ravel())
