@@ -14,6 +14,12 @@ from anndata import AnnData
 PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
 
 
+def _preview(items, k: int = 5) -> str:
+    items = [str(i) for i in items]
+    shown = ", ".join(repr(i) for i in items[:k])
+    return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
+
+
 def _bed_reader():
     try:
         from bed_reader import open_bed
@@ -74,7 +80,7 @@ class PlinkGenotypes:
         if index.has_duplicates:
             dup = index[index.duplicated()].unique()
             hint = " (use id_column='fid_iid')" if id_column == "iid" else ""
-            raise ValueError(f"PLINK .fam of {str(bed)!r} has duplicated donor IDs{hint}: {list(dup[:5])}.")
+            raise ValueError(f"PLINK .fam of {str(bed)!r} has duplicated donor IDs{hint}: {_preview(dup)}.")
         self.obs = pd.DataFrame({"fid": fid, "iid": iid}, index=index)
         var_index = pd.Index(sid, name="variant")
         if var_index.has_duplicates:
@@ -140,9 +146,7 @@ def read_plink_genotypes(
         rows = src.obs.index.get_indexer(wanted)
         if (rows < 0).any():
             missing = wanted[rows < 0]
-            raise KeyError(
-                f"donors not in the PLINK .fam of {str(src.path)!r}: {list(missing[:5])} ({len(missing)} in all)."
-            )
+            raise KeyError(f"donors not in the PLINK .fam of {str(src.path)!r}: {_preview(missing)}.")
     cols = _variant_indices(src.var.index, variants, src.path)
     X = src.read(rows, cols)
     return AnnData(X=X, obs=src.obs.iloc[rows].copy(), var=src.var.iloc[cols].copy())
@@ -163,5 +167,5 @@ def _variant_indices(index: pd.Index, variants, path) -> np.ndarray:
     cols = index.get_indexer(arr.astype(str))
     if (cols < 0).any():
         missing = arr[cols < 0]
-        raise KeyError(f"variants not in the PLINK .bim of {str(path)!r}: {list(missing[:5])} ({len(missing)} in all).")
+        raise KeyError(f"variants not in the PLINK .bim of {str(path)!r}: {_preview(missing)}.")
     return cols

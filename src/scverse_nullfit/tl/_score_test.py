@@ -35,7 +35,7 @@ RESULT_COLUMNS = ("gene", "variant", "score", "score_var", "z", "pval", "beta", 
 
 def _preview(items, k: int = 5) -> str:
     items = list(items)
-    shown = ", ".join(repr(i) for i in items[:k])
+    shown = ", ".join(repr(str(i)) for i in items[:k])
     return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
 
 
