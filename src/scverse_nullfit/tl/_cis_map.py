@@ -11,7 +11,7 @@ import pandas as pd
 from scanpy import logging as logg
 from scanpy import settings
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ._fit_null import _select_genes
 from ._score_test import RESULT_COLUMNS, CompactNull, GenotypeMatrix, derived_statistics, fitted_genes, impute

@@ -11,7 +11,7 @@ import pandas as pd
 from scanpy import logging as logg
 from scanpy import settings
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .._core._design import align_grm, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, resolve_grm

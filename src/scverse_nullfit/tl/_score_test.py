@@ -17,7 +17,7 @@ from scanpy import logging as logg
 from scanpy import settings
 from scipy import sparse, special
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ._fit_null import _select_genes
 
