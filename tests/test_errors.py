@@ -186,12 +186,8 @@ def test_bad_n_threads(adata, n_threads):
     _fails(adata, ValueError, "n_threads", n_threads=n_threads)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="culprit IDs are shown as np.str_('D0000') (numpy >= 2 repr) in _core/_design.py _preview and "
-    "tl/_fit_null.py _select_genes",
-)
 def test_messages_show_plain_ids(adata):
+    """IDs in messages are plain strings, not numpy reprs such as np.str_('D0000')."""
     msg = _fails(adata, ValueError, "'log_counts'", donor_covariates=["log_counts"])
     assert "np.str_" not in msg, msg
     msg = _fails(adata, KeyError, "NOTAGENE", genes=["NOTAGENE"])
