@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,8 +15,20 @@ from scipy import sparse
 if TYPE_CHECKING:
     from anndata import AnnData
 
-#: Target size, in float64 elements, of one block of the expression matrix held in memory at a time.
+#: Target size of one chunk of the expression matrix held in memory at a time: elements for dense storage,
+#: stored non-zeros for sparse storage.
 BLOCK_ELEMENTS = 1 << 23
+
+
+def available_threads() -> int:
+    """Threads this call may use: the BLAS thread limit in effect (``fit_null(n_threads=...)`` sets it)."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        counts = [int(info["num_threads"]) for info in threadpool_info() if info.get("user_api") == "blas"]
+    except Exception:  # introspection only; fall back to one thread
+        counts = []
+    return max(1, min(counts)) if counts else 1
 
 
 def get_expression(adata: AnnData, layer: str | None):
@@ -55,58 +68,105 @@ def describe_matrix(Y) -> str:
     return "dense"
 
 
-def iter_blocks(Y, genes: np.ndarray, *, block_elements: int = BLOCK_ELEMENTS) -> Iterator[tuple[slice, slice, object]]:
-    """Yield ``(cell_slice, gene_slice, block)`` covering ``Y[:, genes]``.
+@dataclass
+class Chunk:
+    """A piece of the expression matrix, in the storage's own layout.
 
-    Blocks are numpy arrays or CSR matrices, sized to about ``block_elements`` entries. Gene slices index
-    into ``genes``. Row-major storage (dense, CSR, backed, dask) is read in cell chunks with all requested
-    genes; column-major storage (CSC) is read in gene chunks with all cells, each converted to CSR.
+    ``kind`` is ``"csr"`` (cells ``start:stop``, all genes), ``"csc"`` (genes ``start:stop``, all cells) or
+    ``"dense"`` (cells ``start:stop``, all genes). Sparse chunks carry ``indptr`` (from 0), ``indices`` and
+    ``data`` without a copy where the storage allows it; dense chunks carry ``array``.
     """
-    n_cells = Y.shape[0]
-    n_genes = len(genes)
-    all_genes = n_genes == Y.shape[1] and np.array_equal(genes, np.arange(Y.shape[1]))
 
-    if _is_sparse(Y) and Y.format == "csc":
-        step = max(1, block_elements // max(n_cells, 1))
-        for g0 in range(0, n_genes, step):
-            g1 = min(n_genes, g0 + step)
-            block = Y[:, genes[g0:g1]].tocsr()
-            yield slice(0, n_cells), slice(g0, g1), block
-        return
+    kind: str
+    start: int
+    stop: int
+    indptr: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    data: np.ndarray | None = None
+    array: np.ndarray | None = None
 
+
+def _resolve_block(block_elements: int | None) -> int:
+    value = BLOCK_ELEMENTS if block_elements is None else int(block_elements)
+    if value < 1:
+        raise ValueError(f"block_elements must be a positive integer, not {block_elements!r}.")
+    return value
+
+
+def iter_chunks(Y, *, block_elements: int | None = None, prefetch: bool = True) -> Iterator[Chunk]:
+    """Yield the whole of ``Y`` (in memory or backed; not dask) as :class:`Chunk` objects.
+
+    In-memory sparse matrices come as a single chunk that shares their arrays (no copy). Backed sparse
+    matrices are read in chunks of about ``block_elements`` stored non-zeros along their major axis, and dense
+    ones in row chunks of about ``block_elements`` entries; with ``prefetch`` the next chunk of a backed matrix
+    is read in a background thread while the current one is processed.
+    """
+    step_elements = _resolve_block(block_elements)
     if _is_dask(Y):
-        chunks = Y.chunks[0]
-        starts = np.concatenate([[0], np.cumsum(chunks)])
-        for a, b in zip(starts[:-1], starts[1:], strict=True):
-            block = Y[int(a) : int(b)]
-            if not all_genes:
-                block = block[:, genes]
-            block = block.compute()
-            yield slice(int(a), int(b)), slice(0, n_genes), _as_block(block)
+        raise ValueError("iter_chunks does not read dask arrays; use the dask map-reduce in _dask.py.")
+    if _is_sparse(Y):
+        if Y.format not in ("csr", "csc"):
+            Y = Y.tocsr()
+        n_major = Y.shape[0] if Y.format == "csr" else Y.shape[1]
+        yield Chunk(Y.format, 0, n_major, np.asarray(Y.indptr), np.asarray(Y.indices), np.asarray(Y.data))
         return
+    if _is_backed_sparse(Y):
+        yield from _prefetched(_backed_sparse_chunks(Y, step_elements), prefetch)
+        return
+    if hasattr(Y, "id") and hasattr(Y, "file"):  # h5py.Dataset: backed dense
+        yield from _prefetched(_dense_chunks(Y, step_elements), prefetch)
+        return
+    yield from _dense_chunks(Y, step_elements)
 
-    step = max(1, block_elements // max(n_genes, 1))
-    if _is_sparse(Y) or _is_backed_sparse(Y):
-        # sparse rows are cheap: size the step by the non-zeros instead of the dense size
-        nnz = Y.nnz if _is_sparse(Y) else int(Y.group["indptr"][-1]) if hasattr(Y, "group") else None
-        if nnz:
-            density = nnz / max(n_cells * Y.shape[1], 1)
-            step = max(step, int(block_elements // max(n_genes * max(density, 1e-6), 1)))
+
+def _dense_chunks(Y, step_elements: int) -> Iterator[Chunk]:
+    n_cells, n_genes = Y.shape
+    step = max(1, step_elements // max(n_genes, 1))
     for a in range(0, n_cells, step):
         b = min(n_cells, a + step)
         block = Y[a:b]
-        block = _as_block(block)
-        if not all_genes:
-            block = block[:, genes]
-        yield slice(a, b), slice(0, n_genes), block
+        if hasattr(block, "toarray") and not isinstance(block, np.ndarray):
+            block = block.toarray()
+        yield Chunk("dense", a, b, array=np.asarray(block))
 
 
-def _as_block(block):
-    if _is_sparse(block):
-        return block.tocsr() if block.format != "csr" else block
-    if hasattr(block, "todense") and not isinstance(block, np.ndarray):  # e.g. sparse arrays from dask
-        block = block.todense()
-    return np.asarray(block)
+def _major_ranges(indptr: np.ndarray, step_elements: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges of the major axis holding about ``step_elements`` stored entries each."""
+    n_major = len(indptr) - 1
+    a = 0
+    while a < n_major:
+        target = indptr[a] + step_elements
+        b = int(np.searchsorted(indptr, target, side="right")) - 1
+        b = min(n_major, max(b, a + 1))
+        yield a, b
+        a = b
+
+
+def _backed_sparse_chunks(Y, step_elements: int) -> Iterator[Chunk]:
+    group = Y.group
+    indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+    data, indices = group["data"], group["indices"]
+    for a, b in _major_ranges(indptr, step_elements):
+        lo, hi = int(indptr[a]), int(indptr[b])
+        yield Chunk(Y.format, a, b, indptr[a : b + 1] - lo, np.asarray(indices[lo:hi]), np.asarray(data[lo:hi]))
+
+
+def _prefetched(chunks: Iterator[Chunk], prefetch: bool) -> Iterator[Chunk]:
+    """Read the next chunk in a background thread while the caller processes the current one."""
+    if not prefetch:
+        yield from chunks
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    sentinel = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snf-read") as pool:
+        pending = pool.submit(next, chunks, sentinel)
+        while True:
+            chunk = pending.result()
+            if chunk is sentinel:
+                return
+            pending = pool.submit(next, chunks, sentinel)
+            yield chunk
 
 
 def resolve_grm(adata: AnnData, grm) -> tuple[pd.DataFrame, str]:

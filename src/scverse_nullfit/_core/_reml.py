@@ -1,16 +1,28 @@
 """Step 4 of the pipeline: exact REML over tau for many genes at once.
 
 Every gene enters through its rotated OLS residual donor sums ``r~`` (donors) and its within-donor sum of
-squares ``W``; every tau evaluation is a handful of GEMMs over a chunk of genes (see ``docs/model.md``).
+squares ``W``. The search over tau runs in the basis that diagonalises the REML projection as well as ``H``
+(see ``docs/model.md``): with ``K`` an orthonormal basis of the complement of ``X``'s columns,
+
+    log|H| + log|X'H^-1 X| = log|K'HK| + log|X'X| = sum_j log(1 + tau mu_j) + log|X'X|
+    y'P_H y = r'r - tau sum_j zeta_j^2 / (1 + tau mu_j)
+
+where ``mu, V`` are the eigenpairs of the donor-level ``E = Lam^1/2 (I - X~ (X'X)^-1 X~') Lam^1/2`` (one
+eigendecomposition, shared by all genes) and ``zeta = V' Lam^1/2 r~``. Every tau evaluation then costs O(donors)
+per gene, independent of the number of covariates; the fixed effects, ``(X'H^-1X)^-1`` and the rotated residuals
+are computed once, at each gene's optimum.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
+from scipy import linalg
 
 from ._design import Spectral
+from ._read import available_threads
 
 #: The shared tau grid: the boundary 0, then 3 points per decade over [1e-6, 1e6].
 TAU_GRID = np.concatenate([[0.0], np.logspace(-6, 6, 37)])
@@ -27,9 +39,62 @@ class Evaluation:
     dloglik: np.ndarray | None
     d2loglik: np.ndarray | None
     q: np.ndarray  #: r'P_H r
-    beta: np.ndarray  #: (genes, p) GLS coefficients of r
-    Ainv: np.ndarray  #: (genes, p, p) (X'H^-1 X)^-1
-    resid: np.ndarray  #: (genes, donors) rotated GLS residual donor sums
+    beta: np.ndarray | None = None  #: (genes, p) GLS coefficients of r
+    Ainv: np.ndarray | None = None  #: (genes, p, p) (X'H^-1 X)^-1
+    resid: np.ndarray | None = None  #: (genes, donors) rotated GLS residual donor sums
+
+
+@numba.njit(cache=True, nogil=True)
+def _derivative_sums(tau, a, mu, out):  # pragma: no cover - compiled
+    """Per gene g: out[g] = (sum a w, sum a w^2, sum a mu w^3, sum mu w, sum mu^2 w^2), w = 1/(1 + tau_g mu)."""
+    n = mu.shape[0]
+    for g in range(a.shape[0]):
+        t = tau[g]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        h1 = 0.0
+        h2 = 0.0
+        for j in range(n):
+            w = 1.0 / (1.0 + t * mu[j])
+            aw = a[g, j] * w
+            mw = mu[j] * w
+            s0 += aw
+            s1 += aw * w
+            s2 += aw * w * mw
+            h1 += mw
+            h2 += mw * mw
+        out[g, 0] = s0
+        out[g, 1] = s1
+        out[g, 2] = s2
+        out[g, 3] = h1
+        out[g, 4] = h2
+
+
+@numba.njit(cache=True, nogil=True)
+def _logdet_sums(tau, mu, out):  # pragma: no cover - compiled
+    """Per gene g: out[g] = sum_j log(1 + tau_g mu_j), one log per 8 factors (their product cannot overflow)."""
+    n = mu.shape[0]
+    for g in range(tau.shape[0]):
+        t = tau[g]
+        s = 0.0
+        j = 0
+        while j < n:
+            prod = 1.0
+            stop = min(n, j + 8)
+            big = False
+            for k in range(j, stop):
+                x = t * mu[k]
+                if x > 1e30:
+                    big = True
+                prod *= 1.0 + x
+            if big:  # factors too large to multiply safely: one log each
+                for k in range(j, stop):
+                    s += np.log1p(t * mu[k])
+            else:
+                s += np.log(prod)
+            j = stop
+        out[g] = s
 
 
 class RemlProblem:
@@ -48,7 +113,27 @@ class RemlProblem:
         self._iu = np.triu_indices(p)
         # packed outer products x~_k x~_k' (upper triangle), so all genes' X'H^-1X come from one GEMM
         self.O = self.Xrot[:, self._iu[0]] * self.Xrot[:, self._iu[1]]
-        self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0)
+
+        # the restricted spectrum: E = Lam^1/2 (I - X~ (X'X)^-1 X~') Lam^1/2 = V diag(mu) V'
+        L = linalg.cholesky(spectral.XtX, lower=True, check_finite=False)
+        Qx = linalg.solve_triangular(L, self.Xrot.T, lower=True, check_finite=False).T  # X~ L^-T
+        self.sqrt_lam = np.sqrt(self.lam)
+        B = self.sqrt_lam[:, None] * Qx
+        E = np.diag(self.lam) - B @ B.T
+        mu, V = linalg.eigh((E + E.T) / 2, check_finite=False, driver="evd")
+        self.mu = np.ascontiguousarray(np.clip(mu, 0.0, None))
+        self.V = V
+        self.logdet_XtX = 2.0 * np.log(np.diag(L)).sum()
+        self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
+
+    # -- per-gene inputs ---------------------------------------------------------------------------------------
+
+    def restricted(self, Rt: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``a = zeta^2`` (genes x donors) and ``r'r`` (genes) from rotated residual sums and within-donor SS."""
+        zeta = (Rt * self.sqrt_lam) @ self.V
+        zeta *= zeta
+        rr = W + np.einsum("gn,gn->g", Rt, Rt)
+        return zeta, rr
 
     def _unpack(self, packed: np.ndarray) -> np.ndarray:
         p = self.p
@@ -57,71 +142,78 @@ class RemlProblem:
         out[:, self._iu[1], self._iu[0]] = packed
         return out
 
-    def _loglik(self, q, logdetH, logdetA):
-        return -0.5 * (self.df * np.log(q) + self._const + logdetH + logdetA)
+    def _loglik(self, q, logdet):
+        return -0.5 * (self.df * np.log(q) + self._const + logdet)
 
-    def grid(self, Rt: np.ndarray, W: np.ndarray, taus: np.ndarray = TAU_GRID) -> np.ndarray:
+    # -- the REML on (a, rr) -----------------------------------------------------------------------------------
+
+    def grid(self, a: np.ndarray, rr: np.ndarray, taus: np.ndarray = TAU_GRID) -> np.ndarray:
         """REML log-likelihood of every gene at every shared tau: (len(taus), genes)."""
-        R2 = Rt * Rt
-        out = np.empty((len(taus), Rt.shape[0]))
-        for i, tau in enumerate(taus):
-            w = 1.0 / (1.0 + tau * self.lam)
-            A = self.Aw + (self.Xrot * w[:, None]).T @ self.Xrot
-            L = np.linalg.cholesky(A)
-            logdetA = 2.0 * np.log(np.diag(L)).sum()
-            B = Rt @ (self.Xrot * (-tau * self.lam * w)[:, None])  # (genes, p): X~'((w-1) r~)
-            Z = np.linalg.solve(L, B.T)
-            q = W + R2 @ w - np.einsum("pg,pg->g", Z, Z)
-            out[i] = self._loglik(q, np.log1p(tau * self.lam).sum(), logdetA)
+        taus = np.asarray(taus, dtype=np.float64)
+        Wt = taus[None, :] / (1.0 + taus[None, :] * self.mu[:, None])  # (donors, taus)
+        q = rr[None, :] - (a @ Wt).T
+        logdet = np.log1p(taus[:, None] * self.mu[None, :]).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self._loglik(np.where(q > 0, q, np.nan), logdet[:, None])
+
+    def derivatives(self, tau: np.ndarray, a: np.ndarray, rr: np.ndarray):
+        """``q``, the first and second tau-derivatives of the log-likelihood, at a per-gene ``tau``."""
+        sums = np.empty((len(tau), 5))
+        _derivative_sums(np.ascontiguousarray(tau, dtype=np.float64), a, self.mu, sums)
+        s0, s1, s2, h1, h2 = sums.T
+        q = rr - tau * s0
+        qd = -s1
+        qdd = 2.0 * s2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = qd / q
+            dl = -0.5 * (self.df * r + h1)
+            d2l = -0.5 * (self.df * (qdd / q - r * r) - h2)
+        return q, dl, d2l
+
+    def logdet(self, tau: np.ndarray) -> np.ndarray:
+        """``log|K'HK| = sum_j log(1 + tau mu_j)`` at a per-gene ``tau``."""
+        out = np.empty(len(tau))
+        _logdet_sums(np.ascontiguousarray(tau, dtype=np.float64), self.mu, out)
         return out
 
-    def evaluate(self, tau: np.ndarray, Rt: np.ndarray, W: np.ndarray, *, derivs: bool = True) -> Evaluation:
-        """Exact REML quantities at a per-gene ``tau``; with ``derivs`` also the first two tau-derivatives."""
-        lam = self.lam
-        tl = tau[:, None] * lam[None, :]
-        w = 1.0 / (1.0 + tl)
-        A = self._unpack(w @ self.O) + self.Aw
-        b = (-tl * w * Rt) @ self.Xrot
-        Ainv = np.linalg.inv(A)
-        logdetA = np.linalg.slogdet(A)[1]
+    def evaluate(
+        self, tau: np.ndarray, Rt: np.ndarray, W: np.ndarray, *, derivs: bool = True, a=None, rr=None
+    ) -> Evaluation:
+        """Exact REML quantities at a per-gene ``tau``; with ``derivs`` also the first two tau-derivatives.
+
+        Also the GLS fixed effects of ``r``, ``(X'H^-1X)^-1`` and the rotated GLS residuals.
+        """
+        tau = np.asarray(tau, dtype=np.float64)
+        if a is None or rr is None:
+            a, rr = self.restricted(Rt, W)
+        q, dl, d2l = self.derivatives(tau, a, rr)
+        loglik = self._loglik(q, self.logdet(tau))
+        w = 1.0 / (1.0 + tau[:, None] * self.lam[None, :])
+        A = self._unpack(w @ self.O)
+        A += self.Aw
+        w -= 1.0
+        w *= Rt
+        b = w @ self.Xrot  # X~'((w - 1) r~) = X'H^-1 r
+        del w
+        Ainv = _spd_inverse(A)
         beta = np.einsum("gij,gj->gi", Ainv, b)
         resid = Rt - beta @ self.Xrot.T
-        q = W + np.einsum("gn,gn->g", w * Rt, Rt) - np.einsum("gi,gi->g", b, beta)
-        loglik = self._loglik(q, np.log1p(tl).sum(axis=1), logdetA)
         if not derivs:
-            return Evaluation(loglik, None, None, q, beta, Ainv, resid)
-
-        lw = lam[None, :] * w
-        wd = -lw * w
-        wdd = -2.0 * lw * wd
-        Ad = self._unpack(wd @ self.O)
-        Add = self._unpack(wdd @ self.O)
-        bd = (wd * Rt) @ self.Xrot
-        e2 = resid * resid
-        qd = np.einsum("gn,gn->g", wd, e2)
-        u = bd - np.einsum("gij,gj->gi", Ad, beta)
-        qdd = np.einsum("gn,gn->g", wdd, e2) - 2.0 * np.einsum("gi,gij,gj->g", u, Ainv, u)
-        K = Ainv @ Ad
-        tr1 = np.trace(K, axis1=1, axis2=2)
-        tr2 = np.einsum("gij,gji->g", Ainv, Add) - np.einsum("gij,gji->g", K, K)
-        dH = lw.sum(axis=1)
-        d2H = -(lw * lw).sum(axis=1)
-        r = qd / q
-        dl = -0.5 * (self.df * r + dH + tr1)
-        d2l = -0.5 * (self.df * (qdd / q - r * r) + d2H + tr2)
+            dl = d2l = None
         return Evaluation(loglik, dl, d2l, q, beta, Ainv, resid)
 
-    def search(self, Rt: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, a: np.ndarray, rr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Maximise the REML log-likelihood over tau >= 0 for every gene.
 
         A shared grid brackets each gene's maximum; a safeguarded Newton iteration (bisection when a step
-        leaves the bracket or the curvature is not negative) refines it, all genes at once.
+        leaves the bracket or the curvature is not negative) refines it, all genes at once. Inputs are the
+        restricted squares ``a`` and ``r'r`` from :meth:`restricted`.
 
         Returns ``tau``, ``converged``, ``n_iter`` and the log-likelihood at tau = 0.
         """
         grid = TAU_GRID
-        G = Rt.shape[0]
-        ll = self.grid(Rt, W, grid)
+        G = a.shape[0]
+        ll = self.grid(a, rr, grid)
         best = np.argmax(np.where(np.isfinite(ll), ll, -np.inf), axis=0)
         tau = grid[best].copy()
         lo = grid[np.maximum(best - 1, 0)]
@@ -132,9 +224,9 @@ class RemlProblem:
         # maxima on the grid's ends: a boundary solution when the slope points outwards
         ends = np.flatnonzero((best == 0) | (best == len(grid) - 1))
         if len(ends):
-            ev = self.evaluate(tau[ends], Rt[ends], W[ends])
+            _, dl, _ = self.derivatives(tau[ends], a[ends], rr[ends])
             at_zero = best[ends] == 0
-            outward = np.where(at_zero, ev.dloglik <= 0, ev.dloglik >= 0)
+            outward = np.where(at_zero, dl <= 0, dl >= 0)
             converged[ends[outward]] = True
             start = ends[at_zero & ~outward]
             tau[start] = 0.5 * grid[1]
@@ -145,23 +237,33 @@ class RemlProblem:
             if not len(active):
                 break
             t = tau[active]
-            ev = self.evaluate(t, Rt[active], W[active])
-            dl, d2l = ev.dloglik, ev.d2loglik
+            _, dl, d2l = self.derivatives(t, a[active], rr[active])
             up = dl > 0
             lo[active] = np.where(up, t, lo[active])
             hi[active] = np.where(up, hi[active], t)
-            a, b = lo[active], hi[active]
+            lo_a, hi_a = lo[active], hi[active]
             with np.errstate(divide="ignore", invalid="ignore"):
                 newton = t - dl / d2l
-            good = (d2l < 0) & (newton > a) & (newton < b)
-            mid = np.where(a > 0, np.sqrt(a * b), 0.5 * (a + b))
-            new = np.where(good, newton, mid)
-            done = (np.abs(new - t) <= XTOL * np.maximum(t, 1e-300)) | (b - a <= XTOL * b) | (dl == 0)
+            good = (d2l < 0) & (newton > lo_a) & (newton < hi_a)
+            mid = np.where(lo_a > 0, np.sqrt(lo_a * hi_a), 0.5 * (lo_a + hi_a))
+            new = np.where(dl == 0, t, np.where(good, newton, mid))  # a zero slope is the answer itself
+            done = (np.abs(new - t) <= XTOL * np.maximum(t, 1e-300)) | (hi_a - lo_a <= XTOL * hi_a) | (dl == 0)
             tau[active] = new
             n_iter[active] = it
             converged[active[done]] = True
             active = active[~done]
         return tau, converged, n_iter, ll[0]
+
+
+def _spd_inverse(A: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of symmetric positive definite matrices (through Cholesky where it succeeds)."""
+    try:
+        L = np.linalg.cholesky(A)
+    except np.linalg.LinAlgError:
+        return np.linalg.inv(A)
+    eye = np.broadcast_to(np.eye(A.shape[-1]), A.shape)
+    Linv = np.linalg.solve(L, eye)
+    return np.swapaxes(Linv, -1, -2) @ Linv
 
 
 def h2_pvalue(loglik: np.ndarray, loglik0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +290,64 @@ class GeneFits:
     Ainv: np.ndarray  #: (genes, p, p)
     resid: np.ndarray  #: (genes, donors) rotated GLS residuals U' D^-1/2 Z'(y - X beta)
 
+    @classmethod
+    def empty(cls, G: int, n: int, p: int) -> GeneFits:
+        return cls(
+            tau=np.empty(G),
+            sigma2_e=np.empty(G),
+            loglik=np.empty(G),
+            loglik0=np.empty(G),
+            converged=np.zeros(G, dtype=bool),
+            n_iter=np.zeros(G, dtype=np.int64),
+            tau_se=np.full(G, np.nan),
+            beta=np.empty((G, p)),
+            Ainv=np.empty((G, p, p)),
+            resid=np.empty((G, n)),
+        )
+
+    def put(self, sl: slice, other: GeneFits) -> None:
+        """Copy ``other`` (the fits of the genes ``sl``) into place."""
+        for name in self.__dataclass_fields__:
+            getattr(self, name)[sl] = getattr(other, name)
+
+
+#: Genes per chunk: sized so that a chunk's donors x genes arrays stay within a few MB.
+CHUNK_ELEMENTS = 1 << 19
+
+
+def default_chunk_size(n_donors: int) -> int:
+    """Genes per chunk for ``n_donors`` donors."""
+    return int(max(16, CHUNK_ELEMENTS // max(n_donors, 1)))
+
+
+def fit_chunk(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, *, tau: float | None = None) -> GeneFits:
+    """Fit the genes of one chunk from their rotated residual donor sums ``Rt`` (genes x donors)."""
+    a, rr = problem.restricted(Rt, W)
+    ll0 = problem._loglik(rr, np.zeros(len(rr)))
+    if tau is None:
+        t, conv, it, _ = problem.search(a, rr)
+    else:
+        t = np.full(len(W), float(tau))
+        conv, it = np.ones(len(W), dtype=bool), np.zeros(len(W), dtype=np.int64)
+    ev = problem.evaluate(t, Rt, W, derivs=tau is None, a=a, rr=rr)
+    tau_se = np.full(len(W), np.nan)
+    if ev.d2loglik is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tau_se = np.where(ev.d2loglik < 0, np.sqrt(-1.0 / ev.d2loglik), np.nan)
+    loglik = np.where(t == 0, ll0, ev.loglik)  # the same number at the boundary, whatever the rounding
+    return GeneFits(
+        tau=t,
+        sigma2_e=ev.q / problem.df,
+        loglik=loglik,
+        loglik0=ll0,
+        converged=conv,
+        n_iter=it,
+        tau_se=tau_se,
+        beta=ev.beta,
+        Ainv=ev.Ainv,
+        resid=ev.resid,
+    )
+
 
 def fit_genes(
     problem: RemlProblem,
@@ -197,40 +357,58 @@ def fit_genes(
     tau: float | None = None,
     chunk_size: int | None = None,
     progress=None,
+    n_threads: int | None = None,
 ) -> GeneFits:
-    """Fit every gene, in chunks of genes; ``rotate(sl)`` returns the rotated residual donor sums of a slice."""
+    """Fit every gene, in chunks of genes; ``rotate(sl)`` returns the rotated residual donor sums of a slice.
+
+    Chunks are fitted by ``n_threads`` concurrent threads (default: the BLAS thread limit in effect), each
+    with single-threaded BLAS; every gene's result is the same whatever the thread count or chunk size. With
+    a :class:`Rotation` as ``rotate`` and a ``dask.distributed`` client active, the chunks are fitted on the
+    cluster's workers instead (see :mod:`._dask`).
+    """
     G, n, p = len(W), len(problem.lam), problem.p
     if chunk_size is None:
-        chunk_size = int(max(64, (1 << 21) // max(n, 1)))
-    out = GeneFits(
-        tau=np.empty(G),
-        sigma2_e=np.empty(G),
-        loglik=np.empty(G),
-        loglik0=np.empty(G),
-        converged=np.zeros(G, dtype=bool),
-        n_iter=np.zeros(G, dtype=np.int64),
-        tau_se=np.full(G, np.nan),
-        beta=np.empty((G, p)),
-        Ainv=np.empty((G, p, p)),
-        resid=np.empty((G, n)),
-    )
-    for start in range(0, G, chunk_size):
-        sl = slice(start, min(G, start + chunk_size))
-        Rt, Wc = rotate(sl), W[sl]
-        if tau is None:
-            t, conv, it, ll0 = problem.search(Rt, Wc)
-        else:
-            t = np.full(len(Wc), float(tau))
-            conv, it = np.ones(len(Wc), dtype=bool), np.zeros(len(Wc), dtype=np.int64)
-            ll0 = problem.evaluate(np.zeros(len(Wc)), Rt, Wc, derivs=False).loglik
-        ev = problem.evaluate(t, Rt, Wc, derivs=tau is None)
-        out.tau[sl], out.converged[sl], out.n_iter[sl], out.loglik0[sl] = t, conv, it, ll0
-        out.loglik[sl] = ev.loglik
-        out.sigma2_e[sl] = ev.q / problem.df
-        if ev.d2loglik is not None:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out.tau_se[sl] = np.where(ev.d2loglik < 0, np.sqrt(-1.0 / ev.d2loglik), np.nan)
-        out.beta[sl], out.Ainv[sl], out.resid[sl] = ev.beta, ev.Ainv, ev.resid
-        if progress is not None:
-            progress.update(sl.stop - sl.start)
+        chunk_size = default_chunk_size(n)
+    if isinstance(rotate, Rotation):
+        from ._dask import distributed_client, fit_genes_distributed
+
+        client = distributed_client()
+        if client is not None and G > chunk_size:
+            return fit_genes_distributed(client, problem, rotate, W, tau=tau, chunk_size=chunk_size, progress=progress)
+    out = GeneFits.empty(G, n, p)
+    slices = [slice(a, min(G, a + chunk_size)) for a in range(0, G, chunk_size)]
+
+    def work(sl: slice) -> slice:
+        out.put(sl, fit_chunk(problem, rotate(sl), W[sl], tau=tau))
+        return sl
+
+    n_workers = min(available_threads() if n_threads is None else max(1, int(n_threads)), len(slices))
+    if n_workers <= 1:
+        done = map(work, slices)
+        for sl in done:
+            if progress is not None:
+                progress.update(sl.stop - sl.start)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n_workers, "snf-reml") as pool:
+        for sl in pool.map(work, slices):
+            if progress is not None:
+                progress.update(sl.stop - sl.start)
     return out
+
+
+class Rotation:
+    """``rotate(sl) = (U' T~[:, sl])'``: the rotated residual donor sums of a slice of genes.
+
+    ``T~ = D^-1/2 Z'r`` (donors x genes). A class rather than a closure so the work can be shipped to workers.
+    """
+
+    def __init__(self, U: np.ndarray, Tt: np.ndarray):
+        self.U = U
+        self.Tt = Tt
+
+    def __call__(self, sl: slice) -> np.ndarray:
+        return self.Tt[:, sl].T @ self.U

@@ -1,14 +1,22 @@
-"""Step 3 of the pipeline: the sufficient statistics of every gene, in one pass over the cells."""
+"""Step 3 of the pipeline: the sufficient statistics of every gene, in one pass over the cells.
+
+Every statistic is a sum over cells, so the pass is a map-reduce: any set of cells gives partial sums
+(:class:`Accumulator`), and partial sums of disjoint cells add up (:meth:`SuffStats.merge`). Sparse storage is
+read by a compiled kernel straight from its ``indptr/indices/data`` arrays (no copy, no densifying); the donor
+sums ``Z'y`` of donor-level design columns come for free from ``Z'Y`` at the end.
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from scipy import linalg
 
-from ._design import Donors, Spectral, donor_sums, incidence
-from ._read import BLOCK_ELEMENTS, iter_blocks
+from ._design import Donors, Spectral, donor_sums
+from ._read import _is_dask, available_threads, iter_chunks
 
 
 @dataclass
@@ -36,45 +44,316 @@ class SuffStats:
         return self
 
 
-def block_stats(block, codes: np.ndarray, n_donors: int, X: np.ndarray) -> SuffStats:
-    """Sufficient statistics of one block of cells (dense array or CSR matrix), in float64.
+# ------------------------------------------------------------------------------------------------------------
+# compiled kernels (float64 accumulation whatever the storage dtype)
+# ------------------------------------------------------------------------------------------------------------
 
-    ``codes`` and ``X`` are the block's rows of the donor codes and of the design.
+
+@numba.njit(cache=True, nogil=True)
+def _csr_kernel(
+    indptr, indices, data, order, codes, Xc, gene_pos, g_lo, g_hi, S, XtYc, shift, cnt, s2
+):  # pragma: no cover
+    """Rows ``order`` of a CSR chunk, genes ``g_lo <= g < g_hi`` only.
+
+    S[code, g] += y and XtYc[g] += x_c y; the second moment is shifted by each gene's first stored value K_g
+    (s2[g] += (y - K_g)^2 over the cnt[g] stored values), so that a large mean does not cancel it away. Each
+    row's zero covariates are skipped (one-hot columns are mostly zero).
     """
-    nb = block.shape[0]
-    Zt = incidence(codes, n_donors)
-    if isinstance(block, np.ndarray):
-        B = np.asarray(block, dtype=np.float64)
-        S = np.asarray(Zt @ B)
-        XtY = X.T @ B
-        mean = B.mean(axis=0) if nb else np.zeros(B.shape[1])
-        M2 = np.einsum("ij,ij->j", B - mean, B - mean)
-    else:
-        B = block.astype(np.float64)
-        S = (Zt @ B).toarray()
-        XtY = np.asarray(B.T @ X).T
-        genes = B.shape[1]
-        total = np.bincount(B.indices, weights=B.data, minlength=genes)
-        sumsq = np.bincount(B.indices, weights=B.data * B.data, minlength=genes)
-        mean = total / max(nb, 1)
-        M2 = np.maximum(sumsq - nb * mean * mean, 0.0)
-    return SuffStats(S=S, XtY=np.ascontiguousarray(XtY), mean=mean, M2=M2, n_cells=nb)
+    pc = Xc.shape[1]
+    nzc = np.empty(pc, dtype=np.int64)
+    nzv = np.empty(pc)
+    for ii in range(order.shape[0]):
+        i = order[ii]
+        d = codes[i]
+        m = 0
+        for c in range(pc):
+            if Xc[i, c] != 0.0:
+                nzc[m] = c
+                nzv[m] = Xc[i, c]
+                m += 1
+        for k in range(indptr[i], indptr[i + 1]):
+            g = gene_pos[indices[k]]
+            if g < g_lo or g >= g_hi:
+                continue
+            v = np.float64(data[k])
+            S[d, g] += v
+            if cnt[g] == 0:
+                shift[g] = v
+            cnt[g] += 1
+            e = v - shift[g]
+            s2[g] += e * e
+            for c in range(m):
+                XtYc[g, nzc[c]] += nzv[c] * v
+
+
+@numba.njit(cache=True, nogil=True)
+def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, XtYc, shift, cnt, s2):  # pragma: no cover
+    """Columns of a CSC chunk (global column ``col0 + j``), each summed over its cells in a local buffer.
+
+    The second moment is shifted by the column's mean over its stored values (two passes over the column).
+    """
+    n_donors = S.shape[0]
+    pc = Xc.shape[1]
+    buf = np.zeros(n_donors)
+    xbuf = np.zeros(pc)
+    for j in range(indptr.shape[0] - 1):
+        g = gene_pos[col0 + j]
+        if g < 0:
+            continue
+        lo = indptr[j]
+        hi = indptr[j + 1]
+        t = 0.0
+        for k in range(lo, hi):
+            i = indices[k]
+            v = np.float64(data[k])
+            buf[codes[i]] += v
+            t += v
+            for c in range(pc):
+                xbuf[c] += Xc[i, c] * v
+        K = t / (hi - lo) if hi > lo else 0.0
+        e2 = 0.0
+        for k in range(lo, hi):
+            e = np.float64(data[k]) - K
+            e2 += e * e
+        for d in range(n_donors):
+            S[d, g] += buf[d]
+            buf[d] = 0.0
+        for c in range(pc):
+            XtYc[g, c] += xbuf[c]
+            xbuf[c] = 0.0
+        shift[g] = K
+        cnt[g] = hi - lo
+        s2[g] = e2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the map side
+# ------------------------------------------------------------------------------------------------------------
+
+
+def donor_level_columns(X: np.ndarray, codes: np.ndarray, n_donors: int) -> np.ndarray:
+    """Boolean mask of the design columns that are exactly constant within every donor."""
+    first = np.full(n_donors, -1, dtype=np.int64)
+    cells = np.arange(len(codes))
+    first[codes[::-1]] = cells[::-1]  # the first cell of each donor
+    present = first >= 0
+    ref = X[first[codes]] if present.all() else X[np.where(first >= 0, first, 0)[codes]]
+    return np.all(X == ref, axis=0)
+
+
+class Accumulator:
+    """Partial sufficient statistics of the cells added so far (the map of the map-reduce).
+
+    Parameters
+    ----------
+    codes
+        Donor index of every cell the accumulator may see (indexed like the rows of ``X``).
+    n_donors
+        Number of donors.
+    X
+        The design, cells x p.
+    genes
+        Indices (into the matrix's columns) of the genes to accumulate, in output order.
+    n_vars
+        Number of columns of the matrix.
+    donor_cols
+        Mask of design columns constant within donors (their ``X'y`` is taken from ``Z'y``); computed when None.
+    """
+
+    def __init__(
+        self,
+        codes: np.ndarray,
+        n_donors: int,
+        X: np.ndarray,
+        genes: np.ndarray,
+        n_vars: int,
+        *,
+        donor_cols: np.ndarray | None = None,
+        n_threads: int = 1,
+    ):
+        self.n_threads = max(1, int(n_threads))
+        self._pool = None
+        self.codes = np.ascontiguousarray(codes, dtype=np.int64)
+        self.n_donors = int(n_donors)
+        self.X = np.asarray(X, dtype=np.float64)
+        self.genes = np.asarray(genes, dtype=np.int64)
+        G = len(self.genes)
+        self.gene_pos = np.full(n_vars, -1, dtype=np.int64)
+        self.gene_pos[self.genes] = np.arange(G)
+        self.all_genes = G == n_vars and np.array_equal(self.genes, np.arange(n_vars))
+        if donor_cols is None:
+            donor_cols = donor_level_columns(self.X, self.codes, self.n_donors)
+        self.donor_cols = np.asarray(donor_cols, dtype=bool)
+        self.Xc = np.ascontiguousarray(self.X[:, ~self.donor_cols])
+        self.S = np.zeros((self.n_donors, G))
+        self.XtYc = np.zeros((G, self.Xc.shape[1]))
+        # sparse chunks: second moments shifted by a per-gene value (their sums come from S);
+        # dense chunks: centred (Welford) sums
+        self.shift = np.zeros(G)
+        self.cnt = np.zeros(G, dtype=np.int64)
+        self.s2 = np.zeros(G)
+        self.n_raw = 0
+        self.mean = np.zeros(G)
+        self.M2 = np.zeros(G)
+        self.n_centred = 0
+
+    def add(self, chunk, rows: np.ndarray | None = None) -> None:
+        """Add one :class:`~._read.Chunk`; ``rows`` maps its cells to rows of ``codes``/``X`` (default: its range)."""
+        if chunk.kind == "csc":
+            if rows is not None:
+                raise ValueError("a CSC chunk holds all cells; `rows` does not apply.")
+            _csc_kernel(
+                chunk.indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos,
+                self.S, self.XtYc, self.shift, self.cnt, self.s2,
+            )  # fmt: skip
+            self.n_raw = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
+            return
+        if rows is None:
+            rows = np.arange(chunk.start, chunk.stop)
+        if chunk.kind == "csr":
+            self.add_csr(chunk.indptr, chunk.indices, chunk.data, rows)
+        elif chunk.kind == "dense":
+            self.add_dense(chunk.array, rows)
+        else:
+            raise ValueError(f"unknown chunk kind {chunk.kind!r}.")
+
+    def add_csr(self, indptr, indices, data, rows: np.ndarray | slice) -> None:
+        """Add CSR rows (one per cell of ``rows``), visited donor by donor for cache locality.
+
+        With ``n_threads > 1`` the genes are split into ranges summed by concurrent threads (each output entry
+        is still accumulated by one thread, in the same order).
+        """
+        codes = self.codes[rows]
+        Xc = np.ascontiguousarray(self.Xc[rows])
+        order = np.argsort(codes, kind="stable")
+        args = (np.asarray(indptr), np.asarray(indices), np.asarray(data), order, codes, Xc, self.gene_pos)
+        G = self.S.shape[1]
+        n_split = min(self.n_threads, max(1, G // 64))
+        if n_split == 1:
+            _csr_kernel(*args, 0, G, self.S, self.XtYc, self.shift, self.cnt, self.s2)
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="snf-sum")
+            bounds = [(G * t) // n_split for t in range(n_split + 1)]
+            jobs = [
+                self._pool.submit(_csr_kernel, *args, lo, hi, self.S, self.XtYc, self.shift, self.cnt, self.s2)
+                for lo, hi in itertools.pairwise(bounds)
+            ]
+            for job in jobs:
+                job.result()
+        self.n_raw += len(codes)
+
+    def close(self) -> None:
+        """Stop the accumulator's worker threads, if any."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def add_dense(self, block, rows: np.ndarray | slice) -> None:
+        """Add a dense block of cells x (all columns), in float64, centring its sums of squares on its mean."""
+        B = np.asarray(block)
+        if not self.all_genes:
+            B = B[:, self.genes]
+        B = np.asarray(B, dtype=np.float64)
+        nb = B.shape[0]
+        if nb == 0:
+            return
+        codes = self.codes[rows]
+        order = np.argsort(codes, kind="stable")
+        sorted_codes = codes[order]
+        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+        self.S[sorted_codes[starts]] += np.add.reduceat(B[order], starts, axis=0)
+        if self.Xc.shape[1]:
+            self.XtYc += B.T @ self.Xc[rows]
+        mean_b = B.mean(axis=0)
+        B = B - mean_b  # a new array: B may be a view of the caller's data
+        M2_b = np.einsum("ij,ij->j", B, B)
+        n_a = self.n_centred
+        n = n_a + nb
+        delta = mean_b - self.mean
+        self.mean += delta * (nb / n)
+        self.M2 += M2_b + delta**2 * (n_a * nb / n)
+        self.n_centred = n
+
+    def result(self) -> SuffStats:
+        """The accumulated :class:`SuffStats` (shares the donor-sum array; the accumulator is spent)."""
+        G = self.S.shape[1]
+        n_raw = self.n_raw
+        self.close()
+        if n_raw:
+            tot = self.S.sum(axis=0)
+            if self.n_centred:
+                tot -= self.mean * self.n_centred  # S also holds the dense chunks' sums
+            mean = tot / n_raw
+            # sum (y - K)^2 over all cells, zeros included, minus the shifted mean's part
+            K = self.shift
+            centred_sum = tot - n_raw * K
+            M2 = self.s2 + (n_raw - self.cnt) * K * K - centred_sum * centred_sum / n_raw
+            M2 = np.maximum(M2, 0.0)
+        else:
+            mean, M2 = np.zeros(G), np.zeros(G)
+        stats = SuffStats(S=self.S, XtY=self._xty(), mean=mean, M2=M2, n_cells=n_raw)
+        if self.n_centred:  # Welford merge of the dense chunks' centred sums
+            n_a, n_b = stats.n_cells, self.n_centred
+            n = n_a + n_b
+            delta = self.mean - stats.mean
+            stats.mean = stats.mean + delta * (n_b / n)
+            stats.M2 = stats.M2 + self.M2 + delta**2 * (n_a * n_b / n)
+            stats.n_cells = n
+        return stats
+
+    def _xty(self) -> np.ndarray:
+        p = self.X.shape[1]
+        G = self.S.shape[1]
+        XtY = np.empty((p, G))
+        XtY[~self.donor_cols] = self.XtYc.T
+        if self.donor_cols.any():
+            XtY[self.donor_cols] = self.donor_values().T @ self.S
+        return XtY
+
+    def donor_values(self) -> np.ndarray:
+        """Donor-level values (donors x donor columns) of the donor-level design columns."""
+        out = np.zeros((self.n_donors, int(self.donor_cols.sum())))
+        out[self.codes] = self.X[:, self.donor_cols]
+        return out
 
 
 def sufficient_stats(
-    Y, genes: np.ndarray, donors: Donors, X: np.ndarray, *, block_elements: int = BLOCK_ELEMENTS
+    Y,
+    genes: np.ndarray,
+    donors: Donors,
+    X: np.ndarray,
+    *,
+    block_elements: int | None = None,
+    prefetch: bool = True,
 ) -> SuffStats:
-    """One pass over ``Y[:, genes]`` (dense, sparse, backed or dask), never holding more than one block."""
-    n_donors, p, G = len(donors.ids), X.shape[1], len(genes)
-    acc = SuffStats(S=np.zeros((n_donors, G)), XtY=np.zeros((p, G)), mean=np.zeros(G), M2=np.zeros(G), n_cells=0)
-    for cells, gs, block in iter_blocks(Y, genes, block_elements=block_elements):
-        part = block_stats(block, donors.codes[cells], n_donors, X[cells])
-        if gs.stop - gs.start == G:
-            acc = acc.merge(part)
-        else:  # column-major input: each gene slice arrives once, with all cells
-            acc.S[:, gs], acc.XtY[:, gs], acc.mean[gs], acc.M2[gs] = part.S, part.XtY, part.mean, part.M2
-    acc.n_cells = int(X.shape[0])
-    return acc
+    """One pass over ``Y[:, genes]`` (dense, sparse, backed or dask), never holding more than one chunk.
+
+    In-memory sparse input is read in place; backed input in chunks of about ``block_elements`` stored values
+    (default :data:`~._read.BLOCK_ELEMENTS`), the next one read in a background thread while the current one is
+    summed; dask input is a map-reduce over its cell chunks on the current dask scheduler (see :mod:`._dask`).
+    """
+    genes = np.asarray(genes, dtype=np.int64)
+    if _is_dask(Y):
+        from ._dask import dask_sufficient_stats
+
+        return dask_sufficient_stats(Y, genes, donors, X)
+    acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=available_threads())
+    try:
+        for chunk in iter_chunks(Y, block_elements=block_elements, prefetch=prefetch):
+            acc.add(chunk)
+    finally:
+        acc.close()
+    stats = acc.result()
+    stats.n_cells = int(X.shape[0])
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------------------
+# OLS pre-residuals
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -94,23 +373,51 @@ class PreResiduals:
 
 
 def pre_residualise(stats: SuffStats, donors: Donors, X: np.ndarray, spectral: Spectral) -> PreResiduals:
-    """OLS residuals' sufficient statistics from the raw ones; genes with nothing to fit are flagged."""
+    """OLS residuals' sufficient statistics from the raw ones; genes with nothing to fit are flagged.
+
+    Works in place: ``T`` reuses the memory of ``stats.S``, which must not be used afterwards.
+    """
     c = donors.counts
     ZtX = donor_sums(X, donors)
     colsum = ZtX.sum(axis=0)
-    Sc = stats.S - c[:, None] * stats.mean[None, :]
+    # a non-finite value anywhere in a gene makes its sum of squares non-finite, so S needs no separate check
+    finite = np.isfinite(stats.M2) & np.isfinite(stats.XtY).all(axis=0) & np.isfinite(stats.mean)
     Xyc = stats.XtY - colsum[:, None] * stats.mean[None, :]
     chol = linalg.cho_factor(spectral.XtX, check_finite=False)
     b0 = linalg.cho_solve(chol, Xyc, check_finite=False)
     rr = stats.M2 - np.einsum("pg,pg->g", Xyc, b0)
-    T = Sc - ZtX @ b0
-    W = rr - np.einsum("ng,ng->g", T, T / c[:, None])
+    T = stats.S
+    stats.S = None
+    for a in range(0, T.shape[0], 256):  # row blocks: no temporary of T's size
+        T[a : a + 256] -= c[a : a + 256, None] * stats.mean[None, :] + ZtX[a : a + 256] @ b0
+    W = rr - _weighted_column_ss(T, 1.0 / c)
     if np.all(c == 1):
         W = np.zeros_like(W)
     W = np.maximum(W, 0.0)
 
-    finite = np.isfinite(stats.M2) & np.isfinite(stats.S).all(axis=0) & np.isfinite(stats.XtY).all(axis=0)
     scale = np.where(finite, stats.M2 + stats.n_cells * stats.mean**2, 0.0)
     ok = finite & (rr > 1e-10 * scale) & (stats.M2 > 0)
     rr = np.where(ok, rr, np.nan)
     return PreResiduals(mean=stats.mean, b0=b0.T.copy(), rr=rr, T=T, W=W, ok=ok)
+
+
+def _weighted_column_ss(T: np.ndarray, weights: np.ndarray, step: int = 256) -> np.ndarray:
+    """sum_d weights_d T_dg^2 for every column, in row blocks (no temporary of T's size)."""
+    out = np.zeros(T.shape[1])
+    for a in range(0, T.shape[0], step):
+        blk = T[a : a + step]
+        out += np.einsum("dg,dg,d->g", blk, blk, weights[a : a + step])
+    return out
+
+
+def scaled_residual_sums(pre: PreResiduals, donors: Donors, ok_idx: np.ndarray) -> np.ndarray:
+    """``D^-1/2 Z'r`` of the genes ``ok_idx`` (donors x genes), releasing ``pre.T``.
+
+    In place (no copy) when every gene is kept; otherwise one copy of the kept columns.
+    """
+    T = pre.T
+    pre.T = None
+    if len(ok_idx) != T.shape[1]:
+        T = T[:, ok_idx]
+    T /= np.sqrt(donors.counts)[:, None]
+    return T

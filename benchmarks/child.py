@@ -1,0 +1,195 @@
+"""One measurement in a fresh process (run by ``run.py``); prints one JSON line.
+
+python benchmarks/child.py fit|read|statsmodels PATH memory|backed|dask '{"log": false}'
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data import COVARIATES, DONOR_COVARIATES
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def open_adata(path: str, mode: str):
+    import anndata as ad
+
+    if mode == "memory":
+        return ad.read_h5ad(path)
+    if mode == "backed":
+        return ad.read_h5ad(path, backed="r")
+    if mode == "dask":
+        import h5py
+
+        f = h5py.File(path, "r")
+        adata = ad.AnnData(
+            X=ad.experimental.read_elem_lazy(f["X"]),
+            obs=ad.io.read_elem(f["obs"]),
+            var=ad.io.read_elem(f["var"]),
+            uns=ad.io.read_elem(f["uns"]),
+        )
+        return adata
+    raise ValueError(mode)
+
+
+def nnz_of(X) -> int:
+    if hasattr(X, "nnz"):
+        return int(X.nnz)
+    if hasattr(X, "group"):
+        return int(X.group["indptr"][-1])
+    return -1
+
+
+def task_read(path: str, mode: str, extra: dict) -> dict:
+    """Read every stored value of X once, chunk by chunk, and nothing else."""
+    from scverse_nullfit._core._read import iter_chunks
+
+    adata = open_adata(path, "backed")
+    t0 = time.perf_counter()
+    total = 0
+    for chunk in iter_chunks(adata.X, prefetch=False):
+        total += len(chunk.data)
+    return {"read": time.perf_counter() - t0, "nnz": total}
+
+
+def _timed(module, name: str, stages: dict, stage: str):
+    fn = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - t0
+
+    setattr(module, name, wrapper)
+
+
+def task_fit(path: str, mode: str, extra: dict) -> dict:
+    import scanpy as sc
+
+    import scverse_nullfit as snf
+    from scverse_nullfit.tl import _fit_null as fn_module
+
+    if extra.get("log"):
+        sc.settings.verbosity = "debug"
+    adata = open_adata(path, mode)
+    Y = adata.X
+    nnz = nnz_of(Y)
+    stages: dict[str, float] = {}
+    for name, stage in [
+        ("spectral_precompute", "stage 1"),
+        ("RemlProblem", "stage 1"),
+        ("sufficient_stats", "sufficient statistics"),
+        ("pre_residualise", "sufficient statistics"),
+        ("fit_genes", "REML"),
+        ("results_frame", "store"),
+        ("per_gene_arrays", "store"),
+        ("shared_part", "store"),
+        ("store", "store"),
+    ]:
+        if hasattr(fn_module, name):
+            _timed(fn_module, name, stages, stage)
+    client = None
+    if extra.get("workers"):
+        from distributed import Client, LocalCluster
+
+        client = Client(LocalCluster(n_workers=int(extra["workers"]), threads_per_worker=1, processes=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES)
+        wall = time.perf_counter() - t0
+    peak = peak_gb()
+    stages["setup"] = wall - sum(stages.values())
+    if client is not None:
+        client.close()
+    res = adata.varm["nullfit"]
+    floor, parts = measure_floor(adata, Y)
+    return {
+        "wall": wall,
+        "peak_gb": peak,
+        "floor": floor,
+        "floor_parts": parts,
+        "stages": stages,
+        "nnz": nnz,
+        "converged": float(res["converged"].mean()),
+        "mean_h2": float(res["h2"].mean()),
+        "median_iter": float(res["n_iter"].median()),
+    }
+
+
+def measure_floor(adata, Y) -> tuple[float, dict]:
+    """eigh of D^1/2 G D^1/2 + one sparse pass for Z'Y + one rotation GEMM, timed now in this process."""
+    from scverse_nullfit._core._read import iter_chunks
+    from scverse_nullfit._core._suffstats import Accumulator
+
+    ids = adata.uns["nullfit"]["donors"]
+    codes = adata.obs["donor_id"].astype(str).map({d: i for i, d in enumerate(ids)}).to_numpy().astype(np.int64)
+    counts = np.bincount(codes, minlength=len(ids)).astype(np.float64)
+    G = adata.uns["grm"].loc[ids, ids].to_numpy()
+    parts = {}
+    t0 = time.perf_counter()
+    M = G * np.sqrt(counts)[:, None] * np.sqrt(counts)[None, :]
+    _, U = np.linalg.eigh(M)
+    parts["eigh"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    acc = Accumulator(codes, len(ids), np.zeros((len(codes), 0)), np.arange(Y.shape[1]), Y.shape[1])
+    for chunk in iter_chunks(Y):
+        acc.add(chunk)
+    S = acc.S
+    parts["pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    S /= np.sqrt(counts)[:, None]
+    _ = U.T @ S
+    parts["gemm"] = time.perf_counter() - t0
+    return sum(parts.values()), parts
+
+
+def task_statsmodels(path: str, mode: str, extra: dict) -> dict:
+    import pandas as pd
+    import statsmodels.api as sm
+
+    adata = open_adata(path, mode)
+    obs = adata.obs
+    blocks = [np.ones((len(obs), 1))]
+    for col in COVARIATES:
+        s = obs[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            for lev in list(s.cat.categories)[1:]:
+                blocks.append((s == lev).to_numpy(np.float64)[:, None])
+        else:
+            blocks.append(s.to_numpy(np.float64)[:, None])
+    X = np.hstack(blocks)
+    groups = obs["donor_id"].astype(str).to_numpy()
+    genes = [0, 1]
+    Yg = adata.X[:, genes]
+    Yg = Yg.toarray() if hasattr(Yg, "toarray") else np.asarray(Yg)
+    times = []
+    for j in range(len(genes)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            sm.MixedLM(Yg[:, j].astype(np.float64), X, groups=groups).fit(reml=True)
+            times.append(time.perf_counter() - t0)
+    return {"per_gene": float(np.mean(times))}
+
+
+if __name__ == "__main__":
+    task, path, mode = sys.argv[1:4]
+    extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    _ = DONOR_COVARIATES
+    result = {"read": task_read, "fit": task_fit, "statsmodels": task_statsmodels}[task](path, mode, extra)
+    print(json.dumps(result))

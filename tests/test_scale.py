@@ -1,0 +1,367 @@
+"""Scale machinery on small data: streaming (backed), dask (incl. a 2-worker LocalCluster), determinism.
+
+The fit must be the same, to 1e-10, whatever the input form, chunk size or thread count; performance itself is
+measured by ``benchmarks/run.py``, not here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import scverse_nullfit as snf
+from scverse_nullfit._core import _read
+from scverse_nullfit._core._design import align_grm, build_design, donor_labels, spectral_precompute
+from scverse_nullfit._core._reml import RemlProblem, Rotation, fit_genes
+from scverse_nullfit._core._suffstats import Accumulator, pre_residualise, scaled_residual_sums, sufficient_stats
+
+COVARIATES = ["age", "sex", "cell_type", "log_counts"]
+DONOR_COVARIATES = ["age", "sex"]
+KEYS = ["nullfit", "nullfit_beta", "nullfit_xhx_inv", "nullfit_resid_rot"]
+RTOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def sparse_adata():
+    """~300 cells, 40 related donors, 24 genes; about half the entries zero, plus an all-zero gene."""
+    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=24, seed=11)
+    X = np.asarray(adata.X, dtype=np.float32)
+    X[X < 1.5] = 0.0
+    X[:, 5] = 0.0  # nothing to fit: NaN results, the others unharmed
+    adata.X = X
+    return adata
+
+
+def _fit(adata, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES, **kwargs)
+    return {key: np.asarray(adata.varm[key], dtype=np.float64) for key in KEYS}
+
+
+def _assert_same(result, reference, what: str):
+    for key in KEYS:
+        a, b = result[key], reference[key]
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{what}: NaN pattern of {key}")
+        scale = np.nanmax(np.abs(b))
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * 1e-3 * scale, err_msg=f"{what}: {key}")
+
+
+@pytest.fixture(scope="module")
+def reference(sparse_adata):
+    return _fit(sparse_adata.copy())
+
+
+@pytest.fixture(scope="module")
+def h5ad_files(sparse_adata, tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    paths = {}
+    for fmt in ("csr", "csc", "dense"):
+        a = sparse_adata.copy()
+        a.X = sparse.csr_matrix(a.X) if fmt == "csr" else sparse.csc_matrix(a.X) if fmt == "csc" else a.X
+        paths[fmt] = root / f"{fmt}.h5ad"
+        a.write_h5ad(paths[fmt])
+    return paths
+
+
+def test_reference_sane(reference, sparse_adata):
+    res = reference["nullfit"]
+    assert np.isnan(res[5]).sum() >= 1  # the all-zero gene is not fitted
+    fitted = np.delete(np.arange(sparse_adata.n_vars), 5)
+    assert np.isfinite(res[fitted, 0]).all()
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["float64", "csr", "csc", "csr_array", "dask_dense", "dask_csr", "dask_csr_2d"],
+)
+def test_in_memory_forms(sparse_adata, reference, form):
+    import dask.array as da
+
+    a = sparse_adata.copy()
+    X = np.asarray(a.X)
+    a.X = {
+        "float64": lambda: X.astype(np.float64),
+        "csr": lambda: sparse.csr_matrix(X),
+        "csc": lambda: sparse.csc_matrix(X),
+        "csr_array": lambda: sparse.csr_array(X),
+        "dask_dense": lambda: da.from_array(X, chunks=(37, -1)),
+        "dask_csr": lambda: da.from_array(sparse.csr_matrix(X), chunks=(53, -1)),
+        "dask_csr_2d": lambda: da.from_array(sparse.csr_matrix(X), chunks=(61, 7)),
+    }[form]()
+    before = a.X.copy()
+    _assert_same(_fit(a), reference, form)
+    if form == "float64":  # the input is never modified (dense float64 chunks are views of it)
+        np.testing.assert_array_equal(a.X, before)
+
+
+def test_layer_and_gene_subset(sparse_adata, reference):
+    a = sparse_adata.copy()
+    a.layers["counts"] = sparse.csr_matrix(a.X)
+    a.X = np.zeros(a.shape, dtype=np.float32)
+    genes = a.var_names[[0, 3, 4, 9, 17]]
+    res = _fit(a, layer="counts", genes=genes)
+    idx = [0, 3, 4, 9, 17]
+    for key in KEYS:
+        np.testing.assert_allclose(res[key][idx], reference[key][idx], rtol=RTOL, atol=1e-14)
+        rest = np.delete(res[key], idx, axis=0)
+        assert np.isnan(rest[:, 0] if key == "nullfit" else rest).all()  # tau (converged is False, not NaN)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("block", [None, 97])
+def test_backed(h5ad_files, reference, monkeypatch, fmt, block):
+    """Backed h5ad: read in chunks (97 stored values each: dozens of chunks), never loaded whole."""
+    from anndata._core.sparse_dataset import BaseCompressedSparseDataset
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backed matrix was loaded whole")
+
+    monkeypatch.setattr(BaseCompressedSparseDataset, "to_memory", refuse)
+    if block is not None:
+        monkeypatch.setattr(_read, "BLOCK_ELEMENTS", block)
+    a = ad.read_h5ad(h5ad_files[fmt], backed="r")
+    try:
+        _assert_same(_fit(a), reference, f"backed {fmt}, block {block}")
+        assert a.uns["nullfit"]["params"]["input"].startswith("backed")
+    finally:
+        a.file.close()
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_lazy_dask_from_h5ad(h5ad_files, reference, fmt):
+    import h5py
+
+    with h5py.File(h5ad_files[fmt], "r") as f:
+        a = ad.AnnData(
+            X=ad.experimental.read_elem_lazy(f["X"], chunks=(71, -1) if fmt == "csr" else None),
+            obs=ad.io.read_elem(f["obs"]),
+            var=ad.io.read_elem(f["var"]),
+            uns=ad.io.read_elem(f["uns"]),
+        )
+        _assert_same(_fit(a), reference, f"read_elem_lazy {fmt}")
+        assert a.uns["nullfit"]["params"]["input"] == "dask"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pieces: sufficient statistics and gene fits under different chunkings and thread counts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pieces(sparse_adata):
+    labels = donor_labels(sparse_adata.obs, "donor_id")
+    G, donors = align_grm(sparse_adata.uns["grm"], labels, "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        design = build_design(sparse_adata.obs, COVARIATES, DONOR_COVARIATES, donors)
+    spectral = spectral_precompute(G, donors, design.X)
+    return donors, design, spectral
+
+
+def _naive_stats(Y, genes, donors, X):
+    Y = np.asarray(Y, dtype=np.float64)[:, genes]
+    Z = np.zeros((len(donors.codes), len(donors.ids)))
+    Z[np.arange(len(donors.codes)), donors.codes] = 1.0
+    mean = Y.mean(axis=0)
+    return Z.T @ Y, X.T @ Y, mean, ((Y - mean) ** 2).sum(axis=0)
+
+
+@pytest.mark.parametrize("form", ["dense", "csr", "csc", "csr_unsorted_int64"])
+@pytest.mark.parametrize("genes", ["all", "subset"])
+def test_sufficient_stats_against_numpy(sparse_adata, pieces, form, genes):
+    donors, design, _ = pieces
+    X = np.asarray(sparse_adata.X)
+    Y = {
+        "dense": lambda: X,
+        "csr": lambda: sparse.csr_matrix(X),
+        "csc": lambda: sparse.csc_matrix(X),
+        "csr_unsorted_int64": lambda: _unsorted_int64(sparse.csr_matrix(X)),
+    }[form]()
+    idx = np.arange(X.shape[1]) if genes == "all" else np.array([7, 2, 19, 0])
+    stats = sufficient_stats(Y, idx, donors, design.X)
+    S, XtY, mean, M2 = _naive_stats(X, idx, donors, design.X)
+    np.testing.assert_allclose(stats.S, S, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(stats.XtY, XtY, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(stats.mean, mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(stats.M2, M2, rtol=1e-10, atol=1e-12)
+    assert stats.n_cells == X.shape[0]
+
+
+def _unsorted_int64(M):
+    M = M.copy()
+    for i in range(M.shape[0]):  # reverse every row's entries
+        a, b = M.indptr[i], M.indptr[i + 1]
+        M.indices[a:b] = M.indices[a:b][::-1]
+        M.data[a:b] = M.data[a:b][::-1]
+    M.has_sorted_indices = False
+    M.indices = M.indices.astype(np.int64)
+    M.indptr = M.indptr.astype(np.int64)
+    return M
+
+
+def test_accumulator_merge_is_the_reduce(sparse_adata, pieces):
+    """Statistics of cell subsets merged (in any grouping) equal those of all cells."""
+    donors, design, _ = pieces
+    X = sparse.csr_matrix(np.asarray(sparse_adata.X))
+    genes = np.arange(X.shape[1])
+    whole = sufficient_stats(X, genes, donors, design.X)
+    cuts = [0, 1, 60, 61, 200, X.shape[0]]
+    parts = []
+    for a, b in itertools.pairwise(cuts):
+        acc = Accumulator(donors.codes[a:b], len(donors.ids), design.X[a:b], genes, X.shape[1],
+                          donor_cols=_donor_cols(design.X, donors))  # fmt: skip
+        block = X[a:b]
+        acc.add_csr(block.indptr, block.indices, block.data, np.arange(b - a))
+        parts.append(acc.result())
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.merge(part)
+    for name in ("S", "XtY", "mean", "M2"):
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-12, atol=1e-10)
+
+
+def _donor_cols(X, donors):
+    from scverse_nullfit._core._suffstats import donor_level_columns
+
+    return donor_level_columns(X, donors.codes, len(donors.ids))
+
+
+def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=None, rotation=True):
+    donors, design, spectral = pieces
+    X = sparse.csr_matrix(np.asarray(sparse_adata.X))
+    genes = np.arange(X.shape[1])
+    stats = sufficient_stats(X, genes, donors, design.X, block_elements=block)
+    pre = pre_residualise(stats, donors, design.X, spectral)
+    ok = np.flatnonzero(pre.ok)
+    Tt = scaled_residual_sums(pre, donors, ok)
+    rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl: (spectral.U.T @ Tt[:, sl]).T)
+    fits = fit_genes(RemlProblem(spectral), rotate, pre.W[ok], chunk_size=chunk_size, n_threads=n_threads)
+    return fits
+
+
+def _assert_same_fits(a, b, what):
+    for name in ("tau", "sigma2_e", "loglik", "loglik0", "tau_se", "beta", "Ainv", "resid"):
+        x, y = getattr(a, name), getattr(b, name)
+        np.testing.assert_allclose(x, y, rtol=RTOL, atol=RTOL * 1e-3 * np.nanmax(np.abs(y)), err_msg=f"{what}: {name}")
+    np.testing.assert_array_equal(a.converged, b.converged)
+
+
+@pytest.mark.parametrize(("chunk_size", "n_threads"), [(1, 1), (5, 2), (7, 3), (None, 2)])
+def test_gene_chunks_and_threads(sparse_adata, pieces, chunk_size, n_threads):
+    ref = _gene_fits(sparse_adata, pieces, n_threads=1)
+    other = _gene_fits(sparse_adata, pieces, chunk_size=chunk_size, n_threads=n_threads, rotation=chunk_size != 5)
+    _assert_same_fits(other, ref, f"chunk_size={chunk_size}, n_threads={n_threads}")
+
+
+def test_fit_null_threads(sparse_adata, reference):
+    _assert_same(_fit(sparse_adata.copy(), n_threads=1), reference, "n_threads=1")
+    _assert_same(_fit(sparse_adata.copy(), n_threads=2), reference, "n_threads=2")
+
+
+def test_iter_chunks_cover_backed(h5ad_files):
+    """Backed chunks tile the matrix exactly, whatever the chunk size, with and without prefetching."""
+    a = ad.read_h5ad(h5ad_files["csr"], backed="r")
+    try:
+        full = sparse.csr_matrix(a.X.to_memory())
+        for block, prefetch in [(1, True), (50, False), (10**9, True)]:
+            rows = []
+            for chunk in _read.iter_chunks(a.X, block_elements=block, prefetch=prefetch):
+                assert chunk.kind == "csr"
+                rows.append(sparse.csr_matrix((chunk.data, chunk.indices, chunk.indptr),
+                                              shape=(chunk.stop - chunk.start, full.shape[1])))  # fmt: skip
+            assert (sparse.vstack(rows) != full).nnz == 0
+    finally:
+        a.file.close()
+    with pytest.raises(ValueError, match="block_elements"):
+        next(_read.iter_chunks(np.zeros((3, 3)), block_elements=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dask.distributed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+        client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def test_local_cluster_fit_null(sparse_adata, reference, client):
+    """fit_null on dask-backed X under a 2-worker LocalCluster: partial statistics on the workers, same fit."""
+    import dask.array as da
+
+    a = sparse_adata.copy()
+    a.X = da.from_array(sparse.csr_matrix(np.asarray(a.X)), chunks=(29, -1))
+    _assert_same(_fit(a), reference, "LocalCluster")
+
+
+def test_local_cluster_gene_chunks(sparse_adata, pieces, client):
+    """Gene chunks fitted on the workers give the same fits as in process."""
+    import dask.array as da
+
+    from scverse_nullfit._core._dask import dask_sufficient_stats
+
+    local = _gene_fits(sparse_adata, pieces, n_threads=1, rotation=False)
+    remote = _gene_fits(sparse_adata, pieces, chunk_size=4, rotation=True)
+    _assert_same_fits(remote, local, "distributed gene chunks")
+
+    donors, design, _ = pieces
+    X = np.asarray(sparse_adata.X)
+    stats = dask_sufficient_stats(da.from_array(X, chunks=(17, -1)), np.arange(X.shape[1]), donors, design.X)
+    S, _, _, M2 = _naive_stats(X, np.arange(X.shape[1]), donors, design.X)
+    np.testing.assert_allclose(stats.S, S, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(stats.M2, M2, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exactness of the restricted-basis REML at the edges, against a dense cells x cells REML
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_rank_deficient_grm_and_strong_donor_effect(dense_reml):
+    """A GRM of rank < donors (few variants) and genes with h2 near 1: still the dense REML's optimum."""
+    rng = np.random.default_rng(5)
+    n, per = 30, 6
+    geno = rng.binomial(2, 0.3, size=(n, 8)).astype(float)
+    geno = (geno - geno.mean(0)) / np.maximum(geno.std(0), 1e-9)
+    grm = geno @ geno.T / geno.shape[1]
+    ids = [f"d{i}" for i in range(n)]
+    codes = np.repeat(np.arange(n), per)
+    obs = pd.DataFrame(
+        {"donor_id": pd.Categorical(np.array(ids)[codes]), "x": rng.normal(size=n * per)},
+        index=[f"c{i}" for i in range(n * per)],
+    )
+    L = np.linalg.cholesky(grm + 1e-9 * np.eye(n))
+    Y = np.column_stack(
+        [(L @ rng.normal(size=n))[codes] * scale + rng.normal(size=n * per) for scale in (0.0, 1.0, 10.0, 100.0)]
+    )
+    adata = ad.AnnData(X=Y, obs=obs)
+    grm_df = pd.DataFrame(grm, index=ids, columns=ids)
+    adata.uns["grm"] = grm_df
+    snf.tl.fit_null(adata, covariates=["x"])
+    res = adata.varm["nullfit"]
+    oracle = dense_reml.from_adata(adata, ["x"])
+    for j in range(Y.shape[1]):
+        at = oracle.at(Y[:, j], float(res["tau"].iloc[j]))
+        np.testing.assert_allclose(res["loglik"].iloc[j], at["loglik"], rtol=0, atol=1e-8)
+        np.testing.assert_allclose(res["sigma2_e"].iloc[j], at["sigma2_e"], rtol=1e-9)
+        np.testing.assert_allclose(adata.varm["nullfit_beta"][j], at["beta"], rtol=1e-7, atol=1e-9)
+        # no better tau nearby (the search found the maximum)
+        for factor in (0.99, 1.01):
+            nearby = oracle.at(Y[:, j], float(res["tau"].iloc[j]) * factor)["loglik"]
+            assert nearby <= res["loglik"].iloc[j] + 1e-9
+    assert res["h2"].iloc[3] > 0.9
