@@ -89,6 +89,13 @@ def align_grm(grm: pd.DataFrame, labels: np.ndarray, source: str) -> tuple[np.nd
     return G, Donors(ids=ids, codes=codes, counts=counts)
 
 
+def as_list(columns: str | Sequence[str] | None) -> list[str]:
+    """A column argument (one name, several, or None) as a list of names."""
+    if columns is None:
+        return []
+    return [columns] if isinstance(columns, str) else list(columns)
+
+
 @dataclass
 class Design:
     """The fixed-effects design matrix after rank reduction."""
@@ -129,10 +136,7 @@ def build_design(
     donors: Donors,
 ) -> Design:
     """Intercept + covariates (categoricals one-hot, first level dropped), checked and reduced to full rank."""
-    covariates = [covariates] if isinstance(covariates, str) else list(covariates)
-    donor_covariates = (
-        [] if donor_covariates is None else [donor_covariates] if isinstance(donor_covariates, str) else list(donor_covariates)
-    )
+    covariates, donor_covariates = as_list(covariates), as_list(donor_covariates)
     for col in [*covariates, *donor_covariates]:
         if col not in obs.columns:
             raise KeyError(f"covariate {col!r} is not a column of adata.obs.")
@@ -158,7 +162,8 @@ def build_design(
             UserWarning,
             stacklevel=3,
         )
-    return Design(X=np.ascontiguousarray(X[:, keep]), names=[n for n, k in zip(names, keep, strict=True) if k], dropped=dropped)
+    kept = [n for n, k in zip(names, keep, strict=True) if k]
+    return Design(X=np.ascontiguousarray(X[:, keep]), names=kept, dropped=dropped)
 
 
 def _check_constant_within_donor(series: pd.Series, values: np.ndarray, col: str, donors: Donors) -> None:

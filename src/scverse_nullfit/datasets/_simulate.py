@@ -211,5 +211,8 @@ def _add_eqtls(rng, Y, codes, var, geno, variants, frac, effect):
 
 
 def example() -> AnnData:
-    """The built-in example: 150 related donors, about 3,000 cells, 200 genes, 5 variants per gene (see :func:`simulate`)."""
+    """The built-in example: 150 related donors, about 3,000 cells, 200 genes, 5 variants per gene.
+
+    See :func:`simulate` for what it holds.
+    """
     return simulate(n_donors=150, cells_per_donor=20.0, n_genes=200, n_cis_variants=5, seed=2026)

@@ -25,7 +25,9 @@ def nullfit_df(adata: AnnData, key: str = "nullfit") -> pd.DataFrame:
     A copy of ``adata.varm[key]``, indexed by gene.
     """
     if key not in adata.varm:
-        raise KeyError(f"no null-model results under adata.varm[{key!r}]; run snf.tl.fit_null(adata, key_added={key!r}).")
+        raise KeyError(
+            f"no null-model results under adata.varm[{key!r}]; run snf.tl.fit_null(adata, key_added={key!r}) first."
+        )
     df = adata.varm[key]
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"adata.varm[{key!r}] is a {type(df).__name__}, not the DataFrame fit_null stores.")

@@ -13,7 +13,7 @@ from scanpy import settings
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from .._core._design import align_grm, build_design, donor_labels, spectral_precompute
+from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, resolve_grm
 from .._core._reml import RemlProblem, fit_genes
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
@@ -170,8 +170,8 @@ def fit_null(
     params = {
         "donor_key": donor_key,
         "grm": _grm_param(grm),
-        "covariates": list(covariates) if not isinstance(covariates, str) else [covariates],
-        "donor_covariates": [] if donor_covariates is None else list(np.atleast_1d(donor_covariates)),
+        "covariates": as_list(covariates),
+        "donor_covariates": as_list(donor_covariates),
         "layer": layer,
         "tau": tau,
         "n_genes_requested": int(mask.sum()),
