@@ -7,6 +7,8 @@ fits go to the workers only when a ``distributed`` client is active.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from scipy import sparse
 
@@ -40,13 +42,11 @@ def distributed_client():
 
 
 def _as_chunk(block, start: int) -> Chunk:
-    """A dask block (numpy, scipy sparse, or anything with ``tocsr``/``todense``) as a :class:`Chunk`."""
+    """A dask block of cells (numpy, scipy sparse, or anything with ``tocsr``/``todense``) as a row chunk."""
     if sparse.issparse(block):
-        block = block.tocsr() if block.format not in ("csr", "csc") else block
-        n_major = block.shape[0] if block.format == "csr" else block.shape[1]
-        kind = block.format
-        return Chunk(kind, start if kind == "csr" else 0, start + n_major if kind == "csr" else n_major,
-                     np.asarray(block.indptr), np.asarray(block.indices), np.asarray(block.data))  # fmt: skip
+        block = block if block.format == "csr" else block.tocsr()
+        return Chunk("csr", start, start + block.shape[0], np.asarray(block.indptr), np.asarray(block.indices),
+                     np.asarray(block.data))  # fmt: skip
     if hasattr(block, "tocsr") and not isinstance(block, np.ndarray):  # e.g. pydata sparse
         return _as_chunk(sparse.csr_matrix(block.tocsr()), start)
     if hasattr(block, "todense") and not isinstance(block, np.ndarray):
@@ -55,14 +55,17 @@ def _as_chunk(block, start: int) -> Chunk:
     return Chunk("dense", start, start + block.shape[0], array=block)
 
 
-def partial_stats(block, codes, X, genes, n_vars: int, n_donors: int, donor_cols) -> SuffStats:
-    """The map: sufficient statistics of one block of cells (all the matrix's columns)."""
+def partial_stats(codes, X, genes, n_vars: int, n_donors: int, donor_cols, *blocks) -> SuffStats:
+    """The map: sufficient statistics of consecutive blocks of cells (each with all the matrix's columns).
+
+    ``codes`` and ``X`` cover the cells of all ``blocks``, in order; the blocks are summed one at a time.
+    """
     acc = Accumulator(codes, n_donors, X, genes, n_vars, donor_cols=donor_cols)
-    chunk = _as_chunk(block, 0)
-    if chunk.kind == "csc":
+    start = 0
+    for block in blocks:
+        chunk = _as_chunk(block, start)
         acc.add(chunk)
-    else:
-        acc.add(chunk, rows=np.arange(len(codes)))
+        start = chunk.stop
     return acc.result()
 
 
@@ -74,6 +77,29 @@ def merge_stats(*parts: SuffStats) -> SuffStats:
     for part in parts[1:]:
         out.merge(part)
     return out
+
+
+def _parallelism() -> int:
+    client = distributed_client()
+    if client is not None:
+        workers = client.scheduler_info().get("workers", {})
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+    import os
+
+    return max(1, os.cpu_count() or 1)
+
+
+def _groups(chunks: tuple[int, ...], n_genes: int) -> list[tuple[int, int]]:
+    """Consecutive runs of cell blocks summed by one task each (``[first, stop)`` block indices).
+
+    Every task's partial statistics hold a donors x genes array, so there are at most
+    ``max(4 * parallelism, cells * genes / 2**26)`` tasks; their blocks are summed one at a time (not concatenated).
+    """
+    n_cells = int(sum(chunks))
+    n_tasks = min(len(chunks), max(4 * _parallelism(), -(-n_cells * n_genes // (1 << 26))))
+    bounds = np.searchsorted(np.cumsum(chunks), np.linspace(0, n_cells, n_tasks + 1)[1:-1], side="left") + 1
+    edges = [0, *sorted(set(int(b) for b in bounds if 0 < b < len(chunks))), len(chunks)]
+    return list(itertools.pairwise(edges))
 
 
 def dask_sufficient_stats(Y, genes: np.ndarray, donors: Donors, X: np.ndarray) -> SuffStats:
@@ -91,10 +117,10 @@ def dask_sufficient_stats(Y, genes: np.ndarray, donors: Donors, X: np.ndarray) -
     genes = np.asarray(genes, dtype=np.int64)
     n_vars = Y.shape[1]
     mapper = delayed(partial_stats, pure=True)
-    parts = [
-        mapper(block, donors.codes[a:b], X[a:b], genes, n_vars, n_donors, donor_cols)
-        for block, a, b in zip(blocks, starts[:-1], starts[1:], strict=True)
-    ]
+    parts = []
+    for first, stop in _groups(Y.chunks[0], len(genes)):
+        a, b = starts[first], starts[stop]
+        parts.append(mapper(donors.codes[a:b], X[a:b], genes, n_vars, n_donors, donor_cols, *blocks[first:stop]))
     reducer = delayed(merge_stats, pure=True)
     while len(parts) > 1:
         parts = [reducer(*parts[i : i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]

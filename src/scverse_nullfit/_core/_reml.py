@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from scanpy import logging as logg
 from scipy import linalg
 
 from ._design import Spectral
@@ -130,7 +131,7 @@ class RemlProblem:
 
     def restricted(self, Rt: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``a = zeta^2`` (genes x donors) and ``r'r`` (genes) from rotated residual sums and within-donor SS."""
-        zeta = (Rt * self.sqrt_lam) @ self.V
+        zeta = np.multiply(Rt, self.sqrt_lam) @ self.V
         zeta *= zeta
         rr = W + np.einsum("gn,gn->g", Rt, Rt)
         return zeta, rr
@@ -177,18 +178,29 @@ class RemlProblem:
         return out
 
     def evaluate(
-        self, tau: np.ndarray, Rt: np.ndarray, W: np.ndarray, *, derivs: bool = True, a=None, rr=None
+        self,
+        tau: np.ndarray,
+        Rt: np.ndarray,
+        W: np.ndarray,
+        *,
+        derivs: bool = True,
+        a=None,
+        rr=None,
+        out_resid: np.ndarray | None = None,
     ) -> Evaluation:
         """Exact REML quantities at a per-gene ``tau``; with ``derivs`` also the first two tau-derivatives.
 
-        Also the GLS fixed effects of ``r``, ``(X'H^-1X)^-1`` and the rotated GLS residuals.
+        Also the GLS fixed effects of ``r``, ``(X'H^-1X)^-1`` and the rotated GLS residuals (written into
+        ``out_resid`` when given).
         """
         tau = np.asarray(tau, dtype=np.float64)
         if a is None or rr is None:
             a, rr = self.restricted(Rt, W)
         q, dl, d2l = self.derivatives(tau, a, rr)
         loglik = self._loglik(q, self.logdet(tau))
-        w = 1.0 / (1.0 + tau[:, None] * self.lam[None, :])
+        w = np.multiply.outer(tau, self.lam)
+        w += 1.0
+        np.reciprocal(w, out=w)  # w = 1 / (1 + tau lam)
         A = self._unpack(w @ self.O)
         A += self.Aw
         w -= 1.0
@@ -196,8 +208,10 @@ class RemlProblem:
         b = w @ self.Xrot  # X~'((w - 1) r~) = X'H^-1 r
         del w
         Ainv = _spd_inverse(A)
-        beta = np.einsum("gij,gj->gi", Ainv, b)
-        resid = Rt - beta @ self.Xrot.T
+        beta = (Ainv @ b[:, :, None])[:, :, 0]
+        resid = np.empty_like(Rt) if out_resid is None else out_resid
+        np.matmul(beta, self.Xrot.T, out=resid)
+        np.subtract(Rt, resid, out=resid)
         if not derivs:
             dl = d2l = None
         return Evaluation(loglik, dl, d2l, q, beta, Ainv, resid)
@@ -256,14 +270,11 @@ class RemlProblem:
 
 
 def _spd_inverse(A: np.ndarray) -> np.ndarray:
-    """Inverses of a stack of symmetric positive definite matrices (through Cholesky where it succeeds)."""
-    try:
-        L = np.linalg.cholesky(A)
-    except np.linalg.LinAlgError:
-        return np.linalg.inv(A)
-    eye = np.broadcast_to(np.eye(A.shape[-1]), A.shape)
-    Linv = np.linalg.solve(L, eye)
-    return np.swapaxes(Linv, -1, -2) @ Linv
+    """Inverses of a stack of symmetric positive definite matrices, exactly symmetric."""
+    Ainv = np.linalg.inv(A)
+    Ainv += np.swapaxes(Ainv, -1, -2)
+    Ainv *= 0.5
+    return Ainv
 
 
 def h2_pvalue(loglik: np.ndarray, loglik0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,9 +317,11 @@ class GeneFits:
         )
 
     def put(self, sl: slice, other: GeneFits) -> None:
-        """Copy ``other`` (the fits of the genes ``sl``) into place."""
+        """Copy ``other`` (the fits of the genes ``sl``) into place (fields that are None are skipped)."""
         for name in self.__dataclass_fields__:
-            getattr(self, name)[sl] = getattr(other, name)
+            value = getattr(other, name)
+            if value is not None:
+                getattr(self, name)[sl] = value
 
 
 #: Genes per chunk: sized so that a chunk's donors x genes arrays stay within a few MB.
@@ -320,22 +333,67 @@ def default_chunk_size(n_donors: int) -> int:
     return int(max(16, CHUNK_ELEMENTS // max(n_donors, 1)))
 
 
-def fit_chunk(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, *, tau: float | None = None) -> GeneFits:
-    """Fit the genes of one chunk from their rotated residual donor sums ``Rt`` (genes x donors)."""
-    a, rr = problem.restricted(Rt, W)
+class StageTimer:
+    """Seconds spent per named stage, summed over calls and threads (for the debug log)."""
+
+    def __init__(self):
+        import threading
+
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str):
+        import time
+        from contextlib import contextmanager
+
+        @contextmanager
+        def timing():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+        return timing()
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {sec:.2f} s" for name, sec in self.seconds.items())
+
+
+def fit_chunk(
+    problem: RemlProblem,
+    Rt: np.ndarray,
+    W: np.ndarray,
+    *,
+    tau: float | None = None,
+    timer: StageTimer | None = None,
+    out: GeneFits | None = None,
+    sl: slice | None = None,
+) -> GeneFits | None:
+    """Fit the genes of one chunk from their rotated residual donor sums ``Rt`` (genes x donors).
+
+    Returns the fits, or writes them into ``out[sl]`` (and returns None).
+    """
+    timer = StageTimer() if timer is None else timer
+    with timer("restricted rotation"):
+        a, rr = problem.restricted(Rt, W)
     ll0 = problem._loglik(rr, np.zeros(len(rr)))
-    if tau is None:
-        t, conv, it, _ = problem.search(a, rr)
-    else:
-        t = np.full(len(W), float(tau))
-        conv, it = np.ones(len(W), dtype=bool), np.zeros(len(W), dtype=np.int64)
-    ev = problem.evaluate(t, Rt, W, derivs=tau is None, a=a, rr=rr)
+    with timer("grid and Newton"):
+        if tau is None:
+            t, conv, it, _ = problem.search(a, rr)
+        else:
+            t = np.full(len(W), float(tau))
+            conv, it = np.ones(len(W), dtype=bool), np.zeros(len(W), dtype=np.int64)
+    with timer("fixed effects and projection"):
+        out_resid = None if out is None else out.resid[sl]
+        ev = problem.evaluate(t, Rt, W, derivs=tau is None, a=a, rr=rr, out_resid=out_resid)
     tau_se = np.full(len(W), np.nan)
     if ev.d2loglik is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
             tau_se = np.where(ev.d2loglik < 0, np.sqrt(-1.0 / ev.d2loglik), np.nan)
     loglik = np.where(t == 0, ll0, ev.loglik)  # the same number at the boundary, whatever the rounding
-    return GeneFits(
+    fits = GeneFits(
         tau=t,
         sigma2_e=ev.q / problem.df,
         loglik=loglik,
@@ -347,6 +405,11 @@ def fit_chunk(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, *, tau: float
         Ainv=ev.Ainv,
         resid=ev.resid,
     )
+    if out is None:
+        return fits
+    fits.resid = None  # already in place
+    out.put(sl, fits)
+    return None
 
 
 def fit_genes(
@@ -377,26 +440,35 @@ def fit_genes(
             return fit_genes_distributed(client, problem, rotate, W, tau=tau, chunk_size=chunk_size, progress=progress)
     out = GeneFits.empty(G, n, p)
     slices = [slice(a, min(G, a + chunk_size)) for a in range(0, G, chunk_size)]
+    timer = StageTimer()
 
     def work(sl: slice) -> slice:
-        out.put(sl, fit_chunk(problem, rotate(sl), W[sl], tau=tau))
+        with timer("rotation"):
+            Rt = rotate(sl)
+        fit_chunk(problem, Rt, W[sl], tau=tau, timer=timer, out=out, sl=sl)
         return sl
 
     n_workers = min(available_threads() if n_threads is None else max(1, int(n_threads)), len(slices))
     if n_workers <= 1:
-        done = map(work, slices)
-        for sl in done:
+        for sl in map(work, slices):
             if progress is not None:
                 progress.update(sl.stop - sl.start)
-        return out
-    from concurrent.futures import ThreadPoolExecutor
+    else:
+        from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n_workers, "snf-reml") as pool:
-        for sl in pool.map(work, slices):
-            if progress is not None:
-                progress.update(sl.stop - sl.start)
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n_workers, "snf-reml") as pool:
+            for sl in pool.map(work, slices):
+                if progress is not None:
+                    progress.update(sl.stop - sl.start)
+    if G:
+        iters = out.n_iter[out.n_iter > 0]
+        logg.debug(
+            f"    REML: {G} genes in {len(slices)} chunks on {max(n_workers, 1)} thread(s); thread-seconds: "
+            f"{timer.summary()}; Newton iterations median {np.median(iters) if len(iters) else 0:.0f}, "
+            f"max {iters.max(initial=0)}"
+        )
     return out
 
 

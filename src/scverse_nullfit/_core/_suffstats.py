@@ -9,10 +9,12 @@ sums ``Z'y`` of donor-level design columns come for free from ``Z'Y`` at the end
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numba
 import numpy as np
+from scanpy import logging as logg
 from scipy import linalg
 
 from ._design import Donors, Spectral, donor_sums
@@ -202,8 +204,9 @@ class Accumulator:
         if chunk.kind == "csc":
             if rows is not None:
                 raise ValueError("a CSC chunk holds all cells; `rows` does not apply.")
+            indptr = np.asarray(chunk.indptr, dtype=np.int64)
             _csc_kernel(
-                chunk.indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos,
+                indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos,
                 self.S, self.XtYc, self.shift, self.cnt, self.s2,
             )  # fmt: skip
             self.n_raw = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
@@ -226,7 +229,8 @@ class Accumulator:
         codes = self.codes[rows]
         Xc = np.ascontiguousarray(self.Xc[rows])
         order = np.argsort(codes, kind="stable")
-        args = (np.asarray(indptr), np.asarray(indices), np.asarray(data), order, codes, Xc, self.gene_pos)
+        indptr = np.asarray(indptr, dtype=np.int64)  # one compiled variant per index/value dtype, not per indptr
+        args = (indptr, np.asarray(indices), np.asarray(data), order, codes, Xc, self.gene_pos)
         G = self.S.shape[1]
         n_split = min(self.n_threads, max(1, G // 64))
         if n_split == 1:
@@ -340,13 +344,30 @@ def sufficient_stats(
         from ._dask import dask_sufficient_stats
 
         return dask_sufficient_stats(Y, genes, donors, X)
-    acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=available_threads())
+    n_threads = available_threads()
+    acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
+    waiting = summing = 0.0
+    n_chunks = n_values = 0
+    chunks = iter_chunks(Y, block_elements=block_elements, prefetch=prefetch)
     try:
-        for chunk in iter_chunks(Y, block_elements=block_elements, prefetch=prefetch):
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(chunks, None)
+            t1 = time.perf_counter()
+            if chunk is None:
+                break
             acc.add(chunk)
+            waiting += t1 - t0
+            summing += time.perf_counter() - t1
+            n_chunks += 1
+            n_values += chunk.array.size if chunk.kind == "dense" else len(chunk.data)
     finally:
         acc.close()
     stats = acc.result()
+    logg.debug(
+        f"    sufficient statistics: {n_values:,} stored values in {n_chunks} chunk(s), {n_threads} thread(s); "
+        f"reading (not overlapped) {waiting:.2f} s, summing {summing:.2f} s"
+    )
     stats.n_cells = int(X.shape[0])
     return stats
 
@@ -388,9 +409,12 @@ def pre_residualise(stats: SuffStats, donors: Donors, X: np.ndarray, spectral: S
     rr = stats.M2 - np.einsum("pg,pg->g", Xyc, b0)
     T = stats.S
     stats.S = None
-    for a in range(0, T.shape[0], 256):  # row blocks: no temporary of T's size
-        T[a : a + 256] -= c[a : a + 256, None] * stats.mean[None, :] + ZtX[a : a + 256] @ b0
-    W = rr - _weighted_column_ss(T, 1.0 / c)
+    between = np.zeros(T.shape[1])  # sum_d T_dg^2 / c_d
+    for a in range(0, T.shape[0], 64):  # row blocks: no temporary of T's size, one pass while in cache
+        blk = T[a : a + 64]
+        blk -= c[a : a + 64, None] * stats.mean[None, :] + ZtX[a : a + 64] @ b0
+        between += np.einsum("dg,dg,d->g", blk, blk, 1.0 / c[a : a + 64])
+    W = rr - between
     if np.all(c == 1):
         W = np.zeros_like(W)
     W = np.maximum(W, 0.0)
@@ -399,15 +423,6 @@ def pre_residualise(stats: SuffStats, donors: Donors, X: np.ndarray, spectral: S
     ok = finite & (rr > 1e-10 * scale) & (stats.M2 > 0)
     rr = np.where(ok, rr, np.nan)
     return PreResiduals(mean=stats.mean, b0=b0.T.copy(), rr=rr, T=T, W=W, ok=ok)
-
-
-def _weighted_column_ss(T: np.ndarray, weights: np.ndarray, step: int = 256) -> np.ndarray:
-    """sum_d weights_d T_dg^2 for every column, in row blocks (no temporary of T's size)."""
-    out = np.zeros(T.shape[1])
-    for a in range(0, T.shape[0], step):
-        blk = T[a : a + step]
-        out += np.einsum("dg,dg,d->g", blk, blk, weights[a : a + step])
-    return out
 
 
 def scaled_residual_sums(pre: PreResiduals, donors: Donors, ok_idx: np.ndarray) -> np.ndarray:
