@@ -116,15 +116,17 @@ class RemlProblem:
         self.O = self.Xrot[:, self._iu[0]] * self.Xrot[:, self._iu[1]]
 
         # the restricted spectrum: E = Lam^1/2 (I - X~ (X'X)^-1 X~') Lam^1/2 = V diag(mu) V'
-        L = linalg.cholesky(spectral.XtX, lower=True, check_finite=False)
-        Qx = linalg.solve_triangular(L, self.Xrot.T, lower=True, check_finite=False).T  # X~ L^-T
+        from ._suffstats import scaled_cholesky
+
+        L, scale = scaled_cholesky(spectral.XtX)  # diag(scale) X'X diag(scale) = L L'
+        Qx = linalg.solve_triangular(L, (self.Xrot * scale).T, lower=True, check_finite=False).T  # X~ (X'X)^-1/2
         self.sqrt_lam = np.sqrt(self.lam)
         B = self.sqrt_lam[:, None] * Qx
         E = np.diag(self.lam) - B @ B.T
         mu, V = linalg.eigh((E + E.T) / 2, check_finite=False, driver="evd")
         self.mu = np.ascontiguousarray(np.clip(mu, 0.0, None))
         self.V = V
-        self.logdet_XtX = 2.0 * np.log(np.diag(L)).sum()
+        self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
         self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
 
     # -- per-gene inputs ---------------------------------------------------------------------------------------

@@ -51,15 +51,18 @@ class SuffStats:
 # ------------------------------------------------------------------------------------------------------------
 
 
+#: Columns of the per-gene record array R: the shift K, sum (y - K)^2 and the count over stored values, then
+#: X_c'y for the cell-level design columns. One record per gene keeps a stored value's updates in one cache line.
+SHIFT, SS, COUNT, XTY0 = 0, 1, 2, 3
+
+
 @numba.njit(cache=True, nogil=True)
-def _csr_kernel(
-    indptr, indices, data, order, codes, Xc, gene_pos, g_lo, g_hi, S, XtYc, shift, cnt, s2
-):  # pragma: no cover
+def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, g_lo, g_hi, S, R):  # pragma: no cover
     """Rows ``order`` of a CSR chunk, genes ``g_lo <= g < g_hi`` only.
 
-    S[code, g] += y and XtYc[g] += x_c y; the second moment is shifted by each gene's first stored value K_g
-    (s2[g] += (y - K_g)^2 over the cnt[g] stored values), so that a large mean does not cancel it away. Each
-    row's zero covariates are skipped (one-hot columns are mostly zero).
+    S[code, g] += y and R[g, XTY0 + c] += x_c y; the second moment is shifted by each gene's first stored value
+    K_g (R[g, SS] += (y - K_g)^2 over the R[g, COUNT] stored values), so that a large mean does not cancel it away.
+    Each row's zero covariates are skipped (one-hot columns are mostly zero).
     """
     pc = Xc.shape[1]
     nzc = np.empty(pc, dtype=np.int64)
@@ -70,26 +73,26 @@ def _csr_kernel(
         m = 0
         for c in range(pc):
             if Xc[i, c] != 0.0:
-                nzc[m] = c
+                nzc[m] = c + 3
                 nzv[m] = Xc[i, c]
                 m += 1
         for k in range(indptr[i], indptr[i + 1]):
-            g = gene_pos[indices[k]]
+            g = indices[k] if all_genes else gene_pos[indices[k]]
             if g < g_lo or g >= g_hi:
                 continue
             v = np.float64(data[k])
             S[d, g] += v
-            if cnt[g] == 0:
-                shift[g] = v
-            cnt[g] += 1
-            e = v - shift[g]
-            s2[g] += e * e
+            if R[g, 2] == 0.0:
+                R[g, 0] = v
+            e = v - R[g, 0]
+            R[g, 1] += e * e
+            R[g, 2] += 1.0
             for c in range(m):
-                XtYc[g, nzc[c]] += nzv[c] * v
+                R[g, nzc[c]] += nzv[c] * v
 
 
 @numba.njit(cache=True, nogil=True)
-def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, XtYc, shift, cnt, s2):  # pragma: no cover
+def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, R):  # pragma: no cover
     """Columns of a CSC chunk (global column ``col0 + j``), each summed over its cells in a local buffer.
 
     The second moment is shifted by the column's mean over its stored values (two passes over the column).
@@ -121,11 +124,11 @@ def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, XtYc, shift
             S[d, g] += buf[d]
             buf[d] = 0.0
         for c in range(pc):
-            XtYc[g, c] += xbuf[c]
+            R[g, 3 + c] += xbuf[c]
             xbuf[c] = 0.0
-        shift[g] = K
-        cnt[g] = hi - lo
-        s2[g] = e2
+        R[g, 0] = K
+        R[g, 1] = e2
+        R[g, 2] = hi - lo
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,18 +185,15 @@ class Accumulator:
         G = len(self.genes)
         self.gene_pos = np.full(n_vars, -1, dtype=np.int64)
         self.gene_pos[self.genes] = np.arange(G)
-        self.all_genes = G == n_vars and np.array_equal(self.genes, np.arange(n_vars))
+        self.all_genes = bool(G == n_vars and np.array_equal(self.genes, np.arange(n_vars)))
         if donor_cols is None:
             donor_cols = donor_level_columns(self.X, self.codes, self.n_donors)
         self.donor_cols = np.asarray(donor_cols, dtype=bool)
         self.Xc = np.ascontiguousarray(self.X[:, ~self.donor_cols])
         self.S = np.zeros((self.n_donors, G))
-        self.XtYc = np.zeros((G, self.Xc.shape[1]))
-        # sparse chunks: second moments shifted by a per-gene value (their sums come from S);
+        # per gene: sparse chunks' shifted second moments (their sums come from S), then X_c'y
+        self.R = np.zeros((G, XTY0 + self.Xc.shape[1]))
         # dense chunks: centred (Welford) sums
-        self.shift = np.zeros(G)
-        self.cnt = np.zeros(G, dtype=np.int64)
-        self.s2 = np.zeros(G)
         self.n_raw = 0
         self.mean = np.zeros(G)
         self.M2 = np.zeros(G)
@@ -206,9 +206,8 @@ class Accumulator:
                 raise ValueError("a CSC chunk holds all cells; `rows` does not apply.")
             indptr = np.asarray(chunk.indptr, dtype=np.int64)
             _csc_kernel(
-                indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos,
-                self.S, self.XtYc, self.shift, self.cnt, self.s2,
-            )  # fmt: skip
+                indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos, self.S, self.R
+            )
             self.n_raw = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
             return
         if rows is None:
@@ -230,11 +229,11 @@ class Accumulator:
         Xc = np.ascontiguousarray(self.Xc[rows])
         order = np.argsort(codes, kind="stable")
         indptr = np.asarray(indptr, dtype=np.int64)  # one compiled variant per index/value dtype, not per indptr
-        args = (indptr, np.asarray(indices), np.asarray(data), order, codes, Xc, self.gene_pos)
+        args = (indptr, np.asarray(indices), np.asarray(data), order, codes, Xc, self.gene_pos, self.all_genes)
         G = self.S.shape[1]
         n_split = min(self.n_threads, max(1, G // 64))
         if n_split == 1:
-            _csr_kernel(*args, 0, G, self.S, self.XtYc, self.shift, self.cnt, self.s2)
+            _csr_kernel(*args, 0, G, self.S, self.R)
         else:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
@@ -242,8 +241,7 @@ class Accumulator:
                 self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="snf-sum")
             bounds = [(G * t) // n_split for t in range(n_split + 1)]
             jobs = [
-                self._pool.submit(_csr_kernel, *args, lo, hi, self.S, self.XtYc, self.shift, self.cnt, self.s2)
-                for lo, hi in itertools.pairwise(bounds)
+                self._pool.submit(_csr_kernel, *args, lo, hi, self.S, self.R) for lo, hi in itertools.pairwise(bounds)
             ]
             for job in jobs:
                 job.result()
@@ -270,7 +268,7 @@ class Accumulator:
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
         self.S[sorted_codes[starts]] += np.add.reduceat(B[order], starts, axis=0)
         if self.Xc.shape[1]:
-            self.XtYc += B.T @ self.Xc[rows]
+            self.R[:, XTY0:] += B.T @ self.Xc[rows]
         mean_b = B.mean(axis=0)
         B = B - mean_b  # a new array: B may be a view of the caller's data
         M2_b = np.einsum("ij,ij->j", B, B)
@@ -292,9 +290,9 @@ class Accumulator:
                 tot -= self.mean * self.n_centred  # S also holds the dense chunks' sums
             mean = tot / n_raw
             # sum (y - K)^2 over all cells, zeros included, minus the shifted mean's part
-            K = self.shift
+            K = self.R[:, SHIFT]
             centred_sum = tot - n_raw * K
-            M2 = self.s2 + (n_raw - self.cnt) * K * K - centred_sum * centred_sum / n_raw
+            M2 = self.R[:, SS] + (n_raw - self.R[:, COUNT]) * K * K - centred_sum * centred_sum / n_raw
             M2 = np.maximum(M2, 0.0)
         else:
             mean, M2 = np.zeros(G), np.zeros(G)
@@ -312,7 +310,7 @@ class Accumulator:
         p = self.X.shape[1]
         G = self.S.shape[1]
         XtY = np.empty((p, G))
-        XtY[~self.donor_cols] = self.XtYc.T
+        XtY[~self.donor_cols] = self.R[:, XTY0:].T
         if self.donor_cols.any():
             XtY[self.donor_cols] = self.donor_values().T @ self.S
         return XtY
@@ -377,6 +375,23 @@ def sufficient_stats(
 # ------------------------------------------------------------------------------------------------------------
 
 
+def scaled_cholesky(XtX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``L`` (lower) and ``s`` with ``diag(s) XtX diag(s) = L L'`` and unit diagonal before factoring.
+
+    Scaling the columns first keeps covariates on very different scales (ages, positions in bp) from making an
+    otherwise well-posed design numerically singular.
+    """
+    d = np.diag(XtX)
+    if not (np.all(np.isfinite(XtX)) and np.all(d > 0)):
+        raise ValueError("the design matrix has a constant-zero or non-finite column.")
+    scale = 1.0 / np.sqrt(d)
+    try:
+        L = linalg.cholesky(XtX * scale[:, None] * scale[None, :], lower=True, check_finite=False)
+    except linalg.LinAlgError as err:
+        raise ValueError("the design matrix is numerically singular (collinear covariates).") from err
+    return L, scale
+
+
 @dataclass
 class PreResiduals:
     """Each gene centred and residualised on X by ordinary least squares, in sufficient-statistic form.
@@ -404,8 +419,8 @@ def pre_residualise(stats: SuffStats, donors: Donors, X: np.ndarray, spectral: S
     # a non-finite value anywhere in a gene makes its sum of squares non-finite, so S needs no separate check
     finite = np.isfinite(stats.M2) & np.isfinite(stats.XtY).all(axis=0) & np.isfinite(stats.mean)
     Xyc = stats.XtY - colsum[:, None] * stats.mean[None, :]
-    chol = linalg.cho_factor(spectral.XtX, check_finite=False)
-    b0 = linalg.cho_solve(chol, Xyc, check_finite=False)
+    L, scale = scaled_cholesky(spectral.XtX)
+    b0 = scale[:, None] * linalg.cho_solve((L, True), scale[:, None] * Xyc, check_finite=False)
     rr = stats.M2 - np.einsum("pg,pg->g", Xyc, b0)
     T = stats.S
     stats.S = None
