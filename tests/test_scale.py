@@ -227,6 +227,26 @@ def test_accumulator_merge_is_the_reduce(sparse_adata, pieces):
         np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.parametrize("n_threads", [2, 3, 8])
+def test_accumulator_threads(sparse_adata, pieces, n_threads):
+    """Threads sum runs of whole donors: Z'y is bit-for-bit the single-threaded one, the rest to rounding."""
+    donors, design, _ = pieces
+    X = sparse.csr_matrix(np.asarray(sparse_adata.X))
+    genes = np.arange(X.shape[1])
+    results = []
+    for nt in (1, n_threads):
+        acc = Accumulator(donors.codes, len(donors.ids), design.X, genes, X.shape[1], n_threads=nt)
+        for a in range(0, X.shape[0], 70):  # several chunks, each split between the threads
+            block = X[a : a + 70]
+            acc.add_csr(block.indptr, block.indices, block.data, np.arange(a, min(a + 70, X.shape[0])))
+        results.append(acc.result())
+    one, many = results
+    np.testing.assert_array_equal(many.S, one.S)
+    for name in ("XtY", "mean", "M2"):
+        np.testing.assert_allclose(getattr(many, name), getattr(one, name), rtol=1e-13, atol=1e-12)
+    assert many.n_cells == one.n_cells == X.shape[0]
+
+
 def _donor_cols(X, donors):
     from scverse_nullfit._core._suffstats import donor_level_columns
 
@@ -270,11 +290,12 @@ def test_iter_chunks_cover_backed(h5ad_files):
     a = ad.read_h5ad(h5ad_files["csr"], backed="r")
     try:
         full = sparse.csr_matrix(a.X.to_memory())
-        for block, prefetch in [(1, True), (50, False), (10**9, True)]:
+        for block, prefetch, reuse in [(1, True, False), (50, False, True), (37, True, True), (10**9, True, True)]:
             rows = []
-            for chunk in _read.iter_chunks(a.X, block_elements=block, prefetch=prefetch):
+            for chunk in _read.iter_chunks(a.X, block_elements=block, prefetch=prefetch, reuse_buffers=reuse):
                 assert chunk.kind == "csr"
-                rows.append(sparse.csr_matrix((chunk.data, chunk.indices, chunk.indptr),
+                # reused buffers are overwritten two chunks later: keep copies
+                rows.append(sparse.csr_matrix((chunk.data.copy(), chunk.indices.copy(), chunk.indptr.copy()),
                                               shape=(chunk.stop - chunk.start, full.shape[1])))  # fmt: skip
             assert (sparse.vstack(rows) != full).nnz == 0
     finally:

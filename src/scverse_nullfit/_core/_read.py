@@ -93,13 +93,17 @@ def _resolve_block(block_elements: int | None) -> int:
     return value
 
 
-def iter_chunks(Y, *, block_elements: int | None = None, prefetch: bool = True) -> Iterator[Chunk]:
+def iter_chunks(
+    Y, *, block_elements: int | None = None, prefetch: bool = True, reuse_buffers: bool = False
+) -> Iterator[Chunk]:
     """Yield the whole of ``Y`` (in memory or backed; not dask) as :class:`Chunk` objects.
 
     In-memory sparse matrices come as a single chunk that shares their arrays (no copy). Backed sparse
     matrices are read in chunks of about ``block_elements`` stored non-zeros along their major axis, and dense
     ones in row chunks of about ``block_elements`` entries; with ``prefetch`` the next chunk of a backed matrix
-    is read in a background thread while the current one is processed.
+    is read in a background thread while the current one is processed. With ``reuse_buffers``, backed sparse
+    chunks are read into two alternating buffers (no fresh memory per chunk): a chunk is then valid only until
+    the next-but-one is requested, so callers must not keep them.
     """
     step_elements = _resolve_block(block_elements)
     if _is_dask(Y):
@@ -111,7 +115,7 @@ def iter_chunks(Y, *, block_elements: int | None = None, prefetch: bool = True) 
         yield Chunk(Y.format, 0, n_major, np.asarray(Y.indptr), np.asarray(Y.indices), np.asarray(Y.data))
         return
     if _is_backed_sparse(Y):
-        yield from _prefetched(_backed_sparse_chunks(Y, step_elements), prefetch)
+        yield from _prefetched(_backed_sparse_chunks(Y, step_elements, reuse_buffers), prefetch)
         return
     if hasattr(Y, "id") and hasattr(Y, "file"):  # h5py.Dataset: backed dense
         yield from _prefetched(_dense_chunks(Y, step_elements), prefetch)
@@ -142,13 +146,25 @@ def _major_ranges(indptr: np.ndarray, step_elements: int) -> Iterator[tuple[int,
         a = b
 
 
-def _backed_sparse_chunks(Y, step_elements: int) -> Iterator[Chunk]:
+def _backed_sparse_chunks(Y, step_elements: int, reuse_buffers: bool = False) -> Iterator[Chunk]:
     group = Y.group
     indptr = np.asarray(group["indptr"][:], dtype=np.int64)
     data, indices = group["data"], group["indices"]
-    for a, b in _major_ranges(indptr, step_elements):
+    ranges = list(_major_ranges(indptr, step_elements))
+    direct = reuse_buffers and hasattr(data, "read_direct") and hasattr(indices, "read_direct")  # h5py
+    if direct:
+        size = max((int(indptr[b] - indptr[a]) for a, b in ranges), default=0)
+        buffers = [(np.empty(size, dtype=indices.dtype), np.empty(size, dtype=data.dtype)) for _ in range(2)]
+    for k, (a, b) in enumerate(ranges):
         lo, hi = int(indptr[a]), int(indptr[b])
-        yield Chunk(Y.format, a, b, indptr[a : b + 1] - lo, np.asarray(indices[lo:hi]), np.asarray(data[lo:hi]))
+        if direct and hi > lo:
+            idx_buf, val_buf = buffers[k % 2]
+            indices.read_direct(idx_buf, np.s_[lo:hi], np.s_[0 : hi - lo])
+            data.read_direct(val_buf, np.s_[lo:hi], np.s_[0 : hi - lo])
+            idx, val = idx_buf[: hi - lo], val_buf[: hi - lo]
+        else:
+            idx, val = np.asarray(indices[lo:hi]), np.asarray(data[lo:hi])
+        yield Chunk(Y.format, a, b, indptr[a : b + 1] - lo, idx, val)
 
 
 def _prefetched(chunks: Iterator[Chunk], prefetch: bool) -> Iterator[Chunk]:

@@ -8,7 +8,6 @@ sums ``Z'y`` of donor-level design columns come for free from ``Z'Y`` at the end
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -51,18 +50,18 @@ class SuffStats:
 # ------------------------------------------------------------------------------------------------------------
 
 
-#: Columns of the per-gene record array R: the shift K, sum (y - K)^2 and the count over stored values, then
-#: X_c'y for the cell-level design columns. One record per gene keeps a stored value's updates in one cache line.
-SHIFT, SS, COUNT, XTY0 = 0, 1, 2, 3
+#: Columns of the per-gene record array R: the shift K, sum (y - K)^2, the count and the sum over stored values,
+#: then X_c'y for the cell-level design columns. One record per gene keeps a stored value's updates in one cache line.
+SHIFT, SS, COUNT, TOT, XTY0 = 0, 1, 2, 3, 4
 
 
 @numba.njit(cache=True, nogil=True)
-def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, g_lo, g_hi, S, R):  # pragma: no cover
-    """Rows ``order`` of a CSR chunk, genes ``g_lo <= g < g_hi`` only.
+def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, S, R):  # pragma: no cover - compiled
+    """Rows ``order`` of a CSR chunk: S[code, g] += y, and the gene's record R[g] (see ``SHIFT`` ... ``XTY0``).
 
-    S[code, g] += y and R[g, XTY0 + c] += x_c y; the second moment is shifted by each gene's first stored value
-    K_g (R[g, SS] += (y - K_g)^2 over the R[g, COUNT] stored values), so that a large mean does not cancel it away.
-    Each row's zero covariates are skipped (one-hot columns are mostly zero).
+    The second moment is shifted by each gene's first stored value K_g (R[g, SS] += (y - K_g)^2 over the R[g, COUNT]
+    stored values), so that a large mean does not cancel it away. Each row's zero covariates are skipped (one-hot
+    columns are mostly zero).
     """
     pc = Xc.shape[1]
     nzc = np.empty(pc, dtype=np.int64)
@@ -73,12 +72,12 @@ def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, g_
         m = 0
         for c in range(pc):
             if Xc[i, c] != 0.0:
-                nzc[m] = c + 3
+                nzc[m] = c + 4
                 nzv[m] = Xc[i, c]
                 m += 1
         for k in range(indptr[i], indptr[i + 1]):
             g = indices[k] if all_genes else gene_pos[indices[k]]
-            if g < g_lo or g >= g_hi:
+            if g < 0:
                 continue
             v = np.float64(data[k])
             S[d, g] += v
@@ -87,6 +86,7 @@ def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, g_
             e = v - R[g, 0]
             R[g, 1] += e * e
             R[g, 2] += 1.0
+            R[g, 3] += v
             for c in range(m):
                 R[g, nzc[c]] += nzv[c] * v
 
@@ -124,16 +124,44 @@ def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, R):  # prag
             S[d, g] += buf[d]
             buf[d] = 0.0
         for c in range(pc):
-            R[g, 3 + c] += xbuf[c]
+            R[g, 4 + c] += xbuf[c]
             xbuf[c] = 0.0
         R[g, 0] = K
         R[g, 1] = e2
         R[g, 2] = hi - lo
+        R[g, 3] = t
 
 
 # ------------------------------------------------------------------------------------------------------------
 # the map side
 # ------------------------------------------------------------------------------------------------------------
+
+
+def _raw_moments(R: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and centred sum of squares over ``n`` cells from a record array of shifted sums over stored values."""
+    K, ss, count, tot = R[:, SHIFT], R[:, SS], R[:, COUNT], R[:, TOT]
+    centred_sum = tot - n * K  # sum of (y - K) over all cells, zeros included
+    M2 = ss + (n - count) * K * K - centred_sum * centred_sum / n
+    return tot / n, np.maximum(M2, 0.0)
+
+
+def _donor_runs(order: np.ndarray, codes: np.ndarray, indptr: np.ndarray, n_parts: int) -> list[np.ndarray]:
+    """Split rows visited in donor order into at most ``n_parts`` runs of whole donors with similar stored counts."""
+    if n_parts <= 1 or len(order) < 2:
+        return [order]
+    sorted_codes = codes[order]
+    nnz = np.cumsum(indptr[order + 1] - indptr[order])
+    total = nnz[-1]
+    if total == 0:
+        return [order]
+    cuts = []
+    for t in range(1, n_parts):
+        k = int(np.searchsorted(nnz, total * t / n_parts))
+        # move the cut to the start of the next donor
+        k = int(np.searchsorted(sorted_codes, sorted_codes[min(k, len(order) - 1)], side="right"))
+        if 0 < k < len(order) and (not cuts or k > cuts[-1]):
+            cuts.append(k)
+    return np.split(order, cuts)
 
 
 def donor_level_columns(X: np.ndarray, codes: np.ndarray, n_donors: int) -> np.ndarray:
@@ -191,10 +219,11 @@ class Accumulator:
         self.donor_cols = np.asarray(donor_cols, dtype=bool)
         self.Xc = np.ascontiguousarray(self.X[:, ~self.donor_cols])
         self.S = np.zeros((self.n_donors, G))
-        # per gene: sparse chunks' shifted second moments (their sums come from S), then X_c'y
-        self.R = np.zeros((G, XTY0 + self.Xc.shape[1]))
-        # dense chunks: centred (Welford) sums
-        self.n_raw = 0
+        # per gene, one record array per thread: sparse chunks' shifted moments, then X_c'y; cells per thread
+        self.R = [np.zeros((G, XTY0 + self.Xc.shape[1])) for _ in range(self.n_threads)]
+        self.n_raw = [0] * self.n_threads
+        # dense chunks: centred (Welford) sums, and X_c'y
+        self.XtYc_dense = np.zeros((G, self.Xc.shape[1]))
         self.mean = np.zeros(G)
         self.M2 = np.zeros(G)
         self.n_centred = 0
@@ -206,9 +235,9 @@ class Accumulator:
                 raise ValueError("a CSC chunk holds all cells; `rows` does not apply.")
             indptr = np.asarray(chunk.indptr, dtype=np.int64)
             _csc_kernel(
-                indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos, self.S, self.R
+                indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos, self.S, self.R[0]
             )
-            self.n_raw = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
+            self.n_raw[0] = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
             return
         if rows is None:
             rows = np.arange(chunk.start, chunk.stop)
@@ -222,30 +251,28 @@ class Accumulator:
     def add_csr(self, indptr, indices, data, rows: np.ndarray | slice) -> None:
         """Add CSR rows (one per cell of ``rows``), visited donor by donor for cache locality.
 
-        With ``n_threads > 1`` the genes are split into ranges summed by concurrent threads (each output entry
-        is still accumulated by one thread, in the same order).
+        With ``n_threads > 1`` the donors are split into runs summed by concurrent threads: every donor's sums are
+        still accumulated by one thread in cell order, each thread keeping its own per-gene records.
         """
         codes = self.codes[rows]
         Xc = np.ascontiguousarray(self.Xc[rows])
         order = np.argsort(codes, kind="stable")
         indptr = np.asarray(indptr, dtype=np.int64)  # one compiled variant per index/value dtype, not per indptr
-        args = (indptr, np.asarray(indices), np.asarray(data), order, codes, Xc, self.gene_pos, self.all_genes)
-        G = self.S.shape[1]
-        n_split = min(self.n_threads, max(1, G // 64))
-        if n_split == 1:
-            _csr_kernel(*args, 0, G, self.S, self.R)
-        else:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
+        args = (indptr, np.asarray(indices), np.asarray(data))
+        rest = (codes, Xc, self.gene_pos, self.all_genes, self.S)
+        parts = _donor_runs(order, codes, indptr, self.n_threads)
+        if len(parts) == 1:
+            _csr_kernel(*args, order, *rest, self.R[0])
+            self.n_raw[0] += len(order)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="snf-sum")
-            bounds = [(G * t) // n_split for t in range(n_split + 1)]
-            jobs = [
-                self._pool.submit(_csr_kernel, *args, lo, hi, self.S, self.R) for lo, hi in itertools.pairwise(bounds)
-            ]
-            for job in jobs:
-                job.result()
-        self.n_raw += len(codes)
+            self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="snf-sum")
+        jobs = [self._pool.submit(_csr_kernel, *args, part, *rest, self.R[t]) for t, part in enumerate(parts)]
+        for t, (job, part) in enumerate(zip(jobs, parts, strict=True)):
+            job.result()
+            self.n_raw[t] += len(part)
 
     def close(self) -> None:
         """Stop the accumulator's worker threads, if any."""
@@ -268,7 +295,7 @@ class Accumulator:
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
         self.S[sorted_codes[starts]] += np.add.reduceat(B[order], starts, axis=0)
         if self.Xc.shape[1]:
-            self.R[:, XTY0:] += B.T @ self.Xc[rows]
+            self.XtYc_dense += B.T @ self.Xc[rows]
         mean_b = B.mean(axis=0)
         B = B - mean_b  # a new array: B may be a view of the caller's data
         M2_b = np.einsum("ij,ij->j", B, B)
@@ -282,35 +309,31 @@ class Accumulator:
     def result(self) -> SuffStats:
         """The accumulated :class:`SuffStats` (shares the donor-sum array; the accumulator is spent)."""
         G = self.S.shape[1]
-        n_raw = self.n_raw
         self.close()
-        if n_raw:
-            tot = self.S.sum(axis=0)
-            if self.n_centred:
-                tot -= self.mean * self.n_centred  # S also holds the dense chunks' sums
-            mean = tot / n_raw
-            # sum (y - K)^2 over all cells, zeros included, minus the shifted mean's part
-            K = self.R[:, SHIFT]
-            centred_sum = tot - n_raw * K
-            M2 = self.R[:, SS] + (n_raw - self.R[:, COUNT]) * K * K - centred_sum * centred_sum / n_raw
-            M2 = np.maximum(M2, 0.0)
-        else:
-            mean, M2 = np.zeros(G), np.zeros(G)
-        stats = SuffStats(S=self.S, XtY=self._xty(), mean=mean, M2=M2, n_cells=n_raw)
-        if self.n_centred:  # Welford merge of the dense chunks' centred sums
-            n_a, n_b = stats.n_cells, self.n_centred
-            n = n_a + n_b
-            delta = self.mean - stats.mean
-            stats.mean = stats.mean + delta * (n_b / n)
-            stats.M2 = stats.M2 + self.M2 + delta**2 * (n_a * n_b / n)
-            stats.n_cells = n
-        return stats
+        mean, M2, n = np.zeros(G), np.zeros(G), 0
+        parts = [(R, n_t) for R, n_t in zip(self.R, self.n_raw, strict=True) if n_t]
+        parts = [(*_raw_moments(R, n_t), n_t) for R, n_t in parts]
+        if self.n_centred:
+            parts.append((self.mean, self.M2, self.n_centred))
+        for mean_t, M2_t, n_t in parts:  # Welford merge of the threads' and the dense chunks' moments
+            if n == 0:
+                mean, M2, n = mean_t.copy(), M2_t.copy(), n_t
+                continue
+            total = n + n_t
+            delta = mean_t - mean
+            mean += delta * (n_t / total)
+            M2 += M2_t + delta**2 * (n * n_t / total)
+            n = total
+        return SuffStats(S=self.S, XtY=self._xty(), mean=mean, M2=M2, n_cells=n)
 
     def _xty(self) -> np.ndarray:
         p = self.X.shape[1]
         G = self.S.shape[1]
         XtY = np.empty((p, G))
-        XtY[~self.donor_cols] = self.R[:, XTY0:].T
+        XtYc = self.XtYc_dense.copy()
+        for R in self.R:
+            XtYc += R[:, XTY0:]
+        XtY[~self.donor_cols] = XtYc.T
         if self.donor_cols.any():
             XtY[self.donor_cols] = self.donor_values().T @ self.S
         return XtY
@@ -346,7 +369,7 @@ def sufficient_stats(
     acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
     waiting = summing = 0.0
     n_chunks = n_values = 0
-    chunks = iter_chunks(Y, block_elements=block_elements, prefetch=prefetch)
+    chunks = iter_chunks(Y, block_elements=block_elements, prefetch=prefetch, reuse_buffers=True)
     try:
         while True:
             t0 = time.perf_counter()
