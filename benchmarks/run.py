@@ -256,11 +256,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--results", default=str(HERE / "results.json"), help="JSON file the rows are added to (latest per label)"
     )
-    parser.add_argument("--notes", help="a markdown file whose text is appended to the page")
+    parser.add_argument(
+        "--notes", default=str(HERE / "notes.md"), help="a markdown file whose text is appended to the page"
+    )
+    parser.add_argument("--page-only", action="store_true", help="only rewrite --markdown from --results")
     parser.add_argument("--log", action="store_true", help="show fit_null's debug log (stage timings)")
     parser.add_argument("--label", default="", help="appended to the size name in the table (e.g. a version)")
     args = parser.parse_args(argv)
 
+    if args.page_only:
+        if not args.markdown:
+            parser.error("--page-only needs --markdown")
+        notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else ""
+        Path(args.markdown).write_text(page(load_results(Path(args.results)), notes))
+        return 0
     names = []
     for item in args.size.split(","):
         names += GROUPS.get(item, [item])
@@ -283,7 +292,7 @@ def main(argv=None) -> int:
     stored.update({row["size"]: row for row in rows})
     results_path.write_text(json.dumps(list(stored.values()), indent=1) + "\n")
     if args.markdown:
-        notes = Path(args.notes).read_text() if args.notes else ""
+        notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else ""
         Path(args.markdown).write_text(page(list(stored.values()), notes))
     return 0
 
