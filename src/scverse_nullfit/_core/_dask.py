@@ -89,14 +89,16 @@ def _parallelism() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _groups(chunks: tuple[int, ...], n_genes: int) -> list[tuple[int, int]]:
+def _groups(chunks: tuple[int, ...], n_cols: int, *, dense: bool) -> list[tuple[int, int]]:
     """Consecutive runs of cell blocks summed by one task each (``[first, stop)`` block indices).
 
-    Every task's partial statistics hold a donors x genes array, so there are at most
-    ``max(4 * parallelism, cells * genes / 2**26)`` tasks; their blocks are summed one at a time (not concatenated).
+    Every task's partial statistics hold a donors x genes array, so tasks are few: ``4 * parallelism``, or more
+    when needed to keep a task's blocks (all in memory while it runs, summed one at a time) near ``2**23`` dense
+    or ``2**26`` sparse cells x genes.
     """
     n_cells = int(sum(chunks))
-    n_tasks = min(len(chunks), max(4 * _parallelism(), -(-n_cells * n_genes // (1 << 26))))
+    per_task = 1 << (23 if dense else 26)
+    n_tasks = min(len(chunks), max(4 * _parallelism(), -(-n_cells * n_cols // per_task)))
     bounds = np.searchsorted(np.cumsum(chunks), np.linspace(0, n_cells, n_tasks + 1)[1:-1], side="left") + 1
     edges = [0, *sorted(set(int(b) for b in bounds if 0 < b < len(chunks))), len(chunks)]
     return list(itertools.pairwise(edges))
@@ -118,7 +120,8 @@ def dask_sufficient_stats(Y, genes: np.ndarray, donors: Donors, X: np.ndarray) -
     n_vars = Y.shape[1]
     mapper = delayed(partial_stats, pure=True)
     parts = []
-    for first, stop in _groups(Y.chunks[0], len(genes)):
+    dense = not (sparse.issparse(Y._meta) or hasattr(Y._meta, "tocsr"))
+    for first, stop in _groups(Y.chunks[0], n_vars, dense=dense):
         a, b = starts[first], starts[stop]
         parts.append(mapper(donors.codes[a:b], X[a:b], genes, n_vars, n_donors, donor_cols, *blocks[first:stop]))
     reducer = delayed(merge_stats, pure=True)
