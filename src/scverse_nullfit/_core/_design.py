@@ -216,7 +216,7 @@ def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectra
     """Eigendecompose D^1/2 G D^1/2 and rotate the covariates' donor sums."""
     sqrt_c = np.sqrt(donors.counts)
     M = G * sqrt_c[:, None] * sqrt_c[None, :]
-    lam, U = linalg.eigh(M, check_finite=False, driver="evr")
+    lam, U = linalg.eigh(M, check_finite=False, driver="evd")
     top = max(lam.max(initial=0.0), 1e-300)
     if lam.min(initial=0.0) < -NEG_EIG_TOL * top:
         warnings.warn(

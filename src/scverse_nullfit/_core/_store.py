@@ -60,6 +60,9 @@ def per_gene_arrays(n_vars: int, fitted: np.ndarray, fits: GeneFits, beta: np.nd
     """The per-gene part of the compact projection, padded with NaN for genes not fitted."""
     out = {}
     for name, values in (("beta", beta), ("xhx_inv", fits.Ainv), ("resid_rot", fits.resid)):
+        if fitted.all():
+            out[name] = values
+            continue
         arr = np.full((n_vars, *values.shape[1:]), np.nan)
         arr[fitted] = values
         out[name] = arr

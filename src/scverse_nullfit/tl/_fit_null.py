@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, resolve_grm
-from .._core._reml import RemlProblem, fit_genes
+from .._core._reml import RemlProblem, Rotation, fit_genes
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
-from .._core._suffstats import pre_residualise, sufficient_stats
+from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -149,12 +149,7 @@ def fit_null(
                 f"{len(fitted_idx) - len(ok_idx)} genes are constant, non-finite or fully explained by the covariates; "
                 "their results are NaN"
             )
-        T = pre.T[:, ok_idx] / np.sqrt(donors.counts)[:, None]
-        U = spectral.U
-
-        def rotate(sl: slice) -> np.ndarray:
-            return (U.T @ T[:, sl]).T
-
+        rotate = Rotation(spectral.U, scaled_residual_sums(pre, donors, ok_idx))
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
