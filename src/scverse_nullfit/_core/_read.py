@@ -213,4 +213,6 @@ def resolve_grm(adata: AnnData, grm) -> tuple[pd.DataFrame, str]:
 
 
 def _grm_prefix_exists(path: Path) -> bool:
-    return any(Path(str(path) + suffix).exists() for suffix in (".grm.bin", ".grm.gz", ".rel", ".rel.gz", ".rel.bin", ".bed"))
+    return any(
+        Path(str(path) + suffix).exists() for suffix in (".grm.bin", ".grm.gz", ".rel", ".rel.gz", ".rel.bin", ".bed")
+    )
