@@ -45,14 +45,25 @@ SIZES = {
     "cells-10k": (10_000, 1_000, 5_000, "backed"),
     "cells-100k": (100_000, 1_000, 5_000, "backed"),
     "genes-1k": (26_593, 1_611, 1_000, "memory"),
+    "genes-2k": (26_593, 1_611, 2_000, "memory"),
     "genes-5k": (26_593, 1_611, 5_000, "memory"),
     "stream-dask": (1_000_000, 1_000, 5_000, "dask"),
     "stream-cluster": (1_000_000, 1_000, 5_000, "dask-cluster"),
 }
 GROUPS = {
-    "scaling": ["cells-10k", "cells-100k", "stream", "genes-1k", "genes-5k", "seed"],
+    "scaling": ["cells-10k", "cells-100k", "stream", "genes-1k", "genes-2k", "genes-5k", "seed"],
     "dask": ["stream-dask", "stream-cluster"],
-    "all": ["seed", "stream", "cells-10k", "cells-100k", "genes-1k", "genes-5k", "stream-dask", "stream-cluster"],
+    "all": [
+        "seed",
+        "stream",
+        "cells-10k",
+        "cells-100k",
+        "genes-1k",
+        "genes-2k",
+        "genes-5k",
+        "stream-dask",
+        "stream-cluster",
+    ],
 }
 STATSMODELS_MAX_CELLS = 200_000
 
