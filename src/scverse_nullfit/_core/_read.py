@@ -213,6 +213,6 @@ def resolve_grm(adata: AnnData, grm) -> tuple[pd.DataFrame, str]:
 
 
 def _grm_prefix_exists(path: Path) -> bool:
-    return any(
-        Path(str(path) + suffix).exists() for suffix in (".grm.bin", ".grm.gz", ".rel", ".rel.gz", ".rel.bin", ".bed")
-    )
+    from ..io._grm import _PREFIX_SUFFIXES
+
+    return any(Path(str(path) + suffix).exists() for suffix in _PREFIX_SUFFIXES)

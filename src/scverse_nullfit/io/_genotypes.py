@@ -11,13 +11,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._core._design import _preview
+
 PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
-
-
-def _preview(items, k: int = 5) -> str:
-    items = [str(i) for i in items]
-    shown = ", ".join(repr(i) for i in items[:k])
-    return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
 
 
 def _bed_reader():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -11,19 +10,11 @@ import pandas as pd
 from scanpy import logging as logg
 from scipy.linalg import blas
 
+from ._genotypes import _bed_reader, plink_paths
+from ._grm import _frame
+
 #: Target number of float64 genotype entries (donors x variants) read at a time.
 CHUNK_ELEMENTS = 1 << 22
-
-
-def _import_bed_reader():
-    try:
-        from bed_reader import open_bed
-    except ImportError as err:
-        raise ImportError(
-            "reading PLINK .bed genotypes needs the optional dependency bed-reader: "
-            "pip install 'scverse-nullfit[plink]' (or pip install bed-reader)."
-        ) from err
-    return open_bed
 
 
 def _add_gram(C: np.ndarray, A: np.ndarray) -> None:
@@ -31,19 +22,6 @@ def _add_gram(C: np.ndarray, A: np.ndarray) -> None:
     out = blas.dsyrk(1.0, np.asfortranarray(A, dtype=np.float64), beta=1.0, c=C, trans=0, lower=1, overwrite_c=1)
     if out is not C:  # pragma: no cover - only when scipy could not update in place
         C[...] = out
-
-
-def _bed_paths(bed_prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
-    name = str(bed_prefix)
-    for suffix in (".bed", ".bim", ".fam"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    paths = tuple(Path(name + s) for s in (".bed", ".bim", ".fam"))
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"PLINK file {str(p)!r} not found.")
-    return paths  # type: ignore[return-value]
 
 
 def grm_from_plink(
@@ -89,8 +67,8 @@ def grm_from_plink(
         raise ValueError(f"max_missing must lie in [0, 1], not {max_missing!r}.")
     if diagonal not in ("standardised", "gcta"):
         raise ValueError(f"diagonal must be 'standardised' or 'gcta', not {diagonal!r}.")
-    bed_path, _, fam_path = _bed_paths(bed_prefix)
-    open_bed = _import_bed_reader()
+    bed_path, _, fam_path = plink_paths(bed_prefix)
+    open_bed = _bed_reader()
     start = logg.info(f"computing a GRM from {str(bed_path)!r}")
     try:
         bed = open_bed(bed_path)
@@ -157,4 +135,4 @@ def grm_from_plink(
     if diagonal == "gcta":
         A[np.diag_indices(n)] = 1.0 + diag_extra / np.diag(N)
     logg.info(f"    GRM of {n} samples from {n_used} of {m} variants", time=start)
-    return pd.DataFrame(A, index=pd.Index(ids, name="donor"), columns=pd.Index(ids, name="donor"))
+    return _frame(A, ids)

@@ -19,6 +19,7 @@ from scipy import sparse, special
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from .._core._design import _preview
 from ._fit_null import _select_genes
 
 if TYPE_CHECKING:
@@ -31,12 +32,6 @@ BLOCK_ELEMENTS = 1 << 23
 VAR_RTOL = 1e-9
 #: Columns of the result table of :func:`score_test`, in order.
 RESULT_COLUMNS = ("gene", "variant", "score", "score_var", "z", "pval", "beta", "se")
-
-
-def _preview(items, k: int = 5) -> str:
-    items = list(items)
-    shown = ", ".join(repr(str(i)) for i in items[:k])
-    return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
 
 
 # --------------------------------------------------------------------------------------------------------------
