@@ -32,17 +32,21 @@ class SuffStats:
 
     def merge(self, other: SuffStats) -> SuffStats:
         """Add the statistics of a disjoint set of cells in place (the reduce of a map-reduce); return self."""
-        n_a, n_b = self.n_cells, other.n_cells
-        n = n_a + n_b
-        if n_b == 0:
+        if other.n_cells == 0:
             return self
-        delta = other.mean - self.mean
         self.S += other.S
         self.XtY += other.XtY
-        self.mean += delta * (n_b / n)
-        self.M2 += other.M2 + delta**2 * (n_a * n_b / n)
-        self.n_cells = n
+        self.n_cells = merge_moments(self.mean, self.M2, self.n_cells, other.mean, other.M2, other.n_cells)
         return self
+
+
+def merge_moments(mean: np.ndarray, M2: np.ndarray, n: int, mean_b: np.ndarray, M2_b: np.ndarray, n_b: int) -> int:
+    """Chan update in place: ``mean``, ``M2`` of ``n`` values absorb those of ``n_b`` more; returns n + n_b."""
+    total = n + n_b
+    delta = mean_b - mean
+    mean += delta * (n_b / total)
+    M2 += M2_b + delta**2 * (n * n_b / total)
+    return total
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -168,10 +172,8 @@ def donor_level_columns(X: np.ndarray, codes: np.ndarray, n_donors: int) -> np.n
     """Boolean mask of the design columns that are exactly constant within every donor."""
     first = np.full(n_donors, -1, dtype=np.int64)
     cells = np.arange(len(codes))
-    first[codes[::-1]] = cells[::-1]  # the first cell of each donor
-    present = first >= 0
-    ref = X[first[codes]] if present.all() else X[np.where(first >= 0, first, 0)[codes]]
-    return np.all(X == ref, axis=0)
+    first[codes[::-1]] = cells[::-1]  # the first cell of each donor (set for every donor that has a cell)
+    return np.all(X == X[first[codes]], axis=0)
 
 
 class Accumulator:
@@ -299,12 +301,7 @@ class Accumulator:
         mean_b = B.mean(axis=0)
         B = B - mean_b  # a new array: B may be a view of the caller's data
         M2_b = np.einsum("ij,ij->j", B, B)
-        n_a = self.n_centred
-        n = n_a + nb
-        delta = mean_b - self.mean
-        self.mean += delta * (nb / n)
-        self.M2 += M2_b + delta**2 * (n_a * nb / n)
-        self.n_centred = n
+        self.n_centred = merge_moments(self.mean, self.M2, self.n_centred, mean_b, M2_b, nb)
 
     def result(self) -> SuffStats:
         """The accumulated :class:`SuffStats` (shares the donor-sum array; the accumulator is spent)."""
@@ -315,15 +312,11 @@ class Accumulator:
         parts = [(*_raw_moments(R, n_t), n_t) for R, n_t in parts]
         if self.n_centred:
             parts.append((self.mean, self.M2, self.n_centred))
-        for mean_t, M2_t, n_t in parts:  # Welford merge of the threads' and the dense chunks' moments
+        for mean_t, M2_t, n_t in parts:  # pairwise merge of the threads' and the dense chunks' moments
             if n == 0:
                 mean, M2, n = mean_t.copy(), M2_t.copy(), n_t
-                continue
-            total = n + n_t
-            delta = mean_t - mean
-            mean += delta * (n_t / total)
-            M2 += M2_t + delta**2 * (n * n_t / total)
-            n = total
+            else:
+                n = merge_moments(mean, M2, n, mean_t, M2_t, n_t)
         return SuffStats(S=self.S, XtY=self._xty(), mean=mean, M2=M2, n_cells=n)
 
     def _xty(self) -> np.ndarray:
