@@ -133,9 +133,9 @@ def dask_sufficient_stats(Y, genes: np.ndarray, donors: Donors, X: np.ndarray) -
 
 
 def _fit_remote(problem, U, Tt, W, tau):
-    from ._reml import fit_chunk
+    from ._reml import Rotation, fit_chunk
 
-    return fit_chunk(problem, (Tt.T @ U), W, tau=tau)
+    return fit_chunk(problem, Rotation(U, Tt)(slice(None)), W, tau=tau)
 
 
 def fit_genes_distributed(client, problem, rotation, W: np.ndarray, *, tau, chunk_size: int, progress=None):

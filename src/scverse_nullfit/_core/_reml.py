@@ -40,9 +40,9 @@ class Evaluation:
     dloglik: np.ndarray | None
     d2loglik: np.ndarray | None
     q: np.ndarray  #: r'P_H r
-    beta: np.ndarray | None = None  #: (genes, p) GLS coefficients of r
-    Ainv: np.ndarray | None = None  #: (genes, p, p) (X'H^-1 X)^-1
-    resid: np.ndarray | None = None  #: (genes, donors) rotated GLS residual donor sums
+    beta: np.ndarray  #: (genes, p) GLS coefficients of r
+    Ainv: np.ndarray  #: (genes, p, p) (X'H^-1 X)^-1
+    resid: np.ndarray  #: (genes, donors) rotated GLS residual donor sums
 
 
 @numba.njit(cache=True, nogil=True)
@@ -183,21 +183,18 @@ class RemlProblem:
         self,
         tau: np.ndarray,
         Rt: np.ndarray,
-        W: np.ndarray,
+        a: np.ndarray,
+        rr: np.ndarray,
         *,
         derivs: bool = True,
-        a=None,
-        rr=None,
         out_resid: np.ndarray | None = None,
     ) -> Evaluation:
         """Exact REML quantities at a per-gene ``tau``; with ``derivs`` also the first two tau-derivatives.
 
-        Also the GLS fixed effects of ``r``, ``(X'H^-1X)^-1`` and the rotated GLS residuals (written into
-        ``out_resid`` when given).
+        ``a`` and ``rr`` are :meth:`restricted` of ``Rt``. Also the GLS fixed effects of ``r``, ``(X'H^-1X)^-1``
+        and the rotated GLS residuals (written into ``out_resid`` when given).
         """
         tau = np.asarray(tau, dtype=np.float64)
-        if a is None or rr is None:
-            a, rr = self.restricted(Rt, W)
         q, dl, d2l = self.derivatives(tau, a, rr)
         loglik = self._loglik(q, self.logdet(tau))
         w = np.multiply.outer(tau, self.lam)
@@ -218,14 +215,14 @@ class RemlProblem:
             dl = d2l = None
         return Evaluation(loglik, dl, d2l, q, beta, Ainv, resid)
 
-    def search(self, a: np.ndarray, rr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, a: np.ndarray, rr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Maximise the REML log-likelihood over tau >= 0 for every gene.
 
         A shared grid brackets each gene's maximum; a safeguarded Newton iteration (bisection when a step
         leaves the bracket or the curvature is not negative) refines it, all genes at once. Inputs are the
         restricted squares ``a`` and ``r'r`` from :meth:`restricted`.
 
-        Returns ``tau``, ``converged``, ``n_iter`` and the log-likelihood at tau = 0.
+        Returns ``tau``, ``converged`` and ``n_iter``.
         """
         grid = TAU_GRID
         G = a.shape[0]
@@ -268,7 +265,7 @@ class RemlProblem:
             n_iter[active] = it
             converged[active[done]] = True
             active = active[~done]
-        return tau, converged, n_iter, ll[0]
+        return tau, converged, n_iter
 
 
 def _spd_inverse(A: np.ndarray) -> np.ndarray:
@@ -383,13 +380,13 @@ def fit_chunk(
     ll0 = problem._loglik(rr, np.zeros(len(rr)))
     with timer("grid and Newton"):
         if tau is None:
-            t, conv, it, _ = problem.search(a, rr)
+            t, conv, it = problem.search(a, rr)
         else:
             t = np.full(len(W), float(tau))
             conv, it = np.ones(len(W), dtype=bool), np.zeros(len(W), dtype=np.int64)
     with timer("fixed effects and projection"):
         out_resid = None if out is None else out.resid[sl]
-        ev = problem.evaluate(t, Rt, W, derivs=tau is None, a=a, rr=rr, out_resid=out_resid)
+        ev = problem.evaluate(t, Rt, a, rr, derivs=tau is None, out_resid=out_resid)
     tau_se = np.full(len(W), np.nan)
     if ev.d2loglik is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
