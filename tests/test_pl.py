@@ -103,3 +103,12 @@ def test_qq_accepts_series_with_nan():
     s = pd.Series([0.1, np.nan, 0.3, 0.9])
     ax = snf.pl.qq(s, show=False, label="x")
     assert ax.collections[-1].get_offsets().shape[0] == 3
+
+
+def test_qq_marker_size_applies_to_every_series():
+    rng = np.random.default_rng(0)
+    ax = snf.pl.qq({"a": rng.uniform(size=50), "b": rng.uniform(size=50)}, s=20, show=False)
+    sizes = [c.get_sizes() for c in ax.collections if len(c.get_offsets()) == 50]
+    assert len(sizes) == 2
+    for s in sizes:
+        np.testing.assert_array_equal(s, [20])

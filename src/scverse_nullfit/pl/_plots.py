@@ -14,14 +14,27 @@ from ._utils import finish, new_axes
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from numpy.typing import ArrayLike
 
 #: Points of a QQ plot beyond this count are thinned in the bulk of the distribution (the tail is kept whole).
 MAX_QQ_POINTS = 20_000
 
 
-def lambda_gc(pvals) -> float:
-    """Genomic-control inflation factor: the median of the 1-df chi-squared statistics of ``pvals`` over its
-    expectation under the null, ``median(chi2_1.isf(p)) / chi2_1.ppf(0.5)``. Non-finite p-values are ignored."""
+def lambda_gc(pvals: ArrayLike) -> float:
+    """Genomic-control inflation factor of p-values.
+
+    The median of the 1-df chi-squared statistics of the p-values over its expectation under the null,
+    ``median(chi2_1.isf(p)) / chi2_1.ppf(0.5)`` (1 for calibrated p-values).
+
+    Parameters
+    ----------
+    pvals
+        P-values; non-finite values and values outside [0, 1] are ignored.
+
+    Returns
+    -------
+    The inflation factor; NaN when no p-value is left.
+    """
     p = np.asarray(pvals, dtype=np.float64).ravel()
     p = p[np.isfinite(p) & (p >= 0) & (p <= 1)]
     if not len(p):
@@ -115,6 +128,7 @@ def qq(
         ax.fill_between(expected, -np.log10(hi), -np.log10(lo), color="0.85", lw=0, label=f"{ci:.0%} band")
     top = 0.0
     tiny = np.finfo(np.float64).tiny
+    kwargs.setdefault("s", 6)
     for name, p in values.items():
         if not len(p):
             continue
@@ -122,7 +136,7 @@ def qq(
         k = _thin(n)
         obs = -np.log10(np.maximum(np.sort(p)[k], tiny))
         expected = -np.log10((k + 0.5) / n)
-        ax.scatter(expected, obs, s=kwargs.pop("s", 6), label=f"{name} (λ_GC = {lambda_gc(p):.3f})", **kwargs)
+        ax.scatter(expected, obs, label=f"{name} (λ_GC = {lambda_gc(p):.3f})", **kwargs)
         top = max(top, expected.max())
     ax.plot([0, top], [0, top], color="0.3", lw=1, ls="--")
     ax.set_xlabel("expected -log10(p)")
