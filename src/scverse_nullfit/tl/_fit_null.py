@@ -43,6 +43,12 @@ def _select_genes(var_names: pd.Index, genes) -> np.ndarray:
     return mask
 
 
+def _check_positive_int(value, name: str) -> None:
+    """Reject an optional count argument that is not a positive integer (None passes)."""
+    if value is not None and (int(value) != value or value < 1):
+        raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+
+
 def _grm_param(grm) -> str:
     if isinstance(grm, pd.DataFrame):
         return "DataFrame"
@@ -119,8 +125,7 @@ def fit_null(
     """
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
-    if n_threads is not None and (int(n_threads) != n_threads or n_threads < 1):
-        raise ValueError(f"n_threads must be a positive integer, not {n_threads!r}.")
+    _check_positive_int(n_threads, "n_threads")
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
@@ -181,9 +186,11 @@ def fit_null(
         "    finished",
         time=start,
         deep=(
-            f"added\n    'varm[{key_added!r}]', per-gene variance components (DataFrame)\n"
-            f"    'varm[{key_added!r}_beta|_xhx_inv|_resid_rot]', fixed effects and compact projection\n"
-            f"    'uns[{key_added!r}]', shared donor-level part and parameters"
+            f"added\n"
+            f"    {key_added!r}, per-gene variance components (adata.varm)\n"
+            f"    '{key_added}_beta', '{key_added}_xhx_inv', '{key_added}_resid_rot', "
+            "fixed effects and compact projection (adata.varm)\n"
+            f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),
     )
     return target if copy else None
