@@ -13,7 +13,7 @@ from scanpy import settings
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from ._fit_null import _select_genes
+from ._fit_null import _check_positive_int, _select_genes
 from ._score_test import RESULT_COLUMNS, CompactNull, GenotypeMatrix, derived_statistics, fitted_genes, impute
 
 if TYPE_CHECKING:
@@ -249,10 +249,8 @@ def cis_map(
     """
     if not (np.isscalar(window) and np.isfinite(window) and window >= 0):
         raise ValueError(f"window must be a number of base pairs >= 0, not {window!r}.")
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, not {chunk_size!r}.")
-    if n_threads is not None and (int(n_threads) != n_threads or n_threads < 1):
-        raise ValueError(f"n_threads must be a positive integer, not {n_threads!r}.")
+    _check_positive_int(chunk_size, "chunk_size")
+    _check_positive_int(n_threads, "n_threads")
     if key_added in (key, f"{key}_beta", f"{key}_xhx_inv", f"{key}_resid_rot"):
         raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
     for col in (chrom_key, pos_key):

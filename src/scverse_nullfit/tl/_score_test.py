@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .._core._design import _preview
-from ._fit_null import _select_genes
+from ._fit_null import _check_positive_int, _select_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -415,10 +415,8 @@ def score_test(
     ``se``. Rows are NaN for genes that were not fitted, for variants without any observed dosage or
     monomorphic among the fit's donors, and for variants collinear with the gene's covariates.
     """
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, not {chunk_size!r}.")
-    if n_threads is not None and (int(n_threads) != n_threads or n_threads < 1):
-        raise ValueError(f"n_threads must be a positive integer, not {n_threads!r}.")
+    _check_positive_int(chunk_size, "chunk_size")
+    _check_positive_int(n_threads, "n_threads")
     mask = _select_genes(adata.var_names, genes)
     model = CompactNull.from_adata(adata, key, mask)
     geno = genotypes if isinstance(genotypes, GenotypeMatrix) else GenotypeMatrix(genotypes)
