@@ -23,6 +23,14 @@ def adata(small_adata):
     return small_adata.copy()
 
 
+@pytest.fixture(scope="module")
+def fitted(small_adata):
+    """A copy of ``small_adata`` with a null-model fit under "nullfit", once per test module."""
+    adata = small_adata.copy()
+    snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES)
+    return adata
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Oracles: a design matrix built independently of the package, and a dense cells x cells REML (tests only).
 # --------------------------------------------------------------------------------------------------------------

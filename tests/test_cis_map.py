@@ -10,16 +10,9 @@ import scverse_nullfit as snf
 from scverse_nullfit.io._genotypes import read_plink_genotypes
 from scverse_nullfit.tl._cis_map import acat
 
-COVARIATES = ["age", "sex", "cell_type", "log_counts"]
-DONOR_COVARIATES = ["age", "sex"]
+from .conftest import COVARIATES, DONOR_COVARIATES
+
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=8, seed=1)
-    snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES)
-    return adata
 
 
 def _genotype_adata(dosages: pd.DataFrame, chrom, pos) -> ad.AnnData:

@@ -10,8 +10,7 @@ import pytest
 
 import scverse_nullfit as snf
 
-COVARIATES = ["age", "sex", "cell_type", "log_counts"]
-DONOR_COVARIATES = ["age", "sex"]
+from .conftest import COVARIATES, DONOR_COVARIATES
 
 
 def _snapshot(adata) -> dict:

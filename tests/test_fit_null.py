@@ -12,8 +12,8 @@ from scipy import sparse
 
 import scverse_nullfit as snf
 
-COVARIATES = ["age", "sex", "cell_type", "log_counts"]
-DONOR_COVARIATES = ["age", "sex"]
+from .conftest import COVARIATES, DONOR_COVARIATES
+
 COLUMNS = ["tau", "sigma2_g", "sigma2_e", "h2", "loglik", "converged", "n_iter", "h2_pval", "tau_se", "loglik_null"]
 NUMERIC = ["tau", "sigma2_g", "sigma2_e", "h2", "loglik", "h2_pval", "tau_se", "loglik_null"]
 ARRAYS = ["beta", "xhx_inv", "resid_rot"]

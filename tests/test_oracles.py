@@ -11,8 +11,7 @@ from scipy import stats
 
 import scverse_nullfit as snf
 
-COVARIATES = ["age", "sex", "cell_type", "log_counts"]
-
+from .conftest import COVARIATES
 
 # ----------------------------------------------------------------------------------------------------------------
 # statsmodels MixedLM with an identity GRM

@@ -14,16 +14,11 @@ from scipy import stats
 
 import scverse_nullfit as snf
 
-COVARIATES = ["age", "sex", "cell_type", "log_counts"]
-DONOR_COVARIATES = ["age", "sex"]
-
 
 @pytest.fixture(scope="module")
-def mapped():
-    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=8, seed=1)
-    snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES)
-    snf.tl.cis_map(adata, adata.uns["genotypes"], variants=adata.uns["variants"])
-    return adata
+def mapped(fitted):
+    snf.tl.cis_map(fitted, fitted.uns["genotypes"], variants=fitted.uns["variants"])
+    return fitted
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,8 @@ from scverse_nullfit._core._design import align_grm, build_design, donor_labels,
 from scverse_nullfit._core._reml import RemlProblem, Rotation, fit_genes
 from scverse_nullfit._core._suffstats import Accumulator, pre_residualise, scaled_residual_sums, sufficient_stats
 
-COVARIATES = ["age", "sex", "cell_type", "log_counts"]
-DONOR_COVARIATES = ["age", "sex"]
+from .conftest import COVARIATES, DONOR_COVARIATES
+
 KEYS = ["nullfit", "nullfit_beta", "nullfit_xhx_inv", "nullfit_resid_rot"]
 RTOL = 1e-10
 

@@ -9,17 +9,9 @@ from scipy import sparse, stats
 import scverse_nullfit as snf
 from scverse_nullfit._core._design import align_grm, build_design, donor_labels
 
-COVARIATES = ["age", "sex", "cell_type", "log_counts"]
-DONOR_COVARIATES = ["age", "sex"]
+from .conftest import COVARIATES, DONOR_COVARIATES
+
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    """About 300 cells from 40 related donors, 8 genes, fitted once."""
-    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=8, seed=1)
-    snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES)
-    return adata
 
 
 @pytest.fixture
