@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .._core._design import _preview
+from .._core._read import _is_dask
 from ._fit_null import _check_positive_int, _select_genes
 
 if TYPE_CHECKING:
@@ -330,11 +331,9 @@ def _read_matrix(X, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     ucols, inverse = np.unique(cols, return_inverse=True)
     if sparse.issparse(X):
         block = X[:, ucols].toarray()
-    elif type(X).__module__.startswith("dask."):
+    elif _is_dask(X):
         block = np.asarray(X[:, ucols].compute())
-    elif isinstance(X, np.ndarray):
-        block = X[:, ucols]
-    else:  # h5py dataset or anndata backed sparse dataset
+    else:  # numpy array, h5py dataset or anndata backed sparse dataset
         block = X[:, ucols]
         block = block.toarray() if sparse.issparse(block) else np.asarray(block)
     return np.asarray(block, dtype=np.float64)[rows][:, inverse]
@@ -346,13 +345,11 @@ def impute(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     A variant is testable when it has at least one observed dosage and is not monomorphic among the donors.
     """
     missing = np.isnan(G)
+    all_missing = missing.all(axis=0)
     if missing.any():
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.nanmean(np.where(missing.all(axis=0), 0.0, G), axis=0)
+            mean = np.nanmean(np.where(all_missing, 0.0, G), axis=0)
         G = np.where(missing, mean[None, :], G)
-        all_missing = missing.all(axis=0)
-    else:
-        all_missing = np.zeros(G.shape[1], dtype=bool)
     poly = (G.max(axis=0, initial=-np.inf) > G.min(axis=0, initial=np.inf)) & ~all_missing
     return G, poly
 
