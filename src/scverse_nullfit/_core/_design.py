@@ -212,11 +212,19 @@ class Spectral:
     n_cells: int
 
 
+def eigh_or_error(M: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eigendecomposition of a symmetric matrix; a LAPACK failure becomes a ValueError that says what failed."""
+    try:
+        return linalg.eigh(M, check_finite=False, driver="evd")
+    except (np.linalg.LinAlgError, ValueError) as err:
+        raise ValueError(f"the eigendecomposition of {what} failed ({err}); check the GRM for extreme values.") from err
+
+
 def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectral:
     """Eigendecompose D^1/2 G D^1/2 and rotate the covariates' donor sums."""
     sqrt_c = np.sqrt(donors.counts)
     M = G * sqrt_c[:, None] * sqrt_c[None, :]
-    lam, U = linalg.eigh(M, check_finite=False, driver="evd")
+    lam, U = eigh_or_error(M, "D^1/2 G D^1/2 (the GRM scaled by cells per donor)")
     top = max(lam.max(initial=0.0), 1e-300)
     if lam.min(initial=0.0) < -NEG_EIG_TOL * top:
         warnings.warn(

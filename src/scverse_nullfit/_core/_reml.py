@@ -22,7 +22,7 @@ import numpy as np
 from scanpy import logging as logg
 from scipy import linalg
 
-from ._design import Spectral
+from ._design import Spectral, eigh_or_error
 from ._read import available_threads
 
 #: The shared tau grid: the boundary 0, then 3 points per decade over [1e-6, 1e6].
@@ -123,7 +123,7 @@ class RemlProblem:
         self.sqrt_lam = np.sqrt(self.lam)
         B = self.sqrt_lam[:, None] * Qx
         E = np.diag(self.lam) - B @ B.T
-        mu, V = linalg.eigh((E + E.T) / 2, check_finite=False, driver="evd")
+        mu, V = eigh_or_error((E + E.T) / 2, "the covariate-restricted donor matrix")
         self.mu = np.ascontiguousarray(np.clip(mu, 0.0, None))
         self.V = V
         self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
@@ -269,8 +269,14 @@ class RemlProblem:
 
 
 def _spd_inverse(A: np.ndarray) -> np.ndarray:
-    """Inverses of a stack of symmetric positive definite matrices, exactly symmetric."""
-    Ainv = np.linalg.inv(A)
+    """Inverses of a stack of symmetric positive definite matrices, exactly symmetric.
+
+    A numerically singular matrix (possible only at extreme tau) gets its pseudo-inverse instead of an error.
+    """
+    try:
+        Ainv = np.linalg.inv(A)
+    except np.linalg.LinAlgError:
+        Ainv = np.linalg.pinv(A, hermitian=True)
     Ainv += np.swapaxes(Ainv, -1, -2)
     Ainv *= 0.5
     return Ainv
