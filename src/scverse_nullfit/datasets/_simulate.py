@@ -7,15 +7,14 @@ import pandas as pd
 from anndata import AnnData
 
 
-def _family_genotypes(rng: np.random.Generator, n_donors: int, n_snps: int) -> tuple[np.ndarray, np.ndarray]:
+def _family_genotypes(rng: np.random.Generator, n_donors: int, n_snps: int) -> np.ndarray:
     """Dosages (donors x snps) of nuclear families (two parents and their children) and unrelated singletons."""
     freq = rng.uniform(0.05, 0.5, n_snps)
 
     def founder():
         return rng.random((2, n_snps)) < freq  # two haplotypes
 
-    haplotypes, family = [], []
-    fam = 0
+    haplotypes = []
     while len(haplotypes) < n_donors:
         size = rng.choice([1, 3, 4, 5], p=[0.4, 0.2, 0.25, 0.15])
         if size == 1:
@@ -28,10 +27,7 @@ def _family_genotypes(rng: np.random.Generator, n_donors: int, n_snps: int) -> t
                 pick_f = rng.integers(0, 2, n_snps)
                 cols = np.arange(n_snps)
                 haplotypes.append(np.stack([mother[pick_m, cols], father[pick_f, cols]]))
-        family += [fam] * (len(haplotypes) - len(family))
-        fam += 1
-    dosage = np.stack([h.sum(axis=0) for h in haplotypes[:n_donors]]).astype(np.float64)
-    return dosage, np.asarray(family[:n_donors])
+    return np.stack([h.sum(axis=0) for h in haplotypes[:n_donors]]).astype(np.float64)
 
 
 def standardised_grm(dosage: np.ndarray) -> np.ndarray:
@@ -102,7 +98,7 @@ def simulate(
     if not 0.0 <= frac_eqtl <= 1.0:
         raise ValueError(f"frac_eqtl must be within [0, 1], not {frac_eqtl!r}.")
     rng = np.random.default_rng(seed)
-    dosage, _family = _family_genotypes(rng, n_donors, n_snps)
+    dosage = _family_genotypes(rng, n_donors, n_snps)
     G = standardised_grm(dosage)
     donor_ids = np.array([f"D{i:04d}" for i in range(n_donors)])
 
