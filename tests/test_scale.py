@@ -258,7 +258,7 @@ def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=N
     X = sparse.csr_matrix(np.asarray(sparse_adata.X))
     genes = np.arange(X.shape[1])
     stats = sufficient_stats(X, genes, donors, design.X, block_elements=block)
-    pre = pre_residualise(stats, donors, design.X, spectral)
+    pre = pre_residualise(stats, donors, spectral)
     ok = np.flatnonzero(pre.ok)
     Tt = scaled_residual_sums(pre, donors, ok)
     rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl: (spectral.U.T @ Tt[:, sl]).T)

@@ -206,6 +206,7 @@ class Spectral:
 
     lam: np.ndarray  #: (donors,) eigenvalues of D^1/2 G D^1/2, clipped at 0
     U: np.ndarray  #: (donors, donors) eigenvectors
+    ZtX: np.ndarray  #: (donors, p) donor sums of the covariates Z'X
     Xrot: np.ndarray  #: (donors, p) rotated covariates U' D^-1/2 Z'X
     XtX: np.ndarray  #: (p, p)
     Aw: np.ndarray  #: (p, p) within-donor cross-products X'X - Xrot'Xrot
@@ -238,7 +239,7 @@ def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectra
     Xrot = U.T @ (ZtX / sqrt_c[:, None])
     Xw = X - (ZtX / donors.counts[:, None])[donors.codes]
     Aw = Xw.T @ Xw
-    return Spectral(lam=lam, U=U, Xrot=Xrot, XtX=X.T @ X, Aw=(Aw + Aw.T) / 2, n_cells=X.shape[0])
+    return Spectral(lam=lam, U=U, ZtX=ZtX, Xrot=Xrot, XtX=X.T @ X, Aw=(Aw + Aw.T) / 2, n_cells=X.shape[0])
 
 
 def incidence(codes: np.ndarray, n_donors: int) -> sparse.csr_matrix:

@@ -16,7 +16,7 @@ import numpy as np
 from scanpy import logging as logg
 from scipy import linalg
 
-from ._design import Donors, Spectral, donor_sums
+from ._design import Donors, Spectral
 from ._read import _is_dask, available_threads, iter_chunks
 
 
@@ -424,13 +424,13 @@ class PreResiduals:
     ok: np.ndarray  #: (genes,) finite, with residual variance left to fit
 
 
-def pre_residualise(stats: SuffStats, donors: Donors, X: np.ndarray, spectral: Spectral) -> PreResiduals:
+def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral) -> PreResiduals:
     """OLS residuals' sufficient statistics from the raw ones; genes with nothing to fit are flagged.
 
     Works in place: ``T`` reuses the memory of ``stats.S``, which must not be used afterwards.
     """
     c = donors.counts
-    ZtX = donor_sums(X, donors)
+    ZtX = spectral.ZtX
     colsum = ZtX.sum(axis=0)
     # a non-finite value anywhere in a gene makes its sum of squares non-finite, so S needs no separate check
     finite = np.isfinite(stats.M2) & np.isfinite(stats.XtY).all(axis=0) & np.isfinite(stats.mean)

@@ -144,7 +144,7 @@ def fit_null(
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
         stats = sufficient_stats(Y, fitted_idx, donors, design.X)
-        pre = pre_residualise(stats, donors, design.X, spectral)
+        pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
 
