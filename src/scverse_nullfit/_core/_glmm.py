@@ -296,3 +296,135 @@ def fit_counts(
         n_iter=iters,
         u=u,
     )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# step 2: the working model at the fit (SAIGE-QTL / GMMAT), Sigma = W^-1 + s2 Z G Z', through donor sums only
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CountProjection:
+    """The compact projection of the count working model, per gene (genes first; no donors x donors per gene).
+
+    For a donor-level genotype ``g`` (cells ``Zg``): ``score = g' resid``, and ``score_var = g'T D_w g -
+    (B'g)' Ainv (B'g)`` where ``g'T D_w g`` is rebuilt from ``Dw`` and ``sigma2_g`` block by block.
+    """
+
+    sigma2_g: np.ndarray  #: (genes,)
+    Dw: np.ndarray  #: (genes, donors) donor sums of the working weights
+    B: np.ndarray  #: (genes, donors, p) T Z'WX
+    Ainv: np.ndarray  #: (genes, p, p) (X' Sigma^-1 X)^-1
+    resid: np.ndarray  #: (genes, donors) T (Z'Wr - Z'WX Ainv X'Sigma^-1 r): the donor sums of P y~
+
+
+def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: int = 1) -> dict[str, np.ndarray]:
+    """Donor-level sums of the working model at the fits (see :func:`_glmm_kernels.working_sums_range`)."""
+    fam = FAMILIES[family]
+    M = _as_csc(Y)
+    M.data = M.data.astype(np.float64, copy=False)
+    genes, p, n = M.shape[1], X.shape[1], fits.u.shape[1]
+    out = {
+        "Dw": np.zeros((genes, n)),
+        "ZWX": np.zeros((genes, n, p)),
+        "XWX": np.zeros((genes, p, p)),
+        "ZWr": np.zeros((genes, n)),
+        "XWr": np.zeros((genes, p)),
+    }
+    theta = fits.theta if fam == K.NEGATIVE_BINOMIAL else np.full(genes, np.inf)
+    indptr, indices = M.indptr.astype(np.int64), M.indices.astype(np.int64)
+    off = check_offset(offset, X.shape[0])
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+
+    def work(lo_hi):
+        K.working_sums_range(
+            fam, lo_hi[0], lo_hi[1], indptr, indices, M.data, codes, off, X, fits.beta, fits.u, theta,
+            out["Dw"], out["ZWX"], out["XWX"], out["ZWr"], out["XWr"],
+        )
+
+    chunk = max(1, -(-genes // max(1, 4 * n_threads)))
+    ranges = [(lo, min(genes, lo + chunk)) for lo in range(0, genes, chunk)]
+    if n_threads > 1 and len(ranges) > 1:
+        with ThreadPoolExecutor(n_threads) as ex:
+            list(ex.map(work, ranges))
+    else:
+        for r in ranges:
+            work(r)
+    bad = ~fits.converged
+    for v in out.values():
+        v[bad] = np.nan
+    return out
+
+
+def _split_blocks(blocks: DonorBlocks):
+    """Singleton donors as arrays (donor index, G_dd), and the larger blocks as a list of (donor indices, L_b)."""
+    sizes = blocks.sizes
+    single = np.flatnonzero(sizes == 1)
+    d1 = blocks.donors[blocks.ptr[single]]
+    g1 = blocks.L[blocks.loff[single]] ** 2
+    multi = []
+    for b in np.flatnonzero(sizes > 1):
+        idx = blocks.donors[blocks.ptr[b] : blocks.ptr[b + 1]]
+        k = len(idx)
+        multi.append((idx, blocks.L[blocks.loff[b] : blocks.loff[b] + k * k].reshape(k, k)))
+    return d1, g1, multi
+
+
+def count_projection(sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: DonorBlocks) -> CountProjection:
+    """The compact projection from the working sums: ``T = I - s2 D_w L K^-1 L'``, ``K = I + s2 L' D_w L``.
+
+    Diagonal GRMs are handled for all genes at once; other blocks per gene and block (dense algebra).
+    """
+    Dw, ZWX, XWX, ZWr, XWr = (sums[k] for k in ("Dw", "ZWX", "XWX", "ZWr", "XWr"))
+    genes, n, p = ZWX.shape
+    s2 = np.where(np.isfinite(sigma2_g), sigma2_g, 0.0)
+    # LKL = L K^-1 L' applied to ZWX and ZWr, and T applied to them
+    LKL_ZWX = np.zeros_like(ZWX)
+    LKL_ZWr = np.zeros_like(ZWr)
+    d1, g1, multi = _split_blocks(blocks)
+    kinv = g1 / (1.0 + s2[:, None] * g1 * Dw[:, d1])
+    LKL_ZWX[:, d1] = kinv[:, :, None] * ZWX[:, d1]
+    LKL_ZWr[:, d1] = kinv * ZWr[:, d1]
+    for idx, Lb in multi:
+        for g in range(genes):
+            if not np.isfinite(Dw[g, idx]).all():
+                continue
+            Kb = np.eye(len(idx)) + s2[g] * (Lb.T * Dw[g, idx]) @ Lb
+            cf = linalg.cho_factor(Kb, lower=True, check_finite=False)
+            rhs = Lb.T @ np.column_stack([ZWX[g, idx], ZWr[g, idx]])
+            sol = Lb @ linalg.cho_solve(cf, rhs, check_finite=False)
+            LKL_ZWX[g, idx] = sol[:, :p]
+            LKL_ZWr[g, idx] = sol[:, p]
+    s2c = s2[:, None, None]
+    A = XWX - s2c * np.einsum("gnp,gnq->gpq", ZWX, LKL_ZWX)
+    xsr = XWr - s2[:, None] * np.einsum("gnp,gn->gp", ZWX, LKL_ZWr)
+    Ainv = np.full_like(A, np.nan)
+    ok = np.isfinite(A).all(axis=(1, 2))
+    Ainv[ok] = np.linalg.pinv(A[ok], hermitian=True)
+    TZWX = ZWX - s2c * Dw[:, :, None] * LKL_ZWX
+    TZWr = ZWr - s2[:, None] * Dw * LKL_ZWr
+    resid = TZWr - np.einsum("gnp,gp->gn", TZWX, np.einsum("gpq,gq->gp", Ainv, xsr))
+    return CountProjection(sigma2_g=s2, Dw=Dw, B=TZWX, Ainv=Ainv, resid=resid)
+
+
+def count_score(proj: CountProjection, genotypes: np.ndarray, blocks: DonorBlocks, gene: int):
+    """Score statistics of donor-level variants (donors x variants) for one gene: (score, score_var)."""
+    g = np.asarray(genotypes, dtype=np.float64)
+    if g.ndim == 1:
+        g = g[:, None]
+    s2 = proj.sigma2_g[gene]
+    Dw = proj.Dw[gene]
+    score = proj.resid[gene] @ g
+    quad = np.einsum("nm,n,nm->m", g, Dw, g)
+    d1, g1, multi = _split_blocks(blocks) if s2 > 0 else (np.zeros(0, dtype=np.int64), np.zeros(0), [])
+    t1 = s2 * g1 * Dw[d1] ** 2 / (1.0 + s2 * g1 * Dw[d1])
+    quad -= np.einsum("nm,n,nm->m", g[d1], t1, g[d1])
+    for idx, Lb in multi:
+        Kb = np.eye(len(idx)) + s2 * (Lb.T * Dw[idx]) @ Lb
+        C = linalg.cholesky(Kb, lower=True, check_finite=False)
+        t = linalg.solve_triangular(C, Lb.T @ (Dw[idx, None] * g[idx]), lower=True, check_finite=False)
+        quad -= s2 * np.einsum("km,km->m", t, t)
+    Bg = proj.B[gene].T @ g
+    var = quad - np.einsum("pm,pq,qm->m", Bg, proj.Ainv[gene], Bg)
+    return score, var

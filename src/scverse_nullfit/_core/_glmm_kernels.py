@@ -608,3 +608,45 @@ def fit_genes_range(
                 se_out[gidx, idx[a_]] = math.sqrt(cov[a_, a_])
         sigma = math.sqrt(s2_out[gidx])
         _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u_out[gidx])
+
+
+@numba.njit(cache=True, nogil=True)
+def working_sums_range(
+    fam, lo, hi, indptr, indices, data, codes, off, X, beta, u, theta, Dw, ZWX, XWX, ZWr, XWr
+):  # pragma: no cover - compiled
+    """Donor sums of the working model at the fit, genes lo..hi-1: expected weights ``W`` (mu for Poisson,
+    mu theta/(mu + theta) for NB2) and the working residual ``r = u_d + (y - mu)/mu`` (``y~ - Xb``):
+    ``Dw = Z'W1``, ``ZWX = Z'WX``, ``XWX = X'WX``, ``ZWr = Z'Wr``, ``XWr = X'Wr``. One pass over the cells per gene.
+    """
+    N, p = X.shape
+    for g in range(lo, hi):
+        if not (beta[g, 0] == beta[g, 0]):
+            continue
+        yi = indices[indptr[g]:indptr[g + 1]]
+        yv = data[indptr[g]:indptr[g + 1]]
+        th = theta[g]
+        k = 0
+        nnz = yi.shape[0]
+        for c in range(N):
+            y = 0.0
+            if k < nnz and yi[k] == c:
+                y = yv[k]
+                k += 1
+            d = codes[c]
+            eta = off[c] + u[g, d]
+            for j in range(p):
+                eta += X[c, j] * beta[g, j]
+            mu = math.exp(eta)
+            w = mu if fam == POISSON else mu * th / (mu + th)
+            wr = w * (u[g, d] + (y - mu) / mu)
+            Dw[g, d] += w
+            ZWr[g, d] += wr
+            for j in range(p):
+                xw = X[c, j] * w
+                ZWX[g, d, j] += xw
+                XWr[g, j] += X[c, j] * wr
+                for m in range(j, p):
+                    XWX[g, j, m] += xw * X[c, m]
+        for j in range(p):
+            for m in range(j):
+                XWX[g, j, m] = XWX[g, m, j]
