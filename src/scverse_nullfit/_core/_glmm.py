@@ -178,9 +178,69 @@ def _as_csc(Y) -> sparse.csc_matrix:
         M = sparse.csc_matrix(Y)
     else:
         M = sparse.csc_matrix(np.asarray(Y))
-    M.sort_indices()
     M.sum_duplicates()
+    M.sort_indices()
     return M
+
+
+def _poisson_groups(Y, codes, X, offset):
+    """Collapse the cells sharing a donor and a design row, for the Poisson family (see ``docs/model.md``).
+
+    ``mu_c = exp(o_c) exp(x_c'b + u_d)``, so the cells of a (donor, design row) group enter the log-likelihood
+    only through their summed counts and ``S_g = sum exp(o_c)``: the group is one "cell" with offset ``log S_g``.
+    The estimates, the mode and every donor sum are unchanged; the log-likelihood moves by a per-gene constant,
+    returned to be added back. Returns None when the design leaves too few repeated rows to gain from it.
+    """
+    keys = np.column_stack([codes.astype(np.float64), X])
+    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    group = group.ravel()
+    n_groups = len(first)
+    N = len(codes)
+    if n_groups > N // 2:
+        return None
+    A = sparse.csr_matrix((np.ones(N), (group, np.arange(N))), shape=(n_groups, N))
+    M = _as_csc(Y)
+    Yg = sparse.csc_matrix(A @ M)
+    Yg.sum_duplicates()
+    shift = offset.max() if N else 0.0
+    logS = np.log(A @ np.exp(offset - shift)) + shift
+    data = M.data.astype(np.float64)
+    col = np.repeat(np.arange(M.shape[1]), np.diff(M.indptr))
+    yo = np.bincount(col, weights=data * offset[M.indices], minlength=M.shape[1])
+    lf = np.bincount(col, weights=_lgamma(data + 1.0), minlength=M.shape[1])
+    gdata = Yg.data.astype(np.float64)
+    gcol = np.repeat(np.arange(Yg.shape[1]), np.diff(Yg.indptr))
+    ygo = np.bincount(gcol, weights=gdata * logS[Yg.indices], minlength=M.shape[1])
+    lfg = np.bincount(gcol, weights=_lgamma(gdata + 1.0), minlength=M.shape[1])
+    const = yo - ygo - lf + lfg
+    return Yg, codes[first], X[first], logS, const
+
+
+def _lgamma(x):
+    from scipy.special import gammaln
+
+    return gammaln(x)
+
+
+def _by_donor(Y, codes, X, offset):
+    """Counts (CSC, float64), codes, design and offset with the cells sorted by donor (the kernels' layout)."""
+    M = _as_csc(Y)
+    order = np.argsort(codes, kind="stable")
+    if (np.diff(codes) < 0).any():
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        M = sparse.csc_matrix((M.data, inv[M.indices], M.indptr), shape=M.shape)
+        M.sort_indices()
+        codes, X, offset = codes[order], X[order], offset[order]
+    data = M.data.astype(np.float64, copy=False)
+    return (
+        M.indptr.astype(np.int64),
+        M.indices.astype(np.int64),
+        data,
+        np.ascontiguousarray(codes, dtype=np.int64),
+        np.ascontiguousarray(X, dtype=np.float64),
+        np.ascontiguousarray(offset, dtype=np.float64),
+    )
 
 
 def fit_counts(
@@ -195,6 +255,7 @@ def fit_counts(
     n_threads: int = 1,
     gene_names=None,
     cell_names=None,
+    collapse: bool = True,
 ) -> CountFits:
     """Fit the count GLMM of every column of ``Y`` (cells x genes: counts, dense or scipy sparse).
 
@@ -219,6 +280,9 @@ def fit_counts(
         Threads over genes.
     gene_names, cell_names
         Used in error messages.
+    collapse
+        For the Poisson family, fit cells that share a donor and a design row as one group (exact; see
+        :func:`_poisson_groups`).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {list(FAMILIES)} for count models, not {family!r}.")
@@ -241,9 +305,14 @@ def fit_counts(
     n = blocks.n_donors
     if N and (codes.min() < 0 or codes.max() >= n):
         raise ValueError(f"donor codes must lie in 0..{n - 1}.")
-    M = _as_csc(Y)
-    M.data = M.data.astype(np.float64, copy=False)
-    genes = M.shape[1]
+    Y = _as_csc(Y)
+    n_nonzero = np.diff(Y.indptr)
+    const = 0.0
+    grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON and collapse else None
+    if grouped is not None:
+        Y, codes, X, off, const = grouped
+    indptr, indices, data, codes_s, X_s, off_s = _by_donor(Y, codes, X, off)
+    genes = len(indptr) - 1
     p = X.shape[1]
     beta = np.full((genes, p), np.nan)
     s2 = np.full(genes, np.nan)
@@ -254,15 +323,13 @@ def fit_counts(
     iters = np.zeros(genes, dtype=np.int64)
     se = np.full((genes, p + 2), np.nan)
     u = np.full((genes, n), np.nan)
-    indptr = M.indptr.astype(np.int64)
-    indices = M.indices.astype(np.int64)
     # genes with fewer than two non-zero cells have no estimable model: they stay NaN
-    nnz = np.diff(indptr)
+    nnz = n_nonzero
 
     def work(lo_hi):
         lo, hi = lo_hi
         K.fit_genes_range(
-            fam, lo, hi, indptr, indices, M.data, codes, off, X, blocks.ptr, blocks.donors, blocks.L, blocks.loff,
+            fam, lo, hi, indptr, indices, data, codes_s, off_s, X_s, blocks.ptr, blocks.donors, blocks.L, blocks.loff,
             beta, s2, theta, ll, ll0, status, iters, se, u,
         )
 
@@ -282,6 +349,8 @@ def fit_counts(
         arr[bad] = np.nan
     if fam == K.POISSON:
         theta[:] = np.nan
+    ll += const
+    ll0 += const
     s2_se = s2 * se[:, p]
     return CountFits(
         beta=beta,
@@ -321,9 +390,13 @@ class CountProjection:
 def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: int = 1) -> dict[str, np.ndarray]:
     """Donor-level sums of the working model at the fits (see :func:`_glmm_kernels.working_sums_range`)."""
     fam = FAMILIES[family]
-    M = _as_csc(Y)
-    M.data = M.data.astype(np.float64, copy=False)
-    genes, p, n = M.shape[1], X.shape[1], fits.u.shape[1]
+    off = check_offset(offset, X.shape[0])
+    codes, X = np.asarray(codes), np.asarray(X, dtype=np.float64)
+    grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON else None
+    if grouped is not None:
+        Y, codes, X, off, _ = grouped
+    indptr, indices, data, codes, X, off = _by_donor(Y, codes, X, off)
+    genes, p, n = len(indptr) - 1, X.shape[1], fits.u.shape[1]
     out = {
         "Dw": np.zeros((genes, n)),
         "ZWX": np.zeros((genes, n, p)),
@@ -332,14 +405,10 @@ def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: i
         "XWr": np.zeros((genes, p)),
     }
     theta = fits.theta if fam == K.NEGATIVE_BINOMIAL else np.full(genes, np.inf)
-    indptr, indices = M.indptr.astype(np.int64), M.indices.astype(np.int64)
-    off = check_offset(offset, X.shape[0])
-    X = np.ascontiguousarray(X, dtype=np.float64)
-    codes = np.ascontiguousarray(codes, dtype=np.int64)
 
     def work(lo_hi):
         K.working_sums_range(
-            fam, lo_hi[0], lo_hi[1], indptr, indices, M.data, codes, off, X, fits.beta, fits.u, theta,
+            fam, lo_hi[0], lo_hi[1], indptr, indices, data, codes, off, X, fits.beta, fits.u, theta,
             out["Dw"], out["ZWX"], out["XWX"], out["ZWr"], out["XWr"],
         )
 

@@ -2,9 +2,12 @@
 
 Notation: for one gene, ``eta_c = o_c + x_c'b + sigma (L v)_d(c)`` with ``v ~ N(0, I)`` and ``G = L L'`` (block by
 block), ``h_c`` the log-density of cell c, ``h1 = dh/deta``, ``w = -d2h/deta2`` (the observed weight), ``w1 = dw/deta``,
-and for the negative binomial ``hk, h1k, wk`` the derivatives of ``h, h1, w`` in ``kappa = log theta``. Every
-per-cell quantity enters through a sum over the cells (a donor sum or a covariate cross-product), computed by one
-pass over all cells that reads the gene's non-zeros with a merge walk (zeros are never stored).
+and for the negative binomial ``hk, h1k, wk, hkk`` the derivatives of ``h, h1, w, hk`` in ``kappa = log theta``.
+Every per-cell quantity enters through a sum over cells (a donor sum or a covariate cross-product). A pass over
+the cells treats every cell as a zero (a branch-free loop) and then corrects the gene's non-zero cells, so zeros
+are never stored; ``exp(o_c + x_c'b)`` is computed once per evaluation and the inner passes over the donor effects
+only multiply it by ``exp(u_d)``. For the Poisson family the inner problem needs no pass at all: its donor sums
+are ``exp(u_d)`` times donor sums fixed by ``b``.
 """
 
 from __future__ import annotations
@@ -25,27 +28,14 @@ KAPPA_MAX = math.log(1e6)
 MAX_ITER = 200
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
-DECREMENT_TOL = 1e-11
-#: Relative finite-difference step of the Hessian (columns are differences of the analytic gradient).
+DECREMENT_TOL = 1e-10
+#: Relative finite-difference step in log(sigma2_g) for the Hessian column of log(sigma2_g).
 FD_STEP = 1e-5
 
 # status codes
 OK = 0
 BOUNDARY = 1
 FAILED = 2
-
-
-@numba.njit(cache=True, nogil=True)
-def _digamma_diff(y, theta):  # pragma: no cover - compiled
-    """psi(y + theta) - psi(theta) for a count y >= 0."""
-    if y < 30.0:
-        s = 0.0
-        k = 0.0
-        while k < y:
-            s += 1.0 / (theta + k)
-            k += 1.0
-        return s
-    return _digamma(y + theta) - _digamma(theta)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -60,39 +50,90 @@ def _digamma(x):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _nb_terms(y, eta, theta, out):  # pragma: no cover - compiled
-    """out = (h without the lgamma constants, h1, w, w1, hk, h1k, wk) for the NB2 log link; returns mu."""
-    mu = math.exp(eta)
-    tm = theta + mu
-    h = -theta * math.log1p(mu / theta)
-    if y > 0.0:
-        h -= y * math.log1p(theta / mu)
-    out[0] = h
-    out[1] = theta * (y - mu) / tm
-    w = (y + theta) * theta * mu / (tm * tm)
-    out[2] = w
-    out[3] = w * (theta - mu) / tm
-    dth = _digamma_diff(y, theta) - math.log1p(mu / theta) + (mu - y) / tm
-    out[4] = theta * dth
-    out[5] = theta * (y - mu) * mu / (tm * tm)
-    out[6] = theta * mu * (y * mu - y * theta + 2.0 * theta * mu) / (tm * tm * tm)
-    return mu
+def _trigamma(x):  # pragma: no cover - compiled
+    s = 0.0
+    while x < 8.0:
+        s += 1.0 / (x * x)
+        x += 1.0
+    f = 1.0 / (x * x)
+    return s + 1.0 / x + 0.5 * f + f / x * (1.0 / 6 + f * (-1.0 / 30 + f * (1.0 / 42 + f * (-1.0 / 30))))
 
 
 @numba.njit(cache=True, nogil=True)
-def _base(off, X, beta, out):  # pragma: no cover - compiled
-    """out_c = o_c + x_c'b."""
-    p = X.shape[1]
-    for c in range(X.shape[0]):
+def _gamma_diffs(y, theta):  # pragma: no cover - compiled
+    """(psi(y + theta) - psi(theta), psi'(y + theta) - psi'(theta)) for a count y >= 0."""
+    if y < 30.0:
+        s = 0.0
+        s2 = 0.0
+        k = 0.0
+        while k < y:
+            r = 1.0 / (theta + k)
+            s += r
+            s2 -= r * r
+            k += 1.0
+        return s, s2
+    return _digamma(y + theta) - _digamma(theta), _trigamma(y + theta) - _trigamma(theta)
+
+
+@numba.njit(cache=True, nogil=True)
+def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F):  # pragma: no cover - compiled
+    """base_c = o_c + x_c'b and B_c = exp(base_c); donor sums of y; for the Poisson family the donor sums of B,
+    B x and B x x' (upper triangle). Returns sum_c y_c base_c. Cells are sorted by donor (``dptr``)."""
+    N, p = X.shape
+    Yd[:] = 0.0
+    for c in range(N):
         s = off[c]
         for j in range(p):
             s += X[c, j] * beta[j]
-        out[c] = s
+        base[c] = s
+        B[c] = math.exp(s)
+    yb = 0.0
+    for k in range(yi.shape[0]):
+        c = yi[k]
+        Yd[codes[c]] += yv[k]
+        yb += yv[k] * base[c]
+    if fam == POISSON:
+        E[:, :] = 0.0
+        F[:, :, :] = 0.0
+        for d in range(dptr.shape[0] - 1):
+            sd = 0.0
+            for c in range(dptr[d], dptr[d + 1]):
+                b = B[c]
+                sd += b
+                for j in range(p):
+                    bx = b * X[c, j]
+                    E[d, j] += bx
+                    for m in range(j, p):
+                        F[d, j, m] += bx * X[c, m]
+            Sd[d] = sd
+    return yb
 
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cover - compiled
+    """Donor sums of h1 and w at eta = base + u[donor] (cells sorted by donor; a branch-free loop per donor)."""
+    for d in range(dptr.shape[0] - 1):
+        e = eu[d]
+        s1 = 0.0
+        s2 = 0.0
+        for c in range(dptr[d], dptr[d + 1]):
+            mu = e * B[c]
+            r = mu / (theta + mu)
+            s1 += r
+            s2 += r * r
+        sh[d] = -theta * s1
+        sw[d] = theta * (s1 - s2)
+    for k in range(yi.shape[0]):  # the non-zeros' corrections
+        c = yi[k]
+        d = codes[c]
+        y = yv[k]
+        mu = eu[d] * B[c]
+        q = theta / (theta + mu)
+        sh[d] += y * q
+        sw[d] += y * (1.0 - q) * q
 
 @numba.njit(cache=True, nogil=True)
-def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u):  # pragma: no cover - compiled
-    """u = sigma L v, block by block (v and u in donor order)."""
+def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - compiled
+    """u = sigma L v block by block (v and u in donor order), and eu = exp(u)."""
     for b in range(bptr.shape[0] - 1):
         s, e = bptr[b], bptr[b + 1]
         k = e - s
@@ -101,29 +142,9 @@ def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u):  # pragma: no cover - compi
             acc = 0.0
             for j in range(k):
                 acc += Lflat[o + i * k + j] * v[bdon[s + j]]
-            u[bdon[s + i]] = sigma * acc
-
-
-@numba.njit(cache=True, nogil=True)
-def _nb_pass(yi, yv, codes, base, u, theta, sh, sw):  # pragma: no cover - compiled
-    """Donor sums of h1 and w, and sum of h (without constants), at eta = base + u[donor]."""
-    sh[:] = 0.0
-    sw[:] = 0.0
-    terms = np.empty(7)
-    ll = 0.0
-    k = 0
-    nnz = yi.shape[0]
-    for c in range(base.shape[0]):
-        y = 0.0
-        if k < nnz and yi[k] == c:
-            y = yv[k]
-            k += 1
-        d = codes[c]
-        _nb_terms(y, base[c] + u[d], theta, terms)
-        ll += terms[0]
-        sh[d] += terms[1]
-        sw[d] += terms[2]
-    return ll
+            d = bdon[s + i]
+            u[d] = sigma * acc
+            eu[d] = math.exp(u[d])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -163,120 +184,111 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
 
 
 @numba.njit(cache=True, nogil=True)
-def _poisson_donor_ll(Yd, Sd, u):  # pragma: no cover - compiled
+def _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw):  # pragma: no cover - compiled
+    """The donor sums of h1 and w at the donor effects exp(u) = eu."""
+    if fam == POISSON:
+        for d in range(Yd.shape[0]):
+            m = eu[d] * Sd[d]
+            sh[d] = Yd[d] - m
+            sw[d] = m
+    else:
+        _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw)
+
+@numba.njit(cache=True, nogil=True)
+def _directional(sigma, bptr, bdon, Lflat, loff, v, sh, dv):  # pragma: no cover - compiled
+    """(sigma L'sh - v)'dv: the derivative of f(v) along dv."""
     s = 0.0
-    for d in range(Yd.shape[0]):
-        s += Yd[d] * u[d] - math.exp(u[d]) * Sd[d]
+    for b in range(bptr.shape[0] - 1):
+        st, e = bptr[b], bptr[b + 1]
+        k = e - st
+        o = loff[b]
+        for i in range(k):
+            acc = 0.0
+            for j in range(k):
+                acc += Lflat[o + j * k + i] * sh[bdon[st + j]]
+            d = bdon[st + i]
+            s += (sigma * acc - v[d]) * dv[d]
     return s
 
 
 @numba.njit(cache=True, nogil=True)
-def _inner_mode(fam, yi, yv, codes, base, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work):  # pragma: no cover
-    """Maximise f(v) = sum_c h_c - v'v/2 over v in place (Newton with step halving); returns (f, converged).
+def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work):  # pragma: no cover
+    """Maximise the concave f(v) = sum_c h_c - v'v/2 over v in place; returns converged.
 
-    For the Poisson family the donor sums collapse: mu_c = exp(base_c) exp(u_d), so given ``Sd`` (the donor sums
-    of exp(base)) and ``Yd`` (the donor sums of y) no pass over the cells is needed.
+    Newton steps, halved while the derivative along the step turns clearly negative at its end (an overshoot
+    past the maximum on the line); f itself is never needed, so a pass over the cells computes donor sums only.
     """
     n = v.shape[0]
     sigma = math.sqrt(s2)
-    u, sh, sw, dv, vn = work[0], work[1], work[2], work[3], work[4]
-    _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u)
-    if fam == POISSON:
-        f = _poisson_donor_ll(Yd, Sd, u)
-    else:
-        f = _nb_pass(yi, yv, codes, base, u, theta, sh, sw)
-    f -= 0.5 * np.dot(v, v)
+    u, eu, sh, sw, dv, vn = work[0], work[1], work[2], work[3], work[4], work[5]
+    _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
+    _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw)
     for _ in range(INNER_MAX_ITER):
-        if fam == POISSON:
-            for d in range(n):
-                m = math.exp(u[d]) * Sd[d]
-                sh[d] = Yd[d] - m
-                sw[d] = m
         dec = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
         if not (dec == dec):
-            return f, False
+            return False
+        if dec < 1e-22:
+            return True
         t = 1.0
         accepted = False
-        for _h in range(40):
+        for _h in range(60):
             for d in range(n):
                 vn[d] = v[d] + t * dv[d]
-            _u_from_v(sigma, bptr, bdon, Lflat, loff, vn, u)
-            if fam == POISSON:
-                fn = _poisson_donor_ll(Yd, Sd, u)
-            else:
-                fn = _nb_pass(yi, yv, codes, base, u, theta, sh, sw)
-            fn -= 0.5 * np.dot(vn, vn)
-            if fn == fn and fn >= f - 1e-12 * abs(f):
+            _u_from_v(sigma, bptr, bdon, Lflat, loff, vn, u, eu)
+            _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw)
+            slope = _directional(sigma, bptr, bdon, Lflat, loff, vn, sh, dv)
+            if slope == slope and slope >= -0.5 * dec:
                 accepted = True
                 break
             t *= 0.5
         if not accepted:
-            # no ascent left at float precision: converged if the Newton decrement is negligible
-            _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u)
-            if fam != POISSON:
-                _nb_pass(yi, yv, codes, base, u, theta, sh, sw)
-            return f, dec < 1e-8
+            return dec < 1e-10
         v[:] = vn
-        f = fn
-        if dec < 1e-20 or (t == 1.0 and dec < 1e-14):
-            if fam != POISSON and t != 1.0:
-                pass
-            return f, True
-    return f, False
-
+        if t == 1.0 and dec < 1e-12:  # quadratic convergence: the mode is now exact to ~dec^2
+            return True
+    return False
 
 @numba.njit(cache=True, nogil=True)
-def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad):  # pragma: no cover
-    """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta) and its analytic gradient in phi,
-    written to ``grad``; ``v`` (the mode) is the warm start and is updated. ``boundary``: s2 = 0 (rho unused).
-
-    Returns (loglik, ok). ``lfact`` is sum_c lgamma(y_c + 1).
-    """
+def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
+    """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
+    and the Hessian of the penalised log-likelihood at the mode in (b, kappa) (``hess``; its rho row and column
+    are left 0). ``v`` (the mode) is the warm start and is updated; ``boundary``: s2 = 0 (rho unused); ``lfact``:
+    sum_c lgamma(y_c + 1); ``st``: per-gene state (see :func:`_state`), which caches the per-cell
+    quantities of the last b. Returns (loglik, ok).
+    """  # pragma: no cover - compiled
     N, p = X.shape
+    n = v.shape[0]
     beta = phi[:p]
-    rho = phi[p]
-    kappa = phi[p + 1]
+    theta = math.exp(phi[p + 1])
+    s2 = 0.0 if boundary else math.exp(phi[p])
+    sigma = math.sqrt(s2)
     lconst = -lfact
     if fam == NEGATIVE_BINOMIAL:
-        lt = math.lgamma(math.exp(kappa))
+        lt = math.lgamma(theta)
         for k in range(yv.shape[0]):
-            lconst += math.lgamma(yv[k] + math.exp(kappa)) - lt
-    n = v.shape[0]
-    theta = math.exp(kappa)
-    s2 = 0.0 if boundary else math.exp(rho)
-    sigma = math.sqrt(s2)
-    base = np.empty(N)
-    _base(off, X, beta, base)
-    work = np.zeros((5, n))
-    Yd = np.zeros(n)
-    Sd = np.zeros(n)
-    E = np.zeros((n, p))  # Poisson: donor sums of exp(base) x_c
-    xty = np.zeros(p)
-    yb = 0.0
-    for k in range(yi.shape[0]):
-        c = yi[k]
-        Yd[codes[c]] += yv[k]
-        yb += yv[k] * base[c]
+            lconst += math.lgamma(yv[k] + theta) - lt
+    buf, Yd, Sd, E, F, work, key = st
+    base, B = buf[0], buf[1]
+    same = key[0] == 1.0
+    for j in range(p):
+        if key[2 + j] != beta[j]:
+            same = False
+    if not same:
+        key[1] = _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F)
+        key[0] = 1.0
         for j in range(p):
-            xty[j] += yv[k] * X[c, j]
-    if fam == POISSON:
-        for c in range(N):
-            d = codes[c]
-            e = math.exp(base[c])
-            Sd[d] += e
-            for j in range(p):
-                E[d, j] += e * X[c, j]
+            key[2 + j] = beta[j]
+    yb = key[1]
     if boundary:
         v[:] = 0.0
-        ok = True
     else:
-        f, ok = _inner_mode(fam, yi, yv, codes, base, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work)
-    if not ok:
-        return np.nan, False
-    u = work[0]
-    _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u)
+        ok = _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work)
+        if not ok:
+            return np.nan, False
+    u, eu = work[0], work[1]
+    _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
 
-    # the final pass at the mode: donor sums and cross-products for the gradient
+    # the final pass at the mode: donor sums and cross-products for the gradient and the Hessian
     sh = np.zeros(n)
     sw = np.zeros(n)
     a = np.zeros(n)
@@ -285,58 +297,138 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
     zwx = np.zeros((n, p))
     zw1x = np.zeros((n, p))
     xh = np.zeros(p)
+    xh1k = np.zeros(p)
+    xwx = np.zeros((p, p))
     hk_sum = 0.0
+    hkk_sum = 0.0
     ll = 0.0
     if fam == POISSON:
         for d in range(n):
-            eu = math.exp(u[d])
-            m = eu * Sd[d]
+            m = eu[d] * Sd[d]
             sh[d] = Yd[d] - m
             sw[d] = m
             a[d] = m
+            ll += Yd[d] * u[d] - m
             for j in range(p):
-                zwx[d, j] = eu * E[d, j]
+                zwx[d, j] = eu[d] * E[d, j]
                 zw1x[d, j] = zwx[d, j]
                 xh[j] -= zwx[d, j]
-        for j in range(p):
-            xh[j] += xty[j]
-        ll = yb + _poisson_donor_ll(Yd, Sd, u)
+                for m2 in range(j, p):
+                    xwx[j, m2] += eu[d] * F[d, j, m2]
+        for k in range(yi.shape[0]):
+            c = yi[k]
+            for j in range(p):
+                xh[j] += yv[k] * X[c, j]
+        ll += yb
     else:
-        terms = np.empty(7)
-        k = 0
-        nnz = yi.shape[0]
-        for c in range(N):
-            y = 0.0
-            if k < nnz and yi[k] == c:
-                y = yv[k]
-                k += 1
+        lth = math.log(theta)
+        for d in range(n):  # every cell as a zero, donor by donor (unscaled by theta, scaled below)
+            e = eu[d]
+            s_r = 0.0
+            s_r2 = 0.0
+            s_r2q = 0.0
+            s_w1 = 0.0
+            s_lt = 0.0
+            prod = 1.0
+            cnt = 0
+            for c in range(dptr[d], dptr[d + 1]):
+                mu = e * B[c]
+                t = theta + mu
+                r = mu / t
+                q = 1.0 - r
+                prod *= t
+                cnt += 1
+                if cnt == 8:
+                    s_lt += math.log(prod)
+                    prod = 1.0
+                    cnt = 0
+                rq = r * q
+                w1 = rq * (q - r)
+                s_r += r
+                s_r2 += r * r
+                s_r2q += r * rq
+                s_w1 += w1
+                for j in range(p):
+                    x = X[c, j]
+                    xh[j] += x * r
+                    xh1k[j] += x * r * r
+                    zwx[d, j] += x * rq
+                    zw1x[d, j] += x * w1
+                    xr = x * rq
+                    for m2 in range(j, p):
+                        xwx[j, m2] += xr * X[c, m2]
+            s_lt += math.log(prod)
+            nd = dptr[d + 1] - dptr[d]
+            lfix = theta * (nd * lth - s_lt)
+            ll += lfix
+            hk_sum += lfix + theta * s_r
+            hkk_sum += lfix + theta * s_r + theta * s_r2
+            sh[d] = -theta * s_r
+            sw[d] = theta * (s_r - s_r2)
+            a[d] = theta * s_w1
+            sh1k[d] = -theta * s_r2
+            swk[d] = 2.0 * theta * s_r2q
+            for j in range(p):
+                zwx[d, j] *= theta
+                zw1x[d, j] *= theta
+        for j in range(p):
+            xh[j] *= -theta
+            xh1k[j] *= -theta
+            for m2 in range(j, p):
+                xwx[j, m2] *= theta
+        for k in range(yi.shape[0]):  # corrections of the non-zero cells: term(y) - term(0) in closed form
+            c = yi[k]
             d = codes[c]
-            _nb_terms(y, base[c] + u[d], theta, terms)
-            ll += terms[0]
-            sh[d] += terms[1]
-            sw[d] += terms[2]
-            a[d] += terms[3]
-            hk_sum += terms[4]
-            sh1k[d] += terms[5]
-            swk[d] += terms[6]
+            y = yv[k]
+            mu = eu[d] * B[c]
+            t = theta + mu
+            r = mu / t
+            q = 1.0 - r
+            dg, tg = _gamma_diffs(y, theta)
+            ll += y * (base[c] + u[d] - math.log(t))
+            dh1 = y * q
+            dw = y * r * q
+            dhk = theta * dg - y * q
+            sh[d] += dh1
+            sw[d] += dw
+            a[d] += dw * (q - r)
+            hk_sum += dhk
+            sh1k[d] += dw
+            swk[d] += dw * (r - q)
+            hkk_sum += dhk + theta * theta * tg + y * q * q
             for j in range(p):
                 x = X[c, j]
-                xh[j] += x * terms[1]
-                zwx[d, j] += x * terms[2]
-                zw1x[d, j] += x * terms[3]
+                xh[j] += x * dh1
+                xh1k[j] += x * dw
+                zwx[d, j] += x * dw
+                zw1x[d, j] += x * dw * (q - r)
+                for m2 in range(j, p):
+                    xwx[j, m2] += x * dw * X[c, m2]
+    for j in range(p):
+        for m2 in range(j):
+            xwx[j, m2] = xwx[m2, j]
     vv = np.dot(v, v)
     grad[:] = 0.0
+    hess[:, :] = 0.0
+    for j in range(p):
+        for m2 in range(p):
+            hess[j, m2] = -xwx[j, m2]
+        hess[j, p + 1] = xh1k[j]
+        hess[p + 1, j] = xh1k[j]
+    hess[p + 1, p + 1] = hkk_sum
     if boundary:
         for j in range(p):
             grad[j] = xh[j]
         grad[p + 1] = hk_sum
         return ll + lconst, True
 
-    # block algebra: m = diag(M), M = L H^-1 L', LHv = L H^-1 v, log|H|; then Maq = M (a * q)
+    # block algebra: m = diag(M), M = L H^-1 L', LHv = L H^-1 v, log|H|, Maq = M (a * q), and the quadratic forms
+    # of M in (zwx, sh1k) for the Hessian
     logdet = 0.0
     mdiag = np.zeros(n)
     LHv = np.zeros(n)
     Maq = np.zeros(n)
+    Q = np.zeros((p + 1, p + 1))  # [zwx, sh1k]' M [zwx, sh1k]
     for b in range(bptr.shape[0] - 1):
         s, e = bptr[b], bptr[b + 1]
         kk = e - s
@@ -346,9 +438,15 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
             l = Lflat[o]
             h = 1.0 + s2 * l * l * sw[d]
             logdet += math.log(h)
-            mdiag[d] = l * l / h
+            md = l * l / h
+            mdiag[d] = md
             LHv[d] = l * v[d] / h
-            Maq[d] = mdiag[d] * a[d] * s2 * mdiag[d]
+            Maq[d] = md * a[d] * s2 * md
+            for j in range(p + 1):
+                zj = zwx[d, j] if j < p else sh1k[d]
+                for m2 in range(j, p + 1):
+                    zm = zwx[d, m2] if m2 < p else sh1k[d]
+                    Q[j, m2] += md * zj * zm
             continue
         Lb = np.empty((kk, kk))
         for i in range(kk):
@@ -367,8 +465,13 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
         Hinv = np.linalg.inv(H)
         Mb = Lb @ Hinv @ Lb.T
         vb = np.empty(kk)
+        Zb = np.empty((kk, p + 1))
         for i in range(kk):
-            vb[i] = v[bdon[s + i]]
+            d = bdon[s + i]
+            vb[i] = v[d]
+            for j in range(p):
+                Zb[i, j] = zwx[d, j]
+            Zb[i, p] = sh1k[d]
         lhv = Lb @ (Hinv @ vb)
         aq = np.empty(kk)
         for i in range(kk):
@@ -377,8 +480,12 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
             LHv[d] = lhv[i]
             aq[i] = a[d] * s2 * Mb[i, i]
         maq = Mb @ aq
+        Qb = Zb.T @ (Mb @ Zb)
         for i in range(kk):
             Maq[bdon[s + i]] = maq[i]
+        for j in range(p + 1):
+            for m2 in range(j, p + 1):
+                Q[j, m2] += Qb[j, m2]
     lap = ll + lconst - 0.5 * vv - 0.5 * logdet
     for j in range(p):
         acc = 0.0
@@ -393,39 +500,56 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
     for d in range(n):
         acc += s2 * mdiag[d] * swk[d] + s2 * Maq[d] * sh1k[d]
     grad[p + 1] = hk_sum - 0.5 * acc
+    # penalised-likelihood Hessian: -X'WX + s2 ZWX'M ZWX, X'h1k - s2 ZWX'M sh1k, sum hkk + s2 sh1k'M sh1k
+    for j in range(p):
+        for m2 in range(j, p):
+            hess[j, m2] += s2 * Q[j, m2]
+            hess[m2, j] = hess[j, m2]
+        hess[j, p + 1] -= s2 * Q[j, p]
+        hess[p + 1, j] = hess[j, p + 1]
+    hess[p + 1, p + 1] += s2 * Q[p, p]
     return lap, True
 
 
 @numba.njit(cache=True, nogil=True)
-def _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout):  # pragma: no cover
-    """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), the Hessian by finite
-    differences of the analytic gradient, with step halving. Returns (loglik, status, iterations); ``Hout`` gets
-    the Hessian over all of phi (zero rows for fixed entries) at the last iterate.
+def _optimise(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st):  # pragma: no cover
+    """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
+
+    The Hessian: the penalised-likelihood Hessian in (b, kappa), and the log(sigma2_g) row and column by a
+    finite difference of the analytic gradient (the log-determinant matters most there). Returns (loglik,
+    status, iterations); ``Hout`` gets that Hessian over all of phi (zero rows for fixed entries).
     """
     p = X.shape[1]
     k = p + 2
     g = np.empty(k)
     gt = np.empty(k)
-    L, ok = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g)
+    Ha = np.empty((k, k))
+    Ht = np.empty((k, k))
+    L, ok = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st)
     if not ok:
         return np.nan, FAILED, 0
     vt = v.copy()
+    drho = np.inf
     for it in range(MAX_ITER):
+        if free[p] and (it < 2 or abs(drho) > 1e-3):
+            step = FD_STEP * max(1.0, abs(phi[p]))
+            ph = phi.copy()
+            ph[p] += step
+            vt[:] = v
+            _, ok2 = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            if not ok2:
+                return L, FAILED, it
+            for j in range(k):
+                Ha[j, p] = (gt[j] - g[j]) / step
+                Ha[p, j] = Ha[j, p]
         idx = np.flatnonzero(free)
         m = idx.shape[0]
         Hm = np.empty((m, m))
+        gi = np.empty(m)
         for a_ in range(m):
-            j = idx[a_]
-            step = FD_STEP * max(1.0, abs(phi[j]))
-            ph = phi.copy()
-            ph[j] += step
-            vt[:] = v
-            _, ok2 = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt)
-            if not ok2:
-                return L, FAILED, it
+            gi[a_] = g[idx[a_]]
             for b_ in range(m):
-                Hm[b_, a_] = (gt[idx[b_]] - g[idx[b_]]) / step
-        Hm = 0.5 * (Hm + Hm.T)
+                Hm[a_, b_] = Ha[idx[a_], idx[b_]]
         Hout[:, :] = 0.0
         for a_ in range(m):
             for b_ in range(m):
@@ -433,9 +557,6 @@ def _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, bo
         lam, U = np.linalg.eigh(-Hm)
         lmax = np.max(np.abs(lam))
         floor = max(1e-8 * lmax, 1e-12)
-        gi = np.empty(m)
-        for a_ in range(m):
-            gi[a_] = g[idx[a_]]
         c = U.T @ gi
         for a_ in range(m):
             c[a_] /= max(abs(lam[a_]), floor)
@@ -459,7 +580,7 @@ def _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, bo
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
             vt[:] = v
-            Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt)
+            Ln, okn = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
                 accepted = True
                 break
@@ -468,9 +589,16 @@ def _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, bo
             if dec < 1e-6:
                 return L, OK, it
             return L, FAILED, it
+        drho = ph[p] - phi[p]
         phi[:] = ph
         v[:] = vt
         g[:] = gt
+        # keep the finite-difference rho column while rho barely moves (a slightly older column only slows Newton)
+        for j in range(k):
+            if j != p:
+                for i in range(k):
+                    if i != p:
+                        Ha[j, i] = Ht[j, i]
         L = Ln
         if free[p + 1] and (phi[p + 1] >= KAPPA_MAX or phi[p + 1] <= KAPPA_MIN):
             free[p + 1] = False
@@ -480,23 +608,26 @@ def _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, bo
 
 
 @numba.njit(cache=True, nogil=True)
-def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi):  # pragma: no cover - compiled
+def _state(N, n, p):  # pragma: no cover - compiled
+    """Per-gene scratch of :func:`evaluate`: (base and exp(base) per cell, donor sums of y, of exp(base), of
+    exp(base) x, of exp(base) x x', the inner-problem work rows, and the cache key [valid, sum y base, b])."""
+    return (
+        np.empty((2, N)), np.empty(n), np.empty(n), np.empty((n, p)), np.empty((n, p, p)), np.zeros((6, n)),
+        np.zeros(p + 2),
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
     """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
     N, p = X.shape
     n = bdon.shape[0]
-    base = np.empty(N)
-    _base(off, X, phi[:p], base)
+    buf, Yd, Sd, E, F, work, key = st
+    key[0] = 0.0
+    _prepare(fam, yi, yv, codes, dptr, off, X, phi[:p], buf[0], buf[1], Yd, Sd, E, F)
     sh = np.zeros(n)
     sw = np.zeros(n)
-    if fam == POISSON:
-        for c in range(N):
-            m = math.exp(base[c])
-            sh[codes[c]] -= m
-            sw[codes[c]] += m
-        for k in range(yi.shape[0]):
-            sh[codes[yi[k]]] += yv[k]
-    else:
-        _nb_pass(yi, yv, codes, base, np.zeros(n), math.exp(phi[p + 1]), sh, sw)
+    _inner_sums(fam, yi, yv, codes, dptr, buf[1], math.exp(phi[p + 1]), Yd, Sd, np.ones(n), sh, sw)
     U = 0.0
     info = 0.0
     for b in range(bptr.shape[0] - 1):
@@ -526,12 +657,20 @@ def fit_genes_range(
 ):  # pragma: no cover - compiled
     """Fit genes lo..hi-1 (CSC columns): the s2 = 0 fit, then the interior fit when the variance score is positive.
 
-    ``se_out`` gets the standard errors of (b, log s2, log theta) from the observed information (NaN at a boundary).
+    ``se_out`` gets the standard errors of (b, log s2, log theta) from the Hessian of the last Newton step
+    (NaN where a parameter sits at a boundary).
     """
     N, p = X.shape
     n = bdon.shape[0]
     k = p + 2
     H = np.zeros((k, k))
+    st = _state(N, n, p)
+    eu = np.empty(n)
+    dptr = np.zeros(n + 1, dtype=np.int64)
+    for c in range(N):
+        dptr[codes[c] + 1] += 1
+    for d in range(n):
+        dptr[d + 1] += dptr[d]
     sumoff = 0.0
     for c in range(N):
         sumoff += math.exp(off[c])
@@ -548,34 +687,35 @@ def fit_genes_range(
             continue
         phi = np.zeros(k)
         phi[0] = math.log(tot / sumoff)
-        phi[p + 1] = 0.0
         free = np.ones(k, dtype=np.bool_)
         free[p] = False
         if fam == POISSON:
             free[p + 1] = False
         v = np.zeros(n)
-        L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H)
+        st[6][0] = 0.0
+        L0, st0, it0 = _optimise(
+            fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st
+        )
         loglik0_out[gidx] = L0
         if st0 != OK:
             status_out[gidx] = FAILED
             iter_out[gidx] = it0
             continue
-        U, info = _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi)
+        U, info = _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st)
         phi0 = phi.copy()
         H0 = H.copy()
         status = BOUNDARY
         L = L0
         its = it0
         if U > 0.0 and info > 0.0:
-            s20 = min(max(U / info, 1e-3), 10.0)
-            phi[p] = math.log(s20)
+            phi[p] = math.log(min(max(U / info, 1e-3), 10.0))
             free[:] = True
-            if fam == POISSON:
-                free[p + 1] = False
-            if phi[p + 1] >= KAPPA_MAX or phi[p + 1] <= KAPPA_MIN:
+            if fam == POISSON or phi[p + 1] >= KAPPA_MAX or phi[p + 1] <= KAPPA_MIN:
                 free[p + 1] = False
             v[:] = 0.0
-            L1, st1, it1 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H)
+            L1, st1, it1 = _optimise(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st
+            )
             its += it1
             if st1 == OK and L1 >= L0:
                 status = OK
@@ -593,21 +733,20 @@ def fit_genes_range(
             beta_out[gidx, j] = phi[j]
         s2_out[gidx] = math.exp(phi[p]) if status == OK else 0.0
         theta_out[gidx] = math.exp(phi[p + 1])
-        # standard errors from the observed information over the free parameters
         idx = np.flatnonzero(np.abs(np.diag(H)) > 0)
         m = idx.shape[0]
         Hm = np.empty((m, m))
         for a_ in range(m):
             for b_ in range(m):
                 Hm[a_, b_] = -H[idx[a_], idx[b_]]
-        lam, Uv = np.linalg.eigh(Hm)
         se_out[gidx, :] = np.nan
-        if m > 0 and lam[0] > 0:
-            cov = (Uv / lam) @ Uv.T
-            for a_ in range(m):
-                se_out[gidx, idx[a_]] = math.sqrt(cov[a_, a_])
-        sigma = math.sqrt(s2_out[gidx])
-        _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u_out[gidx])
+        if m > 0:
+            lam, Uv = np.linalg.eigh(Hm)
+            if lam[0] > 0:
+                cov = (Uv / lam) @ Uv.T
+                for a_ in range(m):
+                    se_out[gidx, idx[a_]] = math.sqrt(cov[a_, a_])
+        _u_from_v(math.sqrt(s2_out[gidx]), bptr, bdon, Lflat, loff, v, u_out[gidx], eu)
 
 
 @numba.njit(cache=True, nogil=True)
