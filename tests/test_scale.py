@@ -18,8 +18,9 @@ from scipy import sparse
 import scverse_nullfit as snf
 from scverse_nullfit._core import _read
 from scverse_nullfit._core._design import align_grm, build_design, donor_labels, spectral_precompute
-from scverse_nullfit._core._reml import RemlProblem, Rotation, fit_genes
+from scverse_nullfit._core._reml import RemlProblem, Rotation
 from scverse_nullfit._core._suffstats import Accumulator, pre_residualise, scaled_residual_sums, sufficient_stats
+from scverse_nullfit.tl._fit_null import fit_all_genes
 
 from .conftest import COVARIATES, DONOR_COVARIATES
 
@@ -262,7 +263,7 @@ def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=N
     ok = np.flatnonzero(pre.ok)
     Tt = scaled_residual_sums(pre, donors, ok)
     rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl: (spectral.U.T @ Tt[:, sl]).T)
-    fits = fit_genes(RemlProblem(spectral), rotate, pre.W[ok], chunk_size=chunk_size, n_threads=n_threads)
+    fits = fit_all_genes(RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads)
     return fits
 
 

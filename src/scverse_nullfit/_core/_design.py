@@ -10,18 +10,14 @@ import numpy as np
 import pandas as pd
 from scipy import linalg, sparse
 
+from .._utils import preview
+
 #: Relative tolerance on the diagonal of R (QR of the design) below which a column counts as collinear.
 RANK_TOL = 1e-8
 #: Eigenvalues of D^1/2 G D^1/2 below ``-NEG_EIG_TOL * max(eigenvalue)`` are reported as clearly negative.
 NEG_EIG_TOL = 1e-6
 #: Relative tolerance for the GRM's symmetry check.
 SYM_TOL = 1e-6
-
-
-def _preview(items, k: int = 5) -> str:
-    items = [str(i) for i in items]
-    shown = ", ".join(repr(i) for i in items[:k])
-    return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
 
 
 @dataclass
@@ -61,11 +57,11 @@ def align_grm(grm: pd.DataFrame, labels: np.ndarray, source: str) -> tuple[np.nd
             f"first columns {list(columns[:3])}); it must be indexed and columned by the same donor IDs."
         )
     if index.has_duplicates:
-        raise ValueError(f"GRM from {source} has duplicated donor IDs: {_preview(index[index.duplicated()].unique())}.")
+        raise ValueError(f"GRM from {source} has duplicated donor IDs: {preview(index[index.duplicated()].unique())}.")
     values = grm.to_numpy(dtype=np.float64, copy=False)
     if not np.isfinite(values).all():
         bad = index[~np.isfinite(values).all(axis=1)]
-        raise ValueError(f"GRM from {source} has NaN or infinite entries in the rows of donors {_preview(bad)}.")
+        raise ValueError(f"GRM from {source} has NaN or infinite entries in the rows of donors {preview(bad)}.")
     scale = max(np.abs(values).max(), 1e-300)
     asym = np.abs(values - values.T).max()
     if asym > SYM_TOL * scale:
@@ -78,7 +74,7 @@ def align_grm(grm: pd.DataFrame, labels: np.ndarray, source: str) -> tuple[np.nd
     uniq = pd.unique(labels)
     missing = pd.Index(uniq).difference(index, sort=False)
     if len(missing):
-        raise ValueError(f"donors with cells but not in the GRM from {source}: {_preview(missing)}.")
+        raise ValueError(f"donors with cells but not in the GRM from {source}: {preview(missing)}.")
 
     keep = np.flatnonzero(index.isin(uniq))
     ids = index[keep].to_numpy().astype(str)
@@ -177,7 +173,7 @@ def _check_constant_within_donor(series: pd.Series, values: np.ndarray, col: str
         varying = np.flatnonzero(hi - lo > 1e-12 * np.maximum(1.0, np.abs(hi)))
         if len(varying):
             raise ValueError(
-                f"donor covariate {col!r} varies within donors {_preview(donors.ids[varying])}; "
+                f"donor covariate {col!r} varies within donors {preview(donors.ids[varying])}; "
                 "a donor covariate must be constant within each donor."
             )
 

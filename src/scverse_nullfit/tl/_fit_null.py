@@ -13,46 +13,35 @@ from scanpy import settings
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from .._constants import Key
+from .._core._dask import dask_sufficient_stats, distributed_client, fit_genes_distributed
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
-from .._core._read import describe_matrix, get_expression, resolve_grm
-from .._core._reml import RemlProblem, Rotation, fit_genes
+from .._core._read import describe_matrix, get_expression
+from .._core._reml import GeneFits, RemlProblem, Rotation, default_chunk_size, fit_genes
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
 from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
+from .._utils import check_positive_int, is_dask, select_genes
+from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
-def _select_genes(var_names: pd.Index, genes) -> np.ndarray:
-    """Boolean mask over ``var_names`` from names, a boolean mask or None."""
-    if genes is None:
-        return np.ones(len(var_names), dtype=bool)
-    if isinstance(genes, str):
-        genes = [genes]
-    genes = np.asarray(genes)
-    if genes.dtype == bool:
-        if genes.shape != (len(var_names),):
-            raise ValueError(f"genes is a boolean mask of length {len(genes)}, but adata has {len(var_names)} genes.")
-        return genes.copy()
-    idx = var_names.get_indexer(genes.astype(str))
-    if (idx < 0).any():
-        missing = [str(g) for g in genes[idx < 0]]
-        raise KeyError(f"genes not in adata.var_names: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
-    mask = np.zeros(len(var_names), dtype=bool)
-    mask[idx] = True
-    return mask
+def compute_sufficient_stats(Y, genes: np.ndarray, donors, X: np.ndarray):
+    """The sufficient statistics of ``Y[:, genes]``: a dask map-reduce for dask input, else one streamed pass."""
+    if is_dask(Y):
+        return dask_sufficient_stats(Y, genes, donors, X)
+    return sufficient_stats(Y, genes, donors, X)
 
 
-def _check_positive_int(value, name: str) -> None:
-    """Reject an optional count argument that is not a positive integer (None passes)."""
-    if value is not None and (int(value) != value or value < 1):
-        raise ValueError(f"{name} must be a positive integer, not {value!r}.")
-
-
-def _grm_param(grm) -> str:
-    if isinstance(grm, pd.DataFrame):
-        return "DataFrame"
-    return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
+def fit_all_genes(problem: RemlProblem, rotate: Rotation, W: np.ndarray, *, tau, progress=None, **kwargs) -> GeneFits:
+    """REML of every gene: on the workers of an active ``dask.distributed`` client when there is more than one
+    chunk of genes, else in threads of this process."""
+    chunk_size = kwargs.get("chunk_size") or default_chunk_size(len(problem.lam))
+    client = distributed_client()
+    if client is not None and isinstance(rotate, Rotation) and len(W) > chunk_size:
+        return fit_genes_distributed(client, problem, rotate, W, tau=tau, chunk_size=chunk_size, progress=progress)
+    return fit_genes(problem, rotate, W, tau=tau, progress=progress, **kwargs)
 
 
 def fit_null(
@@ -125,11 +114,11 @@ def fit_null(
     """
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
-    _check_positive_int(n_threads, "n_threads")
+    check_positive_int(n_threads, "n_threads")
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
-    mask = _select_genes(adata.var_names, genes)
+    mask = select_genes(adata.var_names, genes)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
@@ -143,7 +132,7 @@ def fit_null(
 
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats = sufficient_stats(Y, fitted_idx, donors, design.X)
+        stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X)
         pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
@@ -158,7 +147,7 @@ def fit_null(
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
-            fits = fit_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
+            fits = fit_all_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
         logg.debug("    stage 2: REML done", time=t3)
 
     beta = fits.beta + pre.b0[ok_idx]
@@ -166,10 +155,10 @@ def fit_null(
     fitted = np.zeros(adata.n_vars, dtype=bool)
     fitted[fitted_idx[ok_idx]] = True
     table = results_frame(adata.var_names, fitted, fits)
-    arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta)
+    arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta, key_added)
     params = {
         "donor_key": donor_key,
-        "grm": _grm_param(grm),
+        "grm": grm_param(grm),
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
@@ -188,7 +177,7 @@ def fit_null(
         deep=(
             f"added\n"
             f"    {key_added!r}, per-gene variance components (adata.varm)\n"
-            f"    '{key_added}_beta', '{key_added}_xhx_inv', '{key_added}_resid_rot', "
+            f"    {Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, "
             "fixed effects and compact projection (adata.varm)\n"
             f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),
