@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._docs import doc_cis_result, doc_params
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -24,15 +26,13 @@ def _cis_results(adata: AnnData, key: str) -> dict:
     return adata.uns[key]
 
 
+@doc_params(doc_cis_result=doc_cis_result)
 def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | None = None) -> pd.DataFrame:
     """The per-variant results of :func:`scverse_nullfit.tl.cis_map` as a DataFrame.
 
     Parameters
     ----------
-    adata
-        An AnnData on which :func:`~scverse_nullfit.tl.cis_map` has been run (possibly read back from h5ad).
-    key
-        The ``key_added`` of that call.
+    {doc_cis_result}
     genes
         A gene name or names to keep (default: all tested genes).
 
@@ -52,15 +52,13 @@ def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | Non
     return table.reset_index(drop=True).copy()
 
 
+@doc_params(doc_cis_result=doc_cis_result)
 def cis_genes_df(adata: AnnData, key: str = "cis", *, tested_only: bool = False) -> pd.DataFrame:
     """The per-gene summary of :func:`scverse_nullfit.tl.cis_map` as a DataFrame.
 
     Parameters
     ----------
-    adata
-        An AnnData on which :func:`~scverse_nullfit.tl.cis_map` has been run (possibly read back from h5ad).
-    key
-        The ``key_added`` of that call.
+    {doc_cis_result}
     tested_only
         Keep only the genes with at least one variant in their window.
 

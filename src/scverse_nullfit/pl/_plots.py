@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .._docs import doc_ax_show, doc_null_result, doc_params, doc_plot_returns
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def _thin(n: int) -> np.ndarray:
     return np.unique(np.concatenate([np.arange(head), rest]))
 
 
+@doc_params(doc_ax_show=doc_ax_show, doc_plot_returns=doc_plot_returns, doc_null_result=doc_null_result)
 def qq(
     data,
     *,
@@ -100,19 +102,14 @@ def qq(
         ``None`` for no band.
     label
         Legend label of a single series (default ``"p-values"``).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
     save
         Save the figure to ``settings.figdir``: ``True`` as ``qq.<settings.file_format_figs>``, or a string
         appended to ``qq`` (ending with ``.pdf``, ``.png`` or ``.svg`` to choose the format).
     **kwargs
         Passed to :meth:`matplotlib.axes.Axes.scatter`.
 
-    Returns
-    -------
-    The Axes when ``show=False``, else None.
+    {doc_plot_returns}
     """
     series = dict(data) if isinstance(data, Mapping) else {label or "p-values": data}
     values = {str(name): _pvalues(d, key, column) for name, d in series.items()}
@@ -145,6 +142,7 @@ def qq(
     return finish(ax, "qq", show, save)
 
 
+@doc_params(doc_ax_show=doc_ax_show, doc_plot_returns=doc_plot_returns, doc_null_result=doc_null_result)
 def h2_hist(
     adata: AnnData,
     *,
@@ -164,26 +162,18 @@ def h2_hist(
 
     Parameters
     ----------
-    adata
-        An AnnData on which :func:`~scverse_nullfit.tl.fit_null` has been run.
-    key
-        The ``key_added`` of that call.
+    {doc_null_result}
     bins
         Number of bins over [0, 1].
     converged_only
         Only the genes whose REML search converged.
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
     save
         Save the figure to ``settings.figdir`` as ``h2_hist``, as in :func:`qq`.
     **kwargs
         Passed to :meth:`matplotlib.axes.Axes.hist`.
 
-    Returns
-    -------
-    The Axes when ``show=False``, else None.
+    {doc_plot_returns}
     """
     from ..get import nullfit_df
 
@@ -207,6 +197,7 @@ def h2_hist(
     return finish(ax, "h2_hist", show, save)
 
 
+@doc_params(doc_ax_show=doc_ax_show, doc_plot_returns=doc_plot_returns, doc_null_result=doc_null_result)
 def cis_locus(
     adata: AnnData,
     gene: str,
@@ -233,18 +224,13 @@ def cis_locus(
         The ``key_added`` of that call.
     annotate_top
         Label the top variant with its name.
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
     save
         Save the figure to ``settings.figdir`` as ``cis_locus_<gene>``, as in :func:`qq`.
     **kwargs
         Passed to :meth:`matplotlib.axes.Axes.scatter`.
 
-    Returns
-    -------
-    The Axes when ``show=False``, else None.
+    {doc_plot_returns}
     """
     from ..get import cis_df, cis_genes_df
 

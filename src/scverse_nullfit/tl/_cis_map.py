@@ -17,6 +17,7 @@ from scanpy import logging as logg
 
 from .._constants import Key
 from .._core._step2 import CompactNull
+from .._docs import doc_copy, doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
 from ..io._genotypes import GenotypeMatrix
 from ._step2 import StoredNull, open_genotypes, result_table, running
@@ -161,6 +162,7 @@ class _RotationCache:
         return self.Gt[:, c0 - self.lo : c1 - self.lo]
 
 
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
 def cis_map(
     adata: AnnData,
     genotypes: AnnData | pd.DataFrame | str | os.PathLike,
@@ -216,10 +218,8 @@ def cis_map(
         Where to store the results.
     chunk_size
         Variants per chunk (default: chosen to bound memory).
-    n_threads
-        Limit on BLAS threads for the call.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_n_threads}
+    {doc_copy}
 
     Returns
     -------

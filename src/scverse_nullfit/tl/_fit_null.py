@@ -20,6 +20,7 @@ from .._core._read import describe_matrix, get_expression
 from .._core._reml import GeneFits, RemlProblem, Rotation, default_chunk_size, fit_genes
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
 from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
+from .._docs import doc_copy, doc_n_threads, doc_params
 from .._utils import check_positive_int, is_dask, select_genes
 from ._inputs import grm_param, resolve_grm
 
@@ -44,6 +45,7 @@ def fit_all_genes(problem: RemlProblem, rotate: Rotation, W: np.ndarray, *, tau,
     return fit_genes(problem, rotate, W, tau=tau, progress=progress, **kwargs)
 
 
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
 def fit_null(
     adata: AnnData,
     *,
@@ -90,10 +92,8 @@ def fit_null(
         ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
     key_added
         Key under which results are stored in ``varm`` and ``uns``.
-    n_threads
-        Limit on BLAS threads for the call.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_n_threads}
+    {doc_copy}
 
     Returns
     -------

@@ -11,6 +11,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._core._step2 import impute
+from .._docs import doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
 from ._step2 import StoredNull, open_genotypes, result_table, running
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
+@doc_params(doc_n_threads=doc_n_threads)
 def score_test(
     adata: AnnData,
     genotypes: pd.DataFrame | AnnData | str | os.PathLike,
@@ -61,8 +63,7 @@ def score_test(
         Names or a boolean mask of the genes to test (default: all genes).
     chunk_size
         Variants per chunk (default: chosen so that a chunk takes about 64 MB per array).
-    n_threads
-        Limit on BLAS threads for the call.
+    {doc_n_threads}
 
     Returns
     -------
