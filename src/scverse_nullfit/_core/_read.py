@@ -1,4 +1,4 @@
-"""Step 1 of the pipeline: where the expression matrix and the GRM come from."""
+"""Step 1 of the pipeline: where the expression matrix comes from, read in chunks of its own layout."""
 
 from __future__ import annotations
 

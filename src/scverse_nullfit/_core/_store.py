@@ -61,7 +61,7 @@ def per_gene_arrays(
 def shared_part(donors: Donors, design: Design, spectral: Spectral, params: dict) -> dict:
     """The part of the compact projection shared by all genes, plus the call's parameters."""
     return {
-        "params": params,
+        Key.PARAMS: params,
         "donors": np.asarray(donors.ids, dtype=object),
         "cells_per_donor": donors.counts.astype(np.int64),
         "eigenvalues": spectral.lam,
