@@ -20,7 +20,7 @@ from scverse_nullfit._core import _read
 from scverse_nullfit._core._design import align_grm, build_design, donor_labels, spectral_precompute
 from scverse_nullfit._core._reml import RemlProblem, Rotation
 from scverse_nullfit._core._suffstats import Accumulator, pre_residualise, scaled_residual_sums, sufficient_stats
-from scverse_nullfit.tl._fit_null import fit_all_genes
+from scverse_nullfit.tl._backend import fit_all_genes
 
 from .conftest import ARRAY_TYPES, COVARIATES, DONOR_COVARIATES
 

@@ -23,7 +23,7 @@ __main__        _cli
 
 Every layer may also import the leaves (``_utils``, ``_constants``, ``_version``, ``_docs``). Within ``tl``, the
 modules of the public tools (those ``tl/__init__.py`` imports from) are imported by no other ``tl`` module: what
-tools share lives in modules of its own (``tl/_step2.py``, ``tl/_inputs.py``).
+tools share lives in modules of its own (``tl/_step2.py``, ``tl/_inputs.py``, ``tl/_backend.py``).
 
 Exits 1 and lists every violation (``path:line: message``) when there is one.
 """

@@ -18,8 +18,6 @@ BLOCK_ELEMENTS = 1 << 23
 #: A variant whose score variance is below this fraction of ``g~'(w*g~)`` is indistinguishable from the
 #: covariates (or monomorphic) for that gene: its results are NaN.
 VAR_RTOL = 1e-9
-#: Columns of a step-2 result table after the ``gene`` and ``variant`` columns, in order.
-STAT_COLUMNS = ("score", "score_var", "z", "pval", "beta", "se")
 
 
 @dataclass

@@ -14,35 +14,18 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .._constants import Key
-from .._core._dask import dask_sufficient_stats, distributed_client, fit_genes_distributed
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression
-from .._core._reml import GeneFits, RemlProblem, Rotation, default_chunk_size, fit_genes
+from .._core._reml import RemlProblem, Rotation
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
-from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
+from .._core._suffstats import pre_residualise, scaled_residual_sums
 from .._docs import doc_copy, doc_n_threads, doc_params
-from .._utils import check_positive_int, is_dask, select_genes
+from .._utils import check_positive_int, select_genes
+from ._backend import compute_sufficient_stats, fit_all_genes
 from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-
-def compute_sufficient_stats(Y, genes: np.ndarray, donors, X: np.ndarray):
-    """The sufficient statistics of ``Y[:, genes]``: a dask map-reduce for dask input, else one streamed pass."""
-    if is_dask(Y):
-        return dask_sufficient_stats(Y, genes, donors, X)
-    return sufficient_stats(Y, genes, donors, X)
-
-
-def fit_all_genes(problem: RemlProblem, rotate: Rotation, W: np.ndarray, *, tau, progress=None, **kwargs) -> GeneFits:
-    """REML of every gene: on the workers of an active ``dask.distributed`` client when there is more than one
-    chunk of genes, else in threads of this process."""
-    chunk_size = kwargs.get("chunk_size") or default_chunk_size(len(problem.lam))
-    client = distributed_client()
-    if client is not None and isinstance(rotate, Rotation) and len(W) > chunk_size:
-        return fit_genes_distributed(client, problem, rotate, W, tau=tau, chunk_size=chunk_size, progress=progress)
-    return fit_genes(problem, rotate, W, tau=tau, progress=progress, **kwargs)
 
 
 @doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)

@@ -98,11 +98,6 @@ class StoredNull:
         )  # fmt: skip
 
 
-def fitted_genes(adata: AnnData, key: str) -> np.ndarray:
-    """Boolean mask over ``adata.var_names`` of the genes with a usable null model under ``key``."""
-    return StoredNull.read(adata, key).usable
-
-
 def open_genotypes(genotypes, variants: pd.DataFrame | None = None) -> GenotypeMatrix:
     """``genotypes`` as a :class:`~scverse_nullfit.io._genotypes.GenotypeMatrix` (passed through if it is one)."""
     return genotypes if isinstance(genotypes, GenotypeMatrix) else GenotypeMatrix(genotypes, variants=variants)
