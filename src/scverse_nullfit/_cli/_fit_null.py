@@ -165,7 +165,7 @@ def run_fit(args: argparse.Namespace) -> int:
         adata = datasets.example()
         if covariates is None and donor_covariates is None:
             covariates, donor_covariates = list(EXAMPLE_COVARIATES), list(EXAMPLE_DONOR_COVARIATES)
-        input_desc = "built-in example (datasets.example())"
+        input_desc = "built-in example (snf.datasets.example())"
         logg.info(f"built-in example: {adata.n_obs} cells, {adata.n_vars} genes; covariates {covariates}")
     elif table:
         if traits is None:
