@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 MAX_QQ_POINTS = 20_000
 
 
-def lambda_gc(pvals: ArrayLike) -> float:
+def lambda_gc(pvals: ArrayLike | pd.DataFrame, *, column: str = "pval") -> float:
     """Genomic-control inflation factor of p-values.
 
     The median of the 1-df chi-squared statistics of the p-values over its expectation under the null,
@@ -30,12 +30,19 @@ def lambda_gc(pvals: ArrayLike) -> float:
     Parameters
     ----------
     pvals
-        P-values; non-finite values and values outside [0, 1] are ignored.
+        P-values: an array or Series, or a DataFrame such as the output of :func:`~scverse_nullfit.tl.score_test`
+        (its ``column``). Non-finite values and values outside [0, 1] are ignored.
+    column
+        With a DataFrame: the column of p-values.
 
     Returns
     -------
     The inflation factor; NaN when no p-value is left.
     """
+    if isinstance(pvals, pd.DataFrame):
+        if column not in pvals.columns:
+            raise KeyError(f"column {column!r} not in the DataFrame (columns: {list(pvals.columns)}).")
+        pvals = pvals[column]
     p = np.asarray(pvals, dtype=np.float64).ravel()
     p = p[np.isfinite(p) & (p >= 0) & (p <= 1)]
     if not len(p):
@@ -47,9 +54,13 @@ def _pvalues(data, key: str, column: str) -> np.ndarray:
     from anndata import AnnData
 
     if isinstance(data, AnnData):
-        from ..get import cis_df
+        stored = data.uns.get(key)
+        if isinstance(stored, pd.DataFrame):  # e.g. a score_test table kept in uns
+            data = stored
+        else:
+            from ..get import cis_df
 
-        data = cis_df(data, key)
+            data = cis_df(data, key)
     if isinstance(data, pd.DataFrame):
         if column not in data.columns:
             raise KeyError(f"column {column!r} not in the DataFrame (columns: {list(data.columns)}).")
@@ -92,9 +103,12 @@ def qq(
     ----------
     data
         P-values: an array or Series, a DataFrame (its ``column``), an AnnData with results of
-        :func:`~scverse_nullfit.tl.cis_map` under ``key``, or a dict of label -> any of these to overlay series.
+        :func:`~scverse_nullfit.tl.cis_map` under ``key`` (or a DataFrame such as a
+        :func:`~scverse_nullfit.tl.score_test` table kept in ``adata.uns[key]``), or a dict of label -> any of these to
+        overlay series.
     key
-        With an AnnData: the ``key_added`` of :func:`~scverse_nullfit.tl.cis_map`.
+        With an AnnData: the ``key_added`` of :func:`~scverse_nullfit.tl.cis_map`, or the ``uns`` key of a stored
+        DataFrame of p-values.
     column
         With a DataFrame or AnnData: the column of p-values.
     ci
@@ -164,7 +178,8 @@ def h2_hist(
     ----------
     {doc_null_result}
     bins
-        Number of bins over [0, 1].
+        Number of bins, over [0, 1] when the estimates spread over more than half of it, else over
+        [0, the largest h2] (so that data with h2 near 0 is not one bar).
     converged_only
         Only the genes whose REML search converged.
     {doc_ax_show}
@@ -181,16 +196,18 @@ def h2_hist(
     h2 = df["h2"].to_numpy(dtype=np.float64, na_value=np.nan)
     keep = np.isfinite(h2)
     if converged_only:
-        keep &= df["converged"].to_numpy(dtype=bool)
+        keep &= df["converged"].fillna(False).to_numpy(dtype=bool)
     h2 = h2[keep]
     if not len(h2):
         raise ValueError(f"no fitted genes with a finite h2 under adata.varm[{key!r}].")
     ax = new_axes(ax)
     n_zero = int((h2 == 0).sum())
-    ax.hist(h2, bins=np.linspace(0, 1, int(bins) + 1), color=kwargs.pop("color", "tab:blue"), **kwargs)
+    top = float(h2.max())
+    right = 1.0 if top > 0.5 else (top * 1.05 if top > 0 else 0.05)
+    ax.hist(h2, bins=np.linspace(0, right, int(bins) + 1), color=kwargs.pop("color", "tab:blue"), **kwargs)
     ax.axvline(np.median(h2), color="0.2", ls="--", lw=1, label=f"median {np.median(h2):.3f}")
     ax.plot([], [], " ", label=f"{n_zero} of {len(h2)} genes at h2 = 0")
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, right)
     ax.set_xlabel("h2 = sigma2_g / (sigma2_g + sigma2_e)")
     ax.set_ylabel("genes")
     ax.legend(frameon=False, fontsize="small")
