@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg, sparse, stats
 from scipy.sparse import csgraph
+from threadpoolctl import threadpool_limits
 
 from . import _glmm_kernels as K
 
@@ -243,6 +244,20 @@ def _by_donor(Y, codes, X, offset):
     )
 
 
+def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
+    """Run ``work((lo, hi))`` over ranges of genes in ``n_threads`` threads (the kernels release the GIL), with
+    BLAS itself single-threaded: the kernels' small dense algebra is far slower with threaded BLAS."""
+    chunk = max(1, min(max_chunk, -(-genes // max(1, 4 * n_threads))))
+    ranges = [(lo, min(genes, lo + chunk)) for lo in range(0, genes, chunk)]
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads > 1 and len(ranges) > 1:
+            with ThreadPoolExecutor(n_threads) as ex:
+                list(ex.map(work, ranges))
+        else:
+            for r in ranges:
+                work(r)
+
+
 def fit_counts(
     Y,
     codes: np.ndarray,
@@ -333,14 +348,7 @@ def fit_counts(
             beta, s2, theta, ll, ll0, status, iters, se, u,
         )
 
-    chunk = max(1, min(64, -(-genes // max(1, 4 * n_threads))))
-    ranges = [(lo, min(genes, lo + chunk)) for lo in range(0, genes, chunk)]
-    if n_threads > 1 and len(ranges) > 1:
-        with ThreadPoolExecutor(n_threads) as ex:
-            list(ex.map(work, ranges))
-    else:
-        for r in ranges:
-            work(r)
+    _run_ranges(work, genes, n_threads, max_chunk=64)
     bad = (status == K.FAILED) | (nnz < 2)
     converged = ~bad
     for arr in (beta, se, u):
@@ -412,14 +420,7 @@ def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: i
             out["Dw"], out["ZWX"], out["XWX"], out["ZWr"], out["XWr"],
         )
 
-    chunk = max(1, -(-genes // max(1, 4 * n_threads)))
-    ranges = [(lo, min(genes, lo + chunk)) for lo in range(0, genes, chunk)]
-    if n_threads > 1 and len(ranges) > 1:
-        with ThreadPoolExecutor(n_threads) as ex:
-            list(ex.map(work, ranges))
-    else:
-        for r in ranges:
-            work(r)
+    _run_ranges(work, genes, n_threads, max_chunk=1024)
     bad = ~fits.converged
     for v in out.values():
         v[bad] = np.nan
@@ -497,3 +498,25 @@ def count_score(proj: CountProjection, genotypes: np.ndarray, blocks: DonorBlock
     Bg = proj.B[gene].T @ g
     var = quad - np.einsum("pm,pq,qm->m", Bg, proj.Ainv[gene], Bg)
     return score, var
+
+
+def concat_fits(parts: list[CountFits], n_donors: int, p: int) -> CountFits:
+    """Fits of consecutive gene batches as one :class:`CountFits`."""
+    if not parts:
+        e1 = np.zeros(0)
+        return CountFits(
+            np.zeros((0, p)), np.zeros((0, p)), e1, e1, e1, e1, e1, np.zeros(0, bool), np.zeros(0, bool),
+            np.zeros(0, np.int64), np.zeros((0, n_donors)),
+        )
+    return CountFits(**{f: np.concatenate([getattr(x, f) for x in parts]) for f in CountFits.__dataclass_fields__})
+
+
+def concat_projections(parts: list[CountProjection], n_donors: int, p: int) -> CountProjection:
+    """Projections of consecutive gene batches as one :class:`CountProjection`."""
+    if not parts:
+        return CountProjection(
+            np.zeros(0), np.zeros((0, n_donors)), np.zeros((0, n_donors, p)), np.zeros((0, p, p)),
+            np.zeros((0, n_donors)),
+        )
+    fields = CountProjection.__dataclass_fields__
+    return CountProjection(**{f: np.concatenate([getattr(x, f) for x in parts]) for f in fields})

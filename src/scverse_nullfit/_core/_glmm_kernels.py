@@ -148,6 +148,21 @@ def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - c
 
 
 @numba.njit(cache=True, nogil=True)
+def _block_gather(k, s, o, bdon, Lflat, sw, sh):  # pragma: no cover - compiled
+    """A block's factor L_b (k x k), A = diag(sqrt(sw_b)) L_b (so L_b' diag(sw_b) L_b = A'A) and sh_b."""
+    Lb = Lflat[o : o + k * k].reshape(k, k)
+    A = np.empty((k, k))
+    shb = np.empty(k)
+    for i in range(k):
+        d = bdon[s + i]
+        r = math.sqrt(sw[d])
+        shb[i] = sh[d]
+        for j in range(k):
+            A[i, j] = r * Lb[i, j]
+    return Lb, A, shb
+
+
+@numba.njit(cache=True, nogil=True)
 def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma: no cover - compiled
     """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv."""
     dec = 0.0
@@ -162,19 +177,11 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
             dv[d] = g / (1.0 + s2 * l * l * sw[d])
             dec += g * dv[d]
             continue
-        H = np.empty((k, k))
-        g = np.empty(k)
+        Lb, A, shb = _block_gather(k, s, o, bdon, Lflat, sw, sh)
+        H = s2 * (A.T @ A)
+        g = sigma * (Lb.T @ shb)
         for i in range(k):
-            acc = 0.0
-            for j in range(k):
-                acc += Lflat[o + j * k + i] * sh[bdon[s + j]]
-            g[i] = sigma * acc - v[bdon[s + i]]
-            for j in range(i, k):
-                acc = 0.0
-                for m in range(k):
-                    acc += Lflat[o + m * k + i] * sw[bdon[s + m]] * Lflat[o + m * k + j]
-                H[i, j] = s2 * acc
-                H[j, i] = s2 * acc
+            g[i] -= v[bdon[s + i]]
             H[i, i] += 1.0
         x = np.linalg.solve(H, g)
         for i in range(k):
@@ -448,22 +455,15 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
                     zm = zwx[d, m2] if m2 < p else sh1k[d]
                     Q[j, m2] += md * zj * zm
             continue
-        Lb = np.empty((kk, kk))
+        Lb, A, _ = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
+        H = s2 * (A.T @ A)
         for i in range(kk):
-            for j in range(kk):
-                Lb[i, j] = Lflat[o + i * kk + j]
-        H = np.eye(kk)
-        for i in range(kk):
-            for j in range(kk):
-                acc = 0.0
-                for m in range(kk):
-                    acc += Lb[m, i] * sw[bdon[s + m]] * Lb[m, j]
-                H[i, j] += s2 * acc
+            H[i, i] += 1.0
         C = np.linalg.cholesky(H)
         for i in range(kk):
             logdet += 2.0 * math.log(C[i, i])
         Hinv = np.linalg.inv(H)
-        Mb = Lb @ Hinv @ Lb.T
+        Mb = Lb @ (Hinv @ Lb.T)
         vb = np.empty(kk)
         Zb = np.empty((kk, p + 1))
         for i in range(kk):
@@ -634,19 +634,15 @@ def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, p
         s, e = bptr[b], bptr[b + 1]
         kk = e - s
         o = loff[b]
-        for i in range(kk):  # (L'sh)_i
-            acc = 0.0
-            for j in range(kk):
-                acc += Lflat[o + j * kk + i] * sh[bdon[s + j]]
-            U += acc * acc
+        Lb, A, shb = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
+        Ls = Lb.T @ shb
+        U += np.dot(Ls, Ls)
+        Gb = Lb @ Lb.T
         for i in range(kk):
+            swi = sw[bdon[s + i]]
+            U -= Gb[i, i] * swi
             for j in range(kk):
-                gij = 0.0
-                for m in range(kk):
-                    gij += Lflat[o + i * kk + m] * Lflat[o + j * kk + m]
-                if i == j:
-                    U -= gij * sw[bdon[s + i]]
-                info += gij * gij * sw[bdon[s + i]] * sw[bdon[s + j]]
+                info += Gb[i, j] * Gb[i, j] * swi * sw[bdon[s + j]]
     return 0.5 * U, 0.5 * info
 
 

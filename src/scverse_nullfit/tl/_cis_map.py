@@ -127,7 +127,7 @@ class _RotationCache:
 
     def __init__(self, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray):
         self.model, self.geno, self.rows = model, geno, rows
-        self.n = model.U.shape[0]
+        self.n = model.n_donors
         self.max_columns = max(1, CACHE_ELEMENTS // max(1, self.n))
         self._reset(None, 0)
 
