@@ -25,6 +25,9 @@ RHO_MIN = math.log(1e-10)
 #: Bounds on log(theta); at the upper bound the negative binomial is indistinguishable from the Poisson.
 KAPPA_MIN = math.log(1e-4)
 KAPPA_MAX = math.log(1e6)
+#: Past this log(theta), still climbing, theta goes to the upper bound at once (the likelihood approaches its
+#: Poisson limit like exp(-kappa), so Newton would crawl there).
+KAPPA_JUMP = math.log(1e3)
 MAX_ITER = 200
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
@@ -73,6 +76,19 @@ def _gamma_diffs(y, theta):  # pragma: no cover - compiled
             k += 1.0
         return s, s2
     return _digamma(y + theta) - _digamma(theta), _trigamma(y + theta) - _trigamma(theta)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
+    """lgamma(y + theta) - lgamma(theta), without the cancellation of two large lgammas when theta is large."""
+    if y < 30.0:
+        s = 0.0
+        k = 0.0
+        while k < y:
+            s += math.log(theta + k)
+            k += 1.0
+        return s
+    return math.lgamma(y + theta) - math.lgamma(theta)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -271,9 +287,8 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
     sigma = math.sqrt(s2)
     lconst = -lfact
     if fam == NEGATIVE_BINOMIAL:
-        lt = math.lgamma(theta)
         for k in range(yv.shape[0]):
-            lconst += math.lgamma(yv[k] + theta) - lt
+            lconst += _lgamma_ratio(yv[k], theta)
     buf, Yd, Sd, E, F, work, key = st
     base, B = buf[0], buf[1]
     same = key[0] == 1.0
@@ -328,27 +343,19 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
                 xh[j] += yv[k] * X[c, j]
         ll += yb
     else:
-        lth = math.log(theta)
         for d in range(n):  # every cell as a zero, donor by donor (unscaled by theta, scaled below)
             e = eu[d]
             s_r = 0.0
             s_r2 = 0.0
             s_r2q = 0.0
             s_w1 = 0.0
-            s_lt = 0.0
-            prod = 1.0
-            cnt = 0
+            s_l1p = 0.0
             for c in range(dptr[d], dptr[d + 1]):
                 mu = e * B[c]
                 t = theta + mu
                 r = mu / t
                 q = 1.0 - r
-                prod *= t
-                cnt += 1
-                if cnt == 8:
-                    s_lt += math.log(prod)
-                    prod = 1.0
-                    cnt = 0
+                s_l1p += math.log1p(mu / theta)
                 rq = r * q
                 w1 = rq * (q - r)
                 s_r += r
@@ -364,9 +371,7 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
                     xr = x * rq
                     for m2 in range(j, p):
                         xwx[j, m2] += xr * X[c, m2]
-            s_lt += math.log(prod)
-            nd = dptr[d + 1] - dptr[d]
-            lfix = theta * (nd * lth - s_lt)
+            lfix = -theta * s_l1p
             ll += lfix
             hk_sum += lfix + theta * s_r
             hkk_sum += lfix + theta * s_r + theta * s_r2
@@ -392,7 +397,7 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
             r = mu / t
             q = 1.0 - r
             dg, tg = _gamma_diffs(y, theta)
-            ll += y * (base[c] + u[d] - math.log(t))
+            ll -= y * math.log1p(theta / mu)
             dh1 = y * q
             dw = y * r * q
             dhk = theta * dg - y * q
@@ -600,6 +605,21 @@ def _optimise(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, fr
                     if i != p:
                         Ha[j, i] = Ht[j, i]
         L = Ln
+        if free[p + 1] and phi[p + 1] > KAPPA_JUMP and g[p + 1] > 0.0:
+            ph = phi.copy()
+            ph[p + 1] = KAPPA_MAX
+            vt[:] = v
+            Ln, okn = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            if okn and Ln >= L:
+                phi[:] = ph
+                v[:] = vt
+                g[:] = gt
+                for j in range(k):
+                    if j != p:
+                        for i in range(k):
+                            if i != p:
+                                Ha[j, i] = Ht[j, i]
+                L = Ln
         if free[p + 1] and (phi[p + 1] >= KAPPA_MAX or phi[p + 1] <= KAPPA_MIN):
             free[p + 1] = False
         if not boundary and phi[p] < RHO_MIN:
