@@ -67,7 +67,7 @@ def make_adata(cells: int, donors: int, genes: int, grm: str = "identity", seed:
     )
     w, V = np.linalg.eigh(G)
     L = V * np.sqrt(np.clip(w, 0, None))
-    b0 = np.log(rng.uniform(0.02, 1.0, genes)) - np.log(3000)  # 2%..100% of a cell's counts per 1,000 at mean depth
+    b0 = rng.uniform(np.log(0.005), np.log(0.5), genes) - np.log(3000)  # mean 0.005..0.5 per cell at mean depth
     s2 = np.where(rng.random(genes) < 0.3, 0.0, rng.uniform(0.02, 0.3, genes))
     theta = rng.uniform(1.0, 10.0, genes)
     ct_eff = rng.normal(0, 0.3, (5, genes))

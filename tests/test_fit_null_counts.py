@@ -136,10 +136,11 @@ def test_bad_input(small_adata, change, kwargs, exc, match):
 def test_sparsify_grm_blocks(small_adata):
     """A GRM sparsified at a relatedness cutoff makes the fit block-diagonal; blocks are stored and used."""
     adata = small_adata.copy()
-    grm = adata.uns["grm"]
-    adata.uns["grm_sparse"] = pd.DataFrame(_glmm.sparsify_grm(grm.to_numpy(), 0.1), index=grm.index, columns=grm.columns)
+    adata.uns["grm_sparse"] = snf.tl.sparsify_grm(adata.uns["grm"], 0.1)
+    assert adata.uns["grm_sparse"].attrs["blocks"][0] > 1
     snf.tl.fit_null(adata, family="negative_binomial", grm="grm_sparse", **KW)
     sizes = np.diff(adata.uns["nullfit"]["grm_blocks"]["ptr"])
+    assert sorted(sizes.tolist(), reverse=True) == adata.uns["grm_sparse"].attrs["blocks"]
     assert sizes.max() > 1 and len(sizes) > 5
     res = snf.tl.score_test(adata, adata.uns["genotypes"].iloc[:, :5], genes=adata.var_names[:2])
     assert np.isfinite(res["z"]).all()
