@@ -115,7 +115,9 @@ def child_fit(path: str, family: str) -> dict:
 
 
 def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,7 +129,8 @@ t0 <- Sys.time(); glmer(y ~ age + sex + PC1 + PC2 + PC3 + cell_type + offset(log
 t1 <- Sys.time(); glmmTMB(y ~ age + sex + PC1 + PC2 + PC3 + cell_type + offset(log_lib) + (1 | donor), data = d,
                           family = nbinom2)
 t2 <- Sys.time()
-cat(sprintf('{"glmer": %f, "glmmTMB": %f}\\n', as.numeric(t1 - t0, units = "secs"), as.numeric(t2 - t1, units = "secs")))
+cat(sprintf('{"glmer": %f, "glmmTMB": %f}\\n',
+            as.numeric(t1 - t0, units = "secs"), as.numeric(t2 - t1, units = "secs")))
 """
 
 
@@ -139,7 +142,9 @@ def time_r(adata) -> dict | None:
         d = adata.obs.assign(donor=adata.obs["donor_id"].astype(str), y=col)
         d.drop(columns="donor_id").to_csv(Path(tmp) / "g.csv", index=False)
         (Path(tmp) / "t.R").write_text(R_SCRIPT)
-        out = subprocess.run(["Rscript", str(Path(tmp) / "t.R"), str(Path(tmp) / "g.csv")], capture_output=True, text=True)
+        out = subprocess.run(
+            ["Rscript", str(Path(tmp) / "t.R"), str(Path(tmp) / "g.csv")], capture_output=True, text=True
+        )
         lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
         return json.loads(lines[-1]) if lines else None
 
@@ -169,7 +174,7 @@ def calibration(n_donors: int = 300, cells_per_donor: int = 15, genes: int = 200
         out[family] = {
             "lambda_gc": float(np.median(z**2) / med),
             "lambda_gc_maf_below_0.05": float(np.median(zr**2) / med) if len(zr) else None,
-            "n_tests": int(len(z)),
+            "n_tests": len(z),
             "frac_p_below_0.001": float((2 * stats.norm.sf(np.abs(z)) < 1e-3).mean()),
         }
     return out

@@ -6,12 +6,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from .conftest import ARRAY_TYPES
 from scipy import sparse
 
 import scverse_nullfit as snf
 from scverse_nullfit._core import _glmm
 from scverse_nullfit._core._design import align_grm, build_design, donor_labels
+
+from .conftest import ARRAY_TYPES
 
 COUNT_COVARIATES = ["age", "sex", "cell_type"]
 DONOR_COVARIATES = ["age", "sex"]
@@ -33,7 +34,9 @@ def _core_fit(adata, family, Y=None):
     off = adata.obs["log_counts"].to_numpy()
     blocks = _glmm.donor_blocks(G)
     fits = _glmm.fit_counts(Y, donors.codes, design.X, family=family, offset=off, G=blocks)
-    proj = _glmm.count_projection(_glmm.working_sums(Y, donors.codes, design.X, off, fits, family), fits.sigma2_g, blocks)
+    proj = _glmm.count_projection(
+        _glmm.working_sums(Y, donors.codes, design.X, off, fits, family), fits.sigma2_g, blocks
+    )
     return fits, proj, blocks, donors
 
 
@@ -68,7 +71,7 @@ def test_score_test_from_stored_fit(count_fits, family, tmp_path):
     del back.layers["counts"]
     geno = back.uns["genotypes"].iloc[:, :12]
     res = snf.tl.score_test(back, geno, key=family)
-    fits, proj, blocks, donors = _core_fit(count_fits, family)
+    _, proj, blocks, donors = _core_fit(count_fits, family)
     g = geno.loc[donors.ids].to_numpy()
     for j in (0, 3):
         score, var = _glmm.count_score(proj, g, blocks, j)

@@ -43,7 +43,12 @@ def fits(data):
     for model, (family, related, genes) in MODELS.items():
         Y = sparse.csr_matrix(data["cells"][genes].to_numpy())
         out[model] = _glmm.fit_counts(
-            Y, data["codes"], data["X"], family=family, offset=data["off"], G=data["G"] if related else None,
+            Y,
+            data["codes"],
+            data["X"],
+            family=family,
+            offset=data["off"],
+            G=data["G"] if related else None,
             n_donors=40,
         )
     return out
@@ -188,7 +193,11 @@ def test_bad_counts_name_gene_and_cell(data, value, what, as_sparse):
     Y = sparse.csr_matrix(Y) if as_sparse else Y
     with pytest.raises(ValueError, match=rf"gene 'g1' has a {what} value .* in cell 'c7'"):
         _glmm.fit_counts(
-            Y, data["codes"], data["X"], offset=data["off"], gene_names=["g0", "g1"],
+            Y,
+            data["codes"],
+            data["X"],
+            offset=data["off"],
+            gene_names=["g0", "g1"],
             cell_names=[f"c{i}" for i in range(Y.shape[0])],
         )
 
@@ -247,8 +256,17 @@ def test_count_score_matches_dense_working_P(data, family, gene, grm):
     geno = rng.binomial(2, 0.3, (40, 5)).astype(float)
     score, var = _glmm.count_score(proj, geno, blocks, 0)
     ref_s, ref_v = dense_working_score(
-        Y[:, 0].astype(float), data["X"], data["off"], data["codes"], G, fit.beta[0], fit.u[0], fit.sigma2_g[0],
-        fit.theta[0], family, geno,
+        Y[:, 0].astype(float),
+        data["X"],
+        data["off"],
+        data["codes"],
+        G,
+        fit.beta[0],
+        fit.u[0],
+        fit.sigma2_g[0],
+        fit.theta[0],
+        family,
+        geno,
     )
     np.testing.assert_allclose(score, ref_s, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(var, ref_v, rtol=1e-9)
@@ -275,8 +293,17 @@ def test_poisson_collapse_is_exact(data):
     geno = rng.binomial(2, 0.4, (40, 3)).astype(float)
     score, var = _glmm.count_score(_glmm.count_projection(sa, a.sigma2_g, blocks), geno, blocks, 0)
     ref_s, ref_v = dense_working_score(
-        Y[:, 0].toarray().ravel().astype(float), X, data["off"], data["codes"], data["G"], a.beta[0], a.u[0],
-        a.sigma2_g[0], None, "poisson", geno,
+        Y[:, 0].toarray().ravel().astype(float),
+        X,
+        data["off"],
+        data["codes"],
+        data["G"],
+        a.beta[0],
+        a.u[0],
+        a.sigma2_g[0],
+        None,
+        "poisson",
+        geno,
     )
     np.testing.assert_allclose(score, ref_s, rtol=1e-8)
     np.testing.assert_allclose(var, ref_v, rtol=1e-8)

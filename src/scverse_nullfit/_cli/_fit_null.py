@@ -166,7 +166,9 @@ def _count_summary(adata, res, uns, key, family, *, wall, output, input_desc) ->
     if output is None:
         lines.append("  results           not written (pass -o OUTPUT.h5ad to save them)")
     else:
-        lines.append(f"  results           {output}: varm['{key}'] (per-gene table), its compact projection, uns['{key}']")
+        lines.append(
+            f"  results           {output}: varm['{key}'] (per-gene table), its compact projection, uns['{key}']"
+        )
     if "true_count_sigma2_g" in adata.var.columns and n_fit > 2:
         truth = adata.var.loc[fitted, "true_count_sigma2_g"].to_numpy(dtype=np.float64)
         r = np.corrcoef(s2, truth)[0, 1]

@@ -79,7 +79,9 @@ def donor_blocks(G: np.ndarray | None, n_donors: int | None = None, *, name: str
             try:
                 lam, U = linalg.eigh((Gb + Gb.T) / 2, check_finite=False)
             except (linalg.LinAlgError, ValueError) as err:
-                raise ValueError(f"{name}: the eigendecomposition of a block of {len(idx)} donors failed ({err}).")
+                raise ValueError(
+                    f"{name}: the eigendecomposition of a block of {len(idx)} donors failed ({err})."
+                ) from err
         top = max(np.abs(lam).max(), 1e-300)
         worst = min(worst, lam.min() / top)
         Lb = U * np.sqrt(np.clip(lam, 0.0, None))
@@ -87,8 +89,12 @@ def donor_blocks(G: np.ndarray | None, n_donors: int | None = None, *, name: str
         loff.append(pos)
         pos += Lb.size
     if worst < -1e-6:
-        warnings.warn(f"{name} is not positive semi-definite (relative eigenvalue {worst:.3g}); clipped to 0.", stacklevel=2)
-    return DonorBlocks(ptr.astype(np.int64), order.astype(np.int64), np.concatenate(factors), np.array(loff, dtype=np.int64))
+        warnings.warn(
+            f"{name} is not positive semi-definite (relative eigenvalue {worst:.3g}); clipped to 0.", stacklevel=2
+        )
+    return DonorBlocks(
+        ptr.astype(np.int64), order.astype(np.int64), np.concatenate(factors), np.array(loff, dtype=np.int64)
+    )
 
 
 def sparsify_grm(G: np.ndarray, cutoff: float) -> np.ndarray:
@@ -344,8 +350,28 @@ def fit_counts(
     def work(lo_hi):
         lo, hi = lo_hi
         K.fit_genes_range(
-            fam, lo, hi, indptr, indices, data, codes_s, off_s, X_s, blocks.ptr, blocks.donors, blocks.L, blocks.loff,
-            beta, s2, theta, ll, ll0, status, iters, se, u,
+            fam,
+            lo,
+            hi,
+            indptr,
+            indices,
+            data,
+            codes_s,
+            off_s,
+            X_s,
+            blocks.ptr,
+            blocks.donors,
+            blocks.L,
+            blocks.loff,
+            beta,
+            s2,
+            theta,
+            ll,
+            ll0,
+            status,
+            iters,
+            se,
+            u,
         )
 
     _run_ranges(work, genes, n_threads, max_chunk=64)
@@ -416,8 +442,23 @@ def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: i
 
     def work(lo_hi):
         K.working_sums_range(
-            fam, lo_hi[0], lo_hi[1], indptr, indices, data, codes, off, X, fits.beta, fits.u, theta,
-            out["Dw"], out["ZWX"], out["XWX"], out["ZWr"], out["XWr"],
+            fam,
+            lo_hi[0],
+            lo_hi[1],
+            indptr,
+            indices,
+            data,
+            codes,
+            off,
+            X,
+            fits.beta,
+            fits.u,
+            theta,
+            out["Dw"],
+            out["ZWX"],
+            out["XWX"],
+            out["ZWr"],
+            out["XWr"],
         )
 
     _run_ranges(work, genes, n_threads, max_chunk=1024)
@@ -447,7 +488,7 @@ def count_projection(sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: 
     Diagonal GRMs are handled for all genes at once; other blocks per gene and block (dense algebra).
     """
     Dw, ZWX, XWX, ZWr, XWr = (sums[k] for k in ("Dw", "ZWX", "XWX", "ZWr", "XWr"))
-    genes, n, p = ZWX.shape
+    genes, _, p = ZWX.shape
     s2 = np.where(np.isfinite(sigma2_g), sigma2_g, 0.0)
     # LKL = L K^-1 L' applied to ZWX and ZWr, and T applied to them
     LKL_ZWX = np.zeros_like(ZWX)
@@ -505,8 +546,17 @@ def concat_fits(parts: list[CountFits], n_donors: int, p: int) -> CountFits:
     if not parts:
         e1 = np.zeros(0)
         return CountFits(
-            np.zeros((0, p)), np.zeros((0, p)), e1, e1, e1, e1, e1, np.zeros(0, bool), np.zeros(0, bool),
-            np.zeros(0, np.int64), np.zeros((0, n_donors)),
+            np.zeros((0, p)),
+            np.zeros((0, p)),
+            e1,
+            e1,
+            e1,
+            e1,
+            e1,
+            np.zeros(0, bool),
+            np.zeros(0, bool),
+            np.zeros(0, np.int64),
+            np.zeros((0, n_donors)),
         )
     return CountFits(**{f: np.concatenate([getattr(x, f) for x in parts]) for f in CountFits.__dataclass_fields__})
 
@@ -515,7 +565,10 @@ def concat_projections(parts: list[CountProjection], n_donors: int, p: int) -> C
     """Projections of consecutive gene batches as one :class:`CountProjection`."""
     if not parts:
         return CountProjection(
-            np.zeros(0), np.zeros((0, n_donors)), np.zeros((0, n_donors, p)), np.zeros((0, p, p)),
+            np.zeros(0),
+            np.zeros((0, n_donors)),
+            np.zeros((0, n_donors, p)),
+            np.zeros((0, p, p)),
             np.zeros((0, n_donors)),
         )
     fields = CountProjection.__dataclass_fields__

@@ -124,6 +124,7 @@ def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F):  # 
             Sd[d] = sd
     return yb
 
+
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cover - compiled
     """Donor sums of h1 and w at eta = base + u[donor] (cells sorted by donor; a branch-free loop per donor)."""
@@ -146,6 +147,7 @@ def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cov
         q = theta / (theta + mu)
         sh[d] += y * q
         sw[d] += y * (1.0 - q) * q
+
 
 @numba.njit(cache=True, nogil=True)
 def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - compiled
@@ -188,9 +190,9 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
         o = loff[b]
         if k == 1:
             d = bdon[s]
-            l = Lflat[o]
-            g = sigma * l * sh[d] - v[d]
-            dv[d] = g / (1.0 + s2 * l * l * sw[d])
+            lo_ = Lflat[o]
+            g = sigma * lo_ * sh[d] - v[d]
+            dv[d] = g / (1.0 + s2 * lo_ * lo_ * sw[d])
             dec += g * dv[d]
             continue
         Lb, A, shb = _block_gather(k, s, o, bdon, Lflat, sw, sh)
@@ -216,6 +218,7 @@ def _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw):  # prag
             sw[d] = m
     else:
         _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw)
+
 
 @numba.njit(cache=True, nogil=True)
 def _directional(sigma, bptr, bdon, Lflat, loff, v, sh, dv):  # pragma: no cover - compiled
@@ -271,6 +274,7 @@ def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff,
             return True
     return False
 
+
 @numba.njit(cache=True, nogil=True)
 def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
     """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
@@ -279,7 +283,7 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
     sum_c lgamma(y_c + 1); ``st``: per-gene state (see :func:`_state`), which caches the per-cell
     quantities of the last b. Returns (loglik, ok).
     """  # pragma: no cover - compiled
-    N, p = X.shape
+    p = X.shape[1]
     n = v.shape[0]
     beta = phi[:p]
     theta = math.exp(phi[p + 1])
@@ -447,12 +451,12 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
         o = loff[b]
         if kk == 1:
             d = bdon[s]
-            l = Lflat[o]
-            h = 1.0 + s2 * l * l * sw[d]
+            lo_ = Lflat[o]
+            h = 1.0 + s2 * lo_ * lo_ * sw[d]
             logdet += math.log(h)
-            md = l * l / h
+            md = lo_ * lo_ / h
             mdiag[d] = md
-            LHv[d] = l * v[d] / h
+            LHv[d] = lo_ * v[d] / h
             Maq[d] = md * a[d] * s2 * md
             for j in range(p + 1):
                 zj = zwx[d, j] if j < p else sh1k[d]
@@ -517,7 +521,9 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
 
 
 @numba.njit(cache=True, nogil=True)
-def _optimise(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st):  # pragma: no cover
+def _optimise(
+    fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
+):  # pragma: no cover
     """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
 
     The Hessian: the penalised-likelihood Hessian in (b, kappa), and the log(sigma2_g) row and column by a
@@ -541,7 +547,9 @@ def _optimise(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, fr
             ph = phi.copy()
             ph[p] += step
             vt[:] = v
-            _, ok2 = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            _, ok2 = evaluate(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
+            )
             if not ok2:
                 return L, FAILED, it
             for j in range(k):
@@ -585,7 +593,9 @@ def _optimise(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, fr
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
             vt[:] = v
-            Ln, okn = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            Ln, okn = evaluate(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
+            )
             if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
                 accepted = True
                 break
@@ -609,7 +619,9 @@ def _optimise(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, fr
             ph = phi.copy()
             ph[p + 1] = KAPPA_MAX
             vt[:] = v
-            Ln, okn = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            Ln, okn = evaluate(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
+            )
             if okn and Ln >= L:
                 phi[:] = ph
                 v[:] = vt
@@ -632,7 +644,12 @@ def _state(N, n, p):  # pragma: no cover - compiled
     """Per-gene scratch of :func:`evaluate`: (base and exp(base) per cell, donor sums of y, of exp(base), of
     exp(base) x, of exp(base) x x', the inner-problem work rows, and the cache key [valid, sum y base, b])."""
     return (
-        np.empty((2, N)), np.empty(n), np.empty(n), np.empty((n, p)), np.empty((n, p, p)), np.zeros((6, n)),
+        np.empty((2, N)),
+        np.empty(n),
+        np.empty(n),
+        np.empty((n, p)),
+        np.empty((n, p, p)),
+        np.zeros((6, n)),
         np.zeros(p + 2),
     )
 
@@ -640,9 +657,9 @@ def _state(N, n, p):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
     """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
-    N, p = X.shape
+    p = X.shape[1]
     n = bdon.shape[0]
-    buf, Yd, Sd, E, F, work, key = st
+    buf, Yd, Sd, E, F, _, key = st
     key[0] = 0.0
     _prepare(fam, yi, yv, codes, dptr, off, X, phi[:p], buf[0], buf[1], Yd, Sd, E, F)
     sh = np.zeros(n)
@@ -654,7 +671,7 @@ def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, p
         s, e = bptr[b], bptr[b + 1]
         kk = e - s
         o = loff[b]
-        Lb, A, shb = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
+        Lb, _, shb = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
         Ls = Lb.T @ shb
         U += np.dot(Ls, Ls)
         Gb = Lb @ Lb.T
@@ -668,8 +685,28 @@ def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, p
 
 @numba.njit(cache=True, nogil=True)
 def fit_genes_range(
-    fam, lo, hi, indptr, indices, data, codes, off, X, bptr, bdon, Lflat, loff,
-    beta_out, s2_out, theta_out, loglik_out, loglik0_out, status_out, iter_out, se_out, u_out,
+    fam,
+    lo,
+    hi,
+    indptr,
+    indices,
+    data,
+    codes,
+    off,
+    X,
+    bptr,
+    bdon,
+    Lflat,
+    loff,
+    beta_out,
+    s2_out,
+    theta_out,
+    loglik_out,
+    loglik0_out,
+    status_out,
+    iter_out,
+    se_out,
+    u_out,
 ):  # pragma: no cover - compiled
     """Fit genes lo..hi-1 (CSC columns): the s2 = 0 fit, then the interior fit when the variance score is positive.
 
@@ -691,8 +728,8 @@ def fit_genes_range(
     for c in range(N):
         sumoff += math.exp(off[c])
     for gidx in range(lo, hi):
-        yi = indices[indptr[gidx]:indptr[gidx + 1]]
-        yv = data[indptr[gidx]:indptr[gidx + 1]]
+        yi = indices[indptr[gidx] : indptr[gidx + 1]]
+        yv = data[indptr[gidx] : indptr[gidx + 1]]
         lfact = 0.0
         tot = 0.0
         for q in range(yv.shape[0]):
@@ -777,8 +814,8 @@ def working_sums_range(
     for g in range(lo, hi):
         if not (beta[g, 0] == beta[g, 0]):
             continue
-        yi = indices[indptr[g]:indptr[g + 1]]
-        yv = data[indptr[g]:indptr[g + 1]]
+        yi = indices[indptr[g] : indptr[g + 1]]
+        yv = data[indptr[g] : indptr[g + 1]]
         th = theta[g]
         k = 0
         nnz = yi.shape[0]

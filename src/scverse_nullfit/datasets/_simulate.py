@@ -88,10 +88,11 @@ def simulate(
 
     Returns
     -------
-    Cells x genes AnnData with float32 expression in ``X`` and raw counts in ``layers["counts"]`` (CSR; see
-    :func:`_simulate_counts`, for the count families with ``offset="log_counts"``); ``obs`` holds ``donor_id`` and covariates (donor-level
-    ``age``, ``sex``; cell-level ``cell_type``, ``log_counts``); ``var`` holds the truth (``true_tau``,
-    ``true_h2``, ``true_sigma2_e``, ``true_sigma2_g``) and gene positions (``chrom``, ``start``);
+    Cells x genes AnnData with float32 expression in ``X`` and raw counts in ``layers["counts"]`` (CSR, for the
+    count families with ``offset="log_counts"``; see ``_simulate_counts``); ``obs`` holds ``donor_id`` and
+    covariates (donor-level ``age``, ``sex``; cell-level ``cell_type``, ``log_counts``); ``var`` holds the truth
+    (``true_tau``, ``true_h2``, ``true_sigma2_e``, ``true_sigma2_g``, and ``true_count_sigma2_g``,
+    ``true_count_theta`` of the counts) and gene positions (``chrom``, ``start``);
     ``uns["grm"]`` the donor GRM and ``uns["genotypes"]`` a donors x variants dosage DataFrame with
     ``uns["variants"]`` their positions. With ``frac_eqtl > 0``, ``var`` also holds ``eqtl_variant`` (the causal
     variant's name, ``""`` for none) and ``eqtl_beta`` (its effect per allele, 0 for none).

@@ -226,8 +226,9 @@ def _offset_values(obs: pd.DataFrame, offset: str | None) -> np.ndarray | None:
     col = obs[offset]
     if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
         raise ValueError(f"offset column {offset!r} must be numeric (a log-scale offset), not {col.dtype}.")
-    return _glmm.check_offset(col.to_numpy(dtype=np.float64, na_value=np.nan), len(obs), f"offset column {offset!r}",
-                              obs.index)
+    return _glmm.check_offset(
+        col.to_numpy(dtype=np.float64, na_value=np.nan), len(obs), f"offset column {offset!r}", obs.index
+    )
 
 
 def _gene_batches(Y, idx: np.ndarray) -> list[np.ndarray]:
