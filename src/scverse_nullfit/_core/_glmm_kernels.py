@@ -25,9 +25,10 @@ RHO_MIN = math.log(1e-10)
 #: Bounds on log(theta); at the upper bound the negative binomial is indistinguishable from the Poisson.
 KAPPA_MIN = math.log(1e-4)
 KAPPA_MAX = math.log(1e6)
-#: Past this log(theta), still climbing, theta goes to the upper bound at once (the likelihood approaches its
-#: Poisson limit like exp(-kappa), so Newton would crawl there).
-KAPPA_JUMP = math.log(1e3)
+#: Past this log(theta), still climbing, the upper bound is tried at once (and kept if the likelihood is higher):
+#: the likelihood approaches its Poisson limit like exp(-kappa), so Newton would crawl there. Tried again one unit
+#: of log(theta) further each time it fails.
+KAPPA_TRY = math.log(20.0)
 MAX_ITER = 200
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
@@ -92,17 +93,21 @@ def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F):  # pragma: no cover - compiled
+def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccols, dcols, Xd):  # pragma: no cover
     """base_c = o_c + x_c'b and B_c = exp(base_c); donor sums of y; for the Poisson family the donor sums of B,
     B x and B x x' (upper triangle). Returns sum_c y_c base_c. Cells are sorted by donor (``dptr``)."""
-    N, p = X.shape
+    p = X.shape[1]
     Yd[:] = 0.0
-    for c in range(N):
-        s = off[c]
-        for j in range(p):
-            s += X[c, j] * beta[j]
-        base[c] = s
-        B[c] = math.exp(s)
+    for d in range(dptr.shape[0] - 1):
+        sd = 0.0
+        for j in dcols:
+            sd += Xd[d, j] * beta[j]
+        for c in range(dptr[d], dptr[d + 1]):
+            s = off[c] + sd
+            for j in ccols:
+                s += X[c, j] * beta[j]
+            base[c] = s
+            B[c] = math.exp(s)
     yb = 0.0
     for k in range(yi.shape[0]):
         c = yi[k]
@@ -293,14 +298,14 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
     if fam == NEGATIVE_BINOMIAL:
         for k in range(yv.shape[0]):
             lconst += _lgamma_ratio(yv[k], theta)
-    buf, Yd, Sd, E, F, work, key = st
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd = st
     base, B = buf[0], buf[1]
     same = key[0] == 1.0
     for j in range(p):
         if key[2 + j] != beta[j]:
             same = False
     if not same:
-        key[1] = _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F)
+        key[1] = _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccols, dcols, Xd)
         key[0] = 1.0
         for j in range(p):
             key[2 + j] = beta[j]
@@ -347,7 +352,7 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
                 xh[j] += yv[k] * X[c, j]
         ll += yb
     else:
-        for d in range(n):  # every cell as a zero, donor by donor (unscaled by theta, scaled below)
+        for d in range(n):  # every cell as a zero, donor by donor; cell-level columns only (unscaled by theta)
             e = eu[d]
             s_r = 0.0
             s_r2 = 0.0
@@ -366,15 +371,18 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
                 s_r2 += r * r
                 s_r2q += r * rq
                 s_w1 += w1
-                for j in range(p):
+                for j in ccols:
                     x = X[c, j]
+                    if x == 0.0:
+                        continue
                     xh[j] += x * r
                     xh1k[j] += x * r * r
                     zwx[d, j] += x * rq
                     zw1x[d, j] += x * w1
                     xr = x * rq
-                    for m2 in range(j, p):
-                        xwx[j, m2] += xr * X[c, m2]
+                    for m2 in ccols:
+                        if m2 >= j:
+                            xwx[j, m2] += xr * X[c, m2]
             lfix = -theta * s_l1p
             ll += lfix
             hk_sum += lfix + theta * s_r
@@ -384,14 +392,15 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
             a[d] = theta * s_w1
             sh1k[d] = -theta * s_r2
             swk[d] = 2.0 * theta * s_r2q
-            for j in range(p):
+            for j in ccols:
                 zwx[d, j] *= theta
                 zw1x[d, j] *= theta
-        for j in range(p):
+        for j in ccols:
             xh[j] *= -theta
             xh1k[j] *= -theta
-            for m2 in range(j, p):
-                xwx[j, m2] *= theta
+            for m2 in ccols:
+                if m2 >= j:
+                    xwx[j, m2] *= theta
         for k in range(yi.shape[0]):  # corrections of the non-zero cells: term(y) - term(0) in closed form
             c = yi[k]
             d = codes[c]
@@ -412,14 +421,32 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
             sh1k[d] += dw
             swk[d] += dw * (r - q)
             hkk_sum += dhk + theta * theta * tg + y * q * q
-            for j in range(p):
+            for j in ccols:
                 x = X[c, j]
+                if x == 0.0:
+                    continue
                 xh[j] += x * dh1
                 xh1k[j] += x * dw
                 zwx[d, j] += x * dw
                 zw1x[d, j] += x * dw * (q - r)
-                for m2 in range(j, p):
-                    xwx[j, m2] += x * dw * X[c, m2]
+                for m2 in ccols:
+                    if m2 >= j:
+                        xwx[j, m2] += x * dw * X[c, m2]
+        # donor-level columns from the donor sums: x_d times the donor's sums
+        for d in range(n):
+            for j in dcols:
+                xd = Xd[d, j]
+                zwx[d, j] = xd * sw[d]
+                zw1x[d, j] = xd * a[d]
+                xh[j] += xd * sh[d]
+                xh1k[j] += xd * sh1k[d]
+        for j in dcols:
+            for m2 in range(p):
+                acc = 0.0
+                for d in range(n):
+                    acc += Xd[d, j] * zwx[d, m2]
+                lo_, hi_ = (j, m2) if j <= m2 else (m2, j)
+                xwx[lo_, hi_] = acc
     for j in range(p):
         for m2 in range(j):
             xwx[j, m2] = xwx[m2, j]
@@ -521,6 +548,27 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
 
 
 @numba.njit(cache=True, nogil=True)
+def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
+    """Newton direction -Hm^-1 gi, made an ascent direction: on the unit-diagonal scaling of -Hm (so that
+    covariates on large scales do not set the tolerance), eigenvalues below 1e-10 of the largest are floored."""
+    m = gi.shape[0]
+    sc = np.empty(m)
+    for a_ in range(m):
+        h = abs(Hm[a_, a_])
+        sc[a_] = 1.0 / math.sqrt(h) if h > 0 else 1.0
+    A = np.empty((m, m))
+    for a_ in range(m):
+        for b_ in range(m):
+            A[a_, b_] = -Hm[a_, b_] * sc[a_] * sc[b_]
+    lam, U = np.linalg.eigh(A)
+    floor = max(1e-10 * np.max(np.abs(lam)), 1e-300)
+    c = U.T @ (gi * sc)
+    for a_ in range(m):
+        c[a_] /= max(abs(lam[a_]), floor)
+    return (U @ c) * sc
+
+
+@numba.njit(cache=True, nogil=True)
 def _optimise(
     fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
 ):  # pragma: no cover
@@ -540,12 +588,20 @@ def _optimise(
     if not ok:
         return np.nan, FAILED, 0
     vt = v.copy()
-    drho = np.inf
+    # rows/columns of the Hessian taken from finite differences of the gradient: log(s2), and log(theta) in the
+    # interior (the log-determinant's share of their curvature is not small); refreshed while they still move
+    fd = np.zeros(k, dtype=np.bool_)
+    fd[p] = not boundary
+    fd[p + 1] = (not boundary) and fam == NEGATIVE_BINOMIAL
+    moved = np.full(k, np.inf)
+    next_jump = KAPPA_TRY
     for it in range(MAX_ITER):
-        if free[p] and (it < 2 or abs(drho) > 1e-3):
-            step = FD_STEP * max(1.0, abs(phi[p]))
+        for j0 in range(p, k):
+            if not (fd[j0] and free[j0] and (it < 2 or abs(moved[j0]) > 1e-3)):
+                continue
+            step = FD_STEP * max(1.0, abs(phi[j0]))
             ph = phi.copy()
-            ph[p] += step
+            ph[j0] += step
             vt[:] = v
             _, ok2 = evaluate(
                 fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
@@ -553,9 +609,17 @@ def _optimise(
             if not ok2:
                 return L, FAILED, it
             for j in range(k):
-                Ha[j, p] = (gt[j] - g[j]) / step
-                Ha[p, j] = Ha[j, p]
-        idx = np.flatnonzero(free)
+                Ha[j, j0] = (gt[j] - g[j]) / step
+            for j in range(k):
+                Ha[j0, j] = Ha[j, j0]
+        for j0 in range(p, k):  # symmetric in the two finite-difference columns
+            for j1 in range(p, k):
+                if fd[j0] and fd[j1] and j1 > j0:
+                    Ha[j0, j1] = Ha[j1, j0] = 0.5 * (Ha[j0, j1] + Ha[j1, j0])
+        act = free.copy()  # log(theta) at a bound with the gradient pointing out of it is held there this step
+        if (phi[p + 1] >= KAPPA_MAX and g[p + 1] >= 0.0) or (phi[p + 1] <= KAPPA_MIN and g[p + 1] <= 0.0):
+            act[p + 1] = False
+        idx = np.flatnonzero(act)
         m = idx.shape[0]
         Hm = np.empty((m, m))
         gi = np.empty(m)
@@ -567,13 +631,7 @@ def _optimise(
         for a_ in range(m):
             for b_ in range(m):
                 Hout[idx[a_], idx[b_]] = Hm[a_, b_]
-        lam, U = np.linalg.eigh(-Hm)
-        lmax = np.max(np.abs(lam))
-        floor = max(1e-8 * lmax, 1e-12)
-        c = U.T @ gi
-        for a_ in range(m):
-            c[a_] /= max(abs(lam[a_]), floor)
-        d = U @ c
+        d = _ascent_direction(Hm, gi)
         dec = np.dot(gi, d)
         if not (dec == dec):
             return L, FAILED, it
@@ -604,45 +662,59 @@ def _optimise(
             if dec < 1e-6:
                 return L, OK, it
             return L, FAILED, it
-        drho = ph[p] - phi[p]
+        for j in range(p, k):
+            moved[j] = ph[j] - phi[j]
         phi[:] = ph
         v[:] = vt
         g[:] = gt
-        # keep the finite-difference rho column while rho barely moves (a slightly older column only slows Newton)
+        # keep the finite-difference columns while their parameter barely moves (an older column only slows Newton)
         for j in range(k):
-            if j != p:
+            if not fd[j]:
                 for i in range(k):
-                    if i != p:
+                    if not fd[i]:
                         Ha[j, i] = Ht[j, i]
         L = Ln
-        if free[p + 1] and phi[p + 1] > KAPPA_JUMP and g[p + 1] > 0.0:
+        if free[p + 1] and phi[p + 1] > next_jump and g[p + 1] > 0.0:
+            next_jump = phi[p + 1] + 1.0
             ph = phi.copy()
             ph[p + 1] = KAPPA_MAX
             vt[:] = v
             Ln, okn = evaluate(
                 fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
             )
-            if okn and Ln >= L:
+            if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 phi[:] = ph
                 v[:] = vt
                 g[:] = gt
                 for j in range(k):
-                    if j != p:
+                    if not fd[j]:
                         for i in range(k):
-                            if i != p:
+                            if not fd[i]:
                                 Ha[j, i] = Ht[j, i]
                 L = Ln
-        if free[p + 1] and (phi[p + 1] >= KAPPA_MAX or phi[p + 1] <= KAPPA_MIN):
-            free[p + 1] = False
         if not boundary and phi[p] < RHO_MIN:
             return L, BOUNDARY, it + 1
     return L, FAILED, MAX_ITER
 
 
 @numba.njit(cache=True, nogil=True)
-def _state(N, n, p):  # pragma: no cover - compiled
+def _state(X, dptr):  # pragma: no cover - compiled
     """Per-gene scratch of :func:`evaluate`: (base and exp(base) per cell, donor sums of y, of exp(base), of
-    exp(base) x, of exp(base) x x', the inner-problem work rows, and the cache key [valid, sum y base, b])."""
+    exp(base) x, of exp(base) x x', the inner-problem work rows, the cache key [valid, sum y base, b]), then the
+    design's split: the cell-level columns, the donor-level ones (constant within every donor) and the donor-level
+    values (donors x p). Donor-level columns need no per-cell work: their sums follow from donor sums."""
+    N, p = X.shape
+    n = dptr.shape[0] - 1
+    Xd = np.zeros((n, p))
+    is_donor = np.ones(p, dtype=np.bool_)
+    for d in range(n):
+        if dptr[d + 1] > dptr[d]:
+            for j in range(p):
+                Xd[d, j] = X[dptr[d], j]
+        for c in range(dptr[d], dptr[d + 1]):
+            for j in range(p):
+                if X[c, j] != Xd[d, j]:
+                    is_donor[j] = False
     return (
         np.empty((2, N)),
         np.empty(n),
@@ -651,6 +723,9 @@ def _state(N, n, p):  # pragma: no cover - compiled
         np.empty((n, p, p)),
         np.zeros((6, n)),
         np.zeros(p + 2),
+        np.flatnonzero(~is_donor),
+        np.flatnonzero(is_donor),
+        Xd,
     )
 
 
@@ -659,9 +734,9 @@ def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, p
     """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
     p = X.shape[1]
     n = bdon.shape[0]
-    buf, Yd, Sd, E, F, _, key = st
+    buf, Yd, Sd, E, F, _, key, ccols, dcols, Xd = st
     key[0] = 0.0
-    _prepare(fam, yi, yv, codes, dptr, off, X, phi[:p], buf[0], buf[1], Yd, Sd, E, F)
+    _prepare(fam, yi, yv, codes, dptr, off, X, phi[:p], buf[0], buf[1], Yd, Sd, E, F, ccols, dcols, Xd)
     sh = np.zeros(n)
     sw = np.zeros(n)
     _inner_sums(fam, yi, yv, codes, dptr, buf[1], math.exp(phi[p + 1]), Yd, Sd, np.ones(n), sh, sw)
@@ -717,13 +792,13 @@ def fit_genes_range(
     n = bdon.shape[0]
     k = p + 2
     H = np.zeros((k, k))
-    st = _state(N, n, p)
     eu = np.empty(n)
     dptr = np.zeros(n + 1, dtype=np.int64)
     for c in range(N):
         dptr[codes[c] + 1] += 1
     for d in range(n):
         dptr[d + 1] += dptr[d]
+    st = _state(X, dptr)
     sumoff = 0.0
     for c in range(N):
         sumoff += math.exp(off[c])
@@ -763,7 +838,7 @@ def fit_genes_range(
         if U > 0.0 and info > 0.0:
             phi[p] = math.log(min(max(U / info, 1e-3), 10.0))
             free[:] = True
-            if fam == POISSON or phi[p + 1] >= KAPPA_MAX or phi[p + 1] <= KAPPA_MIN:
+            if fam == POISSON:
                 free[p + 1] = False
             v[:] = 0.0
             L1, st1, it1 = _optimise(
@@ -793,12 +868,18 @@ def fit_genes_range(
             for b_ in range(m):
                 Hm[a_, b_] = -H[idx[a_], idx[b_]]
         se_out[gidx, :] = np.nan
-        if m > 0:
+        if m > 0:  # the inverse of the observed information, through its unit-diagonal scaling
+            sc = np.empty(m)
+            for a_ in range(m):
+                sc[a_] = 1.0 / math.sqrt(Hm[a_, a_]) if Hm[a_, a_] > 0 else 1.0
+            for a_ in range(m):
+                for b_ in range(m):
+                    Hm[a_, b_] *= sc[a_] * sc[b_]
             lam, Uv = np.linalg.eigh(Hm)
-            if lam[0] > 0:
+            if lam[0] > 1e-12 * lam[m - 1]:
                 cov = (Uv / lam) @ Uv.T
                 for a_ in range(m):
-                    se_out[gidx, idx[a_]] = math.sqrt(cov[a_, a_])
+                    se_out[gidx, idx[a_]] = math.sqrt(cov[a_, a_]) * sc[a_]
         _u_from_v(math.sqrt(s2_out[gidx]), bptr, bdon, Lflat, loff, v, u_out[gidx], eu)
 
 
