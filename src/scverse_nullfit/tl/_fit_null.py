@@ -213,7 +213,7 @@ def fit_null(
 
 
 #: Stored non-zeros per batch of genes read for the count families.
-COUNT_BATCH_NNZ = 1 << 24
+COUNT_BATCH_NNZ = 1 << 22
 
 
 def _offset_values(obs: pd.DataFrame, offset: str | None) -> np.ndarray | None:
