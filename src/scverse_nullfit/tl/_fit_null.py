@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 from scanpy import settings
+from scipy import sparse
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -259,9 +260,16 @@ def _fit_counts(
         logg.debug(f"    {len(donors.ids)} donors, GRM {blocks.kind} ({len(blocks.ptr) - 1} blocks)")
         parts = []
         show = settings.verbosity >= 2 and len(fitted_idx) > 200
+        batches = _gene_batches(Y, fitted_idx)
+        source, subset = Y, False
+        if len(batches) > 1 and sparse.issparse(Y) and Y.format == "csr":
+            # column batches of an in-memory CSR matrix: one CSC copy of the genes to fit, then cheap slices
+            # (scipy's column selection on CSR touches every stored value, for each batch)
+            subset = len(fitted_idx) < Y.shape[1]
+            source = Y[:, fitted_idx].tocsc() if subset else Y.tocsc()
         with tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar:
-            for batch in _gene_batches(Y, fitted_idx):
-                counts = read_columns(Y, batch)
+            for batch in batches:
+                counts = read_columns(source, np.searchsorted(fitted_idx, batch) if subset else batch)
                 fits = _glmm.fit_counts(
                     counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=threads,
                     gene_names=adata.var_names[batch], cell_names=adata.obs_names,
