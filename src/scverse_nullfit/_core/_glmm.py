@@ -559,17 +559,3 @@ def concat_fits(parts: list[CountFits], n_donors: int, p: int) -> CountFits:
             np.zeros((0, n_donors)),
         )
     return CountFits(**{f: np.concatenate([getattr(x, f) for x in parts]) for f in CountFits.__dataclass_fields__})
-
-
-def concat_projections(parts: list[CountProjection], n_donors: int, p: int) -> CountProjection:
-    """Projections of consecutive gene batches as one :class:`CountProjection`."""
-    if not parts:
-        return CountProjection(
-            np.zeros(0),
-            np.zeros((0, n_donors)),
-            np.zeros((0, n_donors, p)),
-            np.zeros((0, p, p)),
-            np.zeros((0, n_donors)),
-        )
-    fields = CountProjection.__dataclass_fields__
-    return CountProjection(**{f: np.concatenate([getattr(x, f) for x in parts]) for f in fields})

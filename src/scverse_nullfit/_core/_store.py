@@ -130,22 +130,6 @@ def count_results_frame(var_names: pd.Index, fitted: np.ndarray, fits) -> pd.Dat
     )
 
 
-def count_arrays(n_vars: int, fitted: np.ndarray, beta: np.ndarray, proj, key: str) -> dict[str, np.ndarray]:
-    """The per-gene arrays of a count fit by ``varm`` key (``proj``: :class:`._glmm.CountProjection`)."""
-    out = {}
-    for name, values in (
-        (Key.beta(key), beta),
-        (Key.xhx_inv(key), proj.Ainv),
-        (Key.resid_rot(key), proj.resid),
-        (Key.working_weights(key), proj.Dw),
-        (Key.working_xw(key), proj.B),
-    ):
-        arr = np.full((n_vars, *values.shape[1:]), np.nan)
-        arr[fitted] = values
-        out[name] = arr
-    return out
-
-
 def blocks_part(blocks) -> dict:
     """A count fit's donor covariance blocks (:class:`._glmm.DonorBlocks`) for ``uns[key][Key.GRM_BLOCKS]``."""
     return {"ptr": blocks.ptr, "donors": blocks.donors, "L": blocks.L, "loff": blocks.loff}

@@ -21,7 +21,6 @@ from .._core._read import available_threads, describe_matrix, get_expression, re
 from .._core._reml import RemlProblem, Rotation
 from .._core._store import (
     blocks_part,
-    count_arrays,
     count_results_frame,
     per_gene_arrays,
     results_frame,
@@ -258,6 +257,15 @@ def _fit_counts(
         spectral = spectral_precompute(G, donors, design.X)
         blocks = _glmm.donor_blocks(G, name=f"GRM from {grm_source}")
         logg.debug(f"    {len(donors.ids)} donors, GRM {blocks.kind} ({len(blocks.ptr) - 1} blocks)")
+        n, p = len(donors.ids), design.X.shape[1]
+        # the per-gene arrays, filled batch by batch (the working_xw array is genes x donors x covariates)
+        arrays = {
+            Key.beta(key_added): np.full((adata.n_vars, p), np.nan),
+            Key.xhx_inv(key_added): np.full((adata.n_vars, p, p), np.nan),
+            Key.resid_rot(key_added): np.full((adata.n_vars, n), np.nan),
+            Key.working_weights(key_added): np.full((adata.n_vars, n), np.nan),
+            Key.working_xw(key_added): np.full((adata.n_vars, n, p), np.nan),
+        }
         parts = []
         show = settings.verbosity >= 2 and len(fitted_idx) > 200
         batches = _gene_batches(Y, fitted_idx)
@@ -275,11 +283,18 @@ def _fit_counts(
                     gene_names=adata.var_names[batch], cell_names=adata.obs_names,
                 )  # fmt: skip
                 sums = _glmm.working_sums(counts, donors.codes, design.X, off, fits, family, n_threads=threads)
+                del counts
                 proj = _glmm.count_projection(sums, fits.sigma2_g, blocks)
-                parts.append((batch, fits, proj))
+                del sums
+                arrays[Key.beta(key_added)][batch] = fits.beta
+                arrays[Key.xhx_inv(key_added)][batch] = proj.Ainv
+                arrays[Key.resid_rot(key_added)][batch] = proj.resid
+                arrays[Key.working_weights(key_added)][batch] = proj.Dw
+                arrays[Key.working_xw(key_added)][batch] = proj.B
+                del proj
+                parts.append(fits)
                 bar.update(len(batch))
-    fits = _glmm.concat_fits([f for _, f, _ in parts], len(donors.ids), design.X.shape[1])
-    proj = _glmm.concat_projections([q for _, _, q in parts], len(donors.ids), design.X.shape[1])
+    fits = _glmm.concat_fits(parts, len(donors.ids), design.X.shape[1])
     n_bad = int((~fits.converged).sum())
     if n_bad:
         logg.warning(
@@ -289,7 +304,6 @@ def _fit_counts(
     fitted = np.zeros(adata.n_vars, dtype=bool)
     fitted[fitted_idx] = True
     table = count_results_frame(adata.var_names, fitted, fits)
-    arrays = count_arrays(adata.n_vars, fitted, fits.beta, proj, key_added)
     params = {
         "donor_key": donor_key,
         "grm": grm_param(grm),
