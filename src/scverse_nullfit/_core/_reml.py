@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from scanpy import logging as logg
 from scipy import linalg
 
+from ._compiled import jit
 from ._design import Spectral
 from ._read import available_threads
 from ._suffstats import scaled_cholesky
@@ -40,7 +40,7 @@ _DQ, _WV2, _H1, _H2, _H3 = range(5)
 _FAST = {"reassoc", "contract"}  # sums may be vectorised (the same order for a gene whatever the chunk or thread)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+@jit(fastmath=_FAST)
 def _weights_kernel(tau, rows, Rt, lam, w_out, wr_out, wr2_out):  # pragma: no cover - compiled
     """Per gene i (row ``rows[i]`` of ``Rt``): w = 1/(1 + tau_i lam), w r~ and sum w r~^2."""
     n = lam.shape[0]
@@ -57,7 +57,7 @@ def _weights_kernel(tau, rows, Rt, lam, w_out, wr_out, wr2_out):  # pragma: no c
         wr2_out[i] = s
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+@jit(fastmath=_FAST)
 def _evaluate_kernel(tau, rows, Rt, lam, mu, w, fit, resid_out, wv_out, sums):  # pragma: no cover - compiled
     """Per gene i at tau_i with fitted values ``fit[i] = X~ beta``: the rotated GLS residuals d = r~ - fit
     (written to ``resid_out[rows[i]]``), e = w d, v = lam e, ``wv_out[i] = w v`` and
@@ -94,7 +94,7 @@ def _evaluate_kernel(tau, rows, Rt, lam, mu, w, fit, resid_out, wv_out, sums):  
         sums[i, 4] = h3
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _logdet_sums(tau, mu, out):  # pragma: no cover - compiled
     """Per gene g: out[g] = sum_j log(1 + tau_g mu_j), one log per 8 factors (their product cannot overflow)."""
     n = mu.shape[0]
@@ -296,6 +296,20 @@ def _inverse_factor(A: np.ndarray) -> np.ndarray:
     keep = s > top * A.shape[-1] * np.finfo(float).eps
     inv_sqrt = np.where(keep, 1.0 / np.sqrt(np.where(keep, s, 1.0)), 0.0)
     return Q * inv_sqrt[..., None, :]
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) this module's kernels, for the argument types the fit uses.
+
+    Called in the background while stage 1 and the pass over the expression run, so that the first fit in a
+    process does not wait for the compiler when it reaches the REML.
+    """
+    n = 2
+    one, rows, lam = np.ones(1), np.zeros(1, dtype=np.int64), np.ones(n)
+    M = np.ones((1, n))
+    _weights_kernel(one, rows, M, lam, np.empty((1, n)), np.empty((1, n)), np.empty(1))
+    _evaluate_kernel(one, rows, M, lam, lam, M, M, np.empty((1, n)), np.empty((1, n)), np.empty((1, 5)))
+    _logdet_sums(one, lam, np.empty(1))
 
 
 def _parabola_start(grid: np.ndarray, ll: np.ndarray, best: np.ndarray) -> np.ndarray:
@@ -515,6 +529,7 @@ def fit_chunk(
     Returns the fits, or writes them into ``out[sl]`` (and returns None).
     """
     timer = StageTimer() if timer is None else timer
+    Rt = np.ascontiguousarray(Rt, dtype=np.float64)  # one compiled variant of the kernels
     G, n = Rt.shape
     fits = GeneFits.empty(G, n, problem.p) if out is None else None
     resid = fits.resid if out is None else out.resid[sl]

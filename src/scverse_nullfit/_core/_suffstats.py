@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from scanpy import logging as logg
 from scipy import linalg
 
+from ._compiled import jit
 from ._design import Donors, Spectral
 from ._read import _is_dask, available_threads, iter_chunks
 
@@ -59,7 +59,7 @@ def merge_moments(mean: np.ndarray, M2: np.ndarray, n: int, mean_b: np.ndarray, 
 SHIFT, SS, COUNT, TOT, XTY0 = 0, 1, 2, 3, 4
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, S, R):  # pragma: no cover - compiled
     """Rows ``order`` of a CSR chunk: S[code, g] += y, and the gene's record R[g] (see ``SHIFT`` ... ``XTY0``).
 
@@ -95,7 +95,7 @@ def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, S,
                 R[g, nzc[c]] += nzv[c] * v
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, R):  # pragma: no cover
     """Columns of a CSC chunk (global column ``col0 + j``), each summed over its cells in a local buffer.
 
@@ -441,9 +441,11 @@ def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral) -> Pre
     T = stats.S
     stats.S = None
     between = np.zeros(T.shape[1])  # sum_d T_dg^2 / c_d
+    fitted_by = np.hstack([c[:, None], ZtX])  # T = S - [c, Z'X] [mean; b0]: one GEMM per block
+    coef = np.vstack([stats.mean[None, :], b0])
     for a in range(0, T.shape[0], 64):  # row blocks: no temporary of T's size, one pass while in cache
         blk = T[a : a + 64]
-        blk -= c[a : a + 64, None] * stats.mean[None, :] + ZtX[a : a + 64] @ b0
+        blk -= fitted_by[a : a + 64] @ coef
         between += np.einsum("dg,dg,d->g", blk, blk, 1.0 / c[a : a + 64])
     W = rr - between
     if np.all(c == 1):

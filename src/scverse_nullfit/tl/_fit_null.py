@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, resolve_grm
-from .._core._reml import RemlProblem, Rotation, fit_genes
+from .._core._reml import RemlProblem, Rotation, fit_genes, warm_up
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
 from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
 
@@ -53,6 +54,14 @@ def _grm_param(grm) -> str:
     if isinstance(grm, pd.DataFrame):
         return "DataFrame"
     return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
+
+
+def _stage1(G: np.ndarray, donors, X: np.ndarray, t1):
+    """Stage 1: everything shared by all genes."""
+    spectral = spectral_precompute(G, donors, X)
+    problem = RemlProblem(spectral)
+    logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
+    return spectral, problem
 
 
 def fit_null(
@@ -135,15 +144,16 @@ def fit_null(
     G, donors = align_grm(grm_df, labels, grm_source)
     design = build_design(adata.obs, covariates, donor_covariates, donors)
 
-    with threadpool_limits(limits=n_threads, user_api="blas"):
-        t1 = logg.debug("    stage 1: donor-level eigendecomposition")
-        spectral = spectral_precompute(G, donors, design.X)
-        problem = RemlProblem(spectral)
-        logg.debug(f"    stage 1: {len(donors.ids)} donors, {design.X.shape[1]} design columns", time=t1)
+    with threadpool_limits(limits=n_threads, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
+        # stage 1 (the donor-level eigendecompositions) runs alongside the pass over the expression
+        t1 = logg.debug("    stage 1: donor-level eigendecompositions (in the background)")
+        stage1 = pool.submit(_stage1, G, donors, design.X, t1)
+        pool.submit(warm_up)  # then the REML kernels are compiled (or loaded from numba's cache) ahead of use
 
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
         stats = sufficient_stats(Y, fitted_idx, donors, design.X)
+        spectral, problem = stage1.result()
         pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)

@@ -1,0 +1,22 @@
+"""Compiled kernels: numba's on-disk cache where a writable place for it exists, and compilation ahead of use.
+
+numba writes the cache next to the source (``__pycache__``) or, when that is read-only (a system-wide install), in
+the user's cache directory (``NUMBA_CACHE_DIR`` if set, else e.g. ``~/.cache/numba``). When neither can be written,
+the kernels are compiled in every process instead of failing at import.
+"""
+
+from __future__ import annotations
+
+import numba
+
+
+def jit(**options):
+    """``numba.njit(cache=True, nogil=True, **options)``, without the cache when no cache directory is writable."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available": compile per process
+            return numba.njit(cache=False, nogil=True, **options)(fn)
+
+    return wrap
