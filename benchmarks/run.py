@@ -30,8 +30,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,12 +51,14 @@ SIZES = {
     "genes-5k": (26_593, 1_611, 5_000, "memory"),
     "stream-dask": (1_000_000, 1_000, 5_000, "dask"),
     "stream-cluster": (1_000_000, 1_000, 5_000, "dask-cluster"),
+    "first-call": (26_593, 1_611, 20_000, "memory"),
 }
 GROUPS = {
     "scaling": ["cells-10k", "cells-100k", "stream", "genes-1k", "genes-2k", "genes-5k", "seed"],
     "dask": ["stream-dask", "stream-cluster"],
     "all": [
         "seed",
+        "first-call",
         "stream",
         "cells-10k",
         "cells-100k",
@@ -100,9 +104,44 @@ def run_child(task: str, path: Path, mode: str, extra: dict | None = None) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def first_call(path: Path) -> dict:
+    """The first and second fit in a fresh process, with an empty numba cache and a read-only copy of the package.
+
+    The copy is made read-only with a read-only bind mount in a private mount namespace when running as root (for
+    whom file modes do not stop writes), else with ``chmod -R a-w``; numba then caches in the user cache directory
+    (``XDG_CACHE_HOME``, pointed at a new empty directory).
+    """
+    code = "import scverse_nullfit, os; print(os.path.dirname(scverse_nullfit.__file__))"
+    where = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="snf-first-call-") as tmp:
+        pkg, cache = Path(tmp, "site"), Path(tmp, "cache")
+        shutil.copytree(where, pkg / "scverse_nullfit", ignore=shutil.ignore_patterns("__pycache__"))
+        cache.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+        env["PYTHONPATH"] = os.pathsep.join([str(pkg), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+        env["XDG_CACHE_HOME"] = str(cache)
+        cmd = [sys.executable, str(HERE / "child.py"), "first_call", str(path), "memory", "{}"]
+        if os.geteuid() == 0 and shutil.which("unshare"):
+            script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" && shift && exec "$@"'
+            cmd = ["unshare", "--mount", "sh", "-c", script, "sh", str(pkg), *cmd]
+        else:
+            subprocess.run(["chmod", "-R", "a-w", str(pkg)], check=True)
+        try:
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        finally:
+            subprocess.run(["chmod", "-R", "u+w", str(pkg)], check=False)
+    if out.stderr.strip():
+        print(out.stderr.rstrip(), file=sys.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def bench(name: str, data_dir: Path, *, statsmodels: bool = True, log: bool = False) -> dict:
     cells, donors, genes, mode = SIZES[name]
     path = ensure_data(data_dir, cells, donors, genes)
+    if name == "first-call":
+        res = first_call(path)
+        return {"size": "first call, empty cache", "kind": "first_call", "mode": mode, "cells": cells,
+                "donors": donors, "genes": genes, **res, "extra": res["first"] - res["second"]}  # fmt: skip
     row = {"size": name, "mode": mode, "cells": cells, "donors": donors, "genes": genes}
     extra = {"log": log}
     if mode == "dask-cluster":
@@ -166,9 +205,27 @@ def table(rows: list[dict]) -> str:
     sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
     lines = [head, sep]
     for row in rows:
+        if row.get("kind") == "first_call":
+            continue
         cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def first_call_table(rows: list[dict]) -> str:
+    lines = [
+        "| size | first fit (s) | second fit (s) | first - second (s) | package read-only | cache files written |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("kind") != "first_call":
+            continue
+        where = f"{row['cache_in_user_dir']} in the user cache dir, {row['cache_in_package']} in the package"
+        lines.append(
+            f"| {row['cells']:,} x {row['donors']:,} x {row['genes']:,} | {row['first']:.2f} | "
+            f"{row['second']:.2f} | {row['extra']:.2f} | {'no' if row['package_writable'] else 'yes'} | {where} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def stage_table(rows: list[dict]) -> str:
@@ -177,6 +234,8 @@ def stage_table(rows: list[dict]) -> str:
         "|---" * (len(STAGES) + 4) + "|",
     ]
     for row in rows:
+        if row.get("kind") == "first_call":
+            continue
         st = row.get("stages", {})
         fl = row.get("floor_parts", {})
         vals = [f"{st[s]:.2f}" if s in st else "-" for s in STAGES]
@@ -248,7 +307,18 @@ def page(rows: list[dict], extra: str = "") -> str:
         "Stage timings of the fit (s) and the parts of its floor (s):",
         "",
     ]
-    out += [stage_table(rows), "", f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.", ""]
+    out += [stage_table(rows), ""]
+    first = first_call_table(rows)
+    if first:
+        out += [
+            "The first fit in a fresh process, with an empty numba cache and the package on a read-only file system "
+            "(numba compiles the kernels, partly while stage 1 and the pass run, and writes them to the user cache "
+            "directory), against the second fit in the same process:",
+            "",
+            first,
+            "",
+        ]
+    out += [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.", ""]
     if extra:
         out += [extra, ""]
     return "\n".join(out)
@@ -293,8 +363,9 @@ def main(argv=None) -> int:
         if args.label:
             row["size"] = f"{name} ({args.label})"
         rows.append(row)
-        print(table([row]).splitlines()[-1], flush=True)
+        print(json.dumps(row) if row.get("kind") == "first_call" else table([row]).splitlines()[-1], flush=True)
     out = table(rows) + "\n\nStage timings (s) of the fit, and the floor's parts:\n\n" + stage_table(rows)
+    out += "\n\n" + first_call_table(rows)
     print()
     print(out)
     print(f"\n{machine()}")

@@ -236,7 +236,7 @@ class RemlProblem:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if len(tau) and not tau.any():
             return self._evaluate_at_zero(rows, Rt, W, resid, with_loglik=with_loglik)
-        m, n, p = len(tau), len(self.lam), self.p
+        m, n = len(tau), len(self.lam)
         w = np.empty((m, n))
         wr = np.empty((m, n))
         wr2 = np.empty(m)
@@ -393,7 +393,8 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
             newton = t - dl / d2l
             if ev.d3loglik is not None:  # Halley's step (cubic convergence) where it stays in the bracket
                 halley = t - 2.0 * dl * d2l / (2.0 * d2l * d2l - dl * ev.d3loglik)
-                use = np.isfinite(halley) & (halley > lo_a) & (halley < hi_a) & (np.abs(halley - newton) < np.abs(newton - t))
+                closer = np.abs(halley - newton) < np.abs(newton - t)  # a refinement of Newton's step, not a jump
+                use = np.isfinite(halley) & (halley > lo_a) & (halley < hi_a) & closer
                 newton = np.where(use, halley, newton)
         good = (d2l < 0) & (newton > lo_a) & (newton < hi_a)
         mid = np.where(lo_a > 0, np.sqrt(lo_a * hi_a), 0.5 * (lo_a + hi_a))
