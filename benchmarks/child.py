@@ -270,7 +270,7 @@ def task_airqtl_inputs(path: str, mode: str, extra: dict) -> dict:
     Y = Y.toarray() if hasattr(Y, "toarray") else np.asarray(Y)
     dt = np.ascontiguousarray(Y[order].T, dtype=np.float64)
     dc = np.ascontiguousarray(_design(obs)[order].T)
-    ns = np.bincount(codes, minlength=len(ids)).astype(np.uint64)
+    ns = np.bincount(codes, minlength=len(ids)).astype(np.int64)  # uint64 would make its offsets float
     mk = grm.loc[ids, ids].to_numpy(np.float64)
     out = extra["out"]
     np.savez(out, dt=dt, dc=dc, ns=ns, mk=mk)

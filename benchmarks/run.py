@@ -52,6 +52,7 @@ SIZES = {
     "stream-dask": (1_000_000, 1_000, 5_000, "dask"),
     "stream-cluster": (1_000_000, 1_000, 5_000, "dask-cluster"),
     "first-call": (26_593, 1_611, 20_000, "memory"),
+    "airqtl": (26_593, 1_611, 20_000, "memory"),
 }
 GROUPS = {
     "scaling": ["cells-10k", "cells-100k", "stream", "genes-1k", "genes-2k", "genes-5k", "seed"],
@@ -59,6 +60,7 @@ GROUPS = {
     "all": [
         "seed",
         "first-call",
+        "airqtl",
         "stream",
         "cells-10k",
         "cells-100k",
@@ -135,9 +137,33 @@ def first_call(path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench(name: str, data_dir: Path, *, statsmodels: bool = True, log: bool = False) -> dict:
+#: Genes airqtl fits (one at a time); its time is extrapolated to all genes.
+AIRQTL_GENES = 400
+
+
+def airqtl(path: Path, python: str) -> dict:
+    """airqtl's heritability estimator on the first ``AIRQTL_GENES`` genes, run by airqtl's own ``python``."""
+    if not Path(python).exists():
+        return {"error": f"no airqtl environment at {python} (see benchmarks/airqtl_child.py)"}
+    with tempfile.TemporaryDirectory(prefix="snf-airqtl-") as tmp:
+        inputs = Path(tmp, "airqtl_inputs.npz")
+        run_child("airqtl_inputs", path, "memory", {"genes": AIRQTL_GENES, "out": str(inputs)})
+        out = subprocess.run([python, str(HERE / "airqtl_child.py"), str(inputs)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench(name: str, data_dir: Path, *, statsmodels: bool = True, log: bool = False, airqtl_python: str = "") -> dict:
     cells, donors, genes, mode = SIZES[name]
     path = ensure_data(data_dir, cells, donors, genes)
+    if name == "airqtl":
+        res = airqtl(path, airqtl_python)
+        row = {"size": "airqtl 0.1.1", "kind": "airqtl", "mode": mode, "cells": cells, "donors": donors, "genes": genes}
+        row.update(res)
+        if "per_gene" in res:
+            row["wall"] = res["eigen"] + res["per_gene"] * genes
+        return row
     if name == "first-call":
         res = first_call(path)
         return {"size": "first call, empty cache", "kind": "first_call", "mode": mode, "cells": cells,
@@ -205,7 +231,7 @@ def table(rows: list[dict]) -> str:
     sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
     lines = [head, sep]
     for row in rows:
-        if row.get("kind") == "first_call":
+        if row.get("kind") in ("first_call", "airqtl"):
             continue
         cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -228,13 +254,34 @@ def first_call_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def airqtl_table(rows: list[dict]) -> str:
+    seed = next((r for r in rows if r.get("size") == "seed"), None)
+    lines = []
+    for row in rows:
+        if row.get("kind") != "airqtl":
+            continue
+        if "error" in row:
+            lines.append(f"airqtl could not be run: {row['error']}")
+            continue
+        ours = seed["wall"] if seed else float("nan")
+        lines += [
+            "| tool | genes fitted | kinship eigendecomposition (s) | per gene (s) | all 20,000 genes (s) | "
+            "scverse-nullfit, same data (s) | airqtl / scverse-nullfit |",
+            "|---|---|---|---|---|---|---|",
+            f"| airqtl {row.get('version', '0.1.1')} (CPU) | {row['genes']:,} of {row.get('total_genes', 20_000):,} | "
+            f"{row['eigen']:.2f} | {row['per_gene']:.4f} | {row['wall']:.0f} (extrapolated) | {ours:.1f} | "
+            f"{row['wall'] / ours:.1f} |",
+        ]
+    return "\n".join(lines)
+
+
 def stage_table(rows: list[dict]) -> str:
     lines = [
         "| size | " + " | ".join(STAGES) + " | floor: eigh | floor: Z'Y pass | floor: GEMM |",
         "|---" * (len(STAGES) + 4) + "|",
     ]
     for row in rows:
-        if row.get("kind") == "first_call":
+        if row.get("kind") in ("first_call", "airqtl"):
             continue
         st = row.get("stages", {})
         fl = row.get("floor_parts", {})
@@ -318,6 +365,16 @@ def page(rows: list[dict], extra: str = "") -> str:
             first,
             "",
         ]
+    air = airqtl_table(rows)
+    if air:
+        out += [
+            "airqtl's heritability estimator (`airqtl.heritability.estimate`, maximum likelihood, numpy on the CPU; "
+            "airqtl 0.1.1 in its own virtual environment) on the seed's data, against the `seed` row of the same "
+            "run (the whole `fit_null`):",
+            "",
+            air,
+            "",
+        ]
     out += [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.", ""]
     if extra:
         out += [extra, ""]
@@ -342,6 +399,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--page-only", action="store_true", help="only rewrite --markdown from --results")
     parser.add_argument("--log", action="store_true", help="show fit_null's debug log (stage timings)")
+    parser.add_argument(
+        "--airqtl-python",
+        default=os.environ.get("SNF_AIRQTL_PYTHON", "/work/venv-airqtl/bin/python"),
+        help="python of a separate venv with airqtl==0.1.1 installed (for the airqtl row)",
+    )
     parser.add_argument("--label", default="", help="appended to the size name in the table (e.g. a version)")
     args = parser.parse_args(argv)
 
@@ -359,13 +421,14 @@ def main(argv=None) -> int:
         parser.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)} or {sorted(GROUPS)}")
     rows = []
     for name in dict.fromkeys(names):
-        row = bench(name, Path(args.data_dir), statsmodels=not args.no_statsmodels, log=args.log)
+        row = bench(name, Path(args.data_dir), statsmodels=not args.no_statsmodels, log=args.log,
+                    airqtl_python=args.airqtl_python)  # fmt: skip
         if args.label:
             row["size"] = f"{name} ({args.label})"
         rows.append(row)
-        print(json.dumps(row) if row.get("kind") == "first_call" else table([row]).splitlines()[-1], flush=True)
+        print(json.dumps(row) if row.get("kind") else table([row]).splitlines()[-1], flush=True)
     out = table(rows) + "\n\nStage timings (s) of the fit, and the floor's parts:\n\n" + stage_table(rows)
-    out += "\n\n" + first_call_table(rows)
+    out += "\n\n" + first_call_table(rows) + "\n\n" + airqtl_table(rows)
     print()
     print(out)
     print(f"\n{machine()}")
