@@ -94,32 +94,6 @@ def _evaluate_kernel(tau, rows, Rt, lam, mu, w, fit, resid_out, wv_out, sums):  
         sums[i, 4] = h3
 
 
-@jit()
-def _logdet_sums(tau, mu, out):  # pragma: no cover - compiled
-    """Per gene g: out[g] = sum_j log(1 + tau_g mu_j), one log per 8 factors (their product cannot overflow)."""
-    n = mu.shape[0]
-    for g in range(tau.shape[0]):
-        t = tau[g]
-        s = 0.0
-        j = 0
-        while j < n:
-            prod = 1.0
-            stop = min(n, j + 8)
-            big = False
-            for k in range(j, stop):
-                x = t * mu[k]
-                if x > 1e30:
-                    big = True
-                prod *= 1.0 + x
-            if big:  # factors too large to multiply safely: one log each
-                for k in range(j, stop):
-                    s += np.log1p(t * mu[k])
-            else:
-                s += np.log(prod)
-            j = stop
-        out[g] = s
-
-
 @dataclass
 class Evaluation:
     """REML quantities at one tau per gene (arrays over genes first); the GLS residuals are written in place."""
@@ -153,6 +127,7 @@ class RemlProblem:
         self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
         self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
         self.mu = restricted_spectrum(spectral) if mu is None else mu
+        self._mu8 = np.concatenate([self.mu, np.zeros(-len(self.mu) % 8)]).reshape(-1, 8)  # zeros add log(1) = 0
         self._Ainv0 = _spd_inverse((self.Aw + self.Xrot.T @ self.Xrot)[None])[0]  # (X'X)^-1, as at tau = 0
         self._grid_setup(TAU_GRID)
 
@@ -220,9 +195,18 @@ class RemlProblem:
         return Evaluation(loglik, dl, d2l, q, np.zeros((m, self.p)), Ainv)
 
     def logdet(self, tau: np.ndarray) -> np.ndarray:
-        """``log|K'HK| = sum_j log(1 + tau mu_j)`` at a per-gene ``tau``."""
+        """``log|K'HK| = sum_j log(1 + tau mu_j)`` at a per-gene ``tau``: one log per 8 factors (whose product cannot
+        overflow), one log each for the rare genes with a factor above 1e30."""
+        tau = np.asarray(tau, dtype=np.float64)
         out = np.empty(len(tau))
-        _logdet_sums(np.ascontiguousarray(tau, dtype=np.float64), self.mu, out)
+        for a in range(0, len(tau), 256):  # blocks of genes: temporaries of a few MB
+            t = tau[a : a + 256]
+            f = np.multiply.outer(t, self._mu8)
+            big = (f > 1e30).any(axis=(1, 2))
+            f += 1.0
+            out[a : a + 256] = np.log(f.prod(axis=2)).sum(axis=1)
+            if big.any():
+                out[a : a + 256][big] = np.log1p(np.multiply.outer(t[big], self.mu)).sum(axis=1)
         return out
 
     def evaluate(self, tau: np.ndarray, rows: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray,
@@ -309,7 +293,6 @@ def warm_up() -> None:
     M = np.ones((1, n))
     _weights_kernel(one, rows, M, lam, np.empty((1, n)), np.empty((1, n)), np.empty(1))
     _evaluate_kernel(one, rows, M, lam, lam, M, M, np.empty((1, n)), np.empty((1, n)), np.empty((1, 5)))
-    _logdet_sums(one, lam, np.empty(1))
 
 
 def _parabola_start(grid: np.ndarray, ll: np.ndarray, best: np.ndarray) -> np.ndarray:

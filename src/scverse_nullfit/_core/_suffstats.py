@@ -136,6 +136,26 @@ def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, R):  # prag
         R[g, 3] = t
 
 
+def warm_up(Y) -> None:
+    """Compile (or load from numba's cache) the pass's kernel for the storage of ``Y``, e.g. in a background thread
+    while the inputs are checked and stage 1 runs; nothing for dense or dask input."""
+    if hasattr(Y, "group") and "indices" in Y.group:  # backed CSR/CSC (anndata's sparse dataset)
+        fmt, indices, data = Y.format, Y.group["indices"], Y.group["data"]
+    elif hasattr(Y, "indices") and hasattr(Y, "format"):  # scipy sparse
+        fmt, indices, data = Y.format, Y.indices, Y.data
+    else:
+        return
+    if fmt not in ("csr", "csc"):
+        return
+    idx, val = np.zeros(0, dtype=indices.dtype), np.zeros(0, dtype=data.dtype)
+    i64, two = np.zeros(0, dtype=np.int64), np.zeros(2, dtype=np.int64)
+    S, R, Xc = np.zeros((1, 1)), np.zeros((1, XTY0 + 1)), np.zeros((0, 1))
+    if fmt == "csr":
+        _csr_kernel(two, idx, val, i64, i64, Xc, i64, True, S, R)
+    else:
+        _csc_kernel(two, idx, val, 0, i64, Xc, np.full(1, -1, dtype=np.int64), S, R)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the map side
 # ------------------------------------------------------------------------------------------------------------

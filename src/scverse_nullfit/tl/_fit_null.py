@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,11 +15,14 @@ from scanpy import settings
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from .._core._compiled import compile_ahead
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, resolve_grm
-from .._core._reml import RemlProblem, Rotation, fit_genes, warm_up
+from .._core._reml import RemlProblem, Rotation, fit_genes
+from .._core._reml import warm_up as warm_up_reml
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
 from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
+from .._core._suffstats import warm_up as warm_up_pass
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -138,6 +142,8 @@ def fit_null(
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
+    # the first fit in a process compiles the kernels (or loads them from numba's cache) while the inputs are checked
+    compile_ahead(partial(warm_up_pass, Y), warm_up_reml)
     mask = _select_genes(adata.var_names, genes)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
@@ -148,7 +154,6 @@ def fit_null(
         # stage 1 (the donor-level eigendecompositions) runs alongside the pass over the expression
         t1 = logg.debug("    stage 1: donor-level eigendecompositions (in the background)")
         stage1 = pool.submit(_stage1, G, donors, design.X, t1)
-        pool.submit(warm_up)  # then the REML kernels are compiled (or loaded from numba's cache) ahead of use
 
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
