@@ -366,6 +366,7 @@ def sufficient_stats(
     *,
     block_elements: int | None = None,
     prefetch: bool = True,
+    n_threads: int | None = None,
 ) -> SuffStats:
     """One pass over ``Y[:, genes]`` (dense, sparse, backed or dask), never holding more than one chunk.
 
@@ -378,7 +379,7 @@ def sufficient_stats(
         from ._dask import dask_sufficient_stats
 
         return dask_sufficient_stats(Y, genes, donors, X)
-    n_threads = available_threads()
+    n_threads = available_threads() if n_threads is None else max(1, int(n_threads))
     acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
     waiting = summing = 0.0
     n_chunks = n_values = 0
