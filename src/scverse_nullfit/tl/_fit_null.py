@@ -155,7 +155,7 @@ def fit_null(
         # stage 1 (the donor-level eigendecompositions) runs alongside the pass over the expression, the threads
         # shared between them (no oversubscription: a BLAS thread left waiting for a busy core stalls the others)
         threads = available_threads()
-        t1 = logg.debug("    stage 1: donor-level eigendecompositions" + (" (in the background)" if threads > 1 else ""))
+        t1 = logg.debug(f"    stage 1: donor-level eigendecompositions{' (in the background)' if threads > 1 else ''}")
         if threads > 1:
             stage1 = pool.submit(_stage1, G, donors, design.X, t1, threads // 2)
         else:  # one thread: one thing at a time
