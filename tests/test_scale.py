@@ -18,7 +18,14 @@ from scipy import sparse
 import scverse_nullfit as snf
 from scverse_nullfit._core import _read
 from scverse_nullfit._core._design import align_grm, build_design, donor_labels, spectral_precompute
-from scverse_nullfit._core._reml import RemlProblem, Rotation, fit_genes
+from scverse_nullfit._core._reml import (
+    RemlProblem,
+    Rotation,
+    fit_genes,
+    problem_from_stage1,
+    restricted_spectrum,
+    restricted_spectrum_from_grm,
+)
 from scverse_nullfit._core._suffstats import Accumulator, pre_residualise, scaled_residual_sums, sufficient_stats
 
 from .conftest import COVARIATES, DONOR_COVARIATES
@@ -278,6 +285,19 @@ def test_gene_chunks_and_threads(sparse_adata, pieces, chunk_size, n_threads):
     ref = _gene_fits(sparse_adata, pieces, n_threads=1)
     other = _gene_fits(sparse_adata, pieces, chunk_size=chunk_size, n_threads=n_threads, rotation=chunk_size != 5)
     _assert_same_fits(other, ref, f"chunk_size={chunk_size}, n_threads={n_threads}")
+
+
+def test_restricted_spectrum_alongside_stage1(sparse_adata, pieces):
+    """The restricted eigenvalues computed without the GRM's eigenvectors (alongside them) are the same."""
+    donors, design, spectral = pieces
+    G, _ = align_grm(sparse_adata.uns["grm"], donor_labels(sparse_adata.obs, "donor_id"), "test")
+    mu, trace = restricted_spectrum_from_grm(G, donors, design.X)
+    exact = restricted_spectrum(spectral)
+    np.testing.assert_allclose(mu, exact, rtol=0, atol=1e-12 * exact.max())
+    np.testing.assert_allclose(trace, spectral.lam.sum(), rtol=1e-12)
+    np.testing.assert_array_equal(problem_from_stage1(spectral, (mu, trace)).mu, mu)
+    # eigenvalues of D^1/2 G D^1/2 clipped at 0 (trace below their sum): the eigenvalues come from the clipped ones
+    np.testing.assert_array_equal(problem_from_stage1(spectral, (mu, trace - 1.0)).mu, exact)
 
 
 def test_fit_null_threads(sparse_adata, reference):

@@ -22,7 +22,7 @@ from scanpy import logging as logg
 from scipy import linalg
 
 from ._compiled import jit
-from ._design import Spectral
+from ._design import Donors, Spectral, donor_sums
 from ._read import available_threads
 from ._suffstats import scaled_cholesky
 
@@ -262,6 +262,41 @@ def restricted_spectrum(spectral: Spectral) -> np.ndarray:
     B = np.sqrt(spectral.lam)[:, None] * Qx
     E = -(B @ B.T)
     E[np.diag_indices_from(E)] += spectral.lam
+    return _eigenvalues(E)
+
+
+def restricted_spectrum_from_grm(G: np.ndarray, donors: Donors, X: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`restricted_spectrum` without the eigenvectors of ``M = D^1/2 G D^1/2``, so that it can run alongside
+    their computation: ``E`` has the eigenvalues of ``S M S`` with ``S = (I - B B')^1/2``, ``B = D^-1/2 Z'X (X'X)^-1/2``
+    (``I - B B'`` is positive semi-definite because ``X'X`` includes the between-donor ``X~'X~``).
+
+    Returns ``mu`` and the trace of ``M``: ``M`` is not clipped at 0 here, so where its eigenvalues were (their sum
+    exceeds the trace), :func:`problem_from_stage1` uses :func:`restricted_spectrum` instead.
+    """
+    counts = donors.counts
+    ZtX = donor_sums(X, donors)
+    L, scale = scaled_cholesky(X.T @ X)
+    sqrt_c = np.sqrt(counts)
+    B = linalg.solve_triangular(L, (ZtX / sqrt_c[:, None] * scale).T, lower=True, check_finite=False).T
+    s, Vc = np.linalg.eigh(B.T @ B)  # eigenvalues in [0, 1]
+    s = np.clip(s, 0.0, 1.0)
+    K = B @ (Vc * np.sqrt(1.0 / (1.0 + np.sqrt(1.0 - s))))  # S = I - K K'
+    M = G * sqrt_c[:, None] * sqrt_c[None, :]
+    P = M @ K
+    SMS = M - K @ P.T - P @ K.T + K @ (K.T @ P) @ K.T
+    return _eigenvalues((SMS + SMS.T) / 2), float(np.trace(M))
+
+
+def problem_from_stage1(spectral: Spectral, mu_and_trace: tuple[np.ndarray, float]) -> RemlProblem:
+    """The :class:`RemlProblem` from stage 1's two parts, computed independently (see
+    :func:`restricted_spectrum_from_grm`)."""
+    mu, trace = mu_and_trace
+    clipped = spectral.lam.sum() - trace  # the eigenvalues of M set to 0
+    exact = clipped <= 1e-10 * len(spectral.lam) * max(spectral.lam.max(initial=0.0), 1e-300)
+    return RemlProblem(spectral, mu=mu if exact else None)
+
+
+def _eigenvalues(E: np.ndarray) -> np.ndarray:
     try:
         mu = linalg.eigh(E, eigvals_only=True, check_finite=False, overwrite_a=True, driver="evd")
     except (np.linalg.LinAlgError, ValueError) as err:

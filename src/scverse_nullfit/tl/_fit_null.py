@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .._core._compiled import compile_ahead
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import available_threads, describe_matrix, get_expression, resolve_grm
-from .._core._reml import RemlProblem, Rotation, fit_genes
+from .._core._reml import Rotation, fit_genes, problem_from_stage1, restricted_spectrum_from_grm
 from .._core._reml import warm_up as warm_up_reml
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
 from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
@@ -60,13 +60,10 @@ def _grm_param(grm) -> str:
     return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
 
 
-def _stage1(G: np.ndarray, donors, X: np.ndarray, t1, blas_threads: int):
-    """Stage 1: everything shared by all genes, with ``blas_threads`` (the pass runs alongside on the others)."""
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
-        spectral = spectral_precompute(G, donors, X)
-        problem = RemlProblem(spectral)
+def _spectral(G: np.ndarray, donors, X: np.ndarray, t1):
+    spectral = spectral_precompute(G, donors, X)
     logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
-    return spectral, problem
+    return spectral
 
 
 def fit_null(
@@ -151,21 +148,24 @@ def fit_null(
     G, donors = align_grm(grm_df, labels, grm_source)
     design = build_design(adata.obs, covariates, donor_covariates, donors)
 
-    with threadpool_limits(limits=n_threads, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
-        # stage 1 (the donor-level eigendecompositions) runs alongside the pass over the expression, the threads
-        # shared between them (no oversubscription: a BLAS thread left waiting for a busy core stalls the others)
+    with threadpool_limits(limits=n_threads, user_api="blas"), ThreadPoolExecutor(2, "snf-stage1") as pool:
+        # stage 1 (the two donor-level eigendecompositions, independent) runs alongside the pass over the expression,
+        # each on one thread: a multi-threaded BLAS call whose threads wait for busy cores stalls them all
         threads = available_threads()
         t1 = logg.debug(f"    stage 1: donor-level eigendecompositions{' (in the background)' if threads > 1 else ''}")
-        if threads > 1:
-            stage1 = pool.submit(_stage1, G, donors, design.X, t1, threads // 2)
-        else:  # one thread: one thing at a time
-            stage1 = Future()
-            stage1.set_result(_stage1(G, donors, design.X, t1, 1))
-
         fitted_idx = np.flatnonzero(mask)
-        t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats = sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=max(1, threads - threads // 2))
-        spectral, problem = stage1.result()
+        if threads > 1:
+            with threadpool_limits(limits=1, user_api="blas"):
+                spectral_f = pool.submit(_spectral, G, donors, design.X, t1)
+                mu_f = pool.submit(restricted_spectrum_from_grm, G, donors, design.X)
+                t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
+                stats = sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=max(1, threads - 2))
+                spectral, mu = spectral_f.result(), mu_f.result()
+        else:  # one thread: one thing at a time
+            spectral, mu = _spectral(G, donors, design.X, t1), restricted_spectrum_from_grm(G, donors, design.X)
+            t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
+            stats = sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=1)
+        problem = problem_from_stage1(spectral, mu)
         pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
