@@ -150,7 +150,8 @@ def fit_null(
 
     with threadpool_limits(limits=n_threads, user_api="blas"), ThreadPoolExecutor(2, "snf-stage1") as pool:
         # stage 1 (the two donor-level eigendecompositions, independent) runs alongside the pass over the expression,
-        # each on one thread: a multi-threaded BLAS call whose threads wait for busy cores stalls them all
+        # each on one BLAS thread (a multi-threaded BLAS call whose threads wait for busy cores stalls them all; the
+        # pass's threads do not wait for each other)
         threads = available_threads()
         t1 = logg.debug(f"    stage 1: donor-level eigendecompositions{' (in the background)' if threads > 1 else ''}")
         fitted_idx = np.flatnonzero(mask)
@@ -159,7 +160,7 @@ def fit_null(
                 spectral_f = pool.submit(_spectral, G, donors, design.X, t1)
                 mu_f = pool.submit(restricted_spectrum_from_grm, G, donors, design.X)
                 t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-                stats = sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=max(1, threads - 2))
+                stats = sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=threads)
                 spectral, mu = spectral_f.result(), mu_f.result()
         else:  # one thread: one thing at a time
             spectral, mu = _spectral(G, donors, design.X, t1), restricted_spectrum_from_grm(G, donors, design.X)
