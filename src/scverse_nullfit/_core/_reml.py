@@ -41,9 +41,11 @@ _FAST = {"reassoc", "contract"}  # sums may be vectorised (the same order for a 
 
 
 @jit(fastmath=_FAST)
-def _weights_kernel(tau, rows, Rt, lam, w_out, wr_out, wr2_out):  # pragma: no cover - compiled
-    """Per gene i (row ``rows[i]`` of ``Rt``): w = 1/(1 + tau_i lam), w r~ and sum w r~^2."""
-    n = lam.shape[0]
+def _weights_kernel(tau, rows, Rt, lam, XT, XR, w_out, b_out, wr2_out):  # pragma: no cover - compiled
+    """Per gene i (row ``rows[i]`` of ``Rt``): w = 1/(1 + tau_i lam), b = X~'((w - 1) r~) (``XR = Rt X~``) and
+    sum w r~^2."""
+    p, n = XT.shape
+    wr = np.empty(n)
     for i in range(tau.shape[0]):
         t = tau[i]
         g = rows[i]
@@ -52,33 +54,49 @@ def _weights_kernel(tau, rows, Rt, lam, w_out, wr_out, wr2_out):  # pragma: no c
             w = 1.0 / (1.0 + t * lam[j])
             r = Rt[g, j]
             w_out[i, j] = w
-            wr_out[i, j] = w * r
+            wr[j] = w * r
             s += w * r * r
         wr2_out[i] = s
+        for k in range(p):
+            acc = 0.0
+            for j in range(n):
+                acc += wr[j] * XT[k, j]
+            b_out[i, k] = acc - XR[g, k]
 
 
 @jit(fastmath=_FAST)
-def _evaluate_kernel(tau, rows, Rt, lam, mu, w, fit, resid_out, wv_out, sums):  # pragma: no cover - compiled
-    """Per gene i at tau_i with fitted values ``fit[i] = X~ beta``: the rotated GLS residuals d = r~ - fit
-    (written to ``resid_out[rows[i]]``), e = w d, v = lam e, ``wv_out[i] = w v`` and
+def _evaluate_kernel(tau, rows, Rt, lam, mu, XT, w, beta, resid_out, c_out, sums):  # pragma: no cover - compiled
+    """Per gene i at tau_i with GLS coefficients ``beta[i]``: the rotated GLS residuals d = r~ - X~ beta (written to
+    ``resid_out[rows[i]]``), e = w d, v = lam e, ``c_out[i] = X~'(w v)`` and
     ``sums[i] = (sum lam e^2, sum w v^2, sum mu u, sum (mu u)^2, sum (mu u)^3)`` with u = 1/(1 + tau mu).
     """
-    n = lam.shape[0]
+    p, n = XT.shape
     m = mu.shape[0]
+    wv = np.empty(n)
     for i in range(tau.shape[0]):
         t = tau[i]
         g = rows[i]
+        d = resid_out[g]
+        for j in range(n):
+            d[j] = Rt[g, j]
+        for k in range(p):
+            bk = beta[i, k]
+            for j in range(n):
+                d[j] -= XT[k, j] * bk
         dq = 0.0
         wv2 = 0.0
         for j in range(n):
-            d = Rt[g, j] - fit[i, j]
-            resid_out[g, j] = d
-            e = w[i, j] * d
+            e = w[i, j] * d[j]
             v = lam[j] * e
             dq += v * e
-            wv = w[i, j] * v
-            wv_out[i, j] = wv
-            wv2 += wv * v
+            x = w[i, j] * v
+            wv[j] = x
+            wv2 += x * v
+        for k in range(p):
+            acc = 0.0
+            for j in range(n):
+                acc += wv[j] * XT[k, j]
+            c_out[i, k] = acc
         h1 = 0.0
         h2 = 0.0
         h3 = 0.0
@@ -92,6 +110,26 @@ def _evaluate_kernel(tau, rows, Rt, lam, mu, w, fit, resid_out, wv_out, sums):  
         sums[i, 2] = h1
         sums[i, 3] = h2
         sums[i, 4] = h3
+
+
+@jit(fastmath=_FAST)
+def _third_kernel(rows, lam, XT, w, resid, gamma, out):  # pragma: no cover - compiled
+    """Per gene i: out[i] = sum lam z^2 with z = w (v - X~ gamma), v = lam w d, d = ``resid[rows[i]]``."""
+    p, n = XT.shape
+    z = np.empty(n)
+    for i in range(rows.shape[0]):
+        g = rows[i]
+        for j in range(n):
+            z[j] = lam[j] * w[i, j] * resid[g, j]
+        for k in range(p):
+            gk = gamma[i, k]
+            for j in range(n):
+                z[j] -= XT[k, j] * gk
+        s = 0.0
+        for j in range(n):
+            x = w[i, j] * z[j]
+            s += lam[j] * x * x
+        out[i] = s
 
 
 @dataclass
@@ -113,6 +151,7 @@ class RemlProblem:
     def __init__(self, spectral: Spectral, mu: np.ndarray | None = None):
         self.lam = np.ascontiguousarray(spectral.lam)
         self.Xrot = np.ascontiguousarray(spectral.Xrot)
+        self.XT = np.ascontiguousarray(self.Xrot.T)
         self.Aw = spectral.Aw
         self.N = spectral.n_cells
         self.p = spectral.Xrot.shape[1]
@@ -220,29 +259,23 @@ class RemlProblem:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if len(tau) and not tau.any():
             return self._evaluate_at_zero(rows, Rt, W, resid, with_loglik=with_loglik)
-        m, n = len(tau), len(self.lam)
+        m, n, p = len(tau), len(self.lam), self.p
         w = np.empty((m, n))
-        wr = np.empty((m, n))
+        b = np.empty((m, p))
         wr2 = np.empty(m)
-        _weights_kernel(tau, rows, Rt, self.lam, w, wr, wr2)
+        _weights_kernel(tau, rows, Rt, self.lam, self.XT, XR, w, b, wr2)
         A = self._unpack(w @ self.O)
         A += self.Aw
-        b = wr @ self.Xrot
-        b -= XR[rows]  # X~'((w - 1) r~)
         Ainv = _spd_inverse(A)
         beta = np.einsum("gkl,gl->gk", Ainv, b)
-        fit = np.matmul(beta, self.Xrot.T, out=wr)
         sums = np.empty((m, 5))
-        wv = np.empty((m, n))
-        _evaluate_kernel(tau, rows, Rt, self.lam, self.mu, w, fit, resid, wv, sums)
-        c = wv @ self.Xrot
+        c = np.empty((m, p))
+        _evaluate_kernel(tau, rows, Rt, self.lam, self.mu, self.XT, w, beta, resid, c, sums)
         gamma = np.einsum("gkl,gl->gk", Ainv, c)
-        z = np.matmul(gamma, self.Xrot.T, out=fit)  # the between part of P V P y: w (v - X~ gamma)
-        z *= w
-        np.subtract(wv, z, out=z)
-        z *= z
-        d3q = -6.0 * (z @ self.lam)
-        del w, wr, fit, z, wv
+        d3 = np.empty(m)
+        _third_kernel(rows, self.lam, self.XT, w, resid, gamma, d3)  # the between part of P V P y: w (v - X~ gamma)
+        d3q = -6.0 * d3
+        del w
         q = W[rows] + wr2 - np.einsum("gk,gk->g", b, beta)
         dq = -sums[:, _DQ]
         d2q = 2.0 * (sums[:, _WV2] - np.einsum("gk,gk->g", c, gamma))
@@ -323,11 +356,12 @@ def warm_up() -> None:
     Called in the background while stage 1 and the pass over the expression run, so that the first fit in a
     process does not wait for the compiler when it reaches the REML.
     """
-    n = 2
+    n, p = 2, 1
     one, rows, lam = np.ones(1), np.zeros(1, dtype=np.int64), np.ones(n)
-    M = np.ones((1, n))
-    _weights_kernel(one, rows, M, lam, np.empty((1, n)), np.empty((1, n)), np.empty(1))
-    _evaluate_kernel(one, rows, M, lam, lam, M, M, np.empty((1, n)), np.empty((1, n)), np.empty((1, 5)))
+    M, P = np.ones((1, n)), np.ones((1, p))
+    _weights_kernel(one, rows, M, lam, M.copy(), P, np.empty((1, n)), np.empty((1, p)), np.empty(1))
+    _evaluate_kernel(one, rows, M, lam, lam, M.copy(), M, P, np.empty((1, n)), np.empty((1, p)), np.empty((1, 5)))
+    _third_kernel(rows, lam, M.copy(), M, M, P, np.empty(1))
 
 
 def _parabola_start(grid: np.ndarray, ll: np.ndarray, best: np.ndarray) -> np.ndarray:
