@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ._geno_common import GenotypeReader, donor_index, missing_extra, variant_ids
+from ._geno_common import GenotypeFile, donor_index, missing_extra, variant_ids
 
 
 def _cbgen():
@@ -41,7 +42,27 @@ def read_sample_file(path: Path, id_column: str | None = None) -> pd.DataFrame:
     return table
 
 
-class BgenGenotypes(GenotypeReader):
+def _check_header(path: Path) -> None:
+    """The BGEN magic number and a layout / compression that cbgen reads, else a ValueError naming the file."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[16:20] not in (b"bgen", b"\0\0\0\0"):
+        raise ValueError(f"{str(path)!r} is not a BGEN file (no 'bgen' magic number in its header).")
+    length = struct.unpack("<I", head[4:8])[0]
+    with open(path, "rb") as fh:
+        fh.seek(4 + length - 4)
+        flags = struct.unpack("<I", fh.read(4))[0]
+    compression, layout = flags & 3, (flags >> 2) & 15
+    if layout not in (1, 2):
+        raise ValueError(f"BGEN file {str(path)!r} has layout {layout}; only layouts 1 and 2 (BGEN v1.1, v1.2) exist.")
+    if layout == 2 and compression == 0:
+        raise ValueError(
+            f"BGEN file {str(path)!r} stores uncompressed layout-2 genotype blocks, which cbgen cannot read; "
+            "recompress it (e.g. 'plink2 --bgen FILE ref-first --export bgen-1.2')."
+        )
+
+
+class BgenGenotypes(GenotypeFile):
     """Dosages from a BGEN file (layouts 1 and 2, i.e. BGEN v1.1 and v1.2), read one variant at a time.
 
     Needs the optional package ``cbgen`` (``pip install 'scverse-nullfit[bgen]'``). Opening the file writes
@@ -53,6 +74,7 @@ class BgenGenotypes(GenotypeReader):
     the sum of the haplotypes' ``alt`` probabilities for phased ones; haploid calls give 0..1). Files written
     with the reference allele second (e.g. ``plink2 --export bgen-1.2`` without ``ref-first``) need
     ``ref_first=False``. Missing genotypes are NaN. Multi-allelic variants are skipped (not in ``var``).
+    Genotype blocks must be compressed (zlib or zstd) in layout 2, as every tool writes them.
     Variants are named by their rsid (else their variant ID, else ``chrom:pos:ref:alt``).
 
     Parameters
@@ -80,6 +102,7 @@ class BgenGenotypes(GenotypeReader):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"BGEN file {os.fspath(path)!r} not found.")
+        _check_header(self.path)
         try:
             self._bgen = cbgen.bgen_file(self.path)
         except RuntimeError as err:

@@ -104,7 +104,7 @@ def sorted_check(var: pd.DataFrame, path) -> None:
         )
 
 
-class GenotypeReader:
+class GenotypeFile:
     """Base of the file readers: the interface common to all, on top of ``obs``, ``var`` and ``_read``."""
 
     path: Path

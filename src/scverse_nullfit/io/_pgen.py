@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from ._geno_common import GenotypeReader, donor_index, existing, missing_extra, strip_suffix, variant_ids
+from ._geno_common import GenotypeFile, donor_index, existing, missing_extra, strip_suffix, variant_ids
 
 #: Missing dosages come out of pgenlib as this value.
 PGEN_MISSING = -9.0
@@ -125,7 +125,7 @@ def _read_pvar_zst(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["chrom", "pos", "id", "ref", "alt"]).astype({"pos": np.int64})
 
 
-class PgenGenotypes(GenotypeReader):
+class PgenGenotypes(GenotypeFile):
     """Dosages from a PLINK 2 fileset (``.pgen`` with ``.pvar``/``.pvar.zst`` and ``.psam``), read on demand.
 
     Needs the optional package ``pgenlib`` (``pip install 'scverse-nullfit[pgen]'``).

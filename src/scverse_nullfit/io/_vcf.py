@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -11,7 +12,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from ._geno_common import GenotypeReader, chrom_key, donor_index, existing, missing_extra, variant_ids
+from ._geno_common import GenotypeFile, chrom_key, donor_index, existing, missing_extra, variant_ids
 
 #: Requested records at most this far apart (in records) are read in one pass of an indexed file.
 RUN_GAP = 256
@@ -82,7 +83,28 @@ def merge_regions(regions: list[tuple[str, float, float]]) -> list[tuple[str, fl
     return out  # type: ignore[return-value]
 
 
-class VcfGenotypes(GenotypeReader):
+def _check_header_samples(path: Path) -> None:
+    """Duplicated sample names in a text VCF's header (htslib rejects such a header without saying why)."""
+    if path.name.endswith(".bcf"):
+        return
+    try:
+        with gzip.open(path, "rt") if _is_gzip(path) else open(path) as fh:
+            for line in fh:
+                if line.startswith("#CHROM"):
+                    donor_index(line.rstrip("\n").split("\t")[9:], path)
+                    return
+                if not line.startswith("##"):
+                    return
+    except (OSError, UnicodeDecodeError, EOFError):
+        return
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+class VcfGenotypes(GenotypeFile):
     """Dosages from a VCF or BCF file, read lazily in chunks of records.
 
     Needs the optional package ``cyvcf2`` (``pip install 'scverse-nullfit[vcf]'``).
@@ -140,7 +162,8 @@ class VcfGenotypes(GenotypeReader):
         self.index_path = existing(self.path, ".tbi", ".csi")
         try:
             self._vcf = cyvcf2.VCF(os.fspath(self.path), lazy=True)
-        except (OSError, ValueError, RuntimeError) as err:
+        except Exception as err:  # cyvcf2 raises a bare Exception for a bad header
+            _check_header_samples(self.path)
             raise ValueError(f"cannot read {str(self.path)!r} as VCF/BCF: {err}") from err
         self._cyvcf2 = cyvcf2
         self.obs = pd.DataFrame(index=donor_index(self._vcf.samples, self.path))
