@@ -193,32 +193,36 @@ class VcfGenotypes(GenotypeFile):
 
     # ---- metadata --------------------------------------------------------------------------------------------
 
-    def _region_query(self, contig: str, start: float, end: float):
-        end_s = "" if not np.isfinite(end) else str(int(end))
-        return self._vcf(f"{contig}:{int(start)}-{end_s}")
+    def _open(self, *, samples: bool = True):
+        """A new cyvcf2 handle; without samples, htslib skips the per-sample fields (a 10x faster metadata scan)."""
+        kwargs = {} if samples else {"samples": []}
+        return self._cyvcf2.VCF(os.fspath(self.path), lazy=True, **kwargs)
 
-    def _all_records(self) -> Iterator[tuple[int, object]]:
+    def _region_query(self, contig: str, start: float, end: float, handle=None):
+        end_s = "" if not np.isfinite(end) else str(int(end))
+        return (self._vcf if handle is None else handle)(f"{contig}:{int(start)}-{end_s}")
+
+    def _all_records(self, *, samples: bool = True) -> Iterator[tuple[int, object]]:
         """(block, record) over the records of the file or of the regions, in order."""
-        if self._blocks is None:
-            # a fresh handle: a cyvcf2 VCF iterates its records once
-            vcf = self._cyvcf2.VCF(os.fspath(self.path), lazy=True)
-            try:
+        vcf = self._open(samples=samples)  # a fresh handle: a cyvcf2 VCF iterates its records once
+        try:
+            if self._blocks is None:
                 for v in vcf:
                     yield 0, v
-            finally:
-                vcf.close()
-            return
-        for b, (contig, start, end) in enumerate(self._blocks):
-            for v in self._region_query(contig, start, end):
-                if v.POS >= start:  # skip records that only overlap the region (deletions starting before it)
-                    yield b, v
+                return
+            for b, (contig, start, end) in enumerate(self._blocks):
+                for v in self._region_query(contig, start, end, vcf):
+                    if v.POS >= start:  # skip records that only overlap the region (deletions starting before it)
+                        yield b, v
+        finally:
+            vcf.close()
 
     def _scan(self, multiallelic: str) -> None:
         chrom, pos, ids, names, ref, alt, rec, alt_i = [], [], [], [], [], [], [], []
         rec_block, rec_pos = [], []
         r = -1
         try:
-            for r, (b, v) in enumerate(self._all_records()):
+            for r, (b, v) in enumerate(self._all_records(samples=False)):
                 rec_block.append(b)
                 rec_pos.append(v.POS)
                 alts = v.ALT
