@@ -453,3 +453,39 @@ def test_plink2_conversions_agree(tmp_path, truth):
         assert list(reader.donors) == list(df.index), name
         assert list(reader.var["pos"]) == list(meta["pos"]), name
         np.testing.assert_allclose(reader.read(), df.to_numpy(), atol=atol, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ read_genotypes
+
+
+def test_read_genotypes_every_format(tmp_path, truth, vcf_files):
+    from scverse_nullfit.io._formats import read_genotypes
+
+    df, meta = truth
+    write_pgen(tmp_path / "p", df, meta)
+    encoded = write_bgen(tmp_path / "b.bgen", df, meta)
+    donors = ["D05", "D01"]
+    for path, expected in (
+        (vcf_files["vcf.gz"], df),
+        (vcf_files["bcf"], df),
+        (tmp_path / "p.pgen", df),
+        (tmp_path / "p", df),
+        (tmp_path / "b.bgen", encoded),
+    ):
+        a = read_genotypes(path, donors=donors, variants=["rs9", "rs0"])
+        assert list(a.obs_names) == donors and list(a.var_names) == ["rs9", "rs0"]
+        np.testing.assert_allclose(a.X, expected.loc[donors, ["rs9", "rs0"]].to_numpy(), atol=1e-12)
+        assert {"chrom", "pos", "ref", "alt"} <= set(a.var.columns)
+        r = read_genotypes(path, regions=["chr1:200-1000", "2:1-100"])
+        assert list(r.var_names)[-1] == "rs6" and len(r.var_names) == 4, path
+        np.testing.assert_allclose(r.X, expected.iloc[:, [1, 2, 3, 6]].to_numpy(), atol=1e-12)
+        mask = np.zeros(10, bool)
+        mask[[2, 3]] = True
+        assert read_genotypes(path, variants=mask).shape == (N_DONORS, 2)
+        assert read_genotypes(path, variants=[-1]).var_names[0] == "rs9"
+    with pytest.raises(KeyError, match=r"donors not in genotype file .*p\.pgen'.*'nobody'"):
+        read_genotypes(tmp_path / "p.pgen", donors=["nobody"])
+    with pytest.raises(KeyError, match=r"variants not in genotype file .*b\.bgen'.*'rs99'"):
+        read_genotypes(tmp_path / "b.bgen", variants=["rs99"])
+    with pytest.raises(ValueError, match=r"cannot tell the format of genotype file .*x\.txt"):
+        read_genotypes(tmp_path / "x.txt")
