@@ -196,6 +196,25 @@ def test_vcf_region_reads(tmp_path, truth):
     assert list(merged.var.index) == ["rs0", "del1", "rs1", "rs2", "chr1:900:T:C"]
 
 
+def test_vcf_indexed_reads_across_contigs_at_one_position(tmp_path):
+    """Records at the same position on two contigs: each read through the index gets its own record."""
+    df = pd.DataFrame([[0.0, 1.0, 2.0], [2.0, 0.5, 0.0]], index=["a", "b"], columns=["x", "y", "z"])
+    meta = pd.DataFrame(
+        {
+            "chrom": ["1", "2", "2"],
+            "pos": [500, 500, 500],
+            "ref": ["A"] * 3,
+            "alt": ["G", "C", "T"],
+            "id": ["x", "y", "z"],
+        },
+        index=df.columns,
+    )
+    with VcfGenotypes(bgzip_index(write_vcf(tmp_path / "c.vcf", df, meta))) as reader:
+        for j in (2, 1, 0, 1):
+            np.testing.assert_array_equal(reader.read(None, [j])[:, 0], df.iloc[:, j])
+        np.testing.assert_array_equal(reader.read(None, [0, 2]), df.iloc[:, [0, 2]])
+
+
 def test_vcf_bad_input(tmp_path, truth):
     df, meta = truth
     vcf = write_vcf(tmp_path / "g.vcf", df, meta)

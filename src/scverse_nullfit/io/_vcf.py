@@ -220,10 +220,12 @@ class VcfGenotypes(GenotypeFile):
     def _scan(self, multiallelic: str) -> None:
         chrom, pos, ids, names, ref, alt, rec, alt_i = [], [], [], [], [], [], [], []
         rec_block, rec_pos = [], []
+        # a record's block: its region (with regions), else its contig (numbered in order of appearance)
+        contig_code: dict[str, int] = {}
         r = -1
         try:
             for r, (b, v) in enumerate(self._all_records(samples=False)):
-                rec_block.append(b)
+                rec_block.append(b if self._blocks is not None else contig_code.setdefault(v.CHROM, len(contig_code)))
                 rec_pos.append(v.POS)
                 alts = v.ALT
                 if not alts or (len(alts) > 1 and multiallelic == "skip"):
@@ -244,6 +246,7 @@ class VcfGenotypes(GenotypeFile):
         self._rec = np.asarray(rec, dtype=np.int64)
         self._alt_i = np.asarray(alt_i, dtype=np.intp)
         self._rec_block = np.asarray(rec_block, dtype=np.intp)
+        self._block_contig = [b[0] for b in self._blocks] if self._blocks is not None else list(contig_code)
         self._rec_pos = np.asarray(rec_pos, dtype=np.int64)
         chrom_a = np.asarray(chrom, dtype=object)
         pos_a = np.asarray(pos, dtype=np.int64)
@@ -264,14 +267,10 @@ class VcfGenotypes(GenotypeFile):
             return
         # runs of nearby records on one contig / block, each read with one region query
         blocks = self._rec_block[wanted]
-        if self._blocks is None:
-            contig_of = self.var["chrom"].to_numpy()[np.searchsorted(self._rec, wanted)]
-            split = (np.diff(wanted) > RUN_GAP) | (contig_of[1:] != contig_of[:-1])
-        else:
-            split = (np.diff(wanted) > RUN_GAP) | (blocks[1:] != blocks[:-1])
+        split = (np.diff(wanted) > RUN_GAP) | (blocks[1:] != blocks[:-1])
         for run in np.split(wanted, np.flatnonzero(split) + 1):
             r0, r1 = int(run[0]), int(run[-1])
-            contig = self._contig_of_record(r0)
+            contig = self._block_contig[self._rec_block[r0]]
             p0, p1 = self._rec_pos[r0], self._rec_pos[r1]
             # the first record at position p0: the query's records at or after p0 are numbered from it
             first = r0
@@ -292,14 +291,6 @@ class VcfGenotypes(GenotypeFile):
                     f"{str(self.path)!r} changed since it was opened, or its index is out of date "
                     f"(records missing at {contig}:{p0}-{p1}); {index_hint(self.path)}."
                 )
-
-    def _contig_of_record(self, r: int) -> str:
-        if self._blocks is not None:
-            return self._blocks[self._rec_block[r]][0]
-        i = np.searchsorted(self._rec, r)
-        if i < len(self._rec) and self._rec[i] == r:
-            return self.var["chrom"].iat[i]
-        raise ValueError(f"record {r} of {str(self.path)!r} is not a variant")  # pragma: no cover
 
     def _records_sequential(self, wanted: np.ndarray) -> Iterator[tuple[int, object]]:
         if self._iter is None or wanted[0] < self._cursor:
