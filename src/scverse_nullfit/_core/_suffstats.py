@@ -17,7 +17,7 @@ from scanpy import logging as logg
 from scipy import linalg
 
 from ._design import Donors, Spectral
-from ._read import _is_dask, available_threads, iter_chunks
+from ._read import available_threads, iter_chunks
 
 
 @dataclass
@@ -347,17 +347,13 @@ def sufficient_stats(
     block_elements: int | None = None,
     prefetch: bool = True,
 ) -> SuffStats:
-    """One pass over ``Y[:, genes]`` (dense, sparse, backed or dask), never holding more than one chunk.
+    """One pass over ``Y[:, genes]`` (dense, sparse or backed), never holding more than one chunk.
 
     In-memory sparse input is read in place; backed input in chunks of about ``block_elements`` stored values
     (default :data:`~._read.BLOCK_ELEMENTS`), the next one read in a background thread while the current one is
-    summed; dask input is a map-reduce over its cell chunks on the current dask scheduler (see :mod:`._dask`).
+    summed. Dask input takes :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
     """
     genes = np.asarray(genes, dtype=np.int64)
-    if _is_dask(Y):
-        from ._dask import dask_sufficient_stats
-
-        return dask_sufficient_stats(Y, genes, donors, X)
     n_threads = available_threads()
     acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
     waiting = summing = 0.0

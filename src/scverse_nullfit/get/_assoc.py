@@ -8,15 +8,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._constants import Key
+from .._docs import doc_cis_result, doc_params
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
 def _cis_results(adata: AnnData, key: str) -> dict:
     hint = f"run snf.tl.cis_map(adata, genotypes, key_added={key!r})"
-    if key not in adata.uns or not isinstance(adata.uns[key], dict) or "variants" not in adata.uns[key]:
+    if key not in adata.uns or not isinstance(adata.uns[key], dict) or Key.CIS_VARIANTS not in adata.uns[key]:
         raise KeyError(f"no cis-mapping results under adata.uns[{key!r}]; {hint}.")
-    table = adata.uns[key]["variants"]
+    table = adata.uns[key][Key.CIS_VARIANTS]
     if not isinstance(table, pd.DataFrame):
         raise ValueError(
             f"adata.uns[{key!r}]['variants'] is a {type(table).__name__}, not the DataFrame cis_map stores."
@@ -24,15 +27,13 @@ def _cis_results(adata: AnnData, key: str) -> dict:
     return adata.uns[key]
 
 
+@doc_params(doc_cis_result=doc_cis_result)
 def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | None = None) -> pd.DataFrame:
     """The per-variant results of :func:`scverse_nullfit.tl.cis_map` as a DataFrame.
 
     Parameters
     ----------
-    adata
-        An AnnData on which :func:`~scverse_nullfit.tl.cis_map` has been run (possibly read back from h5ad).
-    key
-        The ``key_added`` of that call.
+    {doc_cis_result}
     genes
         A gene name or names to keep (default: all tested genes).
 
@@ -42,7 +43,7 @@ def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | Non
     ``distance``, ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` (see
     :func:`~scverse_nullfit.tl.score_test` for their definitions), with a fresh integer index.
     """
-    table = _cis_results(adata, key)["variants"]
+    table = _cis_results(adata, key)[Key.CIS_VARIANTS]
     if genes is not None:
         wanted = [genes] if isinstance(genes, str) else [str(g) for g in genes]
         unknown = [g for g in wanted if g not in adata.var_names]
@@ -52,15 +53,13 @@ def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | Non
     return table.reset_index(drop=True).copy()
 
 
+@doc_params(doc_cis_result=doc_cis_result)
 def cis_genes_df(adata: AnnData, key: str = "cis", *, tested_only: bool = False) -> pd.DataFrame:
     """The per-gene summary of :func:`scverse_nullfit.tl.cis_map` as a DataFrame.
 
     Parameters
     ----------
-    adata
-        An AnnData on which :func:`~scverse_nullfit.tl.cis_map` has been run (possibly read back from h5ad).
-    key
-        The ``key_added`` of that call.
+    {doc_cis_result}
     tested_only
         Keep only the genes with at least one variant in their window.
 

@@ -6,19 +6,19 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .._docs import doc_null_result, doc_params
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
+@doc_params(doc_null_result=doc_null_result)
 def nullfit_df(adata: AnnData, key: str = "nullfit") -> pd.DataFrame:
     """The per-gene null-model results of :func:`scverse_nullfit.tl.fit_null` as a DataFrame.
 
     Parameters
     ----------
-    adata
-        An AnnData on which :func:`~scverse_nullfit.tl.fit_null` has been run (possibly read back from h5ad).
-    key
-        The ``key_added`` of that call.
+    {doc_null_result}
 
     Returns
     -------

@@ -1,7 +1,7 @@
 """Readers and writers for genetic relationship matrices (GRMs) and genotypes."""
 
-from ._genotypes import read_plink_genotypes
 from ._grm import (
+    grm_from_plink,
     read_gcta_grm,
     read_gcta_grm_gz,
     read_grm,
@@ -10,7 +10,7 @@ from ._grm import (
     read_saige_sparse_grm,
     write_grm,
 )
-from ._plink import grm_from_plink
+from ._plink import read_plink_genotypes
 
 __all__ = [
     "grm_from_plink",

@@ -1,20 +1,26 @@
-"""cis-eQTL mapping with the stored null models: :func:`scverse_nullfit.tl.cis_map`."""
+"""cis-eQTL mapping with the stored null models: :func:`scverse_nullfit.tl.cis_map`.
+
+What is particular to cis mapping is here (gene and variant positions, windows, the rotation cache along a
+chromosome, ACAT and the per-gene summary); the score statistics come from the step-2 engine (``_step2``).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scanpy import logging as logg
-from scanpy import settings
-from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
-from ._fit_null import _check_positive_int, _select_genes
-from ._score_test import RESULT_COLUMNS, CompactNull, GenotypeMatrix, derived_statistics, fitted_genes, impute
+from .._constants import Key
+from .._core._step2 import CompactNull
+from .._docs import doc_copy, doc_n_threads, doc_params
+from .._utils import check_positive_int, select_genes
+from ..io._genotypes import GenotypeMatrix
+from ._step2 import StoredNull, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,19 +29,6 @@ if TYPE_CHECKING:
 MAX_BLOCK_GENES = 256
 #: Most float64 elements of rotated variants kept for reuse by the next gene block (about 128 MB).
 CACHE_ELEMENTS = 1 << 24
-#: Columns of the per-gene summary ``adata.varm[key_added]``, in order.
-GENE_COLUMNS = (
-    "n_variants",
-    "pval_acat",
-    "top_variant",
-    "top_pos",
-    "top_distance",
-    "top_z",
-    "top_beta",
-    "top_se",
-    "top_pval",
-    "top_pval_bonf",
-)
 
 
 def normalise_chrom(values) -> np.ndarray:
@@ -163,12 +156,13 @@ class _RotationCache:
         if c1 - self.lo > self.max_columns:
             self._drop_before(c0)
         if c1 > self.hi:
-            G, poly = impute(self.geno.read(self.rows, cand[self.hi : c1]))
-            self.Gt = np.concatenate([self.Gt, self.model.rotate(G, poly)], axis=1)
+            Gt = self.model.rotate_dosages(self.geno.read(self.rows, cand[self.hi : c1]))
+            self.Gt = np.concatenate([self.Gt, Gt], axis=1)
             self.hi = c1
         return self.Gt[:, c0 - self.lo : c1 - self.lo]
 
 
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
 def cis_map(
     adata: AnnData,
     genotypes: AnnData | pd.DataFrame | str | os.PathLike,
@@ -224,10 +218,8 @@ def cis_map(
         Where to store the results.
     chunk_size
         Variants per chunk (default: chosen to bound memory).
-    n_threads
-        Limit on BLAS threads for the call.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_n_threads}
+    {doc_copy}
 
     Returns
     -------
@@ -247,92 +239,22 @@ def cis_map(
     ``adata.uns[key_added]["params"]``
         The call's parameters.
     """
-    if not (np.isscalar(window) and np.isfinite(window) and window >= 0):
-        raise ValueError(f"window must be a number of base pairs >= 0, not {window!r}.")
-    _check_positive_int(chunk_size, "chunk_size")
-    _check_positive_int(n_threads, "n_threads")
-    if key_added in (key, f"{key}_beta", f"{key}_xhx_inv", f"{key}_resid_rot"):
-        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
-    for col in (chrom_key, pos_key):
-        if col not in adata.var.columns:
-            raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
-
-    # genes: requested, fitted (or requested by name), with a position
-    if genes is None:
-        mask = fitted_genes(adata, key)
-    else:
-        mask = _select_genes(adata.var_names, genes)
-    g_chrom = normalise_chrom(adata.var[chrom_key])
-    g_pos = _positions(adata.var[pos_key], f"adata.var[{pos_key!r}]")
-    mask &= (g_chrom != "") & np.isfinite(g_pos)
-    model = CompactNull.from_adata(adata, key, mask)
-    model_row = np.full(adata.n_vars, -1, dtype=np.intp)
-    model_row[model.var_index] = np.arange(model.n_genes)
-
-    # variants and donors
-    geno = genotypes if isinstance(genotypes, GenotypeMatrix) else GenotypeMatrix(genotypes, variants=variants)
-    for col in (variant_chrom_key, variant_pos_key):
-        if col not in geno.var.columns:
-            where = "variants" if isinstance(genotypes, pd.DataFrame) else "the genotypes' var"
-            raise KeyError(f"{col!r} is not a column of {where} (columns: {list(geno.var.columns)}).")
-    v_chrom = normalise_chrom(geno.var[variant_chrom_key])
-    v_pos = _positions(geno.var[variant_pos_key], f"variant column {variant_pos_key!r}")
+    _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
+    mask = None if genes is None else select_genes(adata.var_names, genes)
+    stored = StoredNull.read(adata, key)
+    loci = _Loci.of_genes(adata, chrom_key, pos_key)
+    mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
+    model = stored.compact(mask)
+    geno = open_genotypes(genotypes, variants)
+    loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))
     rows = geno.align(model.donors)
 
-    codes, _ = pd.factorize(np.concatenate([g_chrom, v_chrom]))
-    gcode, vcode = codes[: adata.n_vars], codes[adata.n_vars :]
-    vvalid = (v_chrom != "") & np.isfinite(v_pos)
-    v_order = np.lexsort((v_pos, vcode))
-    v_order = v_order[vvalid[v_order]]
-    by_chrom = {c: v_order[vcode[v_order] == c] for c in np.unique(vcode[v_order])}
-
     genes_idx = np.flatnonzero(mask)
-    blocks = _gene_blocks(gcode[genes_idx], g_pos[genes_idx], float(window))
     start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
-    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    show = settings.verbosity >= 2 and len(genes_idx) > 1000
-    with (
-        threadpool_limits(limits=n_threads, user_api="blas"),
-        tqdm(total=len(genes_idx), desc="genes", unit="gene", disable=not show) as bar,
-    ):
-        cache = _RotationCache(model, geno, rows)
-        for block in blocks:
-            gidx = genes_idx[block]
-            bar.update(len(gidx))
-            chrom = gcode[gidx[0]]
-            cand = by_chrom.get(chrom)
-            if cand is None:
-                continue
-            cpos = v_pos[cand]
-            lo = int(np.searchsorted(cpos, g_pos[gidx].min() - window, side="left"))
-            hi = int(np.searchsorted(cpos, g_pos[gidx].max() + window, side="right"))
-            if hi <= lo:
-                continue
-            mrows = model_row[gidx]
-            fitted = mrows >= 0
-            cache.advance(chrom, lo)
-            step = int(chunk_size) if chunk_size is not None else model.variant_chunk(max(1, int(fitted.sum())))
-            for c0 in range(lo, hi, step):
-                c1 = min(hi, c0 + step)
-                cols = cand[c0:c1]
-                inwin = np.abs(v_pos[cols][None, :] - g_pos[gidx][:, None]) <= window
-                if not inwin.any():
-                    continue
-                S = np.full((len(gidx), len(cols)), np.nan)
-                Var = np.full((len(gidx), len(cols)), np.nan)
-                if fitted.any():
-                    S[fitted], Var[fitted] = model.stats(cache.get(cand, c0, c1), mrows[fitted])
-                gi, vi = np.nonzero(inwin)
-                pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi]))
-
-    if pieces:
-        gene_i, var_i, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
-    else:
-        gene_i = var_i = np.zeros(0, dtype=np.intp)
-        S = Var = np.zeros(0)
-    order = np.lexsort((var_i, v_pos[var_i], gene_i))
-    gene_i, var_i, S, Var = gene_i[order], var_i[order], S[order], Var[order]
-    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, g_pos, v_chrom, v_pos)
+    with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
+        found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar)
+    gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
+    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
     summary = _gene_summary(adata, table, gene_i)
     params = {
         "key": key,
@@ -347,7 +269,7 @@ def cis_map(
     }
     target = adata.copy() if copy else adata
     target.varm[key_added] = summary
-    target.uns[key_added] = {"variants": table, "params": params}
+    target.uns[key_added] = {Key.CIS_VARIANTS: table, Key.PARAMS: params}
     logg.info(
         "    finished",
         time=start,
@@ -359,24 +281,121 @@ def cis_map(
     return target if copy else None
 
 
-def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, g_pos, v_chrom, v_pos) -> pd.DataFrame:
-    gene_cats = adata.var_names[genes_idx]
+def _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads) -> None:
+    if not (np.isscalar(window) and np.isfinite(window) and window >= 0):
+        raise ValueError(f"window must be a number of base pairs >= 0, not {window!r}.")
+    check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(n_threads, "n_threads")
+    if key_added in Key.null_varm(key):
+        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
+    for col in (chrom_key, pos_key):
+        if col not in adata.var.columns:
+            raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
+
+
+@dataclass
+class _Loci:
+    """Chromosomes and positions of the genes and the variants, chromosomes coded alike for both."""
+
+    g_chrom: np.ndarray  #: (genes,) normalised chromosome names ("" if missing)
+    g_pos: np.ndarray  #: (genes,) positions (NaN if missing)
+    v_chrom: np.ndarray | None = None
+    v_pos: np.ndarray | None = None
+    g_code: np.ndarray | None = None  #: (genes,) chromosome codes shared with ``v_code``
+    v_code: np.ndarray | None = None
+    by_chrom: dict | None = None  #: chromosome code -> the valid variants on it, sorted by position
+
+    @classmethod
+    def of_genes(cls, adata: AnnData, chrom_key: str, pos_key: str) -> _Loci:
+        return cls(normalise_chrom(adata.var[chrom_key]), _positions(adata.var[pos_key], f"adata.var[{pos_key!r}]"))
+
+    @property
+    def gene_ok(self) -> np.ndarray:
+        """Genes with a chromosome and a position."""
+        return (self.g_chrom != "") & np.isfinite(self.g_pos)
+
+    def add_variants(self, geno: GenotypeMatrix, chrom_key: str, pos_key: str, *, from_dataframe: bool) -> None:
+        for col in (chrom_key, pos_key):
+            if col not in geno.var.columns:
+                where = "variants" if from_dataframe else "the genotypes' var"
+                raise KeyError(f"{col!r} is not a column of {where} (columns: {list(geno.var.columns)}).")
+        self.v_chrom = normalise_chrom(geno.var[chrom_key])
+        self.v_pos = _positions(geno.var[pos_key], f"variant column {pos_key!r}")
+        n_genes = len(self.g_chrom)
+        codes, _ = pd.factorize(np.concatenate([self.g_chrom, self.v_chrom]))
+        self.g_code, self.v_code = codes[:n_genes], codes[n_genes:]
+        valid = (self.v_chrom != "") & np.isfinite(self.v_pos)
+        order = np.lexsort((self.v_pos, self.v_code))
+        order = order[valid[order]]
+        self.by_chrom = {c: order[self.v_code[order] == c] for c in np.unique(self.v_code[order])}
+
+
+def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci, genes_idx: np.ndarray,
+                  window: float, chunk_size: int | None, bar) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
+    """Score statistics of every gene against the variants in its window, block by block of nearby genes.
+
+    Returns pieces ``(gene index, variant index, S, Var)`` of the (gene, variant) pairs in a window.
+    """
+    model_row = np.full(len(loci.g_chrom), -1, dtype=np.intp)
+    model_row[model.var_index] = np.arange(model.n_genes)
+    g_pos, v_pos = loci.g_pos, loci.v_pos
+    pieces: list[tuple[np.ndarray, ...]] = []
+    cache = _RotationCache(model, geno, rows)
+    for block in _gene_blocks(loci.g_code[genes_idx], g_pos[genes_idx], window):
+        gidx = genes_idx[block]
+        bar.update(len(gidx))
+        chrom = loci.g_code[gidx[0]]
+        cand = loci.by_chrom.get(chrom)
+        if cand is None:
+            continue
+        cpos = v_pos[cand]
+        lo = int(np.searchsorted(cpos, g_pos[gidx].min() - window, side="left"))
+        hi = int(np.searchsorted(cpos, g_pos[gidx].max() + window, side="right"))
+        if hi <= lo:
+            continue
+        mrows = model_row[gidx]
+        fitted = mrows >= 0
+        cache.advance(chrom, lo)
+        step = int(chunk_size) if chunk_size is not None else model.variant_chunk(max(1, int(fitted.sum())))
+        for c0 in range(lo, hi, step):
+            c1 = min(hi, c0 + step)
+            cols = cand[c0:c1]
+            inwin = np.abs(v_pos[cols][None, :] - g_pos[gidx][:, None]) <= window
+            if not inwin.any():
+                continue
+            S = np.full((len(gidx), len(cols)), np.nan)
+            Var = np.full((len(gidx), len(cols)), np.nan)
+            if fitted.any():
+                S[fitted], Var[fitted] = model.stats(cache.get(cand, c0, c1), mrows[fitted])
+            gi, vi = np.nonzero(inwin)
+            pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi]))
+    return pieces
+
+
+def _by_gene_and_position(pieces, v_pos: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The pieces concatenated and sorted by gene, then variant position (then variant index)."""
+    if pieces:
+        gene_i, var_i, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
+    else:
+        gene_i = var_i = np.zeros(0, dtype=np.intp)
+        S = Var = np.zeros(0)
+    order = np.lexsort((var_i, v_pos[var_i], gene_i))
+    return gene_i[order], var_i[order], S[order], Var[order]
+
+
+def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci) -> pd.DataFrame:
     used = np.unique(var_i)
-    var_cats = geno.var.index[used]
-    stats = derived_statistics(S, Var)
-    return pd.DataFrame(
-        {
-            "gene": pd.Categorical.from_codes(
-                np.searchsorted(genes_idx, gene_i), categories=pd.Index(np.asarray(gene_cats))
-            ),
-            "variant": pd.Categorical.from_codes(
-                np.searchsorted(used, var_i), categories=pd.Index(np.asarray(var_cats))
-            ),
-            "chrom": pd.Categorical(v_chrom[var_i].astype(str)),
-            "pos": v_pos[var_i].astype(np.int64) if np.all(np.mod(v_pos[var_i], 1) == 0) else v_pos[var_i],
-            "distance": v_pos[var_i] - g_pos[gene_i],
-            **{c: stats[c] for c in RESULT_COLUMNS[2:]},
-        }
+    v_pos = loci.v_pos[var_i]
+    return result_table(
+        adata.var_names[genes_idx],
+        np.searchsorted(genes_idx, gene_i),
+        geno.var.index[used],
+        np.searchsorted(used, var_i),
+        S,
+        Var,
+        chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
+        pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
+        distance=v_pos - loci.g_pos[gene_i],
     )
 
 

@@ -13,48 +13,22 @@ from scanpy import settings
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from .._constants import Key
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
-from .._core._read import describe_matrix, get_expression, resolve_grm
-from .._core._reml import RemlProblem, Rotation, fit_genes
+from .._core._read import describe_matrix, get_expression
+from .._core._reml import RemlProblem, Rotation
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
-from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
+from .._core._suffstats import pre_residualise, scaled_residual_sums
+from .._docs import doc_copy, doc_n_threads, doc_params
+from .._utils import check_positive_int, select_genes
+from ._backend import compute_sufficient_stats, fit_all_genes
+from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
-def _select_genes(var_names: pd.Index, genes) -> np.ndarray:
-    """Boolean mask over ``var_names`` from names, a boolean mask or None."""
-    if genes is None:
-        return np.ones(len(var_names), dtype=bool)
-    if isinstance(genes, str):
-        genes = [genes]
-    genes = np.asarray(genes)
-    if genes.dtype == bool:
-        if genes.shape != (len(var_names),):
-            raise ValueError(f"genes is a boolean mask of length {len(genes)}, but adata has {len(var_names)} genes.")
-        return genes.copy()
-    idx = var_names.get_indexer(genes.astype(str))
-    if (idx < 0).any():
-        missing = [str(g) for g in genes[idx < 0]]
-        raise KeyError(f"genes not in adata.var_names: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
-    mask = np.zeros(len(var_names), dtype=bool)
-    mask[idx] = True
-    return mask
-
-
-def _check_positive_int(value, name: str) -> None:
-    """Reject an optional count argument that is not a positive integer (None passes)."""
-    if value is not None and (int(value) != value or value < 1):
-        raise ValueError(f"{name} must be a positive integer, not {value!r}.")
-
-
-def _grm_param(grm) -> str:
-    if isinstance(grm, pd.DataFrame):
-        return "DataFrame"
-    return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
-
-
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
 def fit_null(
     adata: AnnData,
     *,
@@ -101,10 +75,8 @@ def fit_null(
         ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
     key_added
         Key under which results are stored in ``varm`` and ``uns``.
-    n_threads
-        Limit on BLAS threads for the call.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_n_threads}
+    {doc_copy}
 
     Returns
     -------
@@ -125,11 +97,11 @@ def fit_null(
     """
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
-    _check_positive_int(n_threads, "n_threads")
+    check_positive_int(n_threads, "n_threads")
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
-    mask = _select_genes(adata.var_names, genes)
+    mask = select_genes(adata.var_names, genes)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
@@ -143,7 +115,7 @@ def fit_null(
 
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats = sufficient_stats(Y, fitted_idx, donors, design.X)
+        stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X)
         pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
@@ -158,7 +130,7 @@ def fit_null(
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
-            fits = fit_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
+            fits = fit_all_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
         logg.debug("    stage 2: REML done", time=t3)
 
     beta = fits.beta + pre.b0[ok_idx]
@@ -166,10 +138,10 @@ def fit_null(
     fitted = np.zeros(adata.n_vars, dtype=bool)
     fitted[fitted_idx[ok_idx]] = True
     table = results_frame(adata.var_names, fitted, fits)
-    arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta)
+    arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta, key_added)
     params = {
         "donor_key": donor_key,
-        "grm": _grm_param(grm),
+        "grm": grm_param(grm),
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
@@ -188,7 +160,7 @@ def fit_null(
         deep=(
             f"added\n"
             f"    {key_added!r}, per-gene variance components (adata.varm)\n"
-            f"    '{key_added}_beta', '{key_added}_xhx_inv', '{key_added}_resid_rot', "
+            f"    {Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, "
             "fixed effects and compact projection (adata.varm)\n"
             f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),

@@ -1,0 +1,112 @@
+"""The argument parser (imports only argparse, so that ``--help`` and ``--version`` are fast)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .._version import __version__
+from ._common import PROG
+
+TRAIT_TYPES = ("quantitative", "binary", "count")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity = common.add_argument_group("output and logging").add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="Print errors only (no log, summary or bar).")
+    verbosity.add_argument("--debug", action="store_true", help="Debug log with stage timings; tracebacks on error.")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Exact, fast null linear mixed models (donor random effect with a GRM) for single-cell eQTL.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fit = sub.add_parser(
+        "fit-null",
+        parents=[common],
+        help="Fit the null model of every gene and write a copy of the input with the results.",
+        description=(
+            "Fit the null linear mixed model of every gene of INPUT.h5ad by exact REML and write a copy of it, with "
+            "the results in varm/uns, to OUTPUT. INPUT is never modified. Instead of INPUT, use --example (the "
+            "built-in simulated data) or --pheno-covar-file (a TSV with one row per cell, as the Rust "
+            "step1-fit-null tool reads)."
+        ),
+    )
+    fit.add_argument("input", nargs="?", metavar="INPUT.h5ad", help="Input AnnData (cells x genes).")
+    fit.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad", help="Output h5ad (written atomically).")
+    fit.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    fit.add_argument(
+        "--backed",
+        action="store_true",
+        help="Open INPUT read-only in backed mode: X stays on disk during the fit (less memory for large files).",
+    )
+    add_model_args(fit)
+    fit.add_argument(
+        "--example", action="store_true", help="Fit the built-in example (snf.datasets.example()) instead of INPUT."
+    )
+    tsv = fit.add_argument_group(
+        "phenotype table input (flags of the Rust step1-fit-null tool)",
+        "A TSV (or CSV) with one row per cell: a sample (donor) ID column, trait columns and covariate columns. "
+        "The traits become the genes of the output's X; --covariate-cols, --donor-covariate-cols and --grm-file "
+        "are aliases of --covariates, --donor-covariates and --grm.",
+    )
+    tsv.add_argument("--pheno-covar-file", metavar="FILE.tsv", help="Table of phenotypes and covariates.")
+    tsv.add_argument("--trait-name", action="append", metavar="T1[,T2...]", help="Trait column(s) to fit.")
+    tsv.add_argument("--sample-id-col", metavar="COL", help="Column of donor IDs (alias of --donor-key).")
+    tsv.add_argument("--cell-id-col", metavar="COL", help="Optional column of cell IDs (the output's obs_names).")
+    tsv.add_argument(
+        "--trait-type",
+        choices=TRAIT_TYPES,
+        default="quantitative",
+        help="Only 'quantitative' (linear mixed model) is supported.",
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="Run the whole fit on the built-in example and compare it with the simulated truth.",
+        description="Same as `fit-null --example`, with OUTPUT optional.",
+    )
+    demo.add_argument("-o", "--output", metavar="OUTPUT.h5ad", help="Also write the fitted example here.")
+    demo.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    demo.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    demo.add_argument("--key-added", default="nullfit", metavar="K", help="Key of the results (default: nullfit).")
+    return parser
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--donor-key", default=None, metavar="COL", help="obs column of donor IDs (default: donor_id).")
+    g.add_argument(
+        "--grm",
+        "--grm-file",
+        dest="grm",
+        metavar="PATH",
+        help=(
+            "GRM file (.grm.bin, .grm.gz, .rel, .rel.bin, .mtx, square .tsv/.csv, or PLINK .bed genotypes) or a key "
+            "of INPUT's uns (default: uns['grm'])."
+        ),
+    )
+    g.add_argument(
+        "--covariates",
+        "--covariate-cols",
+        dest="covariates",
+        action="append",
+        metavar="A,B",
+        help="Covariate columns (comma-separated; numeric or categorical).",
+    )
+    g.add_argument(
+        "--donor-covariates",
+        "--donor-covariate-cols",
+        dest="donor_covariates",
+        action="append",
+        metavar="A,B",
+        help="Covariates constant within donor (checked; added to --covariates if missing there).",
+    )
+    g.add_argument("--layer", metavar="L", help="Layer holding expression (default: X).")
+    g.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to fit: a file (one per line) or a comma list.")
+    g.add_argument("--tau", type=float, metavar="X", help="Fix tau for every gene instead of estimating it.")
+    g.add_argument("--key-added", default="nullfit", metavar="K", help="Key of the results (default: nullfit).")
+    g.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads (results do not depend on it).")
