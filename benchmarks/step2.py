@@ -162,21 +162,14 @@ def _suffixes(fmt: str) -> tuple[str, ...]:
 
 def read_windows(path: str, adata, window: int) -> float:
     """Time to open the file and read the dosages of every variant within ``window`` of a gene, in chunks."""
-    from scverse_nullfit.io._formats import open_genotype_file
+    import scverse_nullfit as snf
 
     t0 = time.perf_counter()
     g_pos = adata.var["start"].to_numpy()
     lo, hi = g_pos.min() - window, g_pos.max() + window
     kwargs = {"regions": [("1", lo, hi)]} if path.endswith(".vcf.gz") else {}
-    if path.endswith(".bed"):
-        from scverse_nullfit.io._genotypes import PlinkGenotypes
-
-        reader = PlinkGenotypes(path)
-        pos = reader.var["pos"].to_numpy()
-        cols = np.flatnonzero((pos >= lo) & (pos <= hi))
-    else:
-        reader = open_genotype_file(path, **kwargs)
-        cols = reader.variant_indices("1", lo, hi)
+    reader = snf.io.open_genotypes(path, **kwargs)
+    cols = reader.variant_indices("1", lo, hi)
     for c0 in range(0, len(cols), 2048):
         reader.read(None, cols[c0 : c0 + 2048])
     return time.perf_counter() - t0

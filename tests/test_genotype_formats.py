@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scverse_nullfit.io._bgen import BgenGenotypes
-from scverse_nullfit.io._pgen import PgenGenotypes
-from scverse_nullfit.io._vcf import VcfGenotypes
+from scverse_nullfit.io import BgenGenotypes, PgenGenotypes, VcfGenotypes, read_genotypes
 
 N_DONORS = 9
 
@@ -478,8 +476,6 @@ def test_plink2_conversions_agree(tmp_path, truth):
 
 
 def test_read_genotypes_every_format(tmp_path, truth, vcf_files):
-    from scverse_nullfit.io._formats import read_genotypes
-
     df, meta = truth
     write_pgen(tmp_path / "p", df, meta)
     encoded = write_bgen(tmp_path / "b.bgen", df, meta)

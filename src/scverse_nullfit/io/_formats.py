@@ -1,4 +1,4 @@
-"""Genotype files by suffix: the VCF/BCF, PLINK 2 and BGEN readers, and :func:`read_genotypes`."""
+"""Any genotype file into a donors x variants AnnData: :func:`read_genotypes`."""
 
 from __future__ import annotations
 
@@ -10,48 +10,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._bgen import BgenGenotypes
-from ._geno_common import preview
-from ._pgen import PgenGenotypes
-from ._vcf import VcfGenotypes
-
-#: Suffix -> reader class of the genotype files added by this module (PLINK 1 ``.bed`` is read elsewhere).
-FILE_READERS = {
-    ".pgen": PgenGenotypes,
-    ".pvar": PgenGenotypes,
-    ".pvar.zst": PgenGenotypes,
-    ".psam": PgenGenotypes,
-    ".vcf": VcfGenotypes,
-    ".vcf.gz": VcfGenotypes,
-    ".vcf.bgz": VcfGenotypes,
-    ".bcf": VcfGenotypes,
-    ".bgen": BgenGenotypes,
-}
-
-#: Every genotype file suffix the package reads, for messages.
-SUFFIXES = (".bed", ".pgen", ".vcf", ".vcf.gz", ".bcf", ".bgen")
-
-
-def file_reader(path: str | os.PathLike) -> type | None:
-    """The reader class of ``path`` by its suffix (case-insensitive); None for anything else."""
-    name = os.fspath(path).lower()
-    for suffix in sorted(FILE_READERS, key=len, reverse=True):
-        if name.endswith(suffix):
-            return FILE_READERS[suffix]
-    return None
-
-
-def open_genotype_file(path: str | os.PathLike, **kwargs):
-    """Open a VCF/BCF, PLINK 2 or BGEN file by suffix, or a prefix with a ``.pgen`` beside it; None otherwise.
-
-    ``kwargs`` go to the reader (e.g. ``regions`` for a VCF).
-    """
-    cls = file_reader(path)
-    if cls is None and Path(f"{os.fspath(path)}.pgen").is_file():
-        cls = PgenGenotypes
-    if cls is None:
-        return None
-    return cls(path, **kwargs)
+from .._utils import preview
+from ._genotypes import GENOTYPE_SUFFIXES, open_genotypes, reader_class
+from ._vcf import VcfGenotypes, merge_regions, parse_regions
 
 
 def read_genotypes(
@@ -62,13 +23,13 @@ def read_genotypes(
     regions: Iterable | str | None = None,
     **kwargs,
 ) -> AnnData:
-    """Read genotype dosages from a VCF/BCF, PLINK 2 ``.pgen`` or BGEN file into a donors x variants AnnData.
+    """Read genotype dosages from a VCF/BCF, PLINK 2, BGEN or PLINK 1 file into a donors x variants AnnData.
 
-    The format follows the suffix (``.vcf``, ``.vcf.gz``, ``.bcf``, ``.pgen`` or a prefix with one beside it,
-    ``.bgen``); each needs its optional package (``pip install 'scverse-nullfit[vcf]'``, ``[pgen]``, ``[bgen]``
-    or ``[genotypes]`` for all). Dosages count the ``alt`` allele of ``var`` (see :class:`VcfGenotypes`,
-    :class:`PgenGenotypes`, :class:`BgenGenotypes` for each format's rules on multi-allelic records and
-    missing values).
+    The format follows the suffix: ``.vcf``, ``.vcf.gz``, ``.bcf`` (needs ``pip install 'scverse-nullfit[vcf]'``),
+    ``.pgen`` (``[pgen]``), ``.bgen`` (``[bgen]``), ``.bed`` (``[plink]``), or a prefix with a ``.pgen`` or ``.bed``
+    beside it; ``[genotypes]`` installs all four readers. Dosages count the ``alt`` allele of ``var`` (PLINK 1:
+    ``allele_1``); see the "Genotype inputs" page of the docs for each format's rules on multi-allelic records
+    and missing values.
 
     Parameters
     ----------
@@ -90,21 +51,19 @@ def read_genotypes(
     Donors x variants AnnData: ``X`` float64 dosages (NaN where missing); ``obs`` the samples' metadata;
     ``var`` holds ``chrom``, ``pos``, ``ref``, ``alt`` (the counted allele) and format-specific columns.
     """
-    from ._vcf import merge_regions, parse_regions
-
-    cls = file_reader(path)
-    if cls is None and not Path(f"{os.fspath(path)}.pgen").is_file():
+    cls = reader_class(path)
+    if cls is None and not any(Path(f"{os.fspath(path)}{s}").is_file() for s in (".pgen", ".bed")):
         raise ValueError(
             f"cannot tell the format of genotype file {os.fspath(path)!r}: expected a name ending in "
-            f"{', '.join(SUFFIXES[1:])} (PLINK 1 .bed files: read_plink_genotypes)."
+            f"{', '.join(GENOTYPE_SUFFIXES)}, or a PLINK prefix."
         )
     if regions is not None and cls is VcfGenotypes:
         kwargs["regions"] = regions
-    reader = open_genotype_file(path, **kwargs)
+    reader = open_genotypes(path, **kwargs)
     try:
         n, m = reader.shape
         if regions is not None and cls is not VcfGenotypes:
-            parts = [reader.variant_indices(c, s, e) for c, s, e in merge_regions(parse_regions(regions))]
+            parts = [variant_indices(reader, c, s, e) for c, s, e in merge_regions(parse_regions(regions))]
             region_cols = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.intp)
         else:
             region_cols = np.arange(m)
@@ -119,7 +78,20 @@ def read_genotypes(
         X = reader.read(rows, cols)
         return AnnData(X=X, obs=reader.obs.iloc[rows].copy(), var=reader.var.iloc[cols].copy())
     finally:
-        reader.close()
+        if hasattr(reader, "close"):
+            reader.close()
+
+
+def variant_indices(reader, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
+    """Columns of ``reader`` on ``chrom`` with ``start <= pos <= end``, through its ``variant_indices`` if it has
+    one (checking the file is sorted), else from its ``var``."""
+    if hasattr(reader, "variant_indices"):
+        return reader.variant_indices(chrom, start, end)
+    from ._geno_common import chrom_key
+
+    keys = np.array([chrom_key(c) for c in reader.var["chrom"].to_numpy()], dtype=object)
+    pos = reader.var["pos"].to_numpy()
+    return np.flatnonzero((keys == chrom_key(chrom)) & (pos >= start) & (pos <= end))
 
 
 def _select(index: pd.Index, variants, path) -> np.ndarray:

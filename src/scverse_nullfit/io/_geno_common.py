@@ -19,14 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._utils import preview
+
 #: Dosages may exceed 0..2 by this much (rounding in the file) before they are an error.
 DOSAGE_TOL = 1e-6
-
-
-def preview(items, k: int = 5) -> str:
-    items = [str(i) for i in items]
-    shown = ", ".join(repr(i) for i in items[:k])
-    return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
 
 
 def missing_extra(what: str, package: str, extra: str) -> ImportError:
@@ -157,17 +153,22 @@ class GenotypeFile:
 
     def variant_indices(self, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
         """Variant columns on ``chrom`` with ``start <= pos <= end`` (``chr`` prefixes ignored), by position."""
-        if not self._sorted:
-            sorted_check(self.var, self.path)
-            self._sorted = True
-        if not hasattr(self, "_chrom_keys"):
-            self._chrom_keys = np.array([chrom_key(c) for c in self.var["chrom"].to_numpy()], dtype=object)
-        on = np.flatnonzero(self._chrom_keys == chrom_key(chrom))
-        if len(on) == 0:
-            return on
-        pos = self.var["pos"].to_numpy()[on]
-        lo, hi = np.searchsorted(pos, start, side="left"), np.searchsorted(pos, end, side="right")
-        return on[lo:hi]
+        return region_columns(self, chrom, start, end)
+
+
+def region_columns(reader, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
+    """Columns of ``reader.var`` on ``chrom`` with ``start <= pos <= end``; the file must be sorted (checked once,
+    a ValueError naming the file and the first variant out of order)."""
+    if not getattr(reader, "_sorted", False):
+        sorted_check(reader.var, reader.path)
+        reader._sorted = True
+        reader._chrom_keys = np.array([chrom_key(c) for c in reader.var["chrom"].to_numpy()], dtype=object)
+    on = np.flatnonzero(reader._chrom_keys == chrom_key(chrom))
+    if len(on) == 0:
+        return on
+    pos = reader.var["pos"].to_numpy()[on]
+    lo, hi = np.searchsorted(pos, start, side="left"), np.searchsorted(pos, end, side="right")
+    return on[lo:hi]
 
 
 def existing(path: Path, *suffixes: str) -> Path | None:

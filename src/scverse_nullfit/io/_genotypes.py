@@ -17,7 +17,10 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._utils import is_dask, preview
+from ._bgen import BgenGenotypes
+from ._pgen import PgenGenotypes
 from ._plink import PlinkGenotypes
+from ._vcf import VcfGenotypes
 
 
 @runtime_checkable
@@ -41,21 +44,43 @@ class GenotypeReader(Protocol):
         ...
 
 
-#: File suffix -> reader class, checked in order; a path matching none is taken as a PLINK prefix.
-READERS: dict[str, Callable[[str | os.PathLike], GenotypeReader]] = {
+#: File suffix -> reader class (matched case-insensitively, longest suffix first); a path matching none is a PLINK 1
+#: prefix, or a PLINK 2 one when ``PREFIX.pgen`` exists.
+READERS: dict[str, Callable[..., GenotypeReader]] = {
     ".bed": PlinkGenotypes,
     ".bim": PlinkGenotypes,
     ".fam": PlinkGenotypes,
+    ".pgen": PgenGenotypes,
+    ".pvar": PgenGenotypes,
+    ".pvar.zst": PgenGenotypes,
+    ".psam": PgenGenotypes,
+    ".vcf": VcfGenotypes,
+    ".vcf.gz": VcfGenotypes,
+    ".vcf.bgz": VcfGenotypes,
+    ".bcf": VcfGenotypes,
+    ".bgen": BgenGenotypes,
 }
 
+#: The genotype file suffixes, for messages.
+GENOTYPE_SUFFIXES = (".bed", ".pgen", ".vcf", ".vcf.gz", ".bcf", ".bgen")
 
-def open_genotypes(path: str | os.PathLike) -> GenotypeReader:
-    """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes."""
-    name = os.fspath(path)
-    for suffix, reader in READERS.items():
+
+def reader_class(path: str | os.PathLike) -> Callable[..., GenotypeReader] | None:
+    """The reader of ``path`` by its suffix (:data:`READERS`), None if it has none of them."""
+    name = os.fspath(path).lower()
+    for suffix in sorted(READERS, key=len, reverse=True):
         if name.endswith(suffix):
-            return reader(Path(name))
-    return PlinkGenotypes(name)
+            return READERS[suffix]
+    return None
+
+
+def open_genotypes(path: str | os.PathLike, **kwargs) -> GenotypeReader:
+    """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes
+    (PLINK 2 if ``PATH.pgen`` exists, else PLINK 1). ``kwargs`` go to the reader (e.g. ``regions`` for a VCF)."""
+    cls = reader_class(path)
+    if cls is None:
+        cls = PgenGenotypes if Path(f"{os.fspath(path)}.pgen").is_file() else PlinkGenotypes
+    return cls(Path(path), **kwargs)
 
 
 class GenotypeMatrix:
@@ -69,6 +94,7 @@ class GenotypeMatrix:
 
     def __init__(self, genotypes, *, variants: pd.DataFrame | None = None):
         self._df = self._X = self._reader = None
+        self._owned = False  # the reader was opened here (from a path), so close() closes it
         if isinstance(genotypes, pd.DataFrame):
             dtypes = genotypes.dtypes
             kinds = {dt: _numeric(dt) for dt in set(dtypes)}
@@ -87,6 +113,7 @@ class GenotypeMatrix:
             self.source = "AnnData"
         elif isinstance(genotypes, (str, os.PathLike)):
             self._reader = open_genotypes(genotypes)
+            self._owned = True
             donors, var = self._reader.donors, self._reader.var
             self.source = os.fspath(genotypes)
         elif isinstance(genotypes, GenotypeReader):
@@ -95,8 +122,8 @@ class GenotypeMatrix:
             self.source = str(getattr(genotypes, "path", type(genotypes).__name__))
         else:
             raise ValueError(
-                "genotypes must be a DataFrame (donors x variants), an AnnData (donors x variants) or a PLINK "
-                f"prefix, not {type(genotypes).__name__}."
+                "genotypes must be a DataFrame (donors x variants), an AnnData (donors x variants) or the path of a "
+                f"genotype file ({', '.join(GENOTYPE_SUFFIXES)}), not {type(genotypes).__name__}."
             )
         self.donors = pd.Index(np.asarray(donors).astype(str))
         if self.donors.has_duplicates:
@@ -128,9 +155,21 @@ class GenotypeMatrix:
     def align(self, donors: pd.Index) -> np.ndarray:
         """Rows of the model's donors, in model order; donors of the fit without genotypes are an error."""
         rows = self.donors.get_indexer(donors)
+        if (rows < 0).all() and len(rows):
+            raise ValueError(
+                f"the genotypes ({self.source}) have no donor in common with the null-model fit: fit donors "
+                f"{preview(donors)}, genotype sample IDs {preview(self.donors)}."
+            )
         if (rows < 0).any():
-            raise ValueError(f"donors of the null-model fit have no genotypes: {preview(donors[rows < 0])}.")
+            raise ValueError(
+                f"donors of the null-model fit have no genotypes in {self.source}: {preview(donors[rows < 0])}."
+            )
         return rows
+
+    def close(self) -> None:
+        """Close the file reader if this object opened it (from a path)."""
+        if self._owned and hasattr(self._reader, "close"):
+            self._reader.close()
 
     def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         cols = np.asarray(cols, dtype=np.intp)
