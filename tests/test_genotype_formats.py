@@ -65,7 +65,7 @@ def write_vcf(path, df, meta, *, ds=True, gt=True, chrom_prefix="chr", extra_rec
     """A VCF 4.2 text file: contigs in the header, FORMAT GT (rounded dosage) and DS (the dosage, '.' if missing)."""
     lines = ["##fileformat=VCFv4.2"]
     for c in dict.fromkeys(meta["chrom"]):
-        lines.append(f"##contig=<ID={chrom_prefix}{c},length=100000>")
+        lines.append(f"##contig=<ID={chrom_prefix}{c},length=300000000>")
     lines.append('##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">')
     lines.append('##FORMAT=<ID=DS,Number=A,Type=Float,Description="Alt allele dosage">')
     lines.append("\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *df.index]))

@@ -116,6 +116,11 @@ class GenotypeFile:
     def shape(self) -> tuple[int, int]:
         return self.obs.shape[0], self.var.shape[0]
 
+    @property
+    def contigs(self) -> list[str]:
+        """The chromosomes of the file's variants, in order of appearance."""
+        return list(pd.unique(self.var["chrom"].to_numpy()))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({os.fspath(self.path)!r}: {self.shape[0]} donors x {self.shape[1]} variants)"
 

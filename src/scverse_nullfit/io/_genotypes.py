@@ -88,11 +88,11 @@ class GenotypeMatrix:
     :data:`READERS`) or any :class:`GenotypeReader`; what the step-2 tools read genotypes through.
 
     Checks donor and variant IDs once (unique, as strings); ``variants`` (a DataFrame indexed by variant ID) adds
-    metadata columns to ``var``. ``read(rows, cols)`` returns float64 dosages (NaN where missing) and rejects
-    infinite ones.
+    metadata columns to ``var``; ``reader_options`` go to the file reader of a path (e.g. ``regions`` for a VCF).
+    ``read(rows, cols)`` returns float64 dosages (NaN where missing) and rejects infinite ones.
     """
 
-    def __init__(self, genotypes, *, variants: pd.DataFrame | None = None):
+    def __init__(self, genotypes, *, variants: pd.DataFrame | None = None, reader_options: dict | None = None):
         self._df = self._X = self._reader = None
         self._owned = False  # the reader was opened here (from a path), so close() closes it
         if isinstance(genotypes, pd.DataFrame):
@@ -112,7 +112,7 @@ class GenotypeMatrix:
             donors, var = genotypes.obs_names, genotypes.var
             self.source = "AnnData"
         elif isinstance(genotypes, (str, os.PathLike)):
-            self._reader = open_genotypes(genotypes)
+            self._reader = open_genotypes(genotypes, **(reader_options or {}))
             self._owned = True
             donors, var = self._reader.donors, self._reader.var
             self.source = os.fspath(genotypes)
@@ -151,6 +151,12 @@ class GenotypeMatrix:
     @property
     def n_variants(self) -> int:
         return self.var.shape[0]
+
+    @property
+    def contigs(self) -> list[str] | None:
+        """The contigs of the genotype file (all of them, even those not read), if it is a file that knows them."""
+        contigs = getattr(self._reader, "contigs", None)
+        return None if contigs is None else list(contigs)
 
     def align(self, donors: pd.Index) -> np.ndarray:
         """Rows of the model's donors, in model order; donors of the fit without genotypes are an error."""

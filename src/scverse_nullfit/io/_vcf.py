@@ -185,6 +185,15 @@ class VcfGenotypes(GenotypeFile):
             self._blocks = None
         self._scan(multiallelic)
 
+    @property
+    def contigs(self) -> list[str]:
+        """The file's contigs: from its index (or header), including those outside the regions read."""
+        if self._vcf is not None:
+            names = list(self._vcf.seqnames)
+            if names:
+                return names
+        return super().contigs
+
     def _has_format(self, field: str) -> bool:
         for h in self._vcf.header_iter():
             if h.type == "FORMAT" and h.info().get("ID") == field:

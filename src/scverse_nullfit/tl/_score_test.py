@@ -13,7 +13,7 @@ from scanpy import logging as logg
 from .._core._step2 import impute
 from .._docs import doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
-from ._step2 import StoredNull, open_genotypes, result_table, running
+from ._step2 import StoredNull, close_genotypes, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -54,9 +54,12 @@ def score_test(
     genotypes
         Dosages (0..2) of the donors: a DataFrame indexed by donor ID with one column per variant, an AnnData of
         donors x variants (``obs_names`` donor IDs, ``var_names`` variant IDs; ``X`` dense, sparse or backed), or
-        the path of a PLINK ``.bed`` fileset (needs ``bed-reader``; donors named by IID). Donors are matched by
-        ID in any order; every donor of the fit must be present (extra donors are ignored). Missing dosages
-        (NaN) are replaced by the variant's mean dosage over the fit's donors that have one.
+        the path of a genotype file: VCF/BCF (``.vcf``, ``.vcf.gz``, ``.bcf``; ``DS``, else ``GT``), PLINK 2
+        (``.pgen``), BGEN (``.bgen``) or PLINK 1 (``.bed``), each read in chunks through its optional package
+        (see :func:`scverse_nullfit.io.read_genotypes` and the "Genotype inputs" page). Dosages count the
+        ``alt`` allele. Donors are matched by ID in any order; every donor of the fit must be present (extra
+        donors are ignored). Missing dosages (NaN) are replaced by the variant's mean dosage over the fit's
+        donors that have one.
     key
         The ``key_added`` of the ``fit_null`` call.
     genes
@@ -77,6 +80,13 @@ def score_test(
     mask = select_genes(adata.var_names, genes)
     model = StoredNull.read(adata, key).compact(mask)
     geno = open_genotypes(genotypes)
+    try:
+        return _score_test(adata, geno, mask, model, key, chunk_size, n_threads)
+    finally:
+        close_genotypes(geno, genotypes)
+
+
+def _score_test(adata, geno, mask, model, key, chunk_size, n_threads) -> pd.DataFrame:
     rows = geno.align(model.donors)
 
     start = logg.info(f"score tests of {geno.n_variants} variants against {int(mask.sum())} genes (key={key!r})")

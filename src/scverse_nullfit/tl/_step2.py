@@ -98,9 +98,18 @@ class StoredNull:
         )  # fmt: skip
 
 
-def open_genotypes(genotypes, variants: pd.DataFrame | None = None) -> GenotypeMatrix:
-    """``genotypes`` as a :class:`~scverse_nullfit.io._genotypes.GenotypeMatrix` (passed through if it is one)."""
-    return genotypes if isinstance(genotypes, GenotypeMatrix) else GenotypeMatrix(genotypes, variants=variants)
+def open_genotypes(genotypes, variants: pd.DataFrame | None = None, **reader_options) -> GenotypeMatrix:
+    """``genotypes`` as a :class:`~scverse_nullfit.io._genotypes.GenotypeMatrix` (passed through if it is one);
+    ``reader_options`` go to the reader of a file path. Close it with :func:`close_genotypes`."""
+    if isinstance(genotypes, GenotypeMatrix):
+        return genotypes
+    return GenotypeMatrix(genotypes, variants=variants, reader_options=reader_options)
+
+
+def close_genotypes(geno: GenotypeMatrix, genotypes) -> None:
+    """Close what :func:`open_genotypes` opened for ``genotypes`` (a file reader opened from a path)."""
+    if geno is not genotypes:
+        geno.close()
 
 
 @contextmanager
