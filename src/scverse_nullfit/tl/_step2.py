@@ -22,6 +22,7 @@ from .._constants import Key
 from .._core._step2 import CompactNull, derived_statistics, usable_genes
 from .._core._store import unpack_symmetric
 from .._provenance import CELLS, FIT_ID, check_cells
+from .._utils import resolve_threads
 from ..io._genotypes import GenotypeMatrix
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ def running(n_threads: int | None, total: int, unit: str, *, show_above: int) ->
     >= 2 when ``total > show_above``)."""
     show = settings.verbosity >= 2 and total > show_above
     with (
-        threadpool_limits(limits=n_threads, user_api="blas"),
+        threadpool_limits(limits=resolve_threads(n_threads), user_api="blas"),
         tqdm(total=total, desc=f"{unit}s", unit=unit, disable=not show) as bar,
     ):
         yield bar
