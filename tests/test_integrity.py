@@ -332,3 +332,14 @@ def test_truth_report_counts_eqtl_genes_as_genetic():
     lines = "\n".join(truth_report(res, np.array([0.0, 0.0, 0.3]), np.array([0.0, 0.5, 0.0])))
     assert "null genes (no genetic effect)     1:" in lines
     assert "genes with a genetic effect        2:" in lines
+
+
+def test_zarr_round_trip(mapped, geno, tmp_path):
+    pytest.importorskip("zarr")
+    path = tmp_path / "fitted.zarr"
+    mapped.write_zarr(path)
+    back = ad.read_zarr(path)
+    a = snf.tl.score_test(mapped, geno)
+    b = snf.tl.score_test(back, geno)
+    np.testing.assert_allclose(a["z"].to_numpy(), b["z"].to_numpy(), rtol=1e-12, equal_nan=True)
+    snf.get.cis_df(back)
