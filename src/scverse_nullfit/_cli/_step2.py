@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import uuid
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._common import PROG, CLIError, one_line
+from .._provenance import CELLS
+from ._common import PROG, CLIError, atomic_output, one_line
 from ._fit_null import _read_genes
 
 if TYPE_CHECKING:
@@ -59,10 +59,11 @@ def write_tables(tables: list[tuple[pd.DataFrame, Path]], *, overwrite: bool) ->
     """Write every table to a temporary file in its output's folder, then rename them all into place.
 
     TSV (gzipped for ``.gz``) has a header line, tab-separated values and ``NA`` for missing values; Parquet keeps
-    the column types. On any failure the temporary files are removed and no output is replaced.
+    the column types. On any failure, or SIGTERM/SIGINT, the temporary files are removed and no output is replaced
+    (see :func:`._common.atomic_output`).
     """
-    temps = [out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp" for _, out in tables]
-    try:
+    with ExitStack() as stack:
+        temps = [stack.enter_context(atomic_output(out)) for _, out in tables]
         for (df, out), tmp in zip(tables, temps, strict=True):
             if out.name.lower().endswith(PARQUET_SUFFIXES):
                 df.to_parquet(tmp, index=False)
@@ -74,16 +75,14 @@ def write_tables(tables: list[tuple[pd.DataFrame, Path]], *, overwrite: bool) ->
                 raise CLIError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
         for (_, out), tmp in zip(tables, temps, strict=True):
             os.replace(tmp, out)
-    finally:
-        for tmp in temps:
-            with suppress(OSError):
-                tmp.unlink()
 
 
 def read_fitted(path: Path, key: str) -> AnnData:
-    """The parts of a fit-null output that step 2 needs (``var``, ``varm`` and ``uns[key]``), without X or obs."""
+    """The parts of a fit-null output that step 2 needs, without the expression: ``var``, ``varm``, ``uns[key]`` and,
+    for the check that the fit describes these cells, the cell names and their donor column."""
     import anndata as ad
     import h5py
+    import pandas as pd
 
     if not path.exists():
         raise FileNotFoundError(f"input file {str(path)!r} not found.")
@@ -94,6 +93,7 @@ def read_fitted(path: Path, key: str) -> AnnData:
             var = ad.io.read_elem(f["var"])
             varm = ad.io.read_elem(f["varm"]) if "varm" in f else {}
             uns = {key: ad.io.read_elem(f["uns"][key])} if "uns" in f and key in f["uns"] else {}
+            obs = _read_obs(f["obs"], uns.get(key, {}))
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise CLIError(f"could not read {str(path)!r} as an h5ad file: {one_line(err)}") from err
     if key not in uns:
@@ -101,7 +101,22 @@ def read_fitted(path: Path, key: str) -> AnnData:
             f"{str(path)!r} has no null-model fit under key {key!r}; run `{PROG} fit-null` on it first "
             "(or pass the --key-added it used as --key)."
         )
-    return ad.AnnData(var=var, varm=varm, uns=uns)
+    return ad.AnnData(obs=obs if isinstance(obs, pd.DataFrame) else None, var=var, varm=varm, uns=uns)
+
+
+def _read_obs(group, fit) -> pd.DataFrame:
+    """The cell names and the donor column the fit recorded, from an h5ad's ``obs`` group (not the other columns)."""
+    import anndata as ad
+    import pandas as pd
+
+    index_name = group.attrs.get("_index")
+    if index_name is None or index_name not in group:
+        return ad.io.read_elem(group)
+    names = pd.Index(np.asarray(ad.io.read_elem(group[index_name])).astype(str))
+    record = fit.get(CELLS, {}) if isinstance(fit, dict) else {}
+    donor_key = str(record.get("donor_key", "")) if isinstance(record, dict) else ""
+    columns = {donor_key: ad.io.read_elem(group[donor_key])} if donor_key and donor_key in group else {}
+    return pd.DataFrame(columns, index=names)
 
 
 def genotype_source(value: str) -> str | AnnData:

@@ -161,14 +161,22 @@ class GenotypeMatrix:
     def align(self, donors: pd.Index) -> np.ndarray:
         """Rows of the model's donors, in model order; donors of the fit without genotypes are an error."""
         rows = self.donors.get_indexer(donors)
-        if (rows < 0).all() and len(rows):
-            raise ValueError(
-                f"the genotypes ({self.source}) have no donor in common with the null-model fit: fit donors "
-                f"{preview(donors)}, genotype sample IDs {preview(self.donors)}."
-            )
         if (rows < 0).any():
+            missing = donors[rows < 0]
+            if (rows < 0).all() and pd.Index(donors).isin(self.var.index).any():
+                raise ValueError(
+                    f"donors of the null-model fit have no genotypes in {self.source}: {preview(missing)}. The "
+                    "genotypes look transposed: the fit's donor IDs are among their variant IDs. Pass donors x "
+                    "variants (e.g. df.T for a DataFrame, or adata.T for an AnnData)."
+                )
+            if (rows < 0).all():
+                raise ValueError(
+                    f"the genotypes ({self.source}) have no donor in common with the null-model fit: fit donors "
+                    f"{preview(donors)}, genotype sample IDs {preview(self.donors)}."
+                )
+            hint = f" The genotypes' donor IDs look like {preview(self.donors[:3])}." if len(self.donors) else ""
             raise ValueError(
-                f"donors of the null-model fit have no genotypes in {self.source}: {preview(donors[rows < 0])}."
+                f"donors of the null-model fit have no genotypes in {self.source}: {preview(missing)}.{hint}"
             )
         return rows
 

@@ -18,6 +18,7 @@ from scanpy import logging as logg
 from .._constants import Key
 from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params
+from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, preview, select_genes
 from ..io._genotypes import GenotypeMatrix, reader_class
 from ..io._vcf import VcfGenotypes
@@ -242,6 +243,9 @@ def cis_map(
         Get it with :func:`scverse_nullfit.get.cis_genes_df`.
     ``adata.uns[key_added]["params"]``
         The call's parameters.
+    ``adata.uns[key_added]["source"]``, ``adata.uns[key_added]["cells"]``
+        The null-model fit the tests used (its ``key`` and ``fit_id``) and the fingerprint of its cells: the
+        accessors refuse results from an earlier fit or on other cells.
     """
     _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
     mask = None if genes is None else select_genes(adata.var_names, genes)
@@ -276,7 +280,12 @@ def cis_map(
     }
     target = adata.copy() if copy else adata
     target.varm[key_added] = summary
-    target.uns[key_added] = {Key.CIS_VARIANTS: table, Key.PARAMS: params}
+    target.uns[key_added] = {
+        Key.CIS_VARIANTS: table,
+        Key.PARAMS: params,
+        SOURCE: stored.record(),
+        CELLS: dict(adata.uns[key].get(CELLS, {})),
+    }
     logg.info(
         "    finished",
         time=start,

@@ -73,17 +73,21 @@ def score_test(
     A long DataFrame with one row per gene and variant (genes in ``adata`` order, then variants in input order)
     and the columns ``gene``, ``variant`` (categoricals), ``score``, ``score_var``, ``z``, ``pval``, ``beta``,
     ``se``. Rows are NaN for genes that were not fitted, for variants without any observed dosage or
-    monomorphic among the fit's donors, and for variants collinear with the gene's covariates.
+    monomorphic among the fit's donors, and for variants collinear with the gene's covariates. ``out.attrs``
+    records the fit the tests used: ``key``, ``fit_id`` and ``model`` (the family).
     """
     check_positive_int(chunk_size, "chunk_size")
     check_positive_int(n_threads, "n_threads")
     mask = select_genes(adata.var_names, genes)
-    model = StoredNull.read(adata, key).compact(mask)
+    stored = StoredNull.read(adata, key)
+    model = stored.compact(mask)
     geno = open_genotypes(genotypes)
     try:
-        return _score_test(adata, geno, mask, model, key, chunk_size, n_threads)
+        out = _score_test(adata, geno, mask, model, key, chunk_size, n_threads)
     finally:
         close_genotypes(geno, genotypes)
+    out.attrs.update(stored.record())
+    return out
 
 
 def _score_test(adata, geno, mask, model, key, chunk_size, n_threads) -> pd.DataFrame:
