@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import scverse_nullfit as snf
 from scverse_nullfit.io import BgenGenotypes, PgenGenotypes, VcfGenotypes, read_genotypes
 
 N_DONORS = 9
@@ -313,6 +314,13 @@ def test_pgen_ids_and_bad_input(tmp_path, truth):
         PgenGenotypes(tmp_path / "s")
     with pytest.raises(ValueError, match="id_column"):
         PgenGenotypes(tmp_path / "f", id_column="fid")
+    # an unsorted .pvar reads fine, but region queries name the file and the variant out of order
+    write_pgen(tmp_path / "u", df, meta.assign(pos=meta["pos"].to_numpy()[::-1]))
+    reader = snf.io.open_genotypes(tmp_path / "u")  # a prefix with a .pgen beside it
+    assert isinstance(reader, PgenGenotypes)
+    np.testing.assert_allclose(reader.read(), df.to_numpy())
+    with pytest.raises(ValueError, match=r"u\.pgen' is not sorted by position: variant 'rs1'.*plink2 --sort-vars"):
+        reader.variant_indices("1", 0, 10_000)
 
 
 def test_pgen_multiallelic_skipped_and_missing_pgenlib(tmp_path, truth, monkeypatch):

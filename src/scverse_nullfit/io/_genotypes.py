@@ -25,10 +25,13 @@ from ._vcf import VcfGenotypes
 
 @runtime_checkable
 class GenotypeReader(Protocol):
-    """What a genotype file reader provides (:class:`~._plink.PlinkGenotypes` is one).
+    """What a genotype file reader provides (:class:`~._plink.PlinkGenotypes`, :class:`~._vcf.VcfGenotypes`,
+    :class:`~._pgen.PgenGenotypes` and :class:`~._bgen.BgenGenotypes` are ones).
 
     Metadata is read when the reader is opened; dosages only on demand, so that a tool reads just the variants
-    it tests.
+    it tests. The package's readers also have ``obs`` (the samples' metadata), ``shape``,
+    ``variant_indices(chrom, start, end)`` (the columns in a region; the file must be sorted), ``contigs`` and
+    ``close()``; ``var`` holds ``ref`` and ``alt`` (the counted allele) besides ``chrom`` and ``pos``.
     """
 
     #: Donor (sample) IDs, in the file's order: the rows of :meth:`read`.
