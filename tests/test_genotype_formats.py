@@ -480,6 +480,22 @@ def test_plink2_conversions_agree(tmp_path, truth):
         np.testing.assert_allclose(reader.read(), df.to_numpy(), atol=atol, err_msg=name)
 
 
+def test_readers_read_only_the_samples_asked_for(tmp_path, truth, vcf_files):
+    df, meta = truth
+    write_pgen(tmp_path / "p", df, meta)
+    encoded = write_bgen(tmp_path / "b.bgen", df, meta)
+    wanted = ["D07", "D02", "nobody", "D04"]
+    kept = ["D02", "D04", "D07"]  # those of the file, in file order
+    for path, expected in ((vcf_files["vcf.gz"], df), (vcf_files["bcf"], df), (vcf_files["vcf"], df),
+                           (tmp_path / "p.pgen", df), (tmp_path / "b.bgen", encoded)):  # fmt: skip
+        with snf.io.open_genotypes(path, samples=wanted) as reader:
+            assert list(reader.donors) == kept, path
+            np.testing.assert_allclose(reader.read(), expected.loc[kept].to_numpy(), atol=1e-12)
+            np.testing.assert_allclose(reader.read([2, 0], [9, 1]), expected.loc[["D07", "D02"], ["rs9", "rs1"]])
+        with snf.io.open_genotypes(path, samples=["nobody"]) as reader:  # none kept: all, so messages list them
+            assert reader.shape[0] == N_DONORS
+
+
 # ------------------------------------------------------------------------------------------------ read_genotypes
 
 

@@ -6,6 +6,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,8 @@ class BgenGenotypes(GenotypeFile):
         Column of the sample file with the donor IDs (default ``ID_2``, else the first column).
     ref_first
         The first allele is the reference (``True``, the BGEN convention); ``False`` counts the first allele.
+    samples
+        Only these samples (those of the file among them, in file order).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class BgenGenotypes(GenotypeFile):
         sample_path: str | os.PathLike | None = None,
         sample_id_column: str | None = None,
         ref_first: bool = True,
+        samples: Iterable[str] | None = None,
     ):
         cbgen = _cbgen()
         self.path = Path(path)
@@ -128,6 +132,12 @@ class BgenGenotypes(GenotypeFile):
                 f"BGEN file {str(self.path)!r} stores no sample IDs and has no .sample file beside it; pass "
                 "sample_path."
             )
+        self._keep = None  # rows of the file's samples kept by ``samples``
+        if samples is not None:
+            keep = np.flatnonzero(self.obs.index.isin(np.asarray(list(samples)).astype(str)))
+            if 0 < len(keep) < len(self.obs):  # none kept: keep all (for messages)
+                self._keep = keep
+                self.obs = self.obs.iloc[keep]
         self._ref_first = bool(ref_first)
         self._tmp = None
         self._fh = open(self.path, "rb")  # closed in close()
@@ -207,7 +217,7 @@ class BgenGenotypes(GenotypeFile):
         else:
             data = fh.read(size)
         n, k, pmin, pmax = struct.unpack_from("<IHBB", data, 0)
-        if n != self.shape[0] or k != 2 or pmin != 2 or pmax != 2:
+        if n != self._bgen.nsamples or k != 2 or pmin != 2 or pmax != 2:
             return None
         ploidy = np.frombuffer(data, dtype=np.uint8, count=n, offset=8)
         phased, bits = data[8 + n], data[9 + n]
@@ -221,7 +231,8 @@ class BgenGenotypes(GenotypeFile):
         else:
             d2 = (q[:, 1] + 2 * (top - q[:, 0] - q[:, 1])) / top
         d = d2 if self._ref_first else 2.0 - d2
-        return np.where(ploidy & 0x80, np.nan, d)
+        d = np.where(ploidy & 0x80, np.nan, d)
+        return d if self._keep is None else d[self._keep]
 
     def _dosage_cbgen(self, offset: int) -> np.ndarray:
         g = self._bgen.read_genotype(int(offset))
@@ -234,7 +245,8 @@ class BgenGenotypes(GenotypeFile):
             # columns are genotypes with 0, 1, ..., ploidy copies of allele 2
             d2 = np.nansum(p * np.arange(p.shape[1])[None, :], axis=1)
         d = d2 if self._ref_first else ploidy - d2
-        return np.where(np.asarray(g.missing, dtype=bool), np.nan, d)
+        d = np.where(np.asarray(g.missing, dtype=bool), np.nan, d)
+        return d if self._keep is None else d[self._keep]
 
     def _read(self, cols: np.ndarray) -> np.ndarray:
         out = np.empty((self.shape[0], len(cols)))

@@ -107,6 +107,8 @@ class GenotypeFile:
     obs: pd.DataFrame
     var: pd.DataFrame
     _sorted: bool | None = None
+    #: The reader takes ``samples=`` (read only those samples).
+    takes_samples = True
 
     @property
     def donors(self) -> pd.Index:

@@ -77,13 +77,20 @@ def reader_class(path: str | os.PathLike) -> Callable[..., GenotypeReader] | Non
     return None
 
 
-def open_genotypes(path: str | os.PathLike, **kwargs) -> GenotypeReader:
-    """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes
-    (PLINK 2 if ``PATH.pgen`` exists, else PLINK 1). ``kwargs`` go to the reader (e.g. ``regions`` for a VCF)."""
+def resolve_reader(path: str | os.PathLike) -> Callable[..., GenotypeReader]:
+    """The reader :func:`open_genotypes` uses for ``path``: by suffix, else a PLINK 2 prefix if ``PATH.pgen`` exists,
+    else a PLINK 1 prefix."""
     cls = reader_class(path)
     if cls is None:
         cls = PgenGenotypes if Path(f"{os.fspath(path)}.pgen").is_file() else PlinkGenotypes
-    return cls(Path(path), **kwargs)
+    return cls
+
+
+def open_genotypes(path: str | os.PathLike, **kwargs) -> GenotypeReader:
+    """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes
+    (PLINK 2 if ``PATH.pgen`` exists, else PLINK 1). ``kwargs`` go to the reader (e.g. ``regions`` for a VCF,
+    ``samples`` for the readers with ``takes_samples``)."""
+    return resolve_reader(path)(Path(path), **kwargs)
 
 
 class GenotypeMatrix:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -139,6 +140,8 @@ class PgenGenotypes(GenotypeFile):
     ----------
     path
         The ``.pgen`` file or the fileset's prefix.
+    samples
+        Only these samples (those of the ``.psam`` among them, in file order); pgenlib decodes only theirs.
     id_column
         How donors are named: ``"iid"`` (the ``IID`` column, the default) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
 
@@ -150,15 +153,31 @@ class PgenGenotypes(GenotypeFile):
         Indexed by variant ID: ``chrom`` (as in the ``.pvar``), ``pos``, ``ref``, ``alt`` (counted), ``id``.
     """
 
-    def __init__(self, path: str | os.PathLike, *, id_column: Literal["iid", "fid_iid"] = "iid"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        samples: Iterable[str] | None = None,
+        id_column: Literal["iid", "fid_iid"] = "iid",
+    ):
         if id_column not in ("iid", "fid_iid"):
             raise ValueError(f"id_column must be 'iid' or 'fid_iid', not {id_column!r}.")
         pgenlib = _pgenlib()
         self.path, self.pvar_path, self.psam_path = pgen_paths(path)
-        self.obs = read_psam(self.psam_path, id_column)
+        every = read_psam(self.psam_path, id_column)
+        subset = None
+        if samples is not None:
+            keep = np.flatnonzero(every.index.isin(np.asarray(list(samples)).astype(str)))
+            if 0 < len(keep) < len(every):  # pgenlib then decodes only these samples (none kept: keep all)
+                subset = keep.astype(np.uint32)
+        self.obs = every if subset is None else every.iloc[subset]
         table = read_pvar(self.pvar_path)
         try:
-            self._pgen = pgenlib.PgenReader(os.fsencode(self.path), raw_sample_ct=len(self.obs))
+            self._pgen = pgenlib.PgenReader(
+                os.fsencode(self.path),
+                raw_sample_ct=len(every),
+                sample_subset=subset,
+            )
         except RuntimeError as err:
             raise ValueError(f"cannot read the PLINK 2 file {str(self.path)!r}: {err}") from err
         n_file = self._pgen.get_variant_ct()

@@ -22,7 +22,7 @@ from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, preview, select_genes
 from ..io._genotypes import GenotypeMatrix, reader_class
 from ..io._vcf import VcfGenotypes
-from ._step2 import StoredNull, close_genotypes, open_genotypes, result_table, running
+from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -254,7 +254,8 @@ def cis_map(
     mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
     model = stored.compact(mask)
     genes_idx = np.flatnonzero(mask)
-    geno = open_genotypes(genotypes, variants, **_window_regions(genotypes, loci, genes_idx, float(window)))
+    options = {**file_options(genotypes, model.donors), **_window_regions(genotypes, loci, genes_idx, float(window))}
+    geno = open_genotypes(genotypes, variants, **options)
     try:
         loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))
         _check_chromosomes(geno, loci, genes_idx)

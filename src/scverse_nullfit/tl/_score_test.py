@@ -13,7 +13,7 @@ from scanpy import logging as logg
 from .._core._step2 import impute
 from .._docs import doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
-from ._step2 import StoredNull, close_genotypes, open_genotypes, result_table, running
+from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -81,7 +81,7 @@ def score_test(
     mask = select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes)
+    geno = open_genotypes(genotypes, **file_options(genotypes, model.donors))
     try:
         out = _score_test(adata, geno, mask, model, key, chunk_size, n_threads)
     finally:
