@@ -25,7 +25,7 @@ def condition(model: CompactNull, Ct: np.ndarray) -> tuple[CompactNull, np.ndarr
     (numerically) collinear with each other or with the covariates in that gene's metric; those genes' arrays
     are NaN, so their statistics come out NaN.
     """
-    n, k = Ct.shape
+    k = Ct.shape[1]
     if k == 0:
         return model, np.ones(model.n_genes, dtype=bool)
     W, C = model.W, model.C
@@ -71,7 +71,7 @@ def redundant(model: CompactNull, Ct: np.ndarray, gene: int = 0) -> list[int]:
     kept: list[int] = []
     single = subset(model, slice(gene, gene + 1))
     for j in range(Ct.shape[1]):
-        _, ok = condition(single, Ct[:, kept + [j]])
+        _, ok = condition(single, Ct[:, [*kept, j]])
         if ok[0]:
             kept.append(j)
         else:

@@ -28,7 +28,8 @@ def conditioning_dosages(condition, geno: GenotypeMatrix, rows: np.ndarray, dono
         ids = pd.Index([str(c) for c in condition])
     except TypeError:
         raise ValueError(
-            f"condition must be variant IDs or a DataFrame of dosages (donors x variants), not {type(condition).__name__}."
+            "condition must be variant IDs or a DataFrame of dosages (donors x variants), "
+            f"not {type(condition).__name__}."
         ) from None
     if ids.has_duplicates:
         raise ValueError(f"condition names variants more than once: {preview(ids[ids.duplicated()].unique())}.")
