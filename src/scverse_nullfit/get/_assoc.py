@@ -54,7 +54,9 @@ def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | Non
 
 
 @doc_params(doc_cis_result=doc_cis_result)
-def cis_genes_df(adata: AnnData, key: str = "cis", *, tested_only: bool = False) -> pd.DataFrame:
+def cis_genes_df(
+    adata: AnnData, key: str = "cis", *, tested_only: bool = False, fdr: float | None = None
+) -> pd.DataFrame:
     """The per-gene summary of :func:`scverse_nullfit.tl.cis_map` as a DataFrame.
 
     Parameters
@@ -62,12 +64,17 @@ def cis_genes_df(adata: AnnData, key: str = "cis", *, tested_only: bool = False)
     {doc_cis_result}
     tested_only
         Keep only the genes with at least one variant in their window.
+    fdr
+        Call eGenes at this false discovery rate instead of the ``fdr`` of the ``cis_map`` call: ``is_egene`` is
+        recomputed from the stored q-values of the call's ``gene_pval`` (the independent signals stored by
+        ``cis_map(independent=True)`` stay those of the call's ``fdr``).
 
     Returns
     -------
     A copy of ``adata.varm[key]``, indexed by gene: ``n_variants``, ``pval_acat`` (ACAT gene-level p-value),
     ``top_variant``, ``top_pos``, ``top_distance``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``,
-    ``top_pval_bonf``.
+    ``top_pval_bonf``, ``qval`` and ``qval_bonf`` (q-values of ``pval_acat`` and ``top_pval_bonf`` across the
+    tested genes) and ``is_egene``.
     """
     if key not in adata.varm:
         raise KeyError(f"no cis-mapping results under adata.varm[{key!r}]; run snf.tl.cis_map(adata, genotypes).")
@@ -76,6 +83,47 @@ def cis_genes_df(adata: AnnData, key: str = "cis", *, tested_only: bool = False)
         raise ValueError(f"adata.varm[{key!r}] is not the per-gene table cis_map stores.")
     out = df.copy()
     out.index = adata.var_names.copy()
+    if fdr is not None:
+        if not (np.isscalar(fdr) and 0 < fdr < 1):
+            raise ValueError(f"fdr must be a number strictly between 0 and 1, not {fdr!r}.")
+        params = adata.uns.get(key, {}).get(Key.PARAMS, {}) if isinstance(adata.uns.get(key), dict) else {}
+        column = "qval_bonf" if params.get("gene_pval") == "bonf" else "qval"
+        if column not in out.columns:
+            raise ValueError(f"adata.varm[{key!r}] has no {column!r}; re-run snf.tl.cis_map.")
+        q = out[column].to_numpy(dtype=np.float64)
+        out["is_egene"] = np.isfinite(q) & (q <= fdr)
     if tested_only:
         out = out[np.asarray(out["n_variants"] > 0)]
     return out
+
+
+@doc_params(doc_cis_result=doc_cis_result)
+def cis_independent_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """The independent signals of ``cis_map(..., independent=True)`` as a DataFrame.
+
+    Parameters
+    ----------
+    {doc_cis_result}
+    genes
+        A gene name or names to keep (default: every eGene).
+
+    Returns
+    -------
+    A copy of the table, one row per signal of each eGene: ``gene``, ``rank``, ``variant``, ``chrom``, ``pos``,
+    ``distance``, the conditional score-test columns ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``
+    (conditioning on the gene's other signals), ``pval_gene`` and ``n_conditioned``, with a fresh integer index.
+    """
+    results = _cis_results(adata, key)
+    if Key.CIS_INDEPENDENT not in results:
+        raise KeyError(
+            f"adata.uns[{key!r}] has no independent signals; run snf.tl.cis_map(adata, genotypes, "
+            f"key_added={key!r}, independent=True)."
+        )
+    table = results[Key.CIS_INDEPENDENT]
+    if genes is not None:
+        wanted = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+        unknown = [g for g in wanted if g not in adata.var_names]
+        if unknown:
+            raise KeyError(f"genes not in adata.var_names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}.")
+        table = table[table["gene"].astype(str).isin(wanted).to_numpy()]
+    return table.reset_index(drop=True).copy()
