@@ -127,3 +127,37 @@ def cis_independent_df(adata: AnnData, key: str = "cis", *, genes: str | Sequenc
             raise KeyError(f"genes not in adata.var_names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}.")
         table = table[table["gene"].astype(str).isin(wanted).to_numpy()]
     return table.reset_index(drop=True).copy()
+
+
+def trans_df(adata: AnnData, key: str = "trans", *, genes: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """The associations kept by :func:`scverse_nullfit.tl.trans_map` as a DataFrame.
+
+    Parameters
+    ----------
+    adata
+        An AnnData on which :func:`~scverse_nullfit.tl.trans_map` has been run (possibly read back from h5ad).
+    key
+        The ``key_added`` of that call.
+    genes
+        A gene name or names to keep (default: all genes).
+
+    Returns
+    -------
+    A copy of the table, one row per (gene, variant) pair below the call's ``pval_threshold``: ``gene``,
+    ``variant``, the variant's ``chrom`` and ``pos`` when known, ``score``, ``score_var``, ``z``, ``pval``,
+    ``beta``, ``se``, with a fresh integer index. The per-gene minima are in ``adata.varm[key]``, the per-variant
+    minima in ``adata.uns[key]["variants"]``.
+    """
+    hint = f"run snf.tl.trans_map(adata, genotypes, key_added={key!r})"
+    if key not in adata.uns or not isinstance(adata.uns[key], dict) or Key.TRANS_PAIRS not in adata.uns[key]:
+        raise KeyError(f"no trans-mapping results under adata.uns[{key!r}]; {hint}.")
+    table = adata.uns[key][Key.TRANS_PAIRS]
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"adata.uns[{key!r}]['associations'] is a {type(table).__name__}, not a DataFrame.")
+    if genes is not None:
+        wanted = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+        unknown = [g for g in wanted if g not in adata.var_names]
+        if unknown:
+            raise KeyError(f"genes not in adata.var_names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}.")
+        table = table[table["gene"].astype(str).isin(wanted).to_numpy()]
+    return table.reset_index(drop=True).copy()
