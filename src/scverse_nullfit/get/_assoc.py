@@ -10,6 +10,7 @@ import pandas as pd
 
 from .._constants import Key
 from .._docs import doc_cis_result, doc_params
+from .._provenance import CELLS, SOURCE, check_cells, check_source
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -24,7 +25,18 @@ def _cis_results(adata: AnnData, key: str) -> dict:
         raise ValueError(
             f"adata.uns[{key!r}]['variants'] is a {type(table).__name__}, not the DataFrame cis_map stores."
         )
+    check_current(adata, key)
     return adata.uns[key]
+
+
+def check_current(adata: AnnData, key: str) -> None:
+    """Refuse cis results computed on other cells or from an earlier null-model fit than the one stored now."""
+    stored = adata.uns.get(key)
+    if not isinstance(stored, dict):
+        return
+    what = f"the cis-mapping results under {key!r}"
+    check_cells(adata, stored.get(CELLS), what, f"Re-run snf.tl.cis_map(adata, genotypes, key_added={key!r})")
+    check_source(adata, stored.get(SOURCE), what)
 
 
 @doc_params(doc_cis_result=doc_cis_result)
@@ -39,11 +51,23 @@ def cis_df(adata: AnnData, key: str = "cis", *, genes: str | Sequence[str] | Non
 
     Returns
     -------
-    A copy of the table, one row per gene and cis variant: ``gene``, ``variant``, ``chrom``, ``pos``,
+    A copy of the table, one row per gene of ``adata`` (after any gene subsetting) and cis variant: ``gene``,
+    ``variant``, ``chrom``, ``pos``,
     ``distance``, ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` (see
     :func:`~scverse_nullfit.tl.score_test` for their definitions), with a fresh integer index.
     """
     table = _cis_results(adata, key)[Key.CIS_VARIANTS]
+    return _genes_of(table, adata, genes)
+
+
+def _genes_of(table: pd.DataFrame, adata: AnnData, genes) -> pd.DataFrame:
+    """The rows of a long table (stored in uns) of the genes still in ``adata`` (uns does not follow gene
+    subsetting; var does), then of ``genes``; a copy with a fresh index."""
+    present = table["gene"].astype(str).isin(adata.var_names).to_numpy()
+    if not present.all():
+        table = table[present]
+        if isinstance(table["gene"].dtype, pd.CategoricalDtype):
+            table = table.assign(gene=table["gene"].cat.remove_unused_categories())
     if genes is not None:
         wanted = [genes] if isinstance(genes, str) else [str(g) for g in genes]
         unknown = [g for g in wanted if g not in adata.var_names]
@@ -81,6 +105,7 @@ def cis_genes_df(
     df = adata.varm[key]
     if not isinstance(df, pd.DataFrame) or "pval_acat" not in df.columns:
         raise ValueError(f"adata.varm[{key!r}] is not the per-gene table cis_map stores.")
+    check_current(adata, key)
     out = df.copy()
     out.index = adata.var_names.copy()
     if fdr is not None:
@@ -119,14 +144,7 @@ def cis_independent_df(adata: AnnData, key: str = "cis", *, genes: str | Sequenc
             f"adata.uns[{key!r}] has no independent signals; run snf.tl.cis_map(adata, genotypes, "
             f"key_added={key!r}, independent=True)."
         )
-    table = results[Key.CIS_INDEPENDENT]
-    if genes is not None:
-        wanted = [genes] if isinstance(genes, str) else [str(g) for g in genes]
-        unknown = [g for g in wanted if g not in adata.var_names]
-        if unknown:
-            raise KeyError(f"genes not in adata.var_names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}.")
-        table = table[table["gene"].astype(str).isin(wanted).to_numpy()]
-    return table.reset_index(drop=True).copy()
+    return _genes_of(results[Key.CIS_INDEPENDENT], adata, genes)
 
 
 def trans_df(adata: AnnData, key: str = "trans", *, genes: str | Sequence[str] | None = None) -> pd.DataFrame:
@@ -151,13 +169,11 @@ def trans_df(adata: AnnData, key: str = "trans", *, genes: str | Sequence[str] |
     hint = f"run snf.tl.trans_map(adata, genotypes, key_added={key!r})"
     if key not in adata.uns or not isinstance(adata.uns[key], dict) or Key.TRANS_PAIRS not in adata.uns[key]:
         raise KeyError(f"no trans-mapping results under adata.uns[{key!r}]; {hint}.")
-    table = adata.uns[key][Key.TRANS_PAIRS]
+    stored = adata.uns[key]
+    table = stored[Key.TRANS_PAIRS]
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"adata.uns[{key!r}]['associations'] is a {type(table).__name__}, not a DataFrame.")
-    if genes is not None:
-        wanted = [genes] if isinstance(genes, str) else [str(g) for g in genes]
-        unknown = [g for g in wanted if g not in adata.var_names]
-        if unknown:
-            raise KeyError(f"genes not in adata.var_names: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}.")
-        table = table[table["gene"].astype(str).isin(wanted).to_numpy()]
-    return table.reset_index(drop=True).copy()
+    what = f"the trans-mapping results under {key!r}"
+    check_cells(adata, stored.get(CELLS), what, f"Re-run snf.tl.trans_map(adata, genotypes, key_added={key!r})")
+    check_source(adata, stored.get(SOURCE), what)
+    return _genes_of(table, adata, genes)

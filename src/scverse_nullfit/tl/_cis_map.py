@@ -21,6 +21,7 @@ from .._core._fdr import METHODS as FDR_METHODS
 from .._core._fdr import qvalues
 from .._core._step2 import CompactNull, derived_statistics
 from .._docs import doc_copy, doc_n_threads, doc_params
+from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, select_genes
 from ..io._genotypes import GenotypeMatrix
 from ._step2 import StoredNull, open_genotypes, result_table, running
@@ -287,6 +288,9 @@ def cis_map(
     ``adata.uns[key_added]["params"]``
         The call's parameters, with ``pi0`` and ``pi0_bonf`` (the estimates used for ``qval`` and ``qval_bonf``),
         ``n_egenes`` and ``egene_pval_threshold`` (the largest gene-level p-value among the eGenes; NaN if none).
+    ``adata.uns[key_added]["source"]``, ``adata.uns[key_added]["cells"]``
+        The null-model fit the tests used (its ``key`` and ``fit_id``) and the fingerprint of its cells: the
+        accessors refuse results from an earlier fit or on other cells.
     """
     _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
     _check_fdr_arguments(fdr, fdr_method, gene_pval)
@@ -330,7 +334,12 @@ def cis_map(
     }
     target = adata.copy() if copy else adata
     target.varm[key_added] = summary
-    target.uns[key_added] = {**results, Key.PARAMS: params}
+    target.uns[key_added] = {
+        **results,
+        Key.PARAMS: params,
+        SOURCE: stored.record(),
+        CELLS: dict(adata.uns[key].get(CELLS, {})),
+    }
     logg.info(
         "    finished",
         time=start,

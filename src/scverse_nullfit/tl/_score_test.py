@@ -85,16 +85,19 @@ def score_test(
     A long DataFrame with one row per gene and variant (genes in ``adata`` order, then variants in input order)
     and the columns ``gene``, ``variant`` (categoricals), ``score``, ``score_var``, ``z``, ``pval``, ``beta``,
     ``se``. Rows are NaN for genes that were not fitted, for variants without any observed dosage or
-    monomorphic among the fit's donors, and for variants collinear with the gene's covariates.
+    monomorphic among the fit's donors, and for variants collinear with the gene's covariates. ``out.attrs``
+    records the fit the tests used: ``key``, ``fit_id`` and ``model`` (the family).
     """
     check_positive_int(chunk_size, "chunk_size")
     check_positive_int(n_threads, "n_threads")
     mask = select_genes(adata.var_names, genes)
-    model = StoredNull.read(adata, key).compact(mask)
+    stored = StoredNull.read(adata, key)
+    model = stored.compact(mask)
     geno = open_genotypes(genotypes)
     rows = geno.align(model.donors)
     if condition is not None:
-        model = conditional_model(model, conditioning_dosages(condition, geno, rows, model.donors))
+        cond = conditioning_dosages(condition, geno, rows, model.donors)
+        model = conditional_model(model, cond)
 
     start = logg.info(f"score tests of {geno.n_variants} variants against {int(mask.sum())} genes (key={key!r})")
     sel = np.flatnonzero(mask)
@@ -117,5 +120,8 @@ def score_test(
         adata.var_names[sel], np.repeat(np.arange(n_sel), n_var), geno.var.index, np.tile(np.arange(n_var), n_sel),
         S_all.ravel(), V_all.ravel(),
     )  # fmt: skip
+    out.attrs.update(stored.record())
+    if condition is not None:
+        out.attrs["condition"] = [str(c) for c in cond.columns]
     logg.info("    finished", time=start)
     return out

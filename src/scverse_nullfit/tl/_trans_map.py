@@ -14,6 +14,7 @@ from scipy import special
 from .._constants import Key
 from .._core._step2 import BLOCK_ELEMENTS, impute
 from .._docs import doc_copy, doc_n_threads, doc_params
+from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, select_genes
 from ._step2 import StoredNull, open_genotypes, result_table, running
 
@@ -90,6 +91,9 @@ def trans_map(
         have NaN and 0.
     ``adata.uns[key_added]["params"]``
         The call's parameters.
+    ``adata.uns[key_added]["source"]``, ``adata.uns[key_added]["cells"]``
+        The null-model fit the tests used (its ``key`` and ``fit_id``) and the fingerprint of its cells:
+        :func:`~scverse_nullfit.get.trans_df` refuses results from an earlier fit or on other cells.
     """
     if not (np.isscalar(pval_threshold) and 0 < pval_threshold <= 1):
         raise ValueError(f"pval_threshold must be a number in (0, 1], not {pval_threshold!r}.")
@@ -98,7 +102,8 @@ def trans_map(
     if key_added in Key.null_varm(key):
         raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
     mask = select_genes(adata.var_names, genes)
-    model = StoredNull.read(adata, key).compact(mask)
+    stored = StoredNull.read(adata, key)
+    model = stored.compact(mask)
     geno = open_genotypes(genotypes, variants)
     rows = geno.align(model.donors)
 
@@ -165,7 +170,13 @@ def trans_map(
     }
     target = adata.copy() if copy else adata
     target.varm[key_added] = genes_table
-    target.uns[key_added] = {Key.TRANS_PAIRS: table, Key.TRANS_VARIANTS: variants_table, Key.PARAMS: params}
+    target.uns[key_added] = {
+        Key.TRANS_PAIRS: table,
+        Key.TRANS_VARIANTS: variants_table,
+        Key.PARAMS: params,
+        SOURCE: stored.record(),
+        CELLS: dict(adata.uns[key].get(CELLS, {})),
+    }
     logg.info(
         "    finished",
         time=start,
