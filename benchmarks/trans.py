@@ -16,7 +16,10 @@ columns), the dosages (binomial(2, maf), dense float64, in memory) are made once
 - ``stat GEMMs``: the products the exact variance adds (the stacked ``(w * X~)'`` GEMM, genes x (p + 1) x donors x
   variants, and ``W @ g~^2``), timed alone: what ``trans_map`` computes beyond the floor;
 - ``working memory``: the peak of ``tracemalloc`` (numpy allocations) during ``trans_map`` on the first chunks,
-  beyond what was allocated before the call.
+  beyond what was allocated before the call (the compact null model's genes x donors arrays included).
+
+Genes at ``tau = 0`` share ``v = X~'g~`` and cost the score GEMM only, so the time depends on how many there are
+(reported as ``genes_at_tau0``).
 
 The projection multiplies the slice's times by ``1,000,000 / variants`` (the cost is linear in the variants).
 """
@@ -128,6 +131,7 @@ def main() -> None:
         "variants": args.variants,
         "donors": args.donors,
         "covariates": int(adata.uns["nullfit"]["covariates_rotated"].shape[1]),
+        "genes_at_tau0": int((adata.varm["nullfit"]["tau"] == 0).sum()),
         "chunk": chunk,
         "wall_s": round(wall, 2),
         "floor_s": round(floor, 2),
