@@ -3,13 +3,36 @@
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import linalg, optimize
+from scipy import linalg, optimize, sparse
 from threadpoolctl import threadpool_limits
 
 import scverse_nullfit as snf
 
 COVARIATES = ["age", "sex", "cell_type", "log_counts"]
 DONOR_COVARIATES = ["age", "sex"]
+
+
+def _dask(X, chunks, *, csr: bool = False):
+    da = pytest.importorskip("dask.array")
+    X = np.asarray(X)
+    return da.from_array(sparse.csr_matrix(X), chunks=chunks, asarray=False) if csr else da.from_array(X, chunks=chunks)
+
+
+#: Every in-memory storage of an expression matrix the tools accept, by name: ``ARRAY_TYPES[name](X)``.
+ARRAY_TYPES = {
+    "dense_f32": lambda X: np.asarray(X, np.float32),
+    "dense_f64": lambda X: np.asarray(X, np.float64),
+    "fortran_f64": lambda X: np.asfortranarray(X, np.float64),
+    "csr_f32": lambda X: sparse.csr_matrix(np.asarray(X, np.float32)),
+    "csr_f64": lambda X: sparse.csr_matrix(np.asarray(X, np.float64)),
+    "csc_f32": lambda X: sparse.csc_matrix(np.asarray(X, np.float32)),
+    "csc_f64": lambda X: sparse.csc_matrix(np.asarray(X, np.float64)),
+    "csr_array": lambda X: sparse.csr_array(np.asarray(X)),
+    "dask_dense": lambda X: _dask(X, (37, -1)),
+    "dask_dense_2d": lambda X: _dask(X, (70, 5)),
+    "dask_csr": lambda X: _dask(X, (53, -1), csr=True),
+    "dask_csr_2d": lambda X: _dask(X, (61, 7), csr=True),
+}
 
 
 @pytest.fixture(scope="session")

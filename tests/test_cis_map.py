@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 import scverse_nullfit as snf
-from scverse_nullfit.io._genotypes import read_plink_genotypes
+from scverse_nullfit.io import read_plink_genotypes
 from scverse_nullfit.tl._cis_map import acat
 
 from .conftest import COVARIATES, DONOR_COVARIATES

@@ -12,7 +12,7 @@ from scipy import sparse
 
 import scverse_nullfit as snf
 
-from .conftest import COVARIATES, DONOR_COVARIATES
+from .conftest import ARRAY_TYPES, COVARIATES, DONOR_COVARIATES
 
 COLUMNS = ["tau", "sigma2_g", "sigma2_e", "h2", "loglik", "converged", "n_iter", "h2_pval", "tau_se", "loglik_null"]
 NUMERIC = ["tau", "sigma2_g", "sigma2_e", "h2", "loglik", "h2_pval", "tau_se", "loglik_null"]
@@ -92,7 +92,7 @@ def test_output_layout(reference):
     shared = reference.uns["nullfit"]
     n, p, G = len(shared["donors"]), len(shared["covariate_names"]), reference.n_vars
     assert reference.varm["nullfit_beta"].shape == (G, p)
-    assert reference.varm["nullfit_xhx_inv"].shape == (G, p, p)
+    assert reference.varm["nullfit_xhx_inv"].shape == (G, p * (p + 1) // 2)  # packed upper triangles
     assert reference.varm["nullfit_resid_rot"].shape == (G, n)
     assert shared["eigenvectors"].shape == (n, n) and shared["eigenvalues"].shape == (n,)
     assert shared["covariates_rotated"].shape == (n, p)
@@ -132,41 +132,17 @@ def test_key_added_keeps_other_fits(reference):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dask_dense(X):
-    da = pytest.importorskip("dask.array")
-    return da.from_array(np.asarray(X), chunks=(70, 5))
-
-
-def _dask_sparse(X):
-    da = pytest.importorskip("dask.array")
-    return da.from_array(sparse.csr_matrix(X), chunks=(100, X.shape[1]), asarray=False)
-
-
-STORAGES = {
-    "dense_f32": lambda X: np.asarray(X, np.float32),
-    "dense_f64": lambda X: np.asarray(X, np.float64),
-    "fortran_f64": lambda X: np.asfortranarray(X, np.float64),
-    "csr_f32": lambda X: sparse.csr_matrix(X.astype(np.float32)),
-    "csr_f64": lambda X: sparse.csr_matrix(X.astype(np.float64)),
-    "csc_f32": lambda X: sparse.csc_matrix(X.astype(np.float32)),
-    "csc_f64": lambda X: sparse.csc_matrix(X.astype(np.float64)),
-    "csr_array": lambda X: sparse.csr_array(X),
-    "dask_dense": _dask_dense,
-    "dask_sparse": _dask_sparse,
-}
-
-
-@pytest.mark.parametrize("storage", list(STORAGES))
+@pytest.mark.parametrize("storage", list(ARRAY_TYPES))
 def test_storage_gives_the_same_fit(small_adata, reference, storage):
     adata = small_adata.copy()
-    adata.X = STORAGES[storage](small_adata.X)
+    adata.X = ARRAY_TYPES[storage](small_adata.X)
     _assert_same_fit(_fit(adata), reference, rtol=1e-8)
 
 
 @pytest.mark.parametrize("storage", ["dense_f64", "csr_f64", "csc_f64"])
 def test_layer(small_adata, reference, storage):
     adata = small_adata.copy()
-    adata.layers["logcounts"] = STORAGES[storage](small_adata.X)
+    adata.layers["logcounts"] = ARRAY_TYPES[storage](small_adata.X)
     adata.X = sparse.csr_matrix(adata.shape, dtype=np.float32)  # X is all zeros: the layer must be used
     res = _fit(adata, layer="logcounts")
     _assert_same_fit(res, reference, rtol=1e-8)
@@ -289,7 +265,7 @@ def _with_extra_genes(adata, extra: dict[str, np.ndarray], positions: list[int])
 def test_zero_and_constant_genes(small_adata, reference, storage):
     n = small_adata.n_obs
     odd = _with_extra_genes(small_adata, {"zero": np.zeros(n), "const": np.full(n, 2.5)}, [3, 6])
-    odd.X = STORAGES[storage](odd.X)
+    odd.X = ARRAY_TYPES[storage](odd.X)
     res = _fit(odd)
     table = res.varm["nullfit"]
     for gene in ("zero", "const"):
@@ -467,7 +443,7 @@ def test_string_and_integer_donor_ids(small_adata, reference):
 def test_location_shift_invariance(small_adata, reference, storage, shift):
     """Adding a large constant to every gene changes only the intercept (no cancellation in second moments)."""
     adata = small_adata.copy()
-    adata.X = STORAGES[storage](np.asarray(small_adata.X, np.float64) + shift)
+    adata.X = ARRAY_TYPES[storage](np.asarray(small_adata.X, np.float64) + shift)
     res = _fit(adata)
     a, b = res.varm["nullfit"], reference.varm["nullfit"]
     np.testing.assert_allclose(a["loglik"], b["loglik"], rtol=0, atol=1e-6)
@@ -496,7 +472,7 @@ def test_float32_accumulates_in_float64(small_adata, storage):
     """Float32 input with a large mean gives the fit of the same values held in float64."""
     values = (np.asarray(small_adata.X, np.float64) + 500.0).astype(np.float32)
     a, b = small_adata.copy(), small_adata.copy()
-    a.X = STORAGES[storage](values)
+    a.X = ARRAY_TYPES[storage](values)
     b.X = values.astype(np.float64)
     _assert_same_fit(_fit(a), _fit(b), rtol=1e-8)
 

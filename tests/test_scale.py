@@ -21,14 +21,14 @@ from scverse_nullfit._core._design import align_grm, build_design, donor_labels,
 from scverse_nullfit._core._reml import (
     RemlProblem,
     Rotation,
-    fit_genes,
     problem_from_stage1,
     restricted_spectrum,
     restricted_spectrum_from_grm,
 )
 from scverse_nullfit._core._suffstats import Accumulator, pre_residualise, scaled_residual_sums, sufficient_stats
+from scverse_nullfit.tl._backend import fit_all_genes
 
-from .conftest import COVARIATES, DONOR_COVARIATES
+from .conftest import ARRAY_TYPES, COVARIATES, DONOR_COVARIATES
 
 KEYS = ["nullfit", "nullfit_beta", "nullfit_xhx_inv", "nullfit_resid_rot"]
 RTOL = 1e-10
@@ -85,26 +85,14 @@ def test_reference_sane(reference, sparse_adata):
 
 
 @pytest.mark.parametrize(
-    "form",
-    ["float64", "csr", "csc", "csr_array", "dask_dense", "dask_csr", "dask_csr_2d"],
+    "form", ["dense_f64", "csr_f64", "csc_f64", "csr_array", "dask_dense", "dask_csr", "dask_csr_2d"]
 )
 def test_in_memory_forms(sparse_adata, reference, form):
-    import dask.array as da
-
     a = sparse_adata.copy()
-    X = np.asarray(a.X)
-    a.X = {
-        "float64": lambda: X.astype(np.float64),
-        "csr": lambda: sparse.csr_matrix(X),
-        "csc": lambda: sparse.csc_matrix(X),
-        "csr_array": lambda: sparse.csr_array(X),
-        "dask_dense": lambda: da.from_array(X, chunks=(37, -1)),
-        "dask_csr": lambda: da.from_array(sparse.csr_matrix(X), chunks=(53, -1)),
-        "dask_csr_2d": lambda: da.from_array(sparse.csr_matrix(X), chunks=(61, 7)),
-    }[form]()
+    a.X = ARRAY_TYPES[form](a.X)
     before = a.X.copy()
     _assert_same(_fit(a), reference, form)
-    if form == "float64":  # the input is never modified (dense float64 chunks are views of it)
+    if form == "dense_f64":  # the input is never modified (dense float64 chunks are views of it)
         np.testing.assert_array_equal(a.X, before)
 
 
@@ -260,7 +248,7 @@ def _donor_cols(X, donors):
     return donor_level_columns(X, donors.codes, len(donors.ids))
 
 
-def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=None, rotation=True):
+def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=None, rotation=True, distributed=False):
     donors, design, spectral = pieces
     X = sparse.csr_matrix(np.asarray(sparse_adata.X))
     genes = np.arange(X.shape[1])
@@ -269,7 +257,10 @@ def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=N
     ok = np.flatnonzero(pre.ok)
     Tt = scaled_residual_sums(pre, donors, ok)
     rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl: (spectral.U.T @ Tt[:, sl]).T)
-    fits = fit_genes(RemlProblem(spectral), rotate, pre.W[ok], chunk_size=chunk_size, n_threads=n_threads)
+    fits = fit_all_genes(
+        RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads,
+        distributed=distributed,
+    )  # fmt: skip
     return fits
 
 
@@ -357,7 +348,7 @@ def test_local_cluster_gene_chunks(sparse_adata, pieces, client):
     from scverse_nullfit._core._dask import dask_sufficient_stats
 
     local = _gene_fits(sparse_adata, pieces, n_threads=1, rotation=False)
-    remote = _gene_fits(sparse_adata, pieces, chunk_size=4, rotation=True)
+    remote = _gene_fits(sparse_adata, pieces, chunk_size=4, rotation=True, distributed=True)
     _assert_same_fits(remote, local, "distributed gene chunks")
 
     donors, design, _ = pieces

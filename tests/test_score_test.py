@@ -189,3 +189,29 @@ def test_calibrated_on_related_donors_where_naive_ols_is_inflated():
     p_naive = 2 * stats.t.sf(np.abs(t), df).ravel()
     assert (p_naive < 0.05).mean() > 0.15
     assert _lambda_gc(p_naive) > 2.0
+
+
+class _ListReader:
+    """A minimal genotype reader (the ``GenotypeReader`` interface new file formats implement)."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.donors = pd.Index(frame.index[::-1])  # another donor order than the fit's
+        self.var = pd.DataFrame({"chrom": "1", "pos": np.arange(frame.shape[1]) * 10}, index=frame.columns)
+        self._values = frame.to_numpy(dtype=np.float64)[::-1]
+        self.calls = 0
+
+    def read(self, rows, cols):
+        self.calls += 1
+        return self._values[np.ix_(rows, cols)]
+
+
+def test_custom_genotype_reader(fitted, geno):
+    """Any object with ``donors``, ``var`` and ``read(rows, cols)`` is accepted as genotypes, with the same results."""
+    from scverse_nullfit.io._genotypes import GenotypeReader
+
+    reader = _ListReader(geno)
+    assert isinstance(reader, GenotypeReader)
+    expected = snf.tl.score_test(fitted, geno)
+    got = snf.tl.score_test(fitted, reader, chunk_size=7)
+    assert reader.calls == -(-geno.shape[1] // 7)
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-10)

@@ -14,6 +14,7 @@ from scipy import sparse
 
 from ._design import Donors
 from ._read import Chunk
+from ._reml import GeneFits, Rotation, fit_chunk
 from ._suffstats import Accumulator, SuffStats, donor_level_columns
 
 #: Partial statistics merged per reduce task.
@@ -137,16 +138,12 @@ def dask_sufficient_stats(Y, genes: np.ndarray, donors: Donors, X: np.ndarray) -
 
 
 def _fit_remote(problem, U, Tt, W, tau):
-    from ._reml import Rotation, fit_chunk
-
     return fit_chunk(problem, Rotation(U, Tt)(slice(None)), W, tau=tau)
 
 
 def fit_genes_distributed(client, problem, rotation, W: np.ndarray, *, tau, chunk_size: int, progress=None):
     """Fit gene chunks on the workers of a ``distributed`` client; results in gene order."""
     from distributed import as_completed
-
-    from ._reml import GeneFits
 
     G, n, p = len(W), len(problem.lam), problem.p
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))

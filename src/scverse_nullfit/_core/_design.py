@@ -10,18 +10,16 @@ import numpy as np
 import pandas as pd
 from scipy import linalg, sparse
 
+from .._utils import preview
+
 #: Relative tolerance on the diagonal of R (QR of the design) below which a column counts as collinear.
 RANK_TOL = 1e-8
 #: Eigenvalues of D^1/2 G D^1/2 below ``-NEG_EIG_TOL * max(eigenvalue)`` are reported as clearly negative.
 NEG_EIG_TOL = 1e-6
+#: A GRM whose smallest eigenvalue is below ``-GRM_NEG_EIG_RTOL`` times its largest is an error, not rounding.
+GRM_NEG_EIG_RTOL = 0.1
 #: Relative tolerance for the GRM's symmetry check.
 SYM_TOL = 1e-6
-
-
-def _preview(items, k: int = 5) -> str:
-    items = [str(i) for i in items]
-    shown = ", ".join(repr(i) for i in items[:k])
-    return f"{shown}{', ...' if len(items) > k else ''} ({len(items)} in all)"
 
 
 @dataclass
@@ -61,11 +59,11 @@ def align_grm(grm: pd.DataFrame, labels: np.ndarray, source: str) -> tuple[np.nd
             f"first columns {list(columns[:3])}); it must be indexed and columned by the same donor IDs."
         )
     if index.has_duplicates:
-        raise ValueError(f"GRM from {source} has duplicated donor IDs: {_preview(index[index.duplicated()].unique())}.")
+        raise ValueError(f"GRM from {source} has duplicated donor IDs: {preview(index[index.duplicated()].unique())}.")
     values = grm.to_numpy(dtype=np.float64, copy=False)
     if not np.isfinite(values).all():
         bad = index[~np.isfinite(values).all(axis=1)]
-        raise ValueError(f"GRM from {source} has NaN or infinite entries in the rows of donors {_preview(bad)}.")
+        raise ValueError(f"GRM from {source} has NaN or infinite entries in the rows of donors {preview(bad)}.")
     scale = max(np.abs(values).max(), 1e-300)
     asym = np.abs(values - values.T).max()
     if asym > SYM_TOL * scale:
@@ -78,7 +76,10 @@ def align_grm(grm: pd.DataFrame, labels: np.ndarray, source: str) -> tuple[np.nd
     uniq = pd.unique(labels)
     missing = pd.Index(uniq).difference(index, sort=False)
     if len(missing):
-        raise ValueError(f"donors with cells but not in the GRM from {source}: {_preview(missing)}.")
+        raise ValueError(
+            f"donors with cells but not in the GRM from {source}: {preview(missing)} "
+            f"(the GRM's donor IDs look like {preview(index[:3])})."
+        )
 
     keep = np.flatnonzero(index.isin(uniq))
     ids = index[keep].to_numpy().astype(str)
@@ -177,7 +178,7 @@ def _check_constant_within_donor(series: pd.Series, values: np.ndarray, col: str
         varying = np.flatnonzero(hi - lo > 1e-12 * np.maximum(1.0, np.abs(hi)))
         if len(varying):
             raise ValueError(
-                f"donor covariate {col!r} varies within donors {_preview(donors.ids[varying])}; "
+                f"donor covariate {col!r} varies within donors {preview(donors.ids[varying])}; "
                 "a donor covariate must be constant within each donor."
             )
 
@@ -221,6 +222,33 @@ def eigh_or_error(M: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"the eigendecomposition of {what} failed ({err}); check the GRM for extreme values.") from err
 
 
+def check_grm_negativity(G: np.ndarray) -> None:
+    """Clip-or-fail decision for a GRM that is not positive semi-definite (called only when it is not).
+
+    By Sylvester's law of inertia the scaled matrix ``D^1/2 G D^1/2`` has negative eigenvalues exactly when ``G``
+    has; the tolerance is judged on ``G``'s own extreme eigenvalues, so the message speaks of the GRM the user
+    passed. Below ``-GRM_NEG_EIG_RTOL`` times the largest eigenvalue is an error; above, a warning.
+    """
+    n = G.shape[0]
+    try:
+        low = linalg.eigh(G, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0]
+        high = linalg.eigh(G, eigvals_only=True, subset_by_index=[n - 1, n - 1], check_finite=False)[0]
+    except (np.linalg.LinAlgError, ValueError) as err:
+        raise ValueError(f"the eigendecomposition of the GRM failed ({err}); check it for extreme values.") from err
+    if low < -GRM_NEG_EIG_RTOL * max(high, 1e-300):
+        raise ValueError(
+            f"the GRM is far from positive semi-definite: its smallest eigenvalue is {low:.3g} and its largest "
+            f"{high:.3g} (more negative than -{GRM_NEG_EIG_RTOL:g} x the largest is not rounding error). Check that "
+            "the file, its donor IDs and its scaling are right."
+        )
+    warnings.warn(
+        f"the GRM is not positive semi-definite: its smallest eigenvalue is {low:.3g} (largest {high:.3g}); "
+        "negative eigenvalues are set to 0.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectral:
     """Eigendecompose D^1/2 G D^1/2 and rotate the covariates' donor sums."""
     sqrt_c = np.sqrt(donors.counts)
@@ -228,12 +256,7 @@ def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectra
     lam, U = eigh_or_error(M, "D^1/2 G D^1/2 (the GRM scaled by cells per donor)")
     top = max(lam.max(initial=0.0), 1e-300)
     if lam.min(initial=0.0) < -NEG_EIG_TOL * top:
-        warnings.warn(
-            f"the GRM is not positive semi-definite: smallest eigenvalue of D^1/2 G D^1/2 is {lam.min():.3g} "
-            f"(largest {top:.3g}); negative eigenvalues are set to 0.",
-            UserWarning,
-            stacklevel=3,
-        )
+        check_grm_negativity(G)
     lam = np.clip(lam, 0.0, None)
     ZtX = donor_sums(X, donors)
     Xrot = U.T @ (ZtX / sqrt_c[:, None])

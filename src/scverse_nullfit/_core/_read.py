@@ -1,16 +1,15 @@
-"""Step 1 of the pipeline: where the expression matrix and the GRM come from."""
+"""Step 1 of the pipeline: where the expression matrix comes from, read in chunks of its own layout."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from scipy import sparse
+
+from .._utils import is_dask
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -42,10 +41,6 @@ def get_expression(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def _is_dask(Y) -> bool:
-    return type(Y).__module__.startswith("dask.")
-
-
 def _is_sparse(Y) -> bool:
     return sparse.issparse(Y)
 
@@ -57,7 +52,7 @@ def _is_backed_sparse(Y) -> bool:
 
 def describe_matrix(Y) -> str:
     """A short human-readable description of the input's storage, for logs and params."""
-    if _is_dask(Y):
+    if is_dask(Y):
         return "dask"
     if _is_backed_sparse(Y):
         return f"backed {Y.format}"
@@ -106,7 +101,7 @@ def iter_chunks(
     the next-but-one is requested, so callers must not keep them.
     """
     step_elements = _resolve_block(block_elements)
-    if _is_dask(Y):
+    if is_dask(Y):
         raise ValueError("iter_chunks does not read dask arrays; use the dask map-reduce in _dask.py.")
     if _is_sparse(Y):
         if Y.format not in ("csr", "csc"):
@@ -183,36 +178,3 @@ def _prefetched(chunks: Iterator[Chunk], prefetch: bool) -> Iterator[Chunk]:
                 return
             pending = pool.submit(next, chunks, sentinel)
             yield chunk
-
-
-def resolve_grm(adata: AnnData, grm) -> tuple[pd.DataFrame, str]:
-    """Turn the ``grm`` argument into a DataFrame indexed and columned by donor ID, and describe its source."""
-    if isinstance(grm, pd.DataFrame):
-        return grm, "DataFrame"
-    if isinstance(grm, np.ndarray):
-        raise ValueError(
-            "grm is a bare numpy array; pass a DataFrame indexed and columned by donor ID so donors can be matched."
-        )
-    if isinstance(grm, str) and grm in adata.uns:
-        value = adata.uns[grm]
-        if not isinstance(value, pd.DataFrame):
-            raise ValueError(
-                f"adata.uns[{grm!r}] is a {type(value).__name__}, not a DataFrame indexed and columned by donor ID."
-            )
-        return value, f"adata.uns[{grm!r}]"
-    if isinstance(grm, str | os.PathLike):
-        from ..io import read_grm
-
-        path = Path(grm)
-        if isinstance(grm, str) and os.sep not in grm and "." not in path.name and not _grm_prefix_exists(path):
-            raise KeyError(
-                f"grm={grm!r} is neither a key of adata.uns (keys: {list(adata.uns.keys())}) nor an existing GRM file."
-            )
-        return read_grm(path), str(path)
-    raise ValueError(f"grm must be a key of adata.uns, a DataFrame or a path, not {type(grm).__name__}.")
-
-
-def _grm_prefix_exists(path: Path) -> bool:
-    from ..io._grm import _PREFIX_SUFFIXES
-
-    return any(Path(str(path) + suffix).exists() for suffix in _PREFIX_SUFFIXES)

@@ -483,13 +483,13 @@ def _spd_inverse(A: np.ndarray) -> np.ndarray:
     return Ainv
 
 
-def h2_pvalue(loglik: np.ndarray, loglik0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Likelihood-ratio statistic of tau > 0 and its p-value under the 50:50 mixture of chi2_0 and chi2_1."""
+def h2_pvalue(loglik: np.ndarray, loglik0: np.ndarray) -> np.ndarray:
+    """P-value of the likelihood-ratio test of tau > 0 under the 50:50 mixture of chi2_0 and chi2_1."""
     from scipy import stats
 
     lrt = np.maximum(2.0 * (loglik - loglik0), 0.0)
     pval = np.where(lrt > 0, 0.5 * stats.chi2.sf(lrt, 1), 1.0)
-    return lrt, np.where(np.isfinite(loglik), pval, np.nan)
+    return np.where(np.isfinite(loglik), pval, np.nan)
 
 
 @dataclass
@@ -625,19 +625,12 @@ def fit_genes(
     """Fit every gene, in chunks of genes; ``rotate(sl)`` returns the rotated residual donor sums of a slice.
 
     Chunks are fitted by ``n_threads`` concurrent threads (default: the BLAS thread limit in effect), each
-    with single-threaded BLAS; every gene's result is the same whatever the thread count or chunk size. With
-    a :class:`Rotation` as ``rotate`` and a ``dask.distributed`` client active, the chunks are fitted on the
-    cluster's workers instead (see :mod:`._dask`).
+    with single-threaded BLAS; every gene's result is the same whatever the thread count or chunk size. The
+    distributed counterpart is :func:`._dask.fit_genes_distributed` (the caller chooses).
     """
     G, n, p = len(W), len(problem.lam), problem.p
     if chunk_size is None:
         chunk_size = default_chunk_size(n)
-    if isinstance(rotate, Rotation):
-        from ._dask import distributed_client, fit_genes_distributed
-
-        client = distributed_client()
-        if client is not None and G > chunk_size:
-            return fit_genes_distributed(client, problem, rotate, W, tau=tau, chunk_size=chunk_size, progress=progress)
     out = GeneFits.empty(G, n, p)
     slices = [slice(a, min(G, a + chunk_size)) for a in range(0, G, chunk_size)]
     timer = StageTimer()

@@ -7,25 +7,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._constants import Key
 from ._design import Design, Donors, Spectral
 from ._reml import GeneFits, h2_pvalue
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-#: Columns of ``adata.varm[key]``, in order.
-RESULT_COLUMNS = (
-    "tau",
-    "sigma2_g",
-    "sigma2_e",
-    "h2",
-    "loglik",
-    "converged",
-    "n_iter",
-    "h2_pval",
-    "tau_se",
-    "loglik_null",
-)
 
 
 def results_frame(var_names: pd.Index, fitted: np.ndarray, fits: GeneFits) -> pd.DataFrame:
@@ -37,7 +24,7 @@ def results_frame(var_names: pd.Index, fitted: np.ndarray, fits: GeneFits) -> pd
         out[fitted] = values
         return out
 
-    _, pval = h2_pvalue(fits.loglik, fits.loglik0)
+    pval = h2_pvalue(fits.loglik, fits.loglik0)
     tau = fits.tau
     return pd.DataFrame(
         {
@@ -56,10 +43,34 @@ def results_frame(var_names: pd.Index, fitted: np.ndarray, fits: GeneFits) -> pd
     )
 
 
-def per_gene_arrays(n_vars: int, fitted: np.ndarray, fits: GeneFits, beta: np.ndarray) -> dict[str, np.ndarray]:
-    """The per-gene part of the compact projection, padded with NaN for genes not fitted."""
+def pack_symmetric(A: np.ndarray) -> np.ndarray:
+    """The upper triangles (row by row, diagonal included) of a stack of symmetric p x p matrices, as one 2-D
+    array of shape (stack, p (p + 1) / 2): 2-D arrays survive anndata's concat, transpose, h5ad and zarr."""
+    rows, cols = np.triu_indices(A.shape[-1])
+    return np.ascontiguousarray(A[..., rows, cols])
+
+
+def unpack_symmetric(packed: np.ndarray, p: int) -> np.ndarray:
+    """The stack of symmetric p x p matrices whose upper triangles :func:`pack_symmetric` packed."""
+    packed = np.asarray(packed, dtype=np.float64)
+    if packed.ndim == 3:  # stored unpacked by versions before 0.2
+        return packed
+    if packed.ndim != 2 or packed.shape[1] != p * (p + 1) // 2:
+        raise ValueError(f"expected packed symmetric {p} x {p} matrices (width {p * (p + 1) // 2}), got {packed.shape}")
+    rows, cols = np.triu_indices(p)
+    out = np.empty((packed.shape[0], p, p))
+    out[:, rows, cols] = packed
+    out[:, cols, rows] = packed
+    return out
+
+
+def per_gene_arrays(
+    n_vars: int, fitted: np.ndarray, fits: GeneFits, beta: np.ndarray, key: str
+) -> dict[str, np.ndarray]:
+    """The per-gene part of the compact projection by ``varm`` key, padded with NaN for genes not fitted."""
     out = {}
-    for name, values in (("beta", beta), ("xhx_inv", fits.Ainv), ("resid_rot", fits.resid)):
+    packed = pack_symmetric(fits.Ainv)
+    for name, values in ((Key.beta(key), beta), (Key.xhx_inv(key), packed), (Key.resid_rot(key), fits.resid)):
         if fitted.all():
             out[name] = values
             continue
@@ -72,7 +83,7 @@ def per_gene_arrays(n_vars: int, fitted: np.ndarray, fits: GeneFits, beta: np.nd
 def shared_part(donors: Donors, design: Design, spectral: Spectral, params: dict) -> dict:
     """The part of the compact projection shared by all genes, plus the call's parameters."""
     return {
-        "params": params,
+        Key.PARAMS: params,
         "donors": np.asarray(donors.ids, dtype=object),
         "cells_per_donor": donors.counts.astype(np.int64),
         "eigenvalues": spectral.lam,
@@ -88,5 +99,5 @@ def store(adata: AnnData, key: str, table: pd.DataFrame, arrays: dict[str, np.nd
     """Write everything at once (nothing is written before all of it has been computed)."""
     adata.varm[key] = table
     for name, arr in arrays.items():
-        adata.varm[f"{key}_{name}"] = arr
+        adata.varm[name] = arr
     adata.uns[key] = shared

@@ -17,7 +17,7 @@ from scipy import linalg
 
 from ._compiled import jit
 from ._design import Donors, Spectral
-from ._read import _is_dask, available_threads, iter_chunks
+from ._read import available_threads, iter_chunks
 
 
 @dataclass
@@ -368,17 +368,14 @@ def sufficient_stats(
     prefetch: bool = True,
     n_threads: int | None = None,
 ) -> SuffStats:
-    """One pass over ``Y[:, genes]`` (dense, sparse, backed or dask), never holding more than one chunk.
+    """One pass over ``Y[:, genes]`` (dense, sparse or backed), never holding more than one chunk.
 
     In-memory sparse input is read in place; backed input in chunks of about ``block_elements`` stored values
     (default :data:`~._read.BLOCK_ELEMENTS`), the next one read in a background thread while the current one is
-    summed; dask input is a map-reduce over its cell chunks on the current dask scheduler (see :mod:`._dask`).
+    summed, by ``n_threads`` threads (default: the BLAS thread limit in effect). Dask input takes
+    :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
     """
     genes = np.asarray(genes, dtype=np.int64)
-    if _is_dask(Y):
-        from ._dask import dask_sufficient_stats
-
-        return dask_sufficient_stats(Y, genes, donors, X)
     n_threads = available_threads() if n_threads is None else max(1, int(n_threads))
     acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
     waiting = summing = 0.0

@@ -1,167 +1,227 @@
-"""Genotype dosages from PLINK 1 binary files (.bed/.bim/.fam), through the optional ``bed-reader`` package."""
+"""Genotype dosages for the step-2 tools: the reader interface, the readers by suffix and :class:`GenotypeMatrix`.
+
+A new file format (VCF, PGEN, BGEN, ...) is a class implementing :class:`GenotypeReader`, registered in
+:data:`READERS` under its suffixes; the tools then accept such a path as ``genotypes``.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scipy import sparse
 
-from .._core._design import _preview
-
-PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
-
-
-def _bed_reader():
-    try:
-        from bed_reader import open_bed
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(PLINK_MISSING) from err
-    return open_bed
+from .._utils import is_dask, preview
+from ._bgen import BgenGenotypes
+from ._pgen import PgenGenotypes
+from ._plink import PlinkGenotypes
+from ._vcf import VcfGenotypes
 
 
-def plink_paths(bed_prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """The ``.bed``, ``.bim`` and ``.fam`` paths of a prefix (``data`` or ``data.bed``), checked to exist."""
-    path = Path(bed_prefix)
-    stem = path.with_suffix("") if path.suffix in (".bed", ".bim", ".fam") else path
-    paths = tuple(stem.parent / f"{stem.name}{ext}" for ext in (".bed", ".bim", ".fam"))
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"PLINK file {str(p)!r} not found (from bed_prefix {os.fspath(bed_prefix)!r}).")
-    return paths  # type: ignore[return-value]
+@runtime_checkable
+class GenotypeReader(Protocol):
+    """What a genotype file reader provides (:class:`~._plink.PlinkGenotypes`, :class:`~._vcf.VcfGenotypes`,
+    :class:`~._pgen.PgenGenotypes` and :class:`~._bgen.BgenGenotypes` are ones).
 
-
-class PlinkGenotypes:
-    """A lazily read PLINK 1 fileset: sample and variant metadata now, dosages on demand.
-
-    Parameters
-    ----------
-    bed_prefix
-        Path of the ``.bed`` file, with or without its extension; ``.bim`` and ``.fam`` must sit beside it.
-    id_column
-        How donors are named: ``"iid"`` (the individual ID, the default) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
-    count_A1
-        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2.
+    Metadata is read when the reader is opened; dosages only on demand, so that a tool reads just the variants
+    it tests. The package's readers also have ``obs`` (the samples' metadata), ``shape``,
+    ``variant_indices(chrom, start, end)`` (the columns in a region; the file must be sorted), ``contigs`` and
+    ``close()``; ``var`` holds ``ref`` and ``alt`` (the counted allele) besides ``chrom`` and ``pos``.
     """
 
-    def __init__(
-        self,
-        bed_prefix: str | os.PathLike,
-        *,
-        id_column: Literal["iid", "fid_iid"] = "iid",
-        count_A1: bool = True,
-    ):
-        if id_column not in ("iid", "fid_iid"):
-            raise ValueError(f"id_column must be 'iid' or 'fid_iid', not {id_column!r}.")
-        open_bed = _bed_reader()
-        bed, bim, fam = plink_paths(bed_prefix)
-        self.path = bed
-        try:
-            self._bed = open_bed(bed, bim_location=bim, fam_location=fam, count_A1=count_A1)
-            iid = np.asarray(self._bed.iid).astype(str)
-            fid = np.asarray(self._bed.fid).astype(str)
-            sid = np.asarray(self._bed.sid).astype(str)
-            chrom = np.asarray(self._bed.chromosome).astype(str)
-            pos = np.asarray(self._bed.bp_position).astype(np.int64)
-            a1 = np.asarray(self._bed.allele_1).astype(str)
-            a2 = np.asarray(self._bed.allele_2).astype(str)
-        except (ValueError, OSError, RuntimeError) as err:
-            raise ValueError(f"cannot read the PLINK fileset {str(bed)!r}: {err}") from err
-        ids = iid if id_column == "iid" else np.char.add(np.char.add(fid, "_"), iid)
-        index = pd.Index(ids, name="donor")
-        if index.has_duplicates:
-            dup = index[index.duplicated()].unique()
-            hint = " (use id_column='fid_iid')" if id_column == "iid" else ""
-            raise ValueError(f"PLINK .fam of {str(bed)!r} has duplicated donor IDs{hint}: {_preview(dup)}.")
-        self.obs = pd.DataFrame({"fid": fid, "iid": iid}, index=index)
-        var_index = pd.Index(sid, name="variant")
-        if var_index.has_duplicates:
-            # keep every variant addressable: make duplicated IDs unique the way anndata does
-            var_index = pd.Index(_make_unique(sid), name="variant")
-        self.var = pd.DataFrame({"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2}, index=var_index)
+    #: Donor (sample) IDs, in the file's order: the rows of :meth:`read`.
+    donors: pd.Index
+    #: Variant metadata indexed by variant ID, in the file's order (the columns of :meth:`read`); the cis map uses
+    #: ``chrom`` (string) and ``pos`` (integer base-pair position) when present.
+    var: pd.DataFrame
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Dosages of the donors ``rows`` and variants ``cols`` (integer positions, any order, possibly
+        repeated): a float64 ``len(rows) x len(cols)`` array, counting the alternative allele (0..2 for
+        diploids), NaN where missing."""
+        ...
+
+
+#: File suffix -> reader class (matched case-insensitively, longest suffix first); a path matching none is a PLINK 1
+#: prefix, or a PLINK 2 one when ``PREFIX.pgen`` exists.
+READERS: dict[str, Callable[..., GenotypeReader]] = {
+    ".bed": PlinkGenotypes,
+    ".bim": PlinkGenotypes,
+    ".fam": PlinkGenotypes,
+    ".pgen": PgenGenotypes,
+    ".pvar": PgenGenotypes,
+    ".pvar.zst": PgenGenotypes,
+    ".psam": PgenGenotypes,
+    ".vcf": VcfGenotypes,
+    ".vcf.gz": VcfGenotypes,
+    ".vcf.bgz": VcfGenotypes,
+    ".bcf": VcfGenotypes,
+    ".bgen": BgenGenotypes,
+}
+
+#: The genotype file suffixes, for messages.
+GENOTYPE_SUFFIXES = (".bed", ".pgen", ".vcf", ".vcf.gz", ".bcf", ".bgen")
+
+
+def reader_class(path: str | os.PathLike) -> Callable[..., GenotypeReader] | None:
+    """The reader of ``path`` by its suffix (:data:`READERS`), None if it has none of them."""
+    name = os.fspath(path).lower()
+    for suffix in sorted(READERS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return READERS[suffix]
+    return None
+
+
+def resolve_reader(path: str | os.PathLike) -> Callable[..., GenotypeReader]:
+    """The reader :func:`open_genotypes` uses for ``path``: by suffix, else a PLINK 2 prefix if ``PATH.pgen`` exists,
+    else a PLINK 1 prefix."""
+    cls = reader_class(path)
+    if cls is None:
+        cls = PgenGenotypes if Path(f"{os.fspath(path)}.pgen").is_file() else PlinkGenotypes
+    return cls
+
+
+def open_genotypes(path: str | os.PathLike, **kwargs) -> GenotypeReader:
+    """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes
+    (PLINK 2 if ``PATH.pgen`` exists, else PLINK 1). ``kwargs`` go to the reader (e.g. ``regions`` for a VCF,
+    ``samples`` for the readers with ``takes_samples``)."""
+    return resolve_reader(path)(Path(path), **kwargs)
+
+
+class GenotypeMatrix:
+    """A donors x variants dosage matrix from a DataFrame, an AnnData (in memory or backed), a file (see
+    :data:`READERS`) or any :class:`GenotypeReader`; what the step-2 tools read genotypes through.
+
+    Checks donor and variant IDs once (unique, as strings); ``variants`` (a DataFrame indexed by variant ID) adds
+    metadata columns to ``var``; ``reader_options`` go to the file reader of a path (e.g. ``regions`` for a VCF).
+    ``read(rows, cols)`` returns float64 dosages (NaN where missing) and rejects infinite ones.
+    """
+
+    def __init__(self, genotypes, *, variants: pd.DataFrame | None = None, reader_options: dict | None = None):
+        self._df = self._X = self._reader = None
+        self._owned = False  # the reader was opened here (from a path), so close() closes it
+        if isinstance(genotypes, pd.DataFrame):
+            dtypes = genotypes.dtypes
+            kinds = {dt: _numeric(dt) for dt in set(dtypes)}
+            bad = [c for c, dt in zip(genotypes.columns, dtypes, strict=True) if not kinds[dt]]
+            if bad:
+                dtype = dtypes.iloc[genotypes.columns.get_loc(bad[0])]
+                raise ValueError(f"genotype columns must hold numeric dosages; column {bad[0]!r} has dtype {dtype}.")
+            self._df = genotypes
+            donors, var = genotypes.index, pd.DataFrame(index=genotypes.columns)
+            self.source = "DataFrame"
+        elif isinstance(genotypes, AnnData):
+            self._X = genotypes.X
+            if self._X is None:
+                raise ValueError("the genotype AnnData has no X (dosages).")
+            donors, var = genotypes.obs_names, genotypes.var
+            self.source = "AnnData"
+        elif isinstance(genotypes, (str, os.PathLike)):
+            self._reader = open_genotypes(genotypes, **(reader_options or {}))
+            self._owned = True
+            donors, var = self._reader.donors, self._reader.var
+            self.source = os.fspath(genotypes)
+        elif isinstance(genotypes, GenotypeReader):
+            self._reader = genotypes
+            donors, var = genotypes.donors, genotypes.var
+            self.source = str(getattr(genotypes, "path", type(genotypes).__name__))
+        else:
+            raise ValueError(
+                "genotypes must be a DataFrame (donors x variants), an AnnData (donors x variants) or the path of a "
+                f"genotype file ({', '.join(GENOTYPE_SUFFIXES)}), not {type(genotypes).__name__}."
+            )
+        self.donors = pd.Index(np.asarray(donors).astype(str))
+        if self.donors.has_duplicates:
+            raise ValueError(
+                f"genotypes have duplicated donor IDs: {preview(self.donors[self.donors.duplicated()].unique())}."
+            )
+        var = var.copy()
+        var.index = pd.Index(np.asarray(var.index).astype(str), name=var.index.name or "variant")
+        if var.index.has_duplicates:
+            raise ValueError(
+                f"genotypes have duplicated variant IDs: {preview(var.index[var.index.duplicated()].unique())}."
+            )
+        if variants is not None:
+            if not isinstance(variants, pd.DataFrame):
+                raise ValueError(f"variants must be a DataFrame indexed by variant ID, not {type(variants).__name__}.")
+            vidx = pd.Index(np.asarray(variants.index).astype(str))
+            pos = vidx.get_indexer(var.index)
+            if (pos < 0).any():
+                raise KeyError(f"variants has no row for genotype variants {preview(var.index[pos < 0])}.")
+            extra = variants.iloc[pos]
+            extra.index = var.index
+            var = var.drop(columns=[c for c in extra.columns if c in var.columns]).join(extra)
+        self.var = var
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.obs.shape[0], self.var.shape[0]
+    def n_variants(self) -> int:
+        return self.var.shape[0]
 
-    def read(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
-        """Dosages (float64, NaN where missing) of the given sample rows and variant columns (integer indices)."""
-        rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows, dtype=np.intp)
-        cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, dtype=np.intp)
-        if len(rows) == 0 or len(cols) == 0:
-            return np.zeros((len(rows), len(cols)))
-        return self._bed.read(index=np.s_[rows, cols], dtype="float64", order="C")
+    @property
+    def contigs(self) -> list[str] | None:
+        """The contigs of the genotype file (all of them, even those not read), if it is a file that knows them."""
+        contigs = getattr(self._reader, "contigs", None)
+        return None if contigs is None else list(contigs)
 
-
-def _make_unique(names: np.ndarray) -> np.ndarray:
-    out = pd.Series(names)
-    counts = out.groupby(out).cumcount()
-    return np.where(counts > 0, out + "-" + counts.astype(str), out).astype(str)
-
-
-def read_plink_genotypes(
-    bed_prefix: str | os.PathLike,
-    *,
-    donors: Sequence[str] | None = None,
-    variants: Sequence[str] | np.ndarray | None = None,
-    id_column: Literal["iid", "fid_iid"] = "iid",
-    count_A1: bool = True,
-) -> AnnData:
-    """Read genotype dosages from a PLINK 1 binary fileset into a donors x variants AnnData.
-
-    Needs the optional package ``bed-reader`` (``pip install 'scverse-nullfit[plink]'``).
-
-    Parameters
-    ----------
-    bed_prefix
-        Path of the ``.bed`` file, with or without its extension; ``.bim`` and ``.fam`` must sit beside it.
-    donors
-        Donor IDs to read, in the order wanted (default: all, in ``.fam`` order). Unknown IDs are an error.
-    variants
-        Variant IDs (``.bim`` column 2), or a boolean mask / integer indices over the ``.bim`` rows (default: all).
-    id_column
-        How donors are named: ``"iid"`` (the individual ID) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
-    count_A1
-        Count allele 1 (the first allele column of the ``.bim``, PLINK's convention); ``False`` counts allele 2.
-
-    Returns
-    -------
-    Donors x variants AnnData: ``X`` float64 dosages (0..2, NaN where missing); ``obs`` holds ``fid`` and ``iid``;
-    ``var`` holds ``chrom`` (as in the ``.bim``, a string), ``pos`` (base-pair position), ``allele_1`` and
-    ``allele_2``.
-    """
-    src = PlinkGenotypes(bed_prefix, id_column=id_column, count_A1=count_A1)
-    if donors is None:
-        rows = np.arange(src.shape[0])
-    else:
-        wanted = pd.Index(np.atleast_1d(np.asarray(donors)).astype(str))
-        rows = src.obs.index.get_indexer(wanted)
+    def align(self, donors: pd.Index) -> np.ndarray:
+        """Rows of the model's donors, in model order; donors of the fit without genotypes are an error."""
+        rows = self.donors.get_indexer(donors)
         if (rows < 0).any():
-            missing = wanted[rows < 0]
-            raise KeyError(f"donors not in the PLINK .fam of {str(src.path)!r}: {_preview(missing)}.")
-    cols = _variant_indices(src.var.index, variants, src.path)
-    X = src.read(rows, cols)
-    return AnnData(X=X, obs=src.obs.iloc[rows].copy(), var=src.var.iloc[cols].copy())
+            missing = donors[rows < 0]
+            if (rows < 0).all() and pd.Index(donors).isin(self.var.index).any():
+                raise ValueError(
+                    f"donors of the null-model fit have no genotypes in {self.source}: {preview(missing)}. The "
+                    "genotypes look transposed: the fit's donor IDs are among their variant IDs. Pass donors x "
+                    "variants (e.g. df.T for a DataFrame, or adata.T for an AnnData)."
+                )
+            if (rows < 0).all():
+                raise ValueError(
+                    f"the genotypes ({self.source}) have no donor in common with the null-model fit: fit donors "
+                    f"{preview(donors)}, genotype sample IDs {preview(self.donors)}."
+                )
+            hint = f" The genotypes' donor IDs look like {preview(self.donors[:3])}." if len(self.donors) else ""
+            raise ValueError(
+                f"donors of the null-model fit have no genotypes in {self.source}: {preview(missing)}.{hint}"
+            )
+        return rows
+
+    def close(self) -> None:
+        """Close the file reader if this object opened it (from a path)."""
+        if self._owned and hasattr(self._reader, "close"):
+            self._reader.close()
+
+    def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        cols = np.asarray(cols, dtype=np.intp)
+        if self._df is not None:
+            out = self._df.iloc[:, cols].to_numpy(dtype=np.float64, na_value=np.nan)[rows]
+        elif self._reader is not None:
+            out = self._reader.read(np.asarray(rows, dtype=np.intp), cols)
+        else:
+            out = _read_matrix(self._X, rows, cols)
+        bad = np.isinf(out).any(axis=0)
+        if bad.any():
+            raise ValueError(f"genotypes have infinite dosages in variants {preview(self.var.index[cols[bad]])}.")
+        return out
 
 
-def _variant_indices(index: pd.Index, variants, path) -> np.ndarray:
-    if variants is None:
-        return np.arange(len(index))
-    arr = np.atleast_1d(np.asarray(variants))
-    if arr.dtype == bool:
-        if arr.shape != (len(index),):
-            raise ValueError(f"variants is a boolean mask of length {len(arr)}, but the .bim has {len(index)} rows.")
-        return np.flatnonzero(arr)
-    if np.issubdtype(arr.dtype, np.integer):
-        if len(arr) and (arr.min() < -len(index) or arr.max() >= len(index)):
-            raise ValueError(f"variant indices out of range for a .bim of {len(index)} rows.")
-        return np.where(arr < 0, arr + len(index), arr)
-    cols = index.get_indexer(arr.astype(str))
-    if (cols < 0).any():
-        missing = arr[cols < 0]
-        raise KeyError(f"variants not in the PLINK .bim of {str(path)!r}: {_preview(missing)}.")
-    return cols
+def _numeric(dtype) -> bool:
+    return pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+
+
+def _read_matrix(X, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Columns ``cols`` and rows ``rows`` of a dense, sparse, backed or dask matrix, as a dense float64 array."""
+    # backed storage wants increasing indices: read sorted unique columns, then reorder
+    ucols, inverse = np.unique(cols, return_inverse=True)
+    if sparse.issparse(X):
+        block = X[:, ucols].toarray()
+    elif is_dask(X):
+        block = np.asarray(X[:, ucols].compute())
+    else:  # numpy array, h5py dataset or anndata backed sparse dataset
+        block = X[:, ucols]
+        block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+    return np.asarray(block, dtype=np.float64)[rows][:, inverse]

@@ -1,138 +1,184 @@
-"""A GCTA-style GRM computed from PLINK 1 binary genotypes (``.bed``/``.bim``/``.fam``) through bed-reader."""
+"""Genotype dosages from PLINK 1 binary files (.bed/.bim/.fam), through the optional ``bed-reader`` package."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scanpy import logging as logg
-from scipy.linalg import blas
+from anndata import AnnData
 
-from ._genotypes import _bed_reader, plink_paths
-from ._grm import _frame
+from .._utils import preview
+from ._geno_common import region_columns
 
-#: Target number of float64 genotype entries (donors x variants) read at a time.
-CHUNK_ELEMENTS = 1 << 22
+PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
 
 
-def _add_gram(C: np.ndarray, A: np.ndarray) -> None:
-    """``C += A A'`` in the lower triangle of the Fortran-ordered ``C`` (BLAS syrk: half the flops of a GEMM)."""
-    out = blas.dsyrk(1.0, np.asfortranarray(A, dtype=np.float64), beta=1.0, c=C, trans=0, lower=1, overwrite_c=1)
-    if out is not C:  # pragma: no cover - only when scipy could not update in place
-        C[...] = out
+def _bed_reader():
+    try:
+        from bed_reader import open_bed
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(PLINK_MISSING) from err
+    return open_bed
 
 
-def grm_from_plink(
-    bed_prefix: str | os.PathLike,
-    *,
-    min_maf: float = 0.01,
-    max_missing: float = 0.05,
-    diagonal: Literal["standardised", "gcta"] = "standardised",
-    chunk_variants: int | None = None,
-) -> pd.DataFrame:
-    """Compute a GCTA-style standardised GRM from PLINK 1 binary genotypes.
+def plink_paths(bed_prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """The ``.bed``, ``.bim`` and ``.fam`` paths of a prefix (``data`` or ``data.bed``), checked to exist."""
+    path = Path(bed_prefix)
+    stem = path.with_suffix("") if path.suffix in (".bed", ".bim", ".fam") else path
+    paths = tuple(stem.parent / f"{stem.name}{ext}" for ext in (".bed", ".bim", ".fam"))
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"PLINK file {str(p)!r} not found (from bed_prefix {os.fspath(bed_prefix)!r}).")
+    return paths  # type: ignore[return-value]
 
-    With ``p_i`` the allele frequency of variant ``i`` among non-missing genotypes and
-    ``z_ij = (x_ij - 2 p_i) / sqrt(2 p_i (1 - p_i))`` (0 where ``x_ij`` is missing),
 
-    ``A_jk = sum_i z_ij z_ik / N_jk``
-
-    where ``N_jk`` counts the variants used that are non-missing in both ``j`` and ``k`` (GCTA's definition).
-    Variants are read in chunks, so memory is O(donors^2) whatever the number of variants.
+class PlinkGenotypes:
+    """A lazily read PLINK 1 fileset: sample and variant metadata now, dosages on demand.
 
     Parameters
     ----------
     bed_prefix
-        Path of the ``.bed`` file, or its prefix; ``.bim`` and ``.fam`` must sit beside it.
-    min_maf
-        Variants with minor allele frequency below this are skipped (monomorphic ones always are).
-    max_missing
-        Variants with a larger fraction of missing genotypes are skipped.
-    diagonal
-        ``"standardised"``: ``A_jj = sum_i z_ij^2 / N_jj``, the same formula as off the diagonal (PLINK
-        ``--make-rel``); ``"gcta"``: GCTA's ``--make-grm`` diagonal
-        ``1 + sum_i (x_ij^2 - (1 + 2 p_i) x_ij + 2 p_i^2) / (2 p_i (1 - p_i)) / N_jj``.
-    chunk_variants
-        Number of variants read at a time; by default about 4 million genotypes per chunk.
+        Path of the ``.bed`` file, with or without its extension; ``.bim`` and ``.fam`` must sit beside it.
+    id_column
+        How donors are named: ``"iid"`` (the individual ID, the default) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
+    count_A1
+        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2.
+    """
+
+    def __init__(
+        self,
+        bed_prefix: str | os.PathLike,
+        *,
+        id_column: Literal["iid", "fid_iid"] = "iid",
+        count_A1: bool = True,
+    ):
+        if id_column not in ("iid", "fid_iid"):
+            raise ValueError(f"id_column must be 'iid' or 'fid_iid', not {id_column!r}.")
+        open_bed = _bed_reader()
+        bed, bim, fam = plink_paths(bed_prefix)
+        self.path = bed
+        try:
+            self._bed = open_bed(bed, bim_location=bim, fam_location=fam, count_A1=count_A1)
+            iid = np.asarray(self._bed.iid).astype(str)
+            fid = np.asarray(self._bed.fid).astype(str)
+            sid = np.asarray(self._bed.sid).astype(str)
+            chrom = np.asarray(self._bed.chromosome).astype(str)
+            pos = np.asarray(self._bed.bp_position).astype(np.int64)
+            a1 = np.asarray(self._bed.allele_1).astype(str)
+            a2 = np.asarray(self._bed.allele_2).astype(str)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise ValueError(f"cannot read the PLINK fileset {str(bed)!r}: {err}") from err
+        ids = iid if id_column == "iid" else np.char.add(np.char.add(fid, "_"), iid)
+        index = pd.Index(ids, name="donor")
+        if index.has_duplicates:
+            dup = index[index.duplicated()].unique()
+            hint = " (use id_column='fid_iid')" if id_column == "iid" else ""
+            raise ValueError(f"PLINK .fam of {str(bed)!r} has duplicated donor IDs{hint}: {preview(dup)}.")
+        self.obs = pd.DataFrame({"fid": fid, "iid": iid}, index=index)
+        var_index = pd.Index(sid, name="variant")
+        if var_index.has_duplicates:
+            # keep every variant addressable: make duplicated IDs unique the way anndata does
+            var_index = pd.Index(_make_unique(sid), name="variant")
+        # ref/alt as in the other readers: alt is the counted allele
+        alt, ref = (a1, a2) if count_A1 else (a2, a1)
+        self.var = pd.DataFrame(
+            {"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2, "ref": ref, "alt": alt}, index=var_index
+        )
+
+    @property
+    def donors(self) -> pd.Index:
+        """Donor IDs (:class:`~._genotypes.GenotypeReader` interface)."""
+        return self.obs.index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.obs.shape[0], self.var.shape[0]
+
+    def read(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
+        """Dosages (float64, NaN where missing) of the given sample rows and variant columns (integer indices)."""
+        rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows, dtype=np.intp)
+        cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, dtype=np.intp)
+        if len(rows) == 0 or len(cols) == 0:
+            return np.zeros((len(rows), len(cols)))
+        return self._bed.read(index=np.s_[rows, cols], dtype="float64", order="C")
+
+    def variant_indices(self, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
+        """Variant columns on ``chrom`` with ``start <= pos <= end`` (``chr`` prefixes ignored), by position."""
+        return region_columns(self, chrom, start, end)
+
+    def close(self) -> None:
+        """Nothing to close (bed-reader opens the file per read); for the reader interface."""
+
+
+def _make_unique(names: np.ndarray) -> np.ndarray:
+    out = pd.Series(names)
+    counts = out.groupby(out).cumcount()
+    return np.where(counts > 0, out + "-" + counts.astype(str), out).astype(str)
+
+
+def read_plink_genotypes(
+    bed_prefix: str | os.PathLike,
+    *,
+    donors: Sequence[str] | None = None,
+    variants: Sequence[str] | np.ndarray | None = None,
+    id_column: Literal["iid", "fid_iid"] = "iid",
+    count_A1: bool = True,
+) -> AnnData:
+    """Read genotype dosages from a PLINK 1 binary fileset into a donors x variants AnnData.
+
+    Needs the optional package ``bed-reader`` (``pip install 'scverse-nullfit[plink]'``).
+
+    Parameters
+    ----------
+    bed_prefix
+        Path of the ``.bed`` file, with or without its extension; ``.bim`` and ``.fam`` must sit beside it.
+    donors
+        Donor IDs to read, in the order wanted (default: all, in ``.fam`` order). Unknown IDs are an error.
+    variants
+        Variant IDs (``.bim`` column 2), or a boolean mask / integer indices over the ``.bim`` rows (default: all).
+    id_column
+        How donors are named: ``"iid"`` (the individual ID) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
+    count_A1
+        Count allele 1 (the first allele column of the ``.bim``, PLINK's convention); ``False`` counts allele 2.
 
     Returns
     -------
-    A DataFrame indexed and columned by the IIDs of the ``.fam`` file.
+    Donors x variants AnnData: ``X`` float64 dosages (0..2, NaN where missing); ``obs`` holds ``fid`` and ``iid``;
+    ``var`` holds ``chrom`` (as in the ``.bim``, a string), ``pos`` (base-pair position), ``allele_1`` and
+    ``allele_2``, and ``alt`` (the counted allele) and ``ref`` (the other), as the other genotype readers do.
     """
-    if not 0 <= min_maf <= 0.5:
-        raise ValueError(f"min_maf must lie in [0, 0.5], not {min_maf!r}.")
-    if not 0 <= max_missing <= 1:
-        raise ValueError(f"max_missing must lie in [0, 1], not {max_missing!r}.")
-    if diagonal not in ("standardised", "gcta"):
-        raise ValueError(f"diagonal must be 'standardised' or 'gcta', not {diagonal!r}.")
-    bed_path, _, fam_path = plink_paths(bed_prefix)
-    open_bed = _bed_reader()
-    start = logg.info(f"computing a GRM from {str(bed_path)!r}")
-    try:
-        bed = open_bed(bed_path)
-    except Exception as err:  # bed-reader raises its own error types for malformed files
-        raise ValueError(f"could not open {str(bed_path)!r} as a PLINK .bed file: {err}") from err
-    with bed:
-        try:
-            ids = [str(i) for i in bed.iid]
-            n, m = bed.iid_count, bed.sid_count
-        except Exception as err:
-            raise ValueError(f"could not read the samples of {str(fam_path)!r}: {err}") from err
-        if len(set(ids)) != len(ids):
-            dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique()[:5].tolist()
-            raise ValueError(f"{str(fam_path)!r} lists duplicated IIDs: {dup}.")
-        step = chunk_variants or max(1, CHUNK_ELEMENTS // max(n, 1))
-        A = np.zeros((n, n), order="F")  # lower triangles only until the end
-        N = np.zeros((n, n), order="F")  # pairwise counts beyond the common ones (only where genotypes are missing)
-        n_common = 0  # variants used that are complete in every sample
-        diag_extra = np.zeros(n)
-        n_used = 0
-        for a in range(0, m, step):
-            b = min(m, a + step)
-            try:
-                X = bed.read(index=np.s_[:, a:b], dtype="float64")
-            except Exception as err:
-                raise ValueError(f"could not read variants {a}..{b} of {str(bed_path)!r}: {err}") from err
-            observed = ~np.isnan(X)
-            n_obs = observed.sum(axis=0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                p = np.nansum(X, axis=0) / (2.0 * n_obs)
-            maf = np.minimum(p, 1.0 - p)
-            keep = (n_obs > 0) & (1.0 - n_obs / n <= max_missing) & (maf >= min_maf) & (maf > 0)
-            if not keep.any():
-                continue
-            X, observed, p = X[:, keep], observed[:, keep], p[keep]
-            var = 2.0 * p * (1.0 - p)
-            Z = (X - 2.0 * p) / np.sqrt(var)
-            Z[~observed] = 0.0
-            _add_gram(A, Z)
-            complete = observed.all(axis=0)
-            n_common += int(complete.sum())
-            if not complete.all():
-                _add_gram(N, observed[:, ~complete])
-            if diagonal == "gcta":
-                Xo = np.where(observed, X, 0.0)
-                gcta = (Xo * Xo - (1.0 + 2.0 * p) * Xo + 2.0 * p * p) / var
-                diag_extra += np.where(observed, gcta, 0.0).sum(axis=1)
-            n_used += int(keep.sum())
-    if n_used == 0:
-        raise ValueError(
-            f"no variant of {str(bed_path)!r} passes min_maf={min_maf} and max_missing={max_missing}; cannot "
-            "compute a GRM."
-        )
-    lower = np.tril_indices(n, -1)
-    A[lower[1], lower[0]] = A[lower]
-    N[lower[1], lower[0]] = N[lower]
-    N += n_common
-    if (N == 0).any():
-        j, k = np.unravel_index(np.argmin(N), N.shape)
-        raise ValueError(
-            f"{str(bed_path)!r}: samples {ids[j]!r} and {ids[k]!r} share no non-missing variant; cannot compute a GRM."
-        )
-    A /= N
-    if diagonal == "gcta":
-        A[np.diag_indices(n)] = 1.0 + diag_extra / np.diag(N)
-    logg.info(f"    GRM of {n} samples from {n_used} of {m} variants", time=start)
-    return _frame(A, ids)
+    src = PlinkGenotypes(bed_prefix, id_column=id_column, count_A1=count_A1)
+    if donors is None:
+        rows = np.arange(src.shape[0])
+    else:
+        wanted = pd.Index(np.atleast_1d(np.asarray(donors)).astype(str))
+        rows = src.obs.index.get_indexer(wanted)
+        if (rows < 0).any():
+            missing = wanted[rows < 0]
+            raise KeyError(f"donors not in the PLINK .fam of {str(src.path)!r}: {preview(missing)}.")
+    cols = _variant_indices(src.var.index, variants, src.path)
+    X = src.read(rows, cols)
+    return AnnData(X=X, obs=src.obs.iloc[rows].copy(), var=src.var.iloc[cols].copy())
+
+
+def _variant_indices(index: pd.Index, variants, path) -> np.ndarray:
+    if variants is None:
+        return np.arange(len(index))
+    arr = np.atleast_1d(np.asarray(variants))
+    if arr.dtype == bool:
+        if arr.shape != (len(index),):
+            raise ValueError(f"variants is a boolean mask of length {len(arr)}, but the .bim has {len(index)} rows.")
+        return np.flatnonzero(arr)
+    if np.issubdtype(arr.dtype, np.integer):
+        if len(arr) and (arr.min() < -len(index) or arr.max() >= len(index)):
+            raise ValueError(f"variant indices out of range for a .bim of {len(index)} rows.")
+        return np.where(arr < 0, arr + len(index), arr)
+    cols = index.get_indexer(arr.astype(str))
+    if (cols < 0).any():
+        missing = arr[cols < 0]
+        raise KeyError(f"variants not in the PLINK .bim of {str(path)!r}: {preview(missing)}.")
+    return cols

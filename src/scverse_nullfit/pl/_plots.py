@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .._docs import doc_ax_show, doc_null_result, doc_params, doc_plot_returns
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 MAX_QQ_POINTS = 20_000
 
 
-def lambda_gc(pvals: ArrayLike) -> float:
+def lambda_gc(pvals: ArrayLike | pd.DataFrame, *, column: str = "pval") -> float:
     """Genomic-control inflation factor of p-values.
 
     The median of the 1-df chi-squared statistics of the p-values over its expectation under the null,
@@ -29,12 +30,19 @@ def lambda_gc(pvals: ArrayLike) -> float:
     Parameters
     ----------
     pvals
-        P-values; non-finite values and values outside [0, 1] are ignored.
+        P-values: an array or Series, or a DataFrame such as the output of :func:`~scverse_nullfit.tl.score_test`
+        (its ``column``). Non-finite values and values outside [0, 1] are ignored.
+    column
+        With a DataFrame: the column of p-values.
 
     Returns
     -------
     The inflation factor; NaN when no p-value is left.
     """
+    if isinstance(pvals, pd.DataFrame):
+        if column not in pvals.columns:
+            raise KeyError(f"column {column!r} not in the DataFrame (columns: {list(pvals.columns)}).")
+        pvals = pvals[column]
     p = np.asarray(pvals, dtype=np.float64).ravel()
     p = p[np.isfinite(p) & (p >= 0) & (p <= 1)]
     if not len(p):
@@ -46,9 +54,13 @@ def _pvalues(data, key: str, column: str) -> np.ndarray:
     from anndata import AnnData
 
     if isinstance(data, AnnData):
-        from ..get import cis_df
+        stored = data.uns.get(key)
+        if isinstance(stored, pd.DataFrame):  # e.g. a score_test table kept in uns
+            data = stored
+        else:
+            from ..get import cis_df
 
-        data = cis_df(data, key)
+            data = cis_df(data, key)
     if isinstance(data, pd.DataFrame):
         if column not in data.columns:
             raise KeyError(f"column {column!r} not in the DataFrame (columns: {list(data.columns)}).")
@@ -69,6 +81,7 @@ def _thin(n: int) -> np.ndarray:
     return np.unique(np.concatenate([np.arange(head), rest]))
 
 
+@doc_params(doc_ax_show=doc_ax_show, doc_plot_returns=doc_plot_returns, doc_null_result=doc_null_result)
 def qq(
     data,
     *,
@@ -90,9 +103,12 @@ def qq(
     ----------
     data
         P-values: an array or Series, a DataFrame (its ``column``), an AnnData with results of
-        :func:`~scverse_nullfit.tl.cis_map` under ``key``, or a dict of label -> any of these to overlay series.
+        :func:`~scverse_nullfit.tl.cis_map` under ``key`` (or a DataFrame such as a
+        :func:`~scverse_nullfit.tl.score_test` table kept in ``adata.uns[key]``), or a dict of label -> any of these to
+        overlay series.
     key
-        With an AnnData: the ``key_added`` of :func:`~scverse_nullfit.tl.cis_map`.
+        With an AnnData: the ``key_added`` of :func:`~scverse_nullfit.tl.cis_map`, or the ``uns`` key of a stored
+        DataFrame of p-values.
     column
         With a DataFrame or AnnData: the column of p-values.
     ci
@@ -100,19 +116,14 @@ def qq(
         ``None`` for no band.
     label
         Legend label of a single series (default ``"p-values"``).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
     save
         Save the figure to ``settings.figdir``: ``True`` as ``qq.<settings.file_format_figs>``, or a string
         appended to ``qq`` (ending with ``.pdf``, ``.png`` or ``.svg`` to choose the format).
     **kwargs
         Passed to :meth:`matplotlib.axes.Axes.scatter`.
 
-    Returns
-    -------
-    The Axes when ``show=False``, else None.
+    {doc_plot_returns}
     """
     series = dict(data) if isinstance(data, Mapping) else {label or "p-values": data}
     values = {str(name): _pvalues(d, key, column) for name, d in series.items()}
@@ -145,6 +156,7 @@ def qq(
     return finish(ax, "qq", show, save)
 
 
+@doc_params(doc_ax_show=doc_ax_show, doc_plot_returns=doc_plot_returns, doc_null_result=doc_null_result)
 def h2_hist(
     adata: AnnData,
     *,
@@ -164,26 +176,19 @@ def h2_hist(
 
     Parameters
     ----------
-    adata
-        An AnnData on which :func:`~scverse_nullfit.tl.fit_null` has been run.
-    key
-        The ``key_added`` of that call.
+    {doc_null_result}
     bins
-        Number of bins over [0, 1].
+        Number of bins, over [0, 1] when the estimates spread over more than half of it, else over
+        [0, the largest h2] (so that data with h2 near 0 is not one bar).
     converged_only
         Only the genes whose REML search converged.
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
     save
         Save the figure to ``settings.figdir`` as ``h2_hist``, as in :func:`qq`.
     **kwargs
         Passed to :meth:`matplotlib.axes.Axes.hist`.
 
-    Returns
-    -------
-    The Axes when ``show=False``, else None.
+    {doc_plot_returns}
     """
     from ..get import nullfit_df
 
@@ -191,22 +196,25 @@ def h2_hist(
     h2 = df["h2"].to_numpy(dtype=np.float64, na_value=np.nan)
     keep = np.isfinite(h2)
     if converged_only:
-        keep &= df["converged"].to_numpy(dtype=bool)
+        keep &= df["converged"].fillna(False).to_numpy(dtype=bool)
     h2 = h2[keep]
     if not len(h2):
         raise ValueError(f"no fitted genes with a finite h2 under adata.varm[{key!r}].")
     ax = new_axes(ax)
     n_zero = int((h2 == 0).sum())
-    ax.hist(h2, bins=np.linspace(0, 1, int(bins) + 1), color=kwargs.pop("color", "tab:blue"), **kwargs)
+    top = float(h2.max())
+    right = 1.0 if top > 0.5 else (top * 1.05 if top > 0 else 0.05)
+    ax.hist(h2, bins=np.linspace(0, right, int(bins) + 1), color=kwargs.pop("color", "tab:blue"), **kwargs)
     ax.axvline(np.median(h2), color="0.2", ls="--", lw=1, label=f"median {np.median(h2):.3f}")
     ax.plot([], [], " ", label=f"{n_zero} of {len(h2)} genes at h2 = 0")
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, right)
     ax.set_xlabel("h2 = sigma2_g / (sigma2_g + sigma2_e)")
     ax.set_ylabel("genes")
     ax.legend(frameon=False, fontsize="small")
     return finish(ax, "h2_hist", show, save)
 
 
+@doc_params(doc_ax_show=doc_ax_show, doc_plot_returns=doc_plot_returns, doc_null_result=doc_null_result)
 def cis_locus(
     adata: AnnData,
     gene: str,
@@ -233,18 +241,13 @@ def cis_locus(
         The ``key_added`` of that call.
     annotate_top
         Label the top variant with its name.
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
     save
         Save the figure to ``settings.figdir`` as ``cis_locus_<gene>``, as in :func:`qq`.
     **kwargs
         Passed to :meth:`matplotlib.axes.Axes.scatter`.
 
-    Returns
-    -------
-    The Axes when ``show=False``, else None.
+    {doc_plot_returns}
     """
     from ..get import cis_df, cis_genes_df
 

@@ -1,20 +1,31 @@
-"""cis-eQTL mapping with the stored null models: :func:`scverse_nullfit.tl.cis_map`."""
+"""cis-eQTL mapping with the stored null models: :func:`scverse_nullfit.tl.cis_map`.
+
+What is particular to cis mapping is here (gene and variant positions, windows, the rotation cache along a
+chromosome, ACAT and the per-gene summary); the score statistics come from the step-2 engine (``_step2``).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from scanpy import logging as logg
-from scanpy import settings
-from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
-from ._fit_null import _check_positive_int, _select_genes
-from ._score_test import RESULT_COLUMNS, CompactNull, GenotypeMatrix, derived_statistics, fitted_genes, impute
+from .._constants import Key
+from .._core._conditional import condition, subset
+from .._core._fdr import METHODS as FDR_METHODS
+from .._core._fdr import qvalues
+from .._core._step2 import CompactNull, derived_statistics
+from .._docs import doc_copy, doc_n_threads, doc_params
+from .._provenance import CELLS, SOURCE
+from .._utils import check_positive_int, preview, select_genes
+from ..io._genotypes import GenotypeMatrix, reader_class
+from ..io._vcf import VcfGenotypes
+from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,19 +34,10 @@ if TYPE_CHECKING:
 MAX_BLOCK_GENES = 256
 #: Most float64 elements of rotated variants kept for reuse by the next gene block (about 128 MB).
 CACHE_ELEMENTS = 1 << 24
-#: Columns of the per-gene summary ``adata.varm[key_added]``, in order.
-GENE_COLUMNS = (
-    "n_variants",
-    "pval_acat",
-    "top_variant",
-    "top_pos",
-    "top_distance",
-    "top_z",
-    "top_beta",
-    "top_se",
-    "top_pval",
-    "top_pval_bonf",
-)
+#: Most independent signals selected per gene by the forward pass of ``cis_map(independent=True)``.
+MAX_SIGNALS = 64
+#: Gene-level p-values ``cis_map`` can use for eGenes and independent signals -> their per-gene column.
+GENE_PVALS = {"acat": "pval_acat", "bonf": "top_pval_bonf"}
 
 
 def normalise_chrom(values) -> np.ndarray:
@@ -163,12 +165,13 @@ class _RotationCache:
         if c1 - self.lo > self.max_columns:
             self._drop_before(c0)
         if c1 > self.hi:
-            G, poly = impute(self.geno.read(self.rows, cand[self.hi : c1]))
-            self.Gt = np.concatenate([self.Gt, self.model.rotate(G, poly)], axis=1)
+            Gt = self.model.rotate_dosages(self.geno.read(self.rows, cand[self.hi : c1]))
+            self.Gt = np.concatenate([self.Gt, Gt], axis=1)
             self.hi = c1
         return self.Gt[:, c0 - self.lo : c1 - self.lo]
 
 
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
 def cis_map(
     adata: AnnData,
     genotypes: AnnData | pd.DataFrame | str | os.PathLike,
@@ -182,6 +185,10 @@ def cis_map(
     variant_chrom_key: str = "chrom",
     variant_pos_key: str = "pos",
     key_added: str = "cis",
+    fdr: float = 0.05,
+    fdr_method: Literal["storey", "storey_bootstrap", "bh"] = "storey",
+    gene_pval: Literal["acat", "bonf"] = "acat",
+    independent: bool = False,
     chunk_size: int | None = None,
     n_threads: int | None = None,
     copy: bool = False,
@@ -195,6 +202,23 @@ def cis_map(
     aggregated Cauchy association test (ACAT, equal weights: ``T = mean tan((1/2 - p) pi)``,
     ``p = 1/2 - arctan(T)/pi``), which stays valid under the linkage disequilibrium between them.
 
+    Across genes, the false discovery rate of the gene-level p-values (ACAT, and the top variant's Bonferroni
+    p-value) is controlled by Storey's q-values (``pi0`` estimated as the qvalue package does by default) or by
+    Benjamini-Hochberg; genes with a q-value at most ``fdr`` are eGenes.
+
+    With ``independent=True``, each eGene's independent signals are found by forward-backward stepwise
+    selection (the logic of tensorQTL's ``map_independent``), with the conditional score test of
+    :func:`~scverse_nullfit.tl.score_test` (``condition=``) on the gene's cis variants:
+
+    - *forward*: start from the top variant; condition on the variants selected so far and scan the window
+      again; while the gene-level p-value of that conditional scan (``gene_pval``: ACAT of the conditional
+      p-values, or the top conditional p-value times the number of variants in the window) is at most the eGene
+      threshold (the largest gene-level p-value among the eGenes at ``fdr``), add the scan's top variant (at most
+      64 signals per gene);
+    - *backward*: with two or more selected variants, scan again with each one left out of the conditioning
+      set (conditioning on all the others); the scan's top variant is the signal of that rank if its gene-level
+      p-value is at most the threshold (a variant found twice is kept once), else the rank is dropped.
+
     Parameters
     ----------
     adata
@@ -202,10 +226,13 @@ def cis_map(
         and position (e.g. its TSS).
     genotypes
         Donors x variants dosages (0..2): an AnnData whose ``var`` holds the variants' chromosome and position,
-        a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a PLINK ``.bed``
-        fileset (with ``.bim`` and ``.fam`` beside it; needs ``pip install 'scverse-nullfit[plink]'``; donors
-        named by IID; only the variants near tested genes are read). Donors are matched by ID as in
-        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant.
+        a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a genotype file with
+        the positions in it: PLINK 1 ``.bed``, PLINK 2 ``.pgen``, BGEN ``.bgen`` (only the variants near tested
+        genes are read) or a VCF/BCF, which must then be indexed (``.tbi``/``.csi``: only the genes' windows are
+        read from it). Each format needs its optional package (``pip install 'scverse-nullfit[genotypes]'``);
+        see :func:`~scverse_nullfit.tl.score_test`. Donors are matched by ID as in
+        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant. A genotype file
+        with no variant on the genes' chromosomes is an error.
     window
         Half-width of the cis window, in base pairs.
     key
@@ -222,12 +249,22 @@ def cis_map(
         Columns of the variants' metadata with their chromosome and position.
     key_added
         Where to store the results.
+    fdr
+        The false discovery rate at which genes are called eGenes (``is_egene``).
+    fdr_method
+        ``"storey"``: Storey's q-values with ``pi0`` from a cubic smoothing spline (3 degrees of freedom) through
+        ``pi0(lambda)``, ``lambda = 0.05, 0.10, ..., 0.95`` (the qvalue package's default);
+        ``"storey_bootstrap"``: the same with qvalue's bootstrap (closed-form mean squared error) choice of
+        lambda; ``"bh"``: Benjamini-Hochberg.
+    gene_pval
+        The gene-level p-value that defines eGenes and the threshold of the independent signals: ``"acat"``
+        (``pval_acat``) or ``"bonf"`` (``top_pval_bonf``).
+    independent
+        Also find each eGene's independent signals (see above).
     chunk_size
         Variants per chunk (default: chosen to bound memory).
-    n_threads
-        Limit on BLAS threads for the call.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_n_threads}
+    {doc_copy}
 
     Returns
     -------
@@ -242,98 +279,54 @@ def cis_map(
         The per-gene summary, indexed by gene: ``n_variants`` (variants in the window), ``pval_acat`` (the ACAT
         combination of their finite p-values), ``top_variant`` (smallest p-value; first by position on ties),
         its ``top_pos``, ``top_distance``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``, and
-        ``top_pval_bonf = min(1, top_pval * n_variants)``. Genes not tested have ``n_variants = 0`` and NaN.
+        ``top_pval_bonf = min(1, top_pval * n_variants)``, ``qval`` and ``qval_bonf`` (the q-values of
+        ``pval_acat`` and ``top_pval_bonf`` across the tested genes) and ``is_egene`` (the q-value of the
+        ``gene_pval`` at most ``fdr``). Genes not tested have ``n_variants = 0``, NaN and ``is_egene = False``.
         Get it with :func:`scverse_nullfit.get.cis_genes_df`.
+    ``adata.uns[key_added]["independent"]``
+        With ``independent=True``: one row per independent signal of each eGene, ``gene``, ``rank`` (1, 2, ...),
+        ``variant``, ``chrom``, ``pos``, ``distance``, the conditional score-test columns (conditioning on the
+        gene's other signals; a gene's single signal is its top variant, unconditioned), ``pval_gene`` (the
+        gene-level p-value of that scan) and ``n_conditioned``. Get it with
+        :func:`scverse_nullfit.get.cis_independent_df`.
     ``adata.uns[key_added]["params"]``
-        The call's parameters.
+        The call's parameters, with ``pi0`` and ``pi0_bonf`` (the estimates used for ``qval`` and ``qval_bonf``),
+        ``n_egenes`` and ``egene_pval_threshold`` (the largest gene-level p-value among the eGenes; NaN if none).
+    ``adata.uns[key_added]["source"]``, ``adata.uns[key_added]["cells"]``
+        The null-model fit the tests used (its ``key`` and ``fit_id``) and the fingerprint of its cells: the
+        accessors refuse results from an earlier fit or on other cells.
     """
-    if not (np.isscalar(window) and np.isfinite(window) and window >= 0):
-        raise ValueError(f"window must be a number of base pairs >= 0, not {window!r}.")
-    _check_positive_int(chunk_size, "chunk_size")
-    _check_positive_int(n_threads, "n_threads")
-    if key_added in (key, f"{key}_beta", f"{key}_xhx_inv", f"{key}_resid_rot"):
-        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
-    for col in (chrom_key, pos_key):
-        if col not in adata.var.columns:
-            raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
-
-    # genes: requested, fitted (or requested by name), with a position
-    if genes is None:
-        mask = fitted_genes(adata, key)
-    else:
-        mask = _select_genes(adata.var_names, genes)
-    g_chrom = normalise_chrom(adata.var[chrom_key])
-    g_pos = _positions(adata.var[pos_key], f"adata.var[{pos_key!r}]")
-    mask &= (g_chrom != "") & np.isfinite(g_pos)
-    model = CompactNull.from_adata(adata, key, mask)
-    model_row = np.full(adata.n_vars, -1, dtype=np.intp)
-    model_row[model.var_index] = np.arange(model.n_genes)
-
-    # variants and donors
-    geno = genotypes if isinstance(genotypes, GenotypeMatrix) else GenotypeMatrix(genotypes, variants=variants)
-    for col in (variant_chrom_key, variant_pos_key):
-        if col not in geno.var.columns:
-            where = "variants" if isinstance(genotypes, pd.DataFrame) else "the genotypes' var"
-            raise KeyError(f"{col!r} is not a column of {where} (columns: {list(geno.var.columns)}).")
-    v_chrom = normalise_chrom(geno.var[variant_chrom_key])
-    v_pos = _positions(geno.var[variant_pos_key], f"variant column {variant_pos_key!r}")
-    rows = geno.align(model.donors)
-
-    codes, _ = pd.factorize(np.concatenate([g_chrom, v_chrom]))
-    gcode, vcode = codes[: adata.n_vars], codes[adata.n_vars :]
-    vvalid = (v_chrom != "") & np.isfinite(v_pos)
-    v_order = np.lexsort((v_pos, vcode))
-    v_order = v_order[vvalid[v_order]]
-    by_chrom = {c: v_order[vcode[v_order] == c] for c in np.unique(vcode[v_order])}
-
+    _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
+    _check_fdr_arguments(fdr, fdr_method, gene_pval)
+    mask = None if genes is None else select_genes(adata.var_names, genes)
+    stored = StoredNull.read(adata, key)
+    loci = _Loci.of_genes(adata, chrom_key, pos_key)
+    mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
+    model = stored.compact(mask)
     genes_idx = np.flatnonzero(mask)
-    blocks = _gene_blocks(gcode[genes_idx], g_pos[genes_idx], float(window))
-    start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
-    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    show = settings.verbosity >= 2 and len(genes_idx) > 1000
-    with (
-        threadpool_limits(limits=n_threads, user_api="blas"),
-        tqdm(total=len(genes_idx), desc="genes", unit="gene", disable=not show) as bar,
-    ):
-        cache = _RotationCache(model, geno, rows)
-        for block in blocks:
-            gidx = genes_idx[block]
-            bar.update(len(gidx))
-            chrom = gcode[gidx[0]]
-            cand = by_chrom.get(chrom)
-            if cand is None:
-                continue
-            cpos = v_pos[cand]
-            lo = int(np.searchsorted(cpos, g_pos[gidx].min() - window, side="left"))
-            hi = int(np.searchsorted(cpos, g_pos[gidx].max() + window, side="right"))
-            if hi <= lo:
-                continue
-            mrows = model_row[gidx]
-            fitted = mrows >= 0
-            cache.advance(chrom, lo)
-            step = int(chunk_size) if chunk_size is not None else model.variant_chunk(max(1, int(fitted.sum())))
-            for c0 in range(lo, hi, step):
-                c1 = min(hi, c0 + step)
-                cols = cand[c0:c1]
-                inwin = np.abs(v_pos[cols][None, :] - g_pos[gidx][:, None]) <= window
-                if not inwin.any():
-                    continue
-                S = np.full((len(gidx), len(cols)), np.nan)
-                Var = np.full((len(gidx), len(cols)), np.nan)
-                if fitted.any():
-                    S[fitted], Var[fitted] = model.stats(cache.get(cand, c0, c1), mrows[fitted])
-                gi, vi = np.nonzero(inwin)
-                pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi]))
-
-    if pieces:
-        gene_i, var_i, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
-    else:
-        gene_i = var_i = np.zeros(0, dtype=np.intp)
-        S = Var = np.zeros(0)
-    order = np.lexsort((var_i, v_pos[var_i], gene_i))
-    gene_i, var_i, S, Var = gene_i[order], var_i[order], S[order], Var[order]
-    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, g_pos, v_chrom, v_pos)
+    options = {**file_options(genotypes, model.donors), **_window_regions(genotypes, loci, genes_idx, float(window))}
+    geno = open_genotypes(genotypes, variants, **options)
+    try:
+        loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))
+        _check_chromosomes(geno, loci, genes_idx)
+        rows = geno.align(model.donors)
+        start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
+        with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
+            found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar)
+    finally:
+        close_genotypes(geno, genotypes)
+    gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
+    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
     summary = _gene_summary(adata, table, gene_i)
+    fdr_params = _add_fdr(summary, fdr, fdr_method, gene_pval)
+    results = {Key.CIS_VARIANTS: table}
+    if independent:
+        egenes = np.flatnonzero(summary["is_egene"].to_numpy() & np.isin(np.arange(adata.n_vars), model.var_index))
+        with running(n_threads, len(egenes), "eGene", show_above=100) as bar:
+            results[Key.CIS_INDEPENDENT] = _independent_signals(
+                adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
+                gene_pval, bar,
+            )  # fmt: skip
     params = {
         "key": key,
         "window": float(window) if not float(window).is_integer() else int(window),
@@ -344,39 +337,193 @@ def cis_map(
         "genotypes": geno.source,
         "n_genes_tested": int((summary["n_variants"] > 0).sum()),
         "n_tests": len(table),
+        **fdr_params,
+        "independent": bool(independent),
     }
     target = adata.copy() if copy else adata
     target.varm[key_added] = summary
-    target.uns[key_added] = {"variants": table, "params": params}
+    target.uns[key_added] = {
+        **results,
+        Key.PARAMS: params,
+        SOURCE: stored.record(),
+        CELLS: dict(adata.uns[key].get(CELLS, {})),
+    }
     logg.info(
         "    finished",
         time=start,
         deep=(
             f"added\n    'uns[{key_added!r}][\"variants\"]', per-variant score tests (DataFrame)\n"
-            f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value (DataFrame)"
+            f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value and q-values (DataFrame)"
+            + (f"\n    'uns[{key_added!r}][\"independent\"]', independent signals (DataFrame)" if independent else "")
         ),
     )
     return target if copy else None
 
 
-def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, g_pos, v_chrom, v_pos) -> pd.DataFrame:
-    gene_cats = adata.var_names[genes_idx]
+def _window_regions(genotypes, loci: _Loci, genes_idx: np.ndarray, window: float) -> dict:
+    """Reader options for a VCF/BCF path: only the genes' windows are read (through its index, which it needs)."""
+    if not isinstance(genotypes, (str, os.PathLike)) or reader_class(genotypes) is not VcfGenotypes:
+        return {}
+    chrom, pos = loci.g_chrom[genes_idx], loci.g_pos[genes_idx]
+    return {"regions": [(c, max(1.0, p - window), p + window) for c, p in zip(chrom, pos, strict=True)]}
+
+
+def _check_chromosomes(geno: GenotypeMatrix, loci: _Loci, genes_idx: np.ndarray) -> None:
+    """A genotype source sharing no chromosome with the genes to map is an error naming both sides."""
+    genes_on = set(loci.g_chrom[genes_idx])
+    if not len(genes_idx) or genes_on & set(loci.v_chrom):
+        return
+    contigs = geno.contigs if geno.contigs is not None else list(pd.unique(loci.v_chrom[loci.v_chrom != ""]))
+    raise ValueError(
+        f"the genotypes ({geno.source}) have no variant on the chromosomes of the genes to map: genes on "
+        f"{preview(sorted(genes_on))}, genotypes on {preview(contigs)} (names match with or without 'chr'; "
+        "check the chromosome columns or rename the contigs)."
+    )
+
+
+def _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads) -> None:
+    if not (np.isscalar(window) and np.isfinite(window) and window >= 0):
+        raise ValueError(f"window must be a number of base pairs >= 0, not {window!r}.")
+    check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(n_threads, "n_threads")
+    if key_added in Key.null_varm(key):
+        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
+    for col in (chrom_key, pos_key):
+        if col not in adata.var.columns:
+            raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
+
+
+def _check_fdr_arguments(fdr, fdr_method, gene_pval) -> None:
+    if not (np.isscalar(fdr) and 0 < fdr < 1):
+        raise ValueError(f"fdr must be a number strictly between 0 and 1, not {fdr!r}.")
+    if fdr_method not in FDR_METHODS:
+        raise ValueError(f"fdr_method must be one of {list(FDR_METHODS)}, not {fdr_method!r}.")
+    if gene_pval not in GENE_PVALS:
+        raise ValueError(f"gene_pval must be one of {list(GENE_PVALS)}, not {gene_pval!r}.")
+
+
+def _add_fdr(summary: pd.DataFrame, fdr: float, fdr_method: str, gene_pval: str) -> dict:
+    """Add ``qval``, ``qval_bonf`` and ``is_egene`` to the per-gene summary; return the FDR parameters."""
+    summary["qval"], pi0 = qvalues(summary["pval_acat"].to_numpy(), fdr_method)
+    summary["qval_bonf"], pi0_bonf = qvalues(summary["top_pval_bonf"].to_numpy(), fdr_method)
+    q = summary["qval" if gene_pval == "acat" else "qval_bonf"].to_numpy()
+    is_egene = np.isfinite(q) & (q <= fdr)
+    summary["is_egene"] = is_egene
+    p = summary[GENE_PVALS[gene_pval]].to_numpy()
+    return {
+        "fdr": float(fdr),
+        "fdr_method": fdr_method,
+        "gene_pval": gene_pval,
+        "pi0": pi0,
+        "pi0_bonf": pi0_bonf,
+        "n_egenes": int(is_egene.sum()),
+        "egene_pval_threshold": float(p[is_egene].max()) if is_egene.any() else float("nan"),
+    }
+
+
+@dataclass
+class _Loci:
+    """Chromosomes and positions of the genes and the variants, chromosomes coded alike for both."""
+
+    g_chrom: np.ndarray  #: (genes,) normalised chromosome names ("" if missing)
+    g_pos: np.ndarray  #: (genes,) positions (NaN if missing)
+    v_chrom: np.ndarray | None = None
+    v_pos: np.ndarray | None = None
+    g_code: np.ndarray | None = None  #: (genes,) chromosome codes shared with ``v_code``
+    v_code: np.ndarray | None = None
+    by_chrom: dict | None = None  #: chromosome code -> the valid variants on it, sorted by position
+
+    @classmethod
+    def of_genes(cls, adata: AnnData, chrom_key: str, pos_key: str) -> _Loci:
+        return cls(normalise_chrom(adata.var[chrom_key]), _positions(adata.var[pos_key], f"adata.var[{pos_key!r}]"))
+
+    @property
+    def gene_ok(self) -> np.ndarray:
+        """Genes with a chromosome and a position."""
+        return (self.g_chrom != "") & np.isfinite(self.g_pos)
+
+    def add_variants(self, geno: GenotypeMatrix, chrom_key: str, pos_key: str, *, from_dataframe: bool) -> None:
+        for col in (chrom_key, pos_key):
+            if col not in geno.var.columns:
+                where = "variants" if from_dataframe else "the genotypes' var"
+                raise KeyError(f"{col!r} is not a column of {where} (columns: {list(geno.var.columns)}).")
+        self.v_chrom = normalise_chrom(geno.var[chrom_key])
+        self.v_pos = _positions(geno.var[pos_key], f"variant column {pos_key!r}")
+        n_genes = len(self.g_chrom)
+        codes, _ = pd.factorize(np.concatenate([self.g_chrom, self.v_chrom]))
+        self.g_code, self.v_code = codes[:n_genes], codes[n_genes:]
+        valid = (self.v_chrom != "") & np.isfinite(self.v_pos)
+        order = np.lexsort((self.v_pos, self.v_code))
+        order = order[valid[order]]
+        self.by_chrom = {c: order[self.v_code[order] == c] for c in np.unique(self.v_code[order])}
+
+
+def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci, genes_idx: np.ndarray,
+                  window: float, chunk_size: int | None, bar) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
+    """Score statistics of every gene against the variants in its window, block by block of nearby genes.
+
+    Returns pieces ``(gene index, variant index, S, Var)`` of the (gene, variant) pairs in a window.
+    """
+    model_row = np.full(len(loci.g_chrom), -1, dtype=np.intp)
+    model_row[model.var_index] = np.arange(model.n_genes)
+    g_pos, v_pos = loci.g_pos, loci.v_pos
+    pieces: list[tuple[np.ndarray, ...]] = []
+    cache = _RotationCache(model, geno, rows)
+    for block in _gene_blocks(loci.g_code[genes_idx], g_pos[genes_idx], window):
+        gidx = genes_idx[block]
+        bar.update(len(gidx))
+        chrom = loci.g_code[gidx[0]]
+        cand = loci.by_chrom.get(chrom)
+        if cand is None:
+            continue
+        cpos = v_pos[cand]
+        lo = int(np.searchsorted(cpos, g_pos[gidx].min() - window, side="left"))
+        hi = int(np.searchsorted(cpos, g_pos[gidx].max() + window, side="right"))
+        if hi <= lo:
+            continue
+        mrows = model_row[gidx]
+        fitted = mrows >= 0
+        cache.advance(chrom, lo)
+        step = int(chunk_size) if chunk_size is not None else model.variant_chunk(max(1, int(fitted.sum())))
+        for c0 in range(lo, hi, step):
+            c1 = min(hi, c0 + step)
+            cols = cand[c0:c1]
+            inwin = np.abs(v_pos[cols][None, :] - g_pos[gidx][:, None]) <= window
+            if not inwin.any():
+                continue
+            S = np.full((len(gidx), len(cols)), np.nan)
+            Var = np.full((len(gidx), len(cols)), np.nan)
+            if fitted.any():
+                S[fitted], Var[fitted] = model.stats(cache.get(cand, c0, c1), mrows[fitted])
+            gi, vi = np.nonzero(inwin)
+            pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi]))
+    return pieces
+
+
+def _by_gene_and_position(pieces, v_pos: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The pieces concatenated and sorted by gene, then variant position (then variant index)."""
+    if pieces:
+        gene_i, var_i, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
+    else:
+        gene_i = var_i = np.zeros(0, dtype=np.intp)
+        S = Var = np.zeros(0)
+    order = np.lexsort((var_i, v_pos[var_i], gene_i))
+    return gene_i[order], var_i[order], S[order], Var[order]
+
+
+def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci) -> pd.DataFrame:
     used = np.unique(var_i)
-    var_cats = geno.var.index[used]
-    stats = derived_statistics(S, Var)
-    return pd.DataFrame(
-        {
-            "gene": pd.Categorical.from_codes(
-                np.searchsorted(genes_idx, gene_i), categories=pd.Index(np.asarray(gene_cats))
-            ),
-            "variant": pd.Categorical.from_codes(
-                np.searchsorted(used, var_i), categories=pd.Index(np.asarray(var_cats))
-            ),
-            "chrom": pd.Categorical(v_chrom[var_i].astype(str)),
-            "pos": v_pos[var_i].astype(np.int64) if np.all(np.mod(v_pos[var_i], 1) == 0) else v_pos[var_i],
-            "distance": v_pos[var_i] - g_pos[gene_i],
-            **{c: stats[c] for c in RESULT_COLUMNS[2:]},
-        }
+    v_pos = loci.v_pos[var_i]
+    return result_table(
+        adata.var_names[genes_idx],
+        np.searchsorted(genes_idx, gene_i),
+        geno.var.index[used],
+        np.searchsorted(used, var_i),
+        S,
+        Var,
+        chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
+        pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
+        distance=v_pos - loci.g_pos[gene_i],
     )
 
 
@@ -416,3 +563,96 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
         },
         index=adata.var_names.copy(),
     )
+
+
+def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci,
+                         egenes: np.ndarray, window: float, threshold: float, gene_pval: str,
+                         bar) -> pd.DataFrame:  # fmt: skip
+    """Forward-backward selection of each eGene's independent signals (see :func:`cis_map`), gene by gene along
+    each chromosome, every scan vectorised over the window's variants (rotated once, through the cache)."""
+    model_row = np.full(adata.n_vars, -1, dtype=np.intp)
+    model_row[model.var_index] = np.arange(model.n_genes)
+    cache = _RotationCache(model, geno, rows)
+    found: list[tuple] = []
+    for g in egenes[np.lexsort((loci.g_pos[egenes], loci.g_code[egenes]))]:
+        bar.update(1)
+        chrom, gpos = loci.g_code[g], loci.g_pos[g]
+        cand = loci.by_chrom.get(chrom)
+        if cand is None:
+            continue
+        cpos = loci.v_pos[cand]
+        lo = int(np.searchsorted(cpos, gpos - window, side="left"))
+        hi = int(np.searchsorted(cpos, gpos + window, side="right"))
+        if hi <= lo:
+            continue
+        cache.advance(chrom, lo)
+        Gt = cache.get(cand, lo, hi)
+        for rank, j, stats, pg, k in _select(subset(model, [model_row[g]]), Gt, threshold, gene_pval):
+            found.append((g, rank, cand[lo + j], pg, k, *stats))
+    cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 7
+    gene_i = np.asarray(cols[0], dtype=np.intp)
+    var_i = np.asarray(cols[2], dtype=np.intp)
+    used = np.unique(var_i)
+    v_pos = loci.v_pos[var_i]
+    order_genes = np.unique(gene_i)
+    table = result_table(
+        adata.var_names[order_genes],
+        np.searchsorted(order_genes, gene_i),
+        geno.var.index[used],
+        np.searchsorted(used, var_i),
+        np.asarray(cols[5], dtype=np.float64),
+        np.asarray(cols[6], dtype=np.float64),
+        rank=np.asarray(cols[1], dtype=np.int64),
+        chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
+        pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
+        distance=v_pos - loci.g_pos[gene_i],
+    )
+    table["pval_gene"] = np.asarray(cols[3], dtype=np.float64)
+    table["n_conditioned"] = np.asarray(cols[4], dtype=np.int64)
+    table = table[["gene", "rank", "variant", *table.columns[3:]]]
+    order = np.lexsort((table["rank"].to_numpy(), gene_i))
+    return table.iloc[order].reset_index(drop=True)
+
+
+def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str):
+    """The independent signals of the one gene of ``model`` among the rotated window variants ``Gt``: tuples of
+    (rank, column of ``Gt``, (score, variance), gene-level p-value of the scan, number of conditioning variants)."""
+    n_window = Gt.shape[1]
+
+    def scan(selected: list[int]):
+        m = model
+        if selected:
+            m, ok = condition(model, Gt[:, selected])
+            if not ok[0]:
+                return None
+        S, Var = m.stats(Gt)
+        pval = derived_statistics(S[0], Var[0])["pval"]
+        finite = np.isfinite(pval)
+        if not finite.any():
+            return None
+        top = int(np.argmin(np.where(finite, pval, np.inf)))
+        if gene_pval == "acat":
+            pg = acat(pval)
+        else:
+            pg = min(1.0, float(pval[top]) * n_window)
+        return top, (float(S[0, top]), float(Var[0, top])), pg
+
+    first = scan([])
+    if first is None:
+        return []
+    selected = [first[0]]
+    while len(selected) < MAX_SIGNALS:
+        res = scan(selected)
+        if res is None or not res[2] <= threshold or res[0] in selected:
+            break
+        selected.append(res[0])
+    if len(selected) == 1:
+        return [(1, first[0], first[1], first[2], 0)]
+    out, seen = [], set()
+    for rank, j in enumerate(selected, 1):
+        others = [i for i in selected if i != j]
+        res = scan(others)
+        if res is not None and res[2] <= threshold and res[0] not in seen:
+            seen.add(res[0])
+            out.append((rank, res[0], res[1], res[2], len(others)))
+    return out

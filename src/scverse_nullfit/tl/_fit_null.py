@@ -15,49 +15,24 @@ from scanpy import settings
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from .._constants import Key
 from .._core._compiled import compile_ahead
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
-from .._core._read import available_threads, describe_matrix, get_expression, resolve_grm
-from .._core._reml import Rotation, fit_genes, problem_from_stage1, restricted_spectrum_from_grm
+from .._core._read import describe_matrix, get_expression
+from .._core._reml import Rotation, problem_from_stage1, restricted_spectrum_from_grm
 from .._core._reml import warm_up as warm_up_reml
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
-from .._core._suffstats import pre_residualise, scaled_residual_sums, sufficient_stats
+from .._core._suffstats import pre_residualise, scaled_residual_sums
 from .._core._suffstats import warm_up as warm_up_pass
+from .._docs import doc_copy, doc_n_threads, doc_params
+from .._provenance import CELLS, FIT_ID, cell_fingerprint, describe_frame, new_fit_id
+from .._utils import check_positive_int, check_unique_var_names, is_dask, resolve_threads, select_genes
+from .._version import __version__
+from ._backend import compute_sufficient_stats, fit_all_genes
+from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-
-def _select_genes(var_names: pd.Index, genes) -> np.ndarray:
-    """Boolean mask over ``var_names`` from names, a boolean mask or None."""
-    if genes is None:
-        return np.ones(len(var_names), dtype=bool)
-    if isinstance(genes, str):
-        genes = [genes]
-    genes = np.asarray(genes)
-    if genes.dtype == bool:
-        if genes.shape != (len(var_names),):
-            raise ValueError(f"genes is a boolean mask of length {len(genes)}, but adata has {len(var_names)} genes.")
-        return genes.copy()
-    idx = var_names.get_indexer(genes.astype(str))
-    if (idx < 0).any():
-        missing = [str(g) for g in genes[idx < 0]]
-        raise KeyError(f"genes not in adata.var_names: {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
-    mask = np.zeros(len(var_names), dtype=bool)
-    mask[idx] = True
-    return mask
-
-
-def _check_positive_int(value, name: str) -> None:
-    """Reject an optional count argument that is not a positive integer (None passes)."""
-    if value is not None and (int(value) != value or value < 1):
-        raise ValueError(f"{name} must be a positive integer, not {value!r}.")
-
-
-def _grm_param(grm) -> str:
-    if isinstance(grm, pd.DataFrame):
-        return "DataFrame"
-    return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
 
 
 def _spectral(G: np.ndarray, donors, X: np.ndarray, t1):
@@ -66,6 +41,7 @@ def _spectral(G: np.ndarray, donors, X: np.ndarray, t1):
     return spectral
 
 
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
 def fit_null(
     adata: AnnData,
     *,
@@ -107,15 +83,14 @@ def fit_null(
     layer
         Layer to use instead of ``X``.
     genes
-        Names or a boolean mask of the genes to fit; the others get NaN / ``converged=False``.
+        The genes to fit: names, a boolean mask, or the name of a boolean column of ``var`` (e.g.
+        ``"highly_variable"``); the others get NaN / ``converged=False``. Default: all genes.
     tau
         ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
     key_added
         Key under which results are stored in ``varm`` and ``uns``.
-    n_threads
-        Limit on BLAS threads for the call.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_n_threads}
+    {doc_copy}
 
     Returns
     -------
@@ -129,20 +104,32 @@ def fit_null(
     ``adata.varm[f"{key_added}_beta"]``
         Fixed effects (genes x covariates, named in ``uns[key_added]["covariate_names"]``).
     ``adata.varm[f"{key_added}_xhx_inv"]``, ``adata.varm[f"{key_added}_resid_rot"]``
-        The per-gene part of the compact projection used by :func:`scverse_nullfit.tl.score_test`.
+        The per-gene part of the compact projection used by :func:`scverse_nullfit.tl.score_test`:
+        ``(X'H^-1 X)^-1`` as its upper triangle row by row (genes x p (p + 1) / 2; every stored array is 2-D, so
+        ``anndata.concat``, ``adata.T``, h5ad and zarr all work) and the rotated residual donor sums.
     ``adata.uns[key_added]``
         The shared part (donor order, cells per donor, eigenvalues, eigenvectors, rotated covariates,
-        covariate names) and ``params``.
+        covariate names), ``params`` (everything needed to reproduce the call, with the package version),
+        ``fit_id`` (unique to this fit; results derived from it record it) and ``cells`` (a fingerprint of the
+        cells and their donors: tools and accessors refuse to use the fit on other, subset or reordered cells).
     """
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
-    _check_positive_int(n_threads, "n_threads")
+    check_positive_int(n_threads, "n_threads")
+    if copy and adata.isbacked:
+        raise ValueError(
+            "copy=True needs the whole AnnData in memory, but adata is backed; load it (adata.to_memory()) or "
+            "fit in place with copy=False (results are written to the in-memory varm/uns)."
+        )
+    check_unique_var_names(adata.var_names)
+    n_threads = resolve_threads(n_threads)
+    mask = select_genes(adata.var_names, genes, adata.var)
+    adata = adata.copy() if copy else adata
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
     # the first fit in a process compiles the kernels (or loads them from numba's cache) while the inputs are checked
     compile_ahead(partial(warm_up_pass, Y), warm_up_reml)
-    mask = _select_genes(adata.var_names, genes)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
@@ -152,20 +139,21 @@ def fit_null(
         # stage 1 (the two donor-level eigendecompositions, independent) runs alongside the pass over the expression,
         # each on one BLAS thread (a multi-threaded BLAS call whose threads wait for busy cores stalls them all; the
         # pass's threads do not wait for each other)
-        threads = available_threads()
-        t1 = logg.debug(f"    stage 1: donor-level eigendecompositions{' (in the background)' if threads > 1 else ''}")
+        t1 = logg.debug(
+            f"    stage 1: donor-level eigendecompositions{' (in the background)' if n_threads > 1 else ''}"
+        )
         fitted_idx = np.flatnonzero(mask)
-        if threads > 1:
+        if n_threads > 1:
             with threadpool_limits(limits=1, user_api="blas"):
                 spectral_f = pool.submit(_spectral, G, donors, design.X, t1)
                 mu_f = pool.submit(restricted_spectrum_from_grm, G, donors, design.X)
                 t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-                stats = sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=threads)
+                stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=n_threads)
                 spectral, mu = spectral_f.result(), mu_f.result()
         else:  # one thread: one thing at a time
             spectral, mu = _spectral(G, donors, design.X, t1), restricted_spectrum_from_grm(G, donors, design.X)
             t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-            stats = sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=1)
+            stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=1)
         problem = problem_from_stage1(spectral, mu)
         pre = pre_residualise(stats, donors, spectral)
         del stats
@@ -181,7 +169,9 @@ def fit_null(
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
-            fits = fit_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
+            fits = fit_all_genes(
+                problem, rotate, pre.W[ok_idx], tau=tau, distributed=is_dask(Y), n_threads=n_threads, progress=bar
+            )
         logg.debug("    stage 2: REML done", time=t3)
 
     beta = fits.beta + pre.b0[ok_idx]
@@ -189,31 +179,44 @@ def fit_null(
     fitted = np.zeros(adata.n_vars, dtype=bool)
     fitted[fitted_idx[ok_idx]] = True
     table = results_frame(adata.var_names, fitted, fits)
-    arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta)
+    arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta, key_added)
     params = {
+        "version": __version__,
+        "key_added": key_added,
         "donor_key": donor_key,
-        "grm": _grm_param(grm),
+        "grm": grm_param(grm, grm_df),
+        "grm_checksum": describe_frame(grm_df),
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
         "tau": tau,
+        "genes": _genes_param(genes, adata.var_names, mask),
+        "n_threads": n_threads,
         "n_genes_requested": int(mask.sum()),
         "n_genes_fitted": int(fitted.sum()),
         "input": describe_matrix(Y),
     }
     shared = shared_part(donors, design, spectral, params)
+    shared[FIT_ID] = new_fit_id()
+    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
 
-    target = adata.copy() if copy else adata
-    store(target, key_added, table, arrays, shared)
+    store(adata, key_added, table, arrays, shared)
     logg.info(
         "    finished",
         time=start,
         deep=(
             f"added\n"
             f"    {key_added!r}, per-gene variance components (adata.varm)\n"
-            f"    '{key_added}_beta', '{key_added}_xhx_inv', '{key_added}_resid_rot', "
+            f"    {Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, "
             "fixed effects and compact projection (adata.varm)\n"
             f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),
     )
-    return target if copy else None
+    return adata if copy else None
+
+
+def _genes_param(genes, var_names: pd.Index, mask: np.ndarray):
+    """How the gene selection is recorded in ``params``: ``None`` (all), a ``var`` column's name, or the names."""
+    if genes is None or (isinstance(genes, str) and genes not in var_names):
+        return genes
+    return np.asarray(var_names[mask], dtype=object)

@@ -1,0 +1,259 @@
+"""The ``fit-null`` and ``demo`` commands: inputs, the fit, the atomic write and the summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._constants import Key
+from ..datasets._truth import truth_report
+from ._common import PROG, CLIError, atomic_output, list_arg, one_line
+from ._table import adata_from_table
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: Covariates of the built-in example (see :func:`scverse_nullfit.datasets.simulate`).
+EXAMPLE_COVARIATES = ["age", "sex", "cell_type", "log_counts"]
+EXAMPLE_DONOR_COVARIATES = ["age", "sex"]
+#: A single --genes value with one of these endings is a file name, never a gene name.
+GENE_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".list", ".lst", ".gz")
+
+
+def _check_output(output: str | None, overwrite: bool, inputs: Sequence[Path]) -> Path | None:
+    if output is None:
+        return None
+    out = Path(output)
+    if out.is_dir():
+        raise CLIError(f"output {output!r} is a directory; give a file name such as {str(out / 'result.h5ad')!r}.")
+    if not out.parent.is_dir():
+        raise CLIError(f"output directory {str(out.parent)!r} does not exist.")
+    for path in inputs:
+        if path.exists() and out.exists() and os.path.samefile(out, path):
+            raise CLIError(f"output {output!r} is the input file; {PROG} never modifies its input.")
+    if out.exists() and not overwrite:
+        raise CLIError(f"output {output!r} already exists; pass --overwrite to replace it.")
+    return out
+
+
+def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
+    import anndata as ad
+
+    if not path.exists():
+        raise FileNotFoundError(f"input file {str(path)!r} not found.")
+    if path.is_dir():
+        raise CLIError(f"input {str(path)!r} is a directory, not an h5ad file.")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise CLIError(f"could not read {str(path)!r} as an h5ad file: {one_line(err)}") from err
+
+
+def _read_genes(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        with open(path) as fh:
+            genes = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
+        if not genes:
+            raise CLIError(f"genes file {value!r} lists no gene.")
+        return genes
+    genes = list_arg([value]) or []
+    if len(genes) == 1 and (os.sep in value or path.suffix.lower() in GENE_FILE_SUFFIXES):
+        raise FileNotFoundError(
+            f"genes file {value!r} not found (--genes takes an existing file with one gene per line, or a "
+            "comma-separated list of gene names)."
+        )
+    if not genes:
+        raise CLIError("--genes is empty.")
+    return genes
+
+
+def _write_atomic(adata: AnnData, out: Path, *, overwrite: bool) -> None:
+    """Write to a temporary file in OUTPUT's folder, then rename it; nothing is left behind on failure or on
+    SIGTERM / SIGINT (see :func:`._common.atomic_output`)."""
+    with atomic_output(out) as tmp:
+        adata.write_h5ad(tmp)
+        if out.exists() and not overwrite:  # appeared while fitting
+            raise CLIError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
+        os.replace(tmp, out)
+
+
+def summary(
+    adata: AnnData, key: str, *, wall: float, output: Path | None, input_desc: str, show_truth: bool
+) -> list[str]:
+    from ..get import nullfit_df
+
+    res = nullfit_df(adata, key)
+    uns = adata.uns[key]
+    fitted = res["tau"].notna().to_numpy()
+    n_fit = int(fitted.sum())
+    h2 = res["h2"].to_numpy()[fitted]
+    names = list(np.asarray(uns["covariate_names"]))
+    lines = [
+        f"{PROG} fit-null: {input_desc}",
+        f"  genes fitted      {n_fit} of {adata.n_vars} ({int(uns['n_cells'])} cells, {len(uns['donors'])} donors, "
+        f"design: {', '.join(names)})",
+        f"  converged         {int(res['converged'].sum())} of {n_fit}",
+        f"  median h2         {np.median(h2):.3f}" if n_fit else "  median h2         -",
+        f"  at tau = 0        {int((res['tau'].to_numpy()[fitted] == 0).sum())}",
+        f"  wall time         {wall:.2f} s",
+    ]
+    dropped = list(np.asarray(uns.get("dropped_covariates", [])))
+    if dropped:
+        lines.append(f"  dropped columns   {', '.join(dropped)} (constant or collinear)")
+    if output is None:
+        lines.append("  results           not written (pass -o OUTPUT.h5ad to save them)")
+    else:
+        lines.append(
+            f"  results           {output}: varm['{key}'] (per-gene table), varm['{Key.beta(key)}'], "
+            f"varm['{Key.xhx_inv(key)}'], varm['{Key.resid_rot(key)}'], uns['{key}']"
+        )
+    if show_truth and "true_h2" in adata.var.columns and n_fit > 1:
+        eqtl = adata.var.loc[fitted, "eqtl_beta"].to_numpy(dtype=np.float64) if "eqtl_beta" in adata.var else None
+        lines += truth_report(res[fitted], adata.var.loc[fitted, "true_h2"].to_numpy(dtype=np.float64), eqtl)
+    return lines
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from .. import datasets
+
+    t0 = time.perf_counter()
+    example = getattr(args, "example", False) or args.command == "demo"
+    table = getattr(args, "pheno_covar_file", None)
+    input_path = getattr(args, "input", None)
+
+    trait_type = getattr(args, "trait_type", "quantitative")
+    if trait_type != "quantitative":
+        raise CLIError(
+            f"--trait-type {trait_type} is not supported yet: {PROG} fits linear mixed models of quantitative "
+            "traits (e.g. log-normalised expression); use --trait-type quantitative."
+        )
+    sources = [
+        name for name, given in (("INPUT", input_path), ("--example", example), ("--pheno-covar-file", table)) if given
+    ]
+    if len(sources) > 1:
+        raise CLIError(f"give only one of INPUT, --example and --pheno-covar-file (got {' and '.join(sources)}).")
+    if not sources:
+        raise CLIError("no input: give INPUT.h5ad, --example or --pheno-covar-file FILE.tsv.")
+    donor_key = getattr(args, "donor_key", None)
+    sample_id_col = getattr(args, "sample_id_col", None)
+    if donor_key and sample_id_col and donor_key != sample_id_col:
+        raise CLIError(f"--donor-key {donor_key!r} and --sample-id-col {sample_id_col!r} disagree; give one of them.")
+    donor_key = donor_key or sample_id_col or "donor_id"
+    covariates = list_arg(getattr(args, "covariates", None))
+    donor_covariates = list_arg(getattr(args, "donor_covariates", None))
+    traits = list_arg(getattr(args, "trait_name", None))
+    genes = _read_genes(getattr(args, "genes", None))
+    grm = getattr(args, "grm", None)
+    cell_id_col = getattr(args, "cell_id_col", None)
+    if cell_id_col and not table:
+        raise CLIError("--cell-id-col applies to --pheno-covar-file input only.")
+
+    inputs = [Path(p) for p in (input_path, table) if p]
+    out = _check_output(args.output, args.overwrite, inputs)
+
+    from scanpy import logging as logg
+
+    if example:
+        adata = datasets.example()
+        if covariates is None and donor_covariates is None:
+            covariates, donor_covariates = list(EXAMPLE_COVARIATES), list(EXAMPLE_DONOR_COVARIATES)
+        input_desc = "built-in example (snf.datasets.example())"
+        logg.info(f"built-in example: {adata.n_obs} cells, {adata.n_vars} genes; covariates {covariates}")
+    elif table:
+        if traits is None:
+            raise CLIError("--pheno-covar-file needs --trait-name T1[,T2...].")
+        if genes is not None:
+            raise CLIError("with --pheno-covar-file, choose the traits with --trait-name, not --genes.")
+        if grm is None:
+            raise CLIError("--pheno-covar-file needs --grm-file PATH (there is no uns['grm'] in a table).")
+        adata = adata_from_table(
+            Path(table),
+            traits=traits,
+            sample_id_col=donor_key,
+            covariates=list(dict.fromkeys([*(covariates or []), *(donor_covariates or [])])),
+            cell_id_col=cell_id_col,
+        )
+        input_desc = f"{table} ({adata.n_obs} rows, {adata.n_vars} traits)"
+        logg.info(f"read {table}: {adata.n_obs} cells, traits {traits}")
+    else:
+        if traits is not None:
+            if genes is not None:
+                raise CLIError("give --genes or --trait-name, not both.")
+            genes = traits
+        adata = _read_h5ad(Path(input_path), backed=getattr(args, "backed", False))
+        input_desc = f"{input_path} ({adata.n_obs} cells, {adata.n_vars} genes{', backed' if adata.isbacked else ''})"
+        logg.info(f"read {input_path}: {adata.n_obs} cells x {adata.n_vars} genes")
+
+    try:
+        return _fit_and_write(
+            adata,
+            args,
+            grm=grm,
+            donor_key=donor_key,
+            covariates=covariates,
+            donor_covariates=donor_covariates,
+            genes=genes,
+            out=out,
+            input_path=input_path,
+            input_desc=input_desc,
+            t0=t0,
+        )
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+
+
+def _fit_and_write(
+    adata: AnnData,
+    args: argparse.Namespace,
+    *,
+    grm: str | None,
+    donor_key: str,
+    covariates: list[str] | None,
+    donor_covariates: list[str] | None,
+    genes: list[str] | None,
+    out: Path | None,
+    input_path: str | None,
+    input_desc: str,
+    t0: float,
+) -> int:
+    """Fit, write OUTPUT atomically and print the summary."""
+    from scanpy import logging as logg
+
+    from .. import tl
+
+    if grm is None:
+        if "grm" not in adata.uns:
+            raise CLIError(f"no --grm given and {input_path or 'the input'} has no uns['grm']; pass --grm PATH.")
+        grm = "grm"
+
+    tl.fit_null(
+        adata,
+        donor_key=donor_key,
+        grm=grm,
+        covariates=covariates or [],
+        donor_covariates=donor_covariates,
+        layer=getattr(args, "layer", None),
+        genes=genes,
+        tau=getattr(args, "tau", None),
+        key_added=args.key_added,
+        n_threads=args.n_threads,
+    )
+    if out is not None:
+        t_write = logg.info(f"writing {out}")
+        _write_atomic(adata, out, overwrite=args.overwrite)
+        logg.info(f"    wrote {out}", time=t_write)
+    if not args.quiet:
+        wall = time.perf_counter() - t0
+        lines = summary(adata, args.key_added, wall=wall, output=out, input_desc=input_desc, show_truth=True)
+        print("\n".join(lines), flush=True)
+    return 0

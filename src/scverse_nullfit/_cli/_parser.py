@@ -1,0 +1,173 @@
+"""The argument parser (imports only argparse, so that ``--help`` and ``--version`` are fast)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .._version import __version__
+from ._common import PROG
+
+TRAIT_TYPES = ("quantitative",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity = common.add_argument_group("output and logging").add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="Print errors only (no log, summary or bar).")
+    verbosity.add_argument("--debug", action="store_true", help="Debug log with stage timings; tracebacks on error.")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Exact, fast null linear mixed models (donor random effect with a GRM) for single-cell eQTL.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fit = sub.add_parser(
+        "fit-null",
+        parents=[common],
+        help="Fit the null model of every gene and write a copy of the input with the results.",
+        description=(
+            "Fit the null linear mixed model of every gene of INPUT.h5ad by exact REML and write a copy of it, with "
+            "the results in varm/uns, to OUTPUT. INPUT is never modified. Instead of INPUT, use --example (the "
+            "built-in simulated data) or --pheno-covar-file (a TSV with one row per cell, as the Rust "
+            "step1-fit-null tool reads)."
+        ),
+    )
+    fit.add_argument("input", nargs="?", metavar="INPUT.h5ad", help="Input AnnData (cells x genes).")
+    fit.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad", help="Output h5ad (written atomically).")
+    fit.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    fit.add_argument(
+        "--backed",
+        action="store_true",
+        help="Open INPUT read-only in backed mode: X stays on disk during the fit (less memory for large files).",
+    )
+    add_model_args(fit)
+    fit.add_argument(
+        "--example", action="store_true", help="Fit the built-in example (snf.datasets.example()) instead of INPUT."
+    )
+    tsv = fit.add_argument_group(
+        "phenotype table input (flags of the Rust step1-fit-null tool)",
+        "A TSV (or CSV) with one row per cell: a sample (donor) ID column, trait columns and covariate columns. "
+        "The traits become the genes of the output's X; --covariate-cols, --donor-covariate-cols and --grm-file "
+        "are aliases of --covariates, --donor-covariates and --grm.",
+    )
+    tsv.add_argument("--pheno-covar-file", metavar="FILE.tsv", help="Table of phenotypes and covariates.")
+    tsv.add_argument("--trait-name", action="append", metavar="T1[,T2...]", help="Trait column(s) to fit.")
+    tsv.add_argument("--sample-id-col", metavar="COL", help="Column of donor IDs (alias of --donor-key).")
+    tsv.add_argument("--cell-id-col", metavar="COL", help="Optional column of cell IDs (the output's obs_names).")
+    tsv.add_argument(
+        "--trait-type",
+        choices=TRAIT_TYPES,
+        default="quantitative",
+        help="The trait type of a phenotype table: 'quantitative' (linear mixed model).",
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="Run the whole fit on the built-in example and compare it with the simulated truth.",
+        description="Same as `fit-null --example`, with OUTPUT optional.",
+    )
+    demo.add_argument("-o", "--output", metavar="OUTPUT.h5ad", help="Also write the fitted example here.")
+    demo.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
+    demo.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    demo.add_argument("--key-added", default="nullfit", metavar="K", help="Key of the results (default: nullfit).")
+    add_step2_commands(sub, common)
+    return parser
+
+
+GENOTYPES_HELP = (
+    "Dosages of the donors: VCF/BCF (.vcf, .vcf.gz, .bcf; DS, else GT), PLINK 2 (.pgen), BGEN (.bgen with its "
+    ".sample), PLINK 1 (.bed, or a prefix), or a donors x variants .h5ad. Dosages count the ALT allele; donors "
+    "are matched by sample ID."
+)
+
+
+def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``score-test`` and ``cis-map`` (``trans-map`` comes with ``tl.trans_map``)."""
+    score = sub.add_parser(
+        "score-test",
+        parents=[common],
+        help="Score-test every variant of a genotype file against every fitted gene; write a table.",
+        description=(
+            "Exact score test of every variant of GENOTYPES against the null model of every gene fitted in "
+            "FITTED.h5ad (the output of fit-null): one row per gene and variant (gene, variant, score, score_var, "
+            "z, pval, beta, se), written to RESULTS (.tsv, .tsv.gz or .parquet, by suffix) atomically. Memory "
+            "holds genes x variants results; for genome-wide scans of many genes use cis-map."
+        ),
+    )
+    cis = sub.add_parser(
+        "cis-map",
+        parents=[common],
+        help="Map cis-eQTLs: test the variants near each gene, combine them per gene (ACAT); write tables.",
+        description=(
+            "Test every fitted gene of FITTED.h5ad against the variants of GENOTYPES within --window bp of its "
+            "position (var columns --chrom-key/--pos-key), and write the per-variant table (gene, variant, chrom, "
+            "pos, distance and the score-test columns) to RESULTS and, with --genes-output, the per-gene summary "
+            "(ACAT and top-variant p-values). A VCF/BCF must be indexed (.tbi/.csi): only the genes' windows are "
+            "read from it."
+        ),
+    )
+    for p in (score, cis):
+        p.add_argument("input", metavar="FITTED.h5ad", help="The output of fit-null (never modified).")
+        p.add_argument("genotypes", metavar="GENOTYPES", help=GENOTYPES_HELP)
+        p.add_argument(
+            "-o", "--output", required=True, metavar="RESULTS.tsv", help="Output table: .tsv, .tsv.gz or .parquet."
+        )
+        p.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
+        p.add_argument("--key", default="nullfit", metavar="K", help="Key of the fit (fit-null --key-added; nullfit).")
+        p.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to test: a file (one per line) or a comma list.")
+        p.add_argument("--chunk-size", type=int, metavar="N", help="Variants per chunk (default: bounded memory).")
+        p.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    g = cis.add_argument_group("cis windows")
+    g.add_argument("--window", type=int, default=1_000_000, metavar="BP", help="Half-width in bp (default 1000000).")
+    g.add_argument("--genes-output", metavar="GENES.tsv", help="Also write the per-gene summary (.tsv or .parquet).")
+    g.add_argument("--chrom-key", default="chrom", metavar="COL", help="var column of gene chromosomes (chrom).")
+    g.add_argument("--pos-key", default="start", metavar="COL", help="var column of gene positions, e.g. TSS (start).")
+    g.add_argument(
+        "--variant-positions",
+        metavar="FILE.tsv",
+        help=(
+            "Variant positions: a TSV (or CSV) whose first column is the variant ID, with chromosome and position "
+            "columns; default: the genotype file's own (or the genotype .h5ad's var)."
+        ),
+    )
+    g.add_argument("--variant-chrom-key", default="chrom", metavar="COL", help="Variant chromosome column (chrom).")
+    g.add_argument("--variant-pos-key", default="pos", metavar="COL", help="Variant position column (pos).")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--donor-key", default=None, metavar="COL", help="obs column of donor IDs (default: donor_id).")
+    g.add_argument(
+        "--grm",
+        "--grm-file",
+        dest="grm",
+        metavar="PATH",
+        help=(
+            "GRM file (.grm.bin, .grm.gz, .rel, .rel.bin, .mtx, square .tsv/.csv, or PLINK .bed genotypes) or a key "
+            "of INPUT's uns (default: uns['grm'])."
+        ),
+    )
+    g.add_argument(
+        "--covariates",
+        "--covariate-cols",
+        dest="covariates",
+        action="append",
+        metavar="A,B",
+        help="Covariate columns (comma-separated; numeric or categorical).",
+    )
+    g.add_argument(
+        "--donor-covariates",
+        "--donor-covariate-cols",
+        dest="donor_covariates",
+        action="append",
+        metavar="A,B",
+        help="Covariates constant within donor (checked; added to --covariates if missing there).",
+    )
+    g.add_argument("--layer", metavar="L", help="Layer holding expression (default: X).")
+    g.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to fit: a file (one per line) or a comma list.")
+    g.add_argument("--tau", type=float, metavar="X", help="Fix tau for every gene instead of estimating it.")
+    g.add_argument("--key-added", default="nullfit", metavar="K", help="Key of the results (default: nullfit).")
+    g.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads (results do not depend on it).")

@@ -1,0 +1,208 @@
+"""The step-2 engine on arrays: the compact null model, variant rotation and chunked score statistics.
+
+Everything comes from the compact projection that :func:`~scverse_nullfit.tl.fit_null` stores (see the "Model
+and algorithm" page of the docs); no expression data and no cells x cells matrix are needed. The orchestration
+(reading the stored model and the genotypes, thread limit, progress, result tables) is in ``tl/_step2.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import special
+
+#: Target number of float64 elements of one genes x covariates x variants block (bounds the memory of a chunk).
+BLOCK_ELEMENTS = 1 << 23
+#: A variant whose score variance is below this fraction of ``g~'(w*g~)`` is indistinguishable from the
+#: covariates (or monomorphic) for that gene: its results are NaN.
+VAR_RTOL = 1e-9
+
+
+@dataclass
+class CompactNull:
+    """The compact projection of the fitted genes, ready for score tests.
+
+    Arrays over genes cover only the usable (fitted) genes among those requested; ``var_index`` maps them back
+    to ``adata.var_names``. Built by :meth:`from_arrays`, so a later variant of the model (e.g. one whose covariates
+    include conditioning variants) reuses :meth:`rotate` and :meth:`stats` unchanged.
+    """
+
+    var_index: np.ndarray  #: (genes,) positions of the usable genes in adata.var_names
+    donors: pd.Index  #: donor IDs in model order
+    counts: np.ndarray  #: (donors,) cells per donor
+    U: np.ndarray  #: (donors, donors) eigenvectors of D^1/2 G D^1/2
+    Xrot: np.ndarray  #: (donors, p) rotated covariates X~
+    centre: bool  #: the design has an intercept, so variants may be centred (exact, better conditioned)
+    W: np.ndarray  #: (genes, donors) w = 1 / (1 + tau * lam)
+    WR: np.ndarray  #: (genes, donors) w * r~
+    s2e: np.ndarray  #: (genes,) sigma2_e
+    C: np.ndarray  #: (genes, p, p) (X'H^-1 X)^-1
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_index)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        var_index: np.ndarray,
+        donors: pd.Index,
+        counts: np.ndarray,
+        lam: np.ndarray,
+        U: np.ndarray,
+        Xrot: np.ndarray,
+        covariate_names: list[str],
+        tau: np.ndarray,
+        s2e: np.ndarray,
+        C: np.ndarray,
+        R: np.ndarray,
+    ) -> CompactNull:
+        """The model of the genes ``var_index`` from their ``tau``, ``sigma2_e``, ``(X'H^-1 X)^-1`` and rotated
+        residuals ``r~`` (arrays over those genes) and the shared donor-level part."""
+        W = 1.0 / (1.0 + tau[:, None] * lam[None, :])
+        return cls(
+            var_index=var_index,
+            donors=donors,
+            counts=counts,
+            U=U,
+            Xrot=Xrot,
+            centre="intercept" in covariate_names,
+            W=W,
+            WR=W * R,
+            s2e=s2e,
+            C=np.ascontiguousarray(C),
+        )
+
+    def rotate(self, G: np.ndarray, poly: np.ndarray | None = None) -> np.ndarray:
+        """``g~ = U' D^1/2 g`` of every column of ``G`` (donors x variants, model order, no missing values).
+
+        With an intercept in the design each variant is first centred by its cell-weighted mean: ``Z(g - m)``
+        differs from ``Zg`` by a multiple of the intercept column, which leaves score and variance unchanged.
+        Columns where ``poly`` is False (monomorphic variants) are returned as exact zeros, so that their
+        results come out NaN.
+        """
+        if self.centre:
+            G = G - (self.counts @ G) / self.counts.sum()
+        Gt = self.U.T @ (np.sqrt(self.counts)[:, None] * G)
+        if poly is not None and not poly.all():
+            Gt[:, ~poly] = 0.0
+        return Gt
+
+    def rotate_dosages(self, G: np.ndarray) -> np.ndarray:
+        """:meth:`rotate` of raw dosages (donors x variants, model order, NaN where missing), after :func:`impute`."""
+        G, poly = impute(G)
+        return self.rotate(G, poly)
+
+    def gene_chunk(self) -> int:
+        """Genes per chunk so that the weighted covariates ``w * X~`` of a chunk stay near ``BLOCK_ELEMENTS``."""
+        n, p = self.Xrot.shape
+        return int(max(1, BLOCK_ELEMENTS // max(1, n * p)))
+
+    def stats(self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Score and its variance, (genes x variants), for the genes ``rows`` and rotated variants ``Gt``.
+
+        ``S = g~'(w*r~)/s2e`` and ``Var = [g~'(w*g~) - v'Cv]/s2e`` with ``v = X~'(w*g~)``. For a chunk of genes,
+        the scores and all genes' ``u = L'v`` (``C = LL'``, so ``v'Cv = |u|^2``) come from one GEMM of the
+        stacked ``(w*r~)'`` and ``L'(w * X~)'`` (genes*(p+1) x donors) with ``g~``, and ``g~'(w*g~)`` from
+        ``W @ g~^2``. Genes at ``tau = 0`` (``w = 1``) share ``v = X~'g~`` and ``g~'g~``, computed once, so they
+        cost the score GEMM and the quadratic form only. Entries whose variance is not
+        clearly positive (monomorphic variants, variants collinear with the covariates) are NaN.
+        """
+        idx = np.arange(self.n_genes)[rows]
+        n, V = Gt.shape
+        p = self.Xrot.shape[1]
+        XrotT = np.ascontiguousarray(self.Xrot.T)
+        Gt2 = Gt * Gt
+        S = np.empty((len(idx), V))
+        Var = np.empty((len(idx), V))
+        # genes at tau = 0 have w = 1: their v = X~'g~ and g~'g~ are shared, leaving one GEMM (the scores) per gene
+        flat = (self.W[idx] == 1.0).all(axis=1)
+        step = self.gene_chunk()
+        if flat.any():
+            v0 = XrotT @ Gt
+            a0 = Gt2.sum(axis=0)[None, :]
+            rest = np.flatnonzero(flat)
+            for g0 in range(0, len(rest), step):
+                out = rest[g0 : g0 + step]
+                r, s2e = idx[out], self.s2e[idx[out]][:, None]
+                var_h = a0 - np.einsum("pv,gpv->gv", v0, np.matmul(self.C[r], v0[None]))
+                ok = var_h > VAR_RTOL * a0
+                S[out] = np.where(ok, (self.WR[r] @ Gt) / s2e, np.nan)
+                Var[out] = np.where(ok, var_h, np.nan) / s2e
+        rest = np.flatnonzero(~flat)
+        for g0 in range(0, len(rest), step):
+            out = rest[g0 : g0 + step]
+            r = idx[out]
+            W, s2e, k = self.W[r], self.s2e[r][:, None], len(r)
+            # one GEMM for the scores and u = L'v (C = LL', so v'Cv = |u|^2): rows (w*r~)' of the genes, then
+            # L'(w*X~)' stacked over genes
+            LX = np.matmul(_sqrt_factor(self.C[r]).transpose(0, 2, 1), XrotT[None, :, :]) * W[:, None, :]
+            B = np.concatenate([self.WR[r], LX.reshape(k * p, n)]) @ Gt
+            score = B[:k] / s2e
+            u = B[k:].reshape(k, p, V)
+            a = W @ Gt2
+            var_h = a - np.einsum("gpv,gpv->gv", u, u)
+            ok = var_h > VAR_RTOL * a
+            S[out] = np.where(ok, score, np.nan)
+            Var[out] = np.where(ok, var_h, np.nan) / s2e
+        return S, Var
+
+    def variant_chunk(self, n_genes: int | None = None) -> int:
+        """Variants per chunk so that the genes x variants outputs and a gene chunk's covariates x variants
+        block stay near ``BLOCK_ELEMENTS`` each."""
+        g = max(1, self.n_genes if n_genes is None else n_genes)
+        n, p = self.Xrot.shape
+        per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
+        return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
+
+
+def _sqrt_factor(C: np.ndarray) -> np.ndarray:
+    """``L`` with ``C = L L'`` for each positive semi-definite ``C`` of a stack (from its eigendecomposition, so
+    a singular ``C``, the pseudo-inverse of a rank-deficient ``X'H^-1 X``, is fine)."""
+    e, Q = np.linalg.eigh(C)
+    return Q * np.sqrt(np.clip(e, 0.0, None))[:, None, :]
+
+
+def usable_genes(tau: np.ndarray, s2e: np.ndarray, C: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Genes whose stored null model can be tested: finite ``tau >= 0``, ``sigma2_e > 0``, finite arrays."""
+    with np.errstate(invalid="ignore"):
+        return (
+            np.isfinite(tau)
+            & (tau >= 0)
+            & np.isfinite(s2e)
+            & (s2e > 0)
+            & np.isfinite(R).all(axis=1)
+            & np.isfinite(C).all(axis=(1, 2))
+        )
+
+
+def derived_statistics(S: np.ndarray, Var: np.ndarray) -> dict[str, np.ndarray]:
+    """``z``, two-sided normal ``pval``, ``beta = S/Var`` and ``se = 1/sqrt(Var)`` from score and variance."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd = np.sqrt(Var)
+        z = S / sd
+        return {
+            "score": S,
+            "score_var": Var,
+            "z": z,
+            "pval": 2.0 * special.ndtr(-np.abs(z)),
+            "beta": S / Var,
+            "se": 1.0 / sd,
+        }
+
+
+def impute(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-impute missing dosages per variant; also return which variants are testable.
+
+    A variant is testable when it has at least one observed dosage and is not monomorphic among the donors.
+    """
+    missing = np.isnan(G)
+    all_missing = missing.all(axis=0)
+    if missing.any():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.nanmean(np.where(all_missing, 0.0, G), axis=0)
+        G = np.where(missing, mean[None, :], G)
+    poly = (G.max(axis=0, initial=-np.inf) > G.min(axis=0, initial=np.inf)) & ~all_missing
+    return G, poly

@@ -1,0 +1,167 @@
+"""Step-2 orchestration shared by :func:`~scverse_nullfit.tl.score_test` and :func:`~scverse_nullfit.tl.cis_map`.
+
+Reads the stored null models (:class:`StoredNull`) and the genotypes (through :mod:`scverse_nullfit.io`), sets
+the thread limit and the progress bar (:func:`running`), and assembles result tables (:func:`result_table`); the
+array maths is :mod:`scverse_nullfit._core._step2`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scanpy import settings
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from .._constants import Key
+from .._core._step2 import CompactNull, derived_statistics, usable_genes
+from .._core._store import unpack_symmetric
+from .._provenance import CELLS, FIT_ID, check_cells
+from .._utils import resolve_threads
+from ..io._genotypes import GenotypeMatrix, resolve_reader
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+@dataclass
+class StoredNull:
+    """The null-model fit stored under ``key``, checked once; :meth:`compact` selects genes for testing."""
+
+    key: str
+    donors: pd.Index
+    counts: np.ndarray
+    lam: np.ndarray
+    U: np.ndarray
+    Xrot: np.ndarray
+    covariate_names: list[str]
+    tau: np.ndarray  #: (all genes,)
+    s2e: np.ndarray  #: (all genes,)
+    C: np.ndarray  #: (all genes, p, p)
+    R: np.ndarray  #: (all genes, donors)
+    usable: np.ndarray  #: (all genes,) bool: a testable null model
+    fit_id: str = ""  #: the fit's unique identifier (results derived from it record it)
+    family: str = "gaussian"  #: the model family of the fit
+
+    @classmethod
+    def read(cls, adata: AnnData, key: str) -> StoredNull:
+        """Read and check what ``fit_null(key_added=key)`` stored (keys, shapes), naming what is wrong."""
+        hint = f"run snf.tl.fit_null(adata, key_added={key!r}) first"
+        if key not in adata.uns:
+            raise KeyError(f"no null-model fit under adata.uns[{key!r}]; {hint}.")
+        for name in (key, Key.xhx_inv(key), Key.resid_rot(key)):
+            if name not in adata.varm:
+                raise KeyError(f"adata.varm[{name!r}] is missing; {hint}.")
+        shared = adata.uns[key]
+        for name in Key.NULL_SHARED:
+            if name not in shared:
+                raise KeyError(f"adata.uns[{key!r}] has no {name!r}; {hint}.")
+        check_cells(
+            adata, shared.get(CELLS), f"the null-model fit under {key!r}", f"Re-run {hint.removeprefix('run ')}"
+        )
+        donors = pd.Index(np.asarray(shared["donors"], dtype=object).astype(str))  # zarr gives StringDType
+        n = len(donors)
+        counts = np.asarray(shared["cells_per_donor"], dtype=np.float64)
+        lam = np.asarray(shared["eigenvalues"], dtype=np.float64)
+        U = np.asarray(shared["eigenvectors"], dtype=np.float64)
+        Xrot = np.asarray(shared["covariates_rotated"], dtype=np.float64)
+        names = [str(x) for x in np.atleast_1d(shared["covariate_names"])]
+        p = Xrot.shape[1] if Xrot.ndim == 2 else -1
+        table = adata.varm[key]
+        try:
+            C = unpack_symmetric(adata.varm[Key.xhx_inv(key)], max(p, 0))
+        except ValueError as err:
+            raise ValueError(f"adata.varm[{Key.xhx_inv(key)!r}]: {err}; re-run snf.tl.fit_null.") from err
+        R = np.asarray(adata.varm[Key.resid_rot(key)], dtype=np.float64)
+        shapes_ok = (
+            counts.shape == (n,)
+            and lam.shape == (n,)
+            and U.shape == (n, n)
+            and Xrot.shape == (n, p)
+            and C.shape == (adata.n_vars, p, p)
+            and R.shape == (adata.n_vars, n)
+            and isinstance(table, pd.DataFrame)
+            and {"tau", "sigma2_e"} <= set(table.columns)
+        )
+        if not shapes_ok:
+            raise ValueError(
+                f"the null-model fit under key {key!r} is inconsistent ({n} donors; eigenvectors {U.shape}, "
+                f"covariates_rotated {Xrot.shape}, {Key.xhx_inv(key)} {C.shape}, {Key.resid_rot(key)} {R.shape}); "
+                "re-run snf.tl.fit_null."
+            )
+        if (counts <= 0).any():
+            raise ValueError(f"adata.uns[{key!r}]['cells_per_donor'] has donors without cells.")
+        tau = table["tau"].to_numpy(dtype=np.float64, na_value=np.nan)
+        s2e = table["sigma2_e"].to_numpy(dtype=np.float64, na_value=np.nan)
+        family = str(shared.get(Key.PARAMS, {}).get("family", "gaussian"))
+        return cls(
+            key, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, usable_genes(tau, s2e, C, R),
+            fit_id=str(shared.get(FIT_ID, "")), family=family,
+        )  # fmt: skip
+
+    def record(self) -> dict:
+        """What a result derived from this fit records about it (see :mod:`scverse_nullfit._provenance`)."""
+        return {"key": self.key, FIT_ID: self.fit_id, "model": self.family}
+
+    def compact(self, mask: np.ndarray) -> CompactNull:
+        """The compact null model of the usable genes in ``mask`` (a boolean mask over all genes)."""
+        idx = np.flatnonzero(mask & self.usable)
+        return CompactNull.from_arrays(
+            idx, self.donors, self.counts, self.lam, self.U, self.Xrot, self.covariate_names,
+            self.tau[idx], self.s2e[idx], self.C[idx], self.R[idx],
+        )  # fmt: skip
+
+
+def open_genotypes(genotypes, variants: pd.DataFrame | None = None, **reader_options) -> GenotypeMatrix:
+    """``genotypes`` as a :class:`~scverse_nullfit.io._genotypes.GenotypeMatrix` (passed through if it is one);
+    ``reader_options`` go to the reader of a file path. Close it with :func:`close_genotypes`."""
+    if isinstance(genotypes, GenotypeMatrix):
+        return genotypes
+    return GenotypeMatrix(genotypes, variants=variants, reader_options=reader_options)
+
+
+def file_options(genotypes, donors: pd.Index) -> dict:
+    """Reader options for a genotype file path: read only the fit's donors (htslib and pgenlib then skip the other
+    samples' data, which matters when the file has many more samples than the fit has donors)."""
+    if not isinstance(genotypes, (str, os.PathLike)):
+        return {}
+    return {"samples": list(donors)} if getattr(resolve_reader(genotypes), "takes_samples", False) else {}
+
+
+def close_genotypes(geno: GenotypeMatrix, genotypes) -> None:
+    """Close what :func:`open_genotypes` opened for ``genotypes`` (a file reader opened from a path)."""
+    if geno is not genotypes:
+        geno.close()
+
+
+@contextmanager
+def running(n_threads: int | None, total: int, unit: str, *, show_above: int) -> Iterator[tqdm]:
+    """The BLAS thread limit of the call and a progress bar over ``total`` ``unit``\\ s (shown at verbosity
+    >= 2 when ``total > show_above``)."""
+    show = settings.verbosity >= 2 and total > show_above
+    with (
+        threadpool_limits(limits=resolve_threads(n_threads), user_api="blas"),
+        tqdm(total=total, desc=f"{unit}s", unit=unit, disable=not show) as bar,
+    ):
+        yield bar
+
+
+def result_table(
+    genes: pd.Index, gene_codes: np.ndarray, variants: pd.Index, variant_codes: np.ndarray, S, Var, **extra
+) -> pd.DataFrame:
+    """A long result table: ``gene`` and ``variant`` categoricals (codes into ``genes`` / ``variants``), the
+    ``extra`` columns, then the score-test statistics of ``S`` and ``Var``."""
+    return pd.DataFrame(
+        {
+            "gene": pd.Categorical.from_codes(gene_codes, categories=pd.Index(np.asarray(genes))),
+            "variant": pd.Categorical.from_codes(variant_codes, categories=pd.Index(np.asarray(variants))),
+            **extra,
+            **derived_statistics(S, Var),
+        }
+    )
