@@ -240,15 +240,15 @@ def table(rows: list[dict]) -> str:
 
 def first_call_table(rows: list[dict]) -> str:
     lines = [
-        "| size | first fit (s) | second fit (s) | first - second (s) | package read-only | cache files written |",
-        "|---|---|---|---|---|---|",
+        "| size | data | first fit (s) | second fit (s) | first - second (s) | package read-only | cache written |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.get("kind") != "first_call":
             continue
         where = f"{row['cache_in_user_dir']} in the user cache dir, {row['cache_in_package']} in the package"
         lines.append(
-            f"| {row['cells']:,} x {row['donors']:,} x {row['genes']:,} | {row['first']:.2f} | "
+            f"| {row['size']} | {row['cells']:,} x {row['donors']:,} x {row['genes']:,} | {row['first']:.2f} | "
             f"{row['second']:.2f} | {row['extra']:.2f} | {'no' if row['package_writable'] else 'yes'} | {where} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
