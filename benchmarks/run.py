@@ -330,9 +330,10 @@ fraction at cell level). Every measurement runs in a fresh process.
 - **peak**: the process's peak resident memory (`getrusage(RUSAGE_SELF).ru_maxrss`), interpreter and loaded data
   included; **worker peak**: the largest dask worker's.
 - **floor**: measured in the same process right after the fit: one eigendecomposition of the donors x donors
-  matrix + one sparse pass computing `Z'Y` (a compiled scatter-add, not the package's code) + one rotation GEMM
-  `U' D^-1/2 Z'Y`. No exact method can do less; **wall/floor** is the ratio (for on-disk inputs, both with the
-  file in the cache).
+  matrix (the faster of all BLAS threads and one: on a busy machine, BLAS threads waiting for cores can make the
+  multi-threaded one many times slower) + one sparse pass computing `Z'Y` (a compiled scatter-add, not the package's
+  code) + one rotation GEMM `U' D^-1/2 Z'Y`. No exact method can do less; **wall/floor** is the ratio (for on-disk
+  inputs, both with the file in the cache).
 - **read from disk**: the time to read every stored value of the matrix from the h5ad once, chunk by chunk, with
   the file's cached pages dropped first; **wall/read** is the ratio. **warm cache**: the same fit and read again
   with the file in the operating system's cache (memory speed: a lower bound no disk reaches).
