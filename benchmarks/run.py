@@ -154,7 +154,9 @@ def airqtl(path: Path, python: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench(name: str, data_dir: Path, *, statsmodels: bool = True, log: bool = False, airqtl_python: str = "") -> dict:
+def bench(
+    name: str, data_dir: Path, *, statsmodels: bool = True, log: bool = False, airqtl_python: str = "", repeat: int = 1
+) -> dict:
     cells, donors, genes, mode = SIZES[name]
     path = ensure_data(data_dir, cells, donors, genes)
     if name == "airqtl":
@@ -165,7 +167,8 @@ def bench(name: str, data_dir: Path, *, statsmodels: bool = True, log: bool = Fa
             row["wall"] = res["eigen"] + res["per_gene"] * genes
         return row
     if name == "first-call":
-        res = first_call(path)
+        runs = [first_call(path) for _ in range(max(1, repeat))]
+        res = {**runs[0], "first": min(r["first"] for r in runs), "second": min(r["second"] for r in runs)}
         return {"size": "first call, empty cache", "kind": "first_call", "mode": mode, "cells": cells,
                 "donors": donors, "genes": genes, **res, "extra": res["first"] - res["second"]}  # fmt: skip
     row = {"size": name, "mode": mode, "cells": cells, "donors": donors, "genes": genes}
@@ -174,14 +177,17 @@ def bench(name: str, data_dir: Path, *, statsmodels: bool = True, log: bool = Fa
         extra["workers"] = 2
     child_mode = "dask" if mode.startswith("dask") else mode
     if mode == "memory":
-        fit = run_child("fit", path, child_mode, extra)
+        # the fastest of `repeat` fresh processes (a busy machine only ever slows a run down), with its own floor
+        fit = min((run_child("fit", path, child_mode, extra) for _ in range(max(1, repeat))), key=lambda r: r["wall"])
         row.update(fit)
+        row["repeat"] = max(1, repeat)
         row["ratio"] = fit["wall"] / fit["floor"]
     else:
         # from disk: the file's cached pages are dropped before the read and before the fit; then both warm
         read = run_child("read", path, "backed")
-        cold = run_child("fit", path, child_mode, {**extra, "cold": True})
-        warm = run_child("fit", path, child_mode, extra)
+        cold = min((run_child("fit", path, child_mode, {**extra, "cold": True}) for _ in range(max(1, repeat))),
+                   key=lambda r: r["wall"])  # fmt: skip
+        warm = min((run_child("fit", path, child_mode, extra) for _ in range(max(1, repeat))), key=lambda r: r["wall"])
         row.update(warm)
         row.update(
             {
@@ -408,6 +414,7 @@ def main(argv=None) -> int:
         default=os.environ.get("SNF_AIRQTL_PYTHON", "/work/venv-airqtl/bin/python"),
         help="python of a separate venv with airqtl==0.1.1 installed (for the airqtl row)",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="fits per row in fresh processes; the fastest is kept")
     parser.add_argument("--label", default="", help="appended to the size name in the table (e.g. a version)")
     args = parser.parse_args(argv)
 
@@ -426,7 +433,7 @@ def main(argv=None) -> int:
     rows = []
     for name in dict.fromkeys(names):
         row = bench(name, Path(args.data_dir), statsmodels=not args.no_statsmodels, log=args.log,
-                    airqtl_python=args.airqtl_python)  # fmt: skip
+                    airqtl_python=args.airqtl_python, repeat=args.repeat)  # fmt: skip
         if args.label:
             row["size"] = f"{name} ({args.label})"
         rows.append(row)
