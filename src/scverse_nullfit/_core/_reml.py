@@ -590,7 +590,7 @@ def fit_chunk(
     rr = W + np.einsum("gn,gn->g", Rt, Rt)
     ll0 = problem._loglik(rr, 0.0)
     if tau is None:
-        with timer("grid and Newton"):
+        with timer("grid and search"):
             search(problem, Rt, W, resid, local)
     else:
         with timer("fixed tau"):
@@ -659,7 +659,7 @@ def fit_genes(
         iters = out.n_iter[out.n_iter > 0]
         logg.debug(
             f"    REML: {G} genes in {len(slices)} chunks on {max(n_workers, 1)} thread(s); thread-seconds: "
-            f"{timer.summary()}; Newton iterations median {np.median(iters) if len(iters) else 0:.0f}, "
+            f"{timer.summary()}; evaluations per interior gene: median {np.median(iters) if len(iters) else 0:.0f}, "
             f"max {iters.max(initial=0)}"
         )
     return out
