@@ -12,6 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import preview
+from ._geno_common import region_columns
 
 PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
 
@@ -82,7 +83,11 @@ class PlinkGenotypes:
         if var_index.has_duplicates:
             # keep every variant addressable: make duplicated IDs unique the way anndata does
             var_index = pd.Index(_make_unique(sid), name="variant")
-        self.var = pd.DataFrame({"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2}, index=var_index)
+        # ref/alt as in the other readers: alt is the counted allele
+        alt, ref = (a1, a2) if count_A1 else (a2, a1)
+        self.var = pd.DataFrame(
+            {"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2, "ref": ref, "alt": alt}, index=var_index
+        )
 
     @property
     def donors(self) -> pd.Index:
@@ -100,6 +105,13 @@ class PlinkGenotypes:
         if len(rows) == 0 or len(cols) == 0:
             return np.zeros((len(rows), len(cols)))
         return self._bed.read(index=np.s_[rows, cols], dtype="float64", order="C")
+
+    def variant_indices(self, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
+        """Variant columns on ``chrom`` with ``start <= pos <= end`` (``chr`` prefixes ignored), by position."""
+        return region_columns(self, chrom, start, end)
+
+    def close(self) -> None:
+        """Nothing to close (bed-reader opens the file per read); for the reader interface."""
 
 
 def _make_unique(names: np.ndarray) -> np.ndarray:
@@ -137,7 +149,7 @@ def read_plink_genotypes(
     -------
     Donors x variants AnnData: ``X`` float64 dosages (0..2, NaN where missing); ``obs`` holds ``fid`` and ``iid``;
     ``var`` holds ``chrom`` (as in the ``.bim``, a string), ``pos`` (base-pair position), ``allele_1`` and
-    ``allele_2``.
+    ``allele_2``, and ``alt`` (the counted allele) and ``ref`` (the other), as the other genotype readers do.
     """
     src = PlinkGenotypes(bed_prefix, id_column=id_column, count_A1=count_A1)
     if donors is None:

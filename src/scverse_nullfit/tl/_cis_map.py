@@ -22,9 +22,10 @@ from .._core._fdr import qvalues
 from .._core._step2 import CompactNull, derived_statistics
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._provenance import CELLS, SOURCE
-from .._utils import check_positive_int, select_genes
-from ..io._genotypes import GenotypeMatrix
-from ._step2 import StoredNull, open_genotypes, result_table, running
+from .._utils import check_positive_int, preview, select_genes
+from ..io._genotypes import GenotypeMatrix, reader_class
+from ..io._vcf import VcfGenotypes
+from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -225,10 +226,13 @@ def cis_map(
         and position (e.g. its TSS).
     genotypes
         Donors x variants dosages (0..2): an AnnData whose ``var`` holds the variants' chromosome and position,
-        a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a PLINK ``.bed``
-        fileset (with ``.bim`` and ``.fam`` beside it; needs ``pip install 'scverse-nullfit[plink]'``; donors
-        named by IID; only the variants near tested genes are read). Donors are matched by ID as in
-        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant.
+        a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a genotype file with
+        the positions in it: PLINK 1 ``.bed``, PLINK 2 ``.pgen``, BGEN ``.bgen`` (only the variants near tested
+        genes are read) or a VCF/BCF, which must then be indexed (``.tbi``/``.csi``: only the genes' windows are
+        read from it). Each format needs its optional package (``pip install 'scverse-nullfit[genotypes]'``);
+        see :func:`~scverse_nullfit.tl.score_test`. Donors are matched by ID as in
+        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant. A genotype file
+        with no variant on the genes' chromosomes is an error.
     window
         Half-width of the cis window, in base pairs.
     key
@@ -299,14 +303,18 @@ def cis_map(
     loci = _Loci.of_genes(adata, chrom_key, pos_key)
     mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes, variants)
-    loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))
-    rows = geno.align(model.donors)
-
     genes_idx = np.flatnonzero(mask)
-    start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
-    with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
-        found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar)
+    options = {**file_options(genotypes, model.donors), **_window_regions(genotypes, loci, genes_idx, float(window))}
+    geno = open_genotypes(genotypes, variants, **options)
+    try:
+        loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))
+        _check_chromosomes(geno, loci, genes_idx)
+        rows = geno.align(model.donors)
+        start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
+        with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
+            found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar)
+    finally:
+        close_genotypes(geno, genotypes)
     gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
     table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
     summary = _gene_summary(adata, table, gene_i)
@@ -350,6 +358,27 @@ def cis_map(
         ),
     )
     return target if copy else None
+
+
+def _window_regions(genotypes, loci: _Loci, genes_idx: np.ndarray, window: float) -> dict:
+    """Reader options for a VCF/BCF path: only the genes' windows are read (through its index, which it needs)."""
+    if not isinstance(genotypes, (str, os.PathLike)) or reader_class(genotypes) is not VcfGenotypes:
+        return {}
+    chrom, pos = loci.g_chrom[genes_idx], loci.g_pos[genes_idx]
+    return {"regions": [(c, max(1.0, p - window), p + window) for c, p in zip(chrom, pos, strict=True)]}
+
+
+def _check_chromosomes(geno: GenotypeMatrix, loci: _Loci, genes_idx: np.ndarray) -> None:
+    """A genotype source sharing no chromosome with the genes to map is an error naming both sides."""
+    genes_on = set(loci.g_chrom[genes_idx])
+    if not len(genes_idx) or genes_on & set(loci.v_chrom):
+        return
+    contigs = geno.contigs if geno.contigs is not None else list(pd.unique(loci.v_chrom[loci.v_chrom != ""]))
+    raise ValueError(
+        f"the genotypes ({geno.source}) have no variant on the chromosomes of the genes to map: genes on "
+        f"{preview(sorted(genes_on))}, genotypes on {preview(contigs)} (names match with or without 'chr'; "
+        "check the chromosome columns or rename the contigs)."
+    )
 
 
 def _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads) -> None:

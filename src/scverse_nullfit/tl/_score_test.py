@@ -14,7 +14,7 @@ from .._core._step2 import impute
 from .._docs import doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
 from ._conditional import conditional_model, conditioning_dosages
-from ._step2 import StoredNull, open_genotypes, result_table, running
+from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -62,9 +62,12 @@ def score_test(
     genotypes
         Dosages (0..2) of the donors: a DataFrame indexed by donor ID with one column per variant, an AnnData of
         donors x variants (``obs_names`` donor IDs, ``var_names`` variant IDs; ``X`` dense, sparse or backed), or
-        the path of a PLINK ``.bed`` fileset (needs ``bed-reader``; donors named by IID). Donors are matched by
-        ID in any order; every donor of the fit must be present (extra donors are ignored). Missing dosages
-        (NaN) are replaced by the variant's mean dosage over the fit's donors that have one.
+        the path of a genotype file: VCF/BCF (``.vcf``, ``.vcf.gz``, ``.bcf``; ``DS``, else ``GT``), PLINK 2
+        (``.pgen``), BGEN (``.bgen``) or PLINK 1 (``.bed``), each read in chunks through its optional package
+        (see :func:`scverse_nullfit.io.read_genotypes` and the "Genotype inputs" page). Dosages count the
+        ``alt`` allele. Donors are matched by ID in any order; every donor of the fit must be present (extra
+        donors are ignored). Missing dosages (NaN) are replaced by the variant's mean dosage over the fit's
+        donors that have one.
     key
         The ``key_added`` of the ``fit_null`` call.
     genes
@@ -93,7 +96,16 @@ def score_test(
     mask = select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes)
+    geno = open_genotypes(genotypes, **file_options(genotypes, model.donors))
+    try:
+        out = _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
+    finally:
+        close_genotypes(geno, genotypes)
+    out.attrs.update(stored.record())
+    return out
+
+
+def _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads) -> pd.DataFrame:
     rows = geno.align(model.donors)
     if condition is not None:
         cond = conditioning_dosages(condition, geno, rows, model.donors)
@@ -120,7 +132,6 @@ def score_test(
         adata.var_names[sel], np.repeat(np.arange(n_sel), n_var), geno.var.index, np.tile(np.arange(n_var), n_sel),
         S_all.ravel(), V_all.ravel(),
     )  # fmt: skip
-    out.attrs.update(stored.record())
     if condition is not None:
         out.attrs["condition"] = [str(c) for c in cond.columns]
     logg.info("    finished", time=start)
