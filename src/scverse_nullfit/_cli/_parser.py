@@ -85,7 +85,7 @@ GENOTYPES_HELP = (
 
 
 def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
-    """``score-test`` and ``cis-map`` (``trans-map`` comes with ``tl.trans_map``)."""
+    """``score-test``, ``cis-map`` and ``trans-map``."""
     score = sub.add_parser(
         "score-test",
         parents=[common],
@@ -109,7 +109,18 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
             "read from it."
         ),
     )
-    for p in (score, cis):
+    trans = sub.add_parser(
+        "trans-map",
+        parents=[common],
+        help="Map trans-eQTLs: every variant against every fitted gene, keeping p < --pval-threshold; write tables.",
+        description=(
+            "Score-test every variant of GENOTYPES against every gene fitted in FITTED.h5ad, streaming the variants "
+            "in chunks, and write the pairs with p < --pval-threshold (gene, variant, chrom, pos when known, and the "
+            "score-test columns) to RESULTS; with --genes-output / --variants-output also each gene's and each "
+            "variant's smallest p-value. Memory does not grow with genes x variants."
+        ),
+    )
+    for p in (score, cis, trans):
         p.add_argument("input", metavar="FITTED.h5ad", help="The output of fit-null (never modified).")
         p.add_argument("genotypes", metavar="GENOTYPES", help=GENOTYPES_HELP)
         p.add_argument(
@@ -120,6 +131,42 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to test: a file (one per line) or a comma list.")
         p.add_argument("--chunk-size", type=int, metavar="N", help="Variants per chunk (default: bounded memory).")
         p.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    score.add_argument(
+        "--condition",
+        metavar="IDS_OR_FILE",
+        help=(
+            "Variants of GENOTYPES to condition on (exact conditional score test): a comma list of variant IDs or "
+            "a file with one ID per line."
+        ),
+    )
+    t = trans.add_argument_group("trans scan")
+    t.add_argument("--pval-threshold", type=float, default=1e-5, metavar="P", help="Keep pairs with p < P (1e-5).")
+    t.add_argument("--genes-output", metavar="GENES.tsv", help="Also write each gene's smallest p-value.")
+    t.add_argument("--variants-output", metavar="VARIANTS.tsv", help="Also write each variant's smallest p-value.")
+    t.add_argument(
+        "--variant-positions",
+        metavar="FILE.tsv",
+        help="Variant metadata (first column the variant ID, e.g. chrom and pos) to report with the pairs.",
+    )
+    f = cis.add_argument_group("eGenes and independent signals")
+    f.add_argument("--fdr", type=float, default=0.05, metavar="Q", help="FDR of the eGene calls (is_egene; 0.05).")
+    f.add_argument(
+        "--fdr-method",
+        choices=["storey", "storey_bootstrap", "bh"],
+        default="storey",
+        help="q-values: Storey (qvalue's smoother pi0; default), Storey with bootstrap pi0, or Benjamini-Hochberg.",
+    )
+    f.add_argument(
+        "--gene-pval",
+        choices=["acat", "bonf"],
+        default="acat",
+        help="Gene-level p-value defining eGenes: ACAT (default) or the top variant's Bonferroni p-value.",
+    )
+    f.add_argument(
+        "--independent-output",
+        metavar="SIGNALS.tsv",
+        help="Also find each eGene's independent signals (forward-backward conditional selection) and write them.",
+    )
     g = cis.add_argument_group("cis windows")
     g.add_argument("--window", type=int, default=1_000_000, metavar="BP", help="Half-width in bp (default 1000000).")
     g.add_argument("--genes-output", metavar="GENES.tsv", help="Also write the per-gene summary (.tsv or .parquet).")

@@ -1,4 +1,5 @@
-"""The ``score-test`` and ``cis-map`` commands: a fitted h5ad and a genotype file in, a TSV or Parquet table out.
+"""The ``score-test``, ``cis-map`` and ``trans-map`` commands: a fitted h5ad and a genotype file in, TSV or Parquet
+tables out.
 
 Every input is checked before the work starts; tables are written to temporary files beside their outputs and
 renamed into place only when all of them are complete, so a failure leaves nothing behind.
@@ -178,12 +179,14 @@ def run_score_test(args: argparse.Namespace) -> int:
     fitted = Path(args.input)
     out = check_table_output(args.output, args.overwrite, [fitted, Path(args.genotypes)])
     genes = _read_genes(args.genes)
+    condition = read_variant_ids(args.condition, "--condition")
     adata = read_fitted(fitted, args.key)
     genotypes = genotype_source(args.genotypes)
     try:
         table = tl.score_test(
-            adata, genotypes, key=args.key, genes=genes, chunk_size=args.chunk_size, n_threads=args.n_threads
-        )
+            adata, genotypes, key=args.key, genes=genes, condition=condition, chunk_size=args.chunk_size,
+            n_threads=args.n_threads,
+        )  # fmt: skip
     finally:
         _close(genotypes)
     write_tables([(table, out)], overwrite=args.overwrite)
@@ -210,8 +213,10 @@ def run_cis_map(args: argparse.Namespace) -> int:
     inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
     out = check_table_output(args.output, args.overwrite, inputs)
     genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
-    if genes_out is not None and genes_out.absolute() == out.absolute():
-        raise CLIError(f"--genes-output and -o are the same file ({args.output!r}).")
+    signals_out = check_table_output(args.independent_output, args.overwrite, inputs, what="--independent-output")
+    _distinct([(out, "-o"), (genes_out, "--genes-output"), (signals_out, "--independent-output")])
+    if not 0 < args.fdr < 1:
+        raise CLIError(f"--fdr must be strictly between 0 and 1, not {args.fdr}.")
     genes = _read_genes(args.genes)
     variants = read_variant_positions(args.variant_positions)
     adata = read_fitted(fitted, args.key)
@@ -229,6 +234,10 @@ def run_cis_map(args: argparse.Namespace) -> int:
             variant_chrom_key=args.variant_chrom_key,
             variant_pos_key=args.variant_pos_key,
             key_added="cis",
+            fdr=args.fdr,
+            fdr_method=args.fdr_method,
+            gene_pval=args.gene_pval,
+            independent=signals_out is not None,
             chunk_size=args.chunk_size,
             n_threads=args.n_threads,
         )
@@ -239,6 +248,8 @@ def run_cis_map(args: argparse.Namespace) -> int:
     tables = [(table, out)]
     if genes_out is not None:
         tables.append((summary.rename_axis("gene").reset_index(), genes_out))
+    if signals_out is not None:
+        tables.append((get.cis_independent_df(adata, "cis"), signals_out))
     write_tables(tables, overwrite=args.overwrite)
     if not args.quiet:
         tested = summary["n_variants"].to_numpy() > 0
@@ -247,8 +258,82 @@ def run_cis_map(args: argparse.Namespace) -> int:
             f"{PROG} cis-map: {args.input} x {args.genotypes} (window {args.window:,} bp)",
             f"  genes tested      {int(tested.sum())} of {adata.n_vars} ({len(table)} gene-variant tests)",
             f"  ACAT p < 0.05     {int(np.sum(acat < 0.05))} genes" if tested.any() else "  ACAT p < 0.05     -",
+            f"  eGenes            {int(summary['is_egene'].sum())} at FDR {args.fdr:g} ({args.fdr_method}, "
+            f"{args.gene_pval})",
             f"  wall time         {time.perf_counter() - t0:.2f} s",
-            f"  results           {out}" + (f"; per-gene summary {genes_out}" if genes_out else ""),
+            f"  results           {out}"
+            + (f"; per-gene summary {genes_out}" if genes_out else "")
+            + (f"; independent signals {signals_out}" if signals_out else ""),
+        ]
+        print("\n".join(lines), flush=True)
+    return 0
+
+
+def read_variant_ids(value: str | None, what: str) -> list[str] | None:
+    """Variant IDs from a comma list or a file with one ID per line (lines starting with # skipped)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        with open(path) as fh:
+            ids = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        ids = [item.strip() for item in value.split(",") if item.strip()]
+    if not ids:
+        raise CLIError(f"{what} lists no variant.")
+    return ids
+
+
+def _distinct(outputs: list[tuple[Path | None, str]]) -> None:
+    seen: dict[Path, str] = {}
+    for path, flag in outputs:
+        if path is None:
+            continue
+        if path.absolute() in seen:
+            raise CLIError(f"{flag} and {seen[path.absolute()]} are the same file ({str(path)!r}).")
+        seen[path.absolute()] = flag
+
+
+def run_trans_map(args: argparse.Namespace) -> int:
+    from .. import get, tl
+
+    t0 = time.perf_counter()
+    fitted = Path(args.input)
+    inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
+    out = check_table_output(args.output, args.overwrite, inputs)
+    genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
+    variants_out = check_table_output(args.variants_output, args.overwrite, inputs, what="--variants-output")
+    _distinct([(out, "-o"), (genes_out, "--genes-output"), (variants_out, "--variants-output")])
+    if not 0 < args.pval_threshold <= 1:
+        raise CLIError(f"--pval-threshold must be in (0, 1], not {args.pval_threshold}.")
+    genes = _read_genes(args.genes)
+    variants = read_variant_positions(args.variant_positions)
+    adata = read_fitted(fitted, args.key)
+    genotypes = genotype_source(args.genotypes)
+    try:
+        tl.trans_map(
+            adata, genotypes, pval_threshold=args.pval_threshold, key=args.key, genes=genes, variants=variants,
+            chunk_size=args.chunk_size, n_threads=args.n_threads, key_added="trans",
+        )  # fmt: skip
+    finally:
+        _close(genotypes)
+    table = get.trans_df(adata, "trans")
+    tables = [(table, out)]
+    if genes_out is not None:
+        tables.append((adata.varm["trans"].rename_axis("gene").reset_index(), genes_out))
+    if variants_out is not None:
+        tables.append((adata.uns["trans"]["variants"].rename_axis("variant").reset_index(), variants_out))
+    write_tables(tables, overwrite=args.overwrite)
+    if not args.quiet:
+        params = adata.uns["trans"]["params"]
+        lines = [
+            f"{PROG} trans-map: {args.input} x {args.genotypes}",
+            f"  tests             {params['n_genes_tested']} genes x {params['n_variants']} variants",
+            f"  kept              {len(table)} pairs with p < {args.pval_threshold:g}",
+            f"  wall time         {time.perf_counter() - t0:.2f} s",
+            f"  results           {out}"
+            + (f"; per-gene minima {genes_out}" if genes_out else "")
+            + (f"; per-variant minima {variants_out}" if variants_out else ""),
         ]
         print("\n".join(lines), flush=True)
     return 0

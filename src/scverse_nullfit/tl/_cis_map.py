@@ -313,20 +313,21 @@ def cis_map(
         start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
         with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
             found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar)
+        gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
+        table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
+        summary = _gene_summary(adata, table, gene_i)
+        fdr_params = _add_fdr(summary, fdr, fdr_method, gene_pval)
+        results = {Key.CIS_VARIANTS: table}
+        if independent:  # a second pass over the eGenes' windows, before the genotypes are closed
+            fitted = np.isin(np.arange(adata.n_vars), model.var_index)
+            egenes = np.flatnonzero(summary["is_egene"].to_numpy() & fitted)
+            with running(n_threads, len(egenes), "eGene", show_above=100) as bar:
+                results[Key.CIS_INDEPENDENT] = _independent_signals(
+                    adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
+                    gene_pval, bar,
+                )  # fmt: skip
     finally:
         close_genotypes(geno, genotypes)
-    gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
-    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
-    summary = _gene_summary(adata, table, gene_i)
-    fdr_params = _add_fdr(summary, fdr, fdr_method, gene_pval)
-    results = {Key.CIS_VARIANTS: table}
-    if independent:
-        egenes = np.flatnonzero(summary["is_egene"].to_numpy() & np.isin(np.arange(adata.n_vars), model.var_index))
-        with running(n_threads, len(egenes), "eGene", show_above=100) as bar:
-            results[Key.CIS_INDEPENDENT] = _independent_signals(
-                adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
-                gene_pval, bar,
-            )  # fmt: skip
     params = {
         "key": key,
         "window": float(window) if not float(window).is_integer() else int(window),

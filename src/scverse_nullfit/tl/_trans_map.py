@@ -16,7 +16,7 @@ from .._core._step2 import BLOCK_ELEMENTS, impute
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, select_genes
-from ._step2 import StoredNull, open_genotypes, result_table, running
+from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -104,48 +104,17 @@ def trans_map(
     mask = select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes, variants)
-    rows = geno.align(model.donors)
-
-    n_var, n_genes = geno.n_variants, model.n_genes
-    step = int(chunk_size) if chunk_size is not None else TRANS_CHUNK
-    p = model.Xrot.shape[1]
-    gstep = int(max(1, min(model.gene_chunk(), BLOCK_ELEMENTS // ((p + 4) * min(step, max(1, n_var))))))
+    geno = open_genotypes(genotypes, variants, **file_options(genotypes, model.donors))
     start = logg.info(
-        f"trans mapping of {n_var} variants against {n_genes} genes (pval_threshold={pval_threshold:g}, key={key!r})"
+        f"trans mapping of {geno.n_variants} variants against {model.n_genes} genes "
+        f"(pval_threshold={pval_threshold:g}, key={key!r})"
     )
-    gene_min = np.full(n_genes, np.inf)
-    gene_arg = np.full(n_genes, -1, dtype=np.intp)
-    var_min = np.full(n_var, np.inf)
-    var_arg = np.full(n_var, -1, dtype=np.intp)
-    pieces: list[tuple[np.ndarray, ...]] = []
-    with running(n_threads, n_var, "variant", show_above=step) as bar:
-        for v0 in range(0, n_var, step):
-            cols = np.arange(v0, min(n_var, v0 + step))
-            G, poly = impute(geno.read(rows, cols))
-            if n_genes and poly.any():
-                Gt = model.rotate(G, poly)
-                for g0 in range(0, n_genes, gstep):
-                    g1 = min(n_genes, g0 + gstep)
-                    S, Var = model.stats(Gt, slice(g0, g1))
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        pval = 2.0 * special.ndtr(-np.abs(S) / np.sqrt(Var))
-                    pf = np.where(np.isfinite(pval), pval, np.inf)
-                    j = np.argmin(pf, axis=1)
-                    best = pf[np.arange(g1 - g0), j]
-                    better = best < gene_min[g0:g1]
-                    gene_min[g0:g1][better] = best[better]
-                    gene_arg[g0:g1][better] = cols[j[better]]
-                    i = np.argmin(pf, axis=0)
-                    best = pf[i, np.arange(len(cols))]
-                    better = best < var_min[cols]
-                    var_min[cols[better]] = best[better]
-                    var_arg[cols[better]] = g0 + i[better]
-                    gi, vi = np.nonzero(pf < pval_threshold)
-                    if len(gi):
-                        pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi]))
-            bar.update(len(cols))
-
+    try:
+        pieces, minima = _scan(geno, model, pval_threshold, chunk_size, n_threads)
+    finally:
+        close_genotypes(geno, genotypes)
+    gene_min, gene_arg, var_min, var_arg = minima
+    n_var, n_genes = geno.n_variants, model.n_genes
     table = _associations(adata, model.var_index, mask, geno, pieces)
     sel = np.flatnonzero(mask)
     genes_table = _gene_minima(adata, geno, model.var_index, gene_min, gene_arg, table)
@@ -187,6 +156,48 @@ def trans_map(
         ),
     )
     return target if copy else None
+
+
+def _scan(geno, model, pval_threshold: float, chunk_size, n_threads):
+    """Stream the variant chunks: the kept pairs ``(model gene row, variant, S, Var)`` and the per-gene and
+    per-variant minima (p-value and where it is)."""
+    rows = geno.align(model.donors)
+    n_var, n_genes = geno.n_variants, model.n_genes
+    step = int(chunk_size) if chunk_size is not None else TRANS_CHUNK
+    p = model.Xrot.shape[1]
+    gstep = int(max(1, min(model.gene_chunk(), BLOCK_ELEMENTS // ((p + 4) * min(step, max(1, n_var))))))
+    gene_min = np.full(n_genes, np.inf)
+    gene_arg = np.full(n_genes, -1, dtype=np.intp)
+    var_min = np.full(n_var, np.inf)
+    var_arg = np.full(n_var, -1, dtype=np.intp)
+    pieces: list[tuple[np.ndarray, ...]] = []
+    with running(n_threads, n_var, "variant", show_above=step) as bar:
+        for v0 in range(0, n_var, step):
+            cols = np.arange(v0, min(n_var, v0 + step))
+            G, poly = impute(geno.read(rows, cols))
+            if n_genes and poly.any():
+                Gt = model.rotate(G, poly)
+                for g0 in range(0, n_genes, gstep):
+                    g1 = min(n_genes, g0 + gstep)
+                    S, Var = model.stats(Gt, slice(g0, g1))
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        pval = 2.0 * special.ndtr(-np.abs(S) / np.sqrt(Var))
+                    pf = np.where(np.isfinite(pval), pval, np.inf)
+                    j = np.argmin(pf, axis=1)
+                    best = pf[np.arange(g1 - g0), j]
+                    better = best < gene_min[g0:g1]
+                    gene_min[g0:g1][better] = best[better]
+                    gene_arg[g0:g1][better] = cols[j[better]]
+                    i = np.argmin(pf, axis=0)
+                    best = pf[i, np.arange(len(cols))]
+                    better = best < var_min[cols]
+                    var_min[cols[better]] = best[better]
+                    var_arg[cols[better]] = g0 + i[better]
+                    gi, vi = np.nonzero(pf < pval_threshold)
+                    if len(gi):
+                        pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi]))
+            bar.update(len(cols))
+    return pieces, (gene_min, gene_arg, var_min, var_arg)
 
 
 def _associations(adata, var_index: np.ndarray, mask: np.ndarray, geno, pieces) -> pd.DataFrame:
