@@ -50,6 +50,10 @@ def trans_map(
     (a gene block is chosen so that its arrays stay near 64 MB), ``O(genes + variants)`` for the minima, and the
     kept rows: it does not grow with genes x variants. A progress bar over the variants shows at verbosity >= 2.
 
+    The p-values use the normal approximation of the score, which is anti-conservative far in the tail for genes
+    detected in very few cells (see the benchmarks page): filter such genes (``genes=``) before a scan whose
+    threshold is far below 1e-4.
+
     Parameters
     ----------
     adata
