@@ -100,7 +100,9 @@ class CompactNull:
         n, p = self.Xrot.shape
         return int(max(1, BLOCK_ELEMENTS // max(1, n * p)))
 
-    def stats(self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    def stats(
+        self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None), Gt2: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Score and its variance, (genes x variants), for the genes ``rows`` and rotated variants ``Gt``.
 
         ``S = g~'(w*r~)/s2e`` and ``Var = [g~'(w*g~) - v'Cv]/s2e`` with ``v = X~'(w*g~)``. For a chunk of genes,
@@ -108,13 +110,15 @@ class CompactNull:
         stacked ``(w*r~)'`` and ``L'(w * X~)'`` (genes*(p+1) x donors) with ``g~``, and ``g~'(w*g~)`` from
         ``W @ g~^2``. Genes at ``tau = 0`` (``w = 1``) share ``v = X~'g~`` and ``g~'g~``, computed once, so they
         cost the score GEMM and the quadratic form only. Entries whose variance is not
-        clearly positive (monomorphic variants, variants collinear with the covariates) are NaN.
+        clearly positive (monomorphic variants, variants collinear with the covariates) are NaN. ``Gt2`` is
+        ``Gt * Gt`` when the caller has it (repeated scans of the same variants).
         """
         idx = np.arange(self.n_genes)[rows]
         n, V = Gt.shape
         p = self.Xrot.shape[1]
         XrotT = np.ascontiguousarray(self.Xrot.T)
-        Gt2 = Gt * Gt
+        if Gt2 is None:
+            Gt2 = Gt * Gt
         S = np.empty((len(idx), V))
         Var = np.empty((len(idx), V))
         # genes at tau = 0 have w = 1: their v = X~'g~ and g~'g~ are shared, leaving one GEMM (the scores) per gene

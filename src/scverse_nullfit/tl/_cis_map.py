@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 from scanpy import logging as logg
+from threadpoolctl import threadpool_limits
 
 from .._constants import Key
 from .._core._conditional import condition, subset
@@ -321,7 +322,8 @@ def cis_map(
         if independent:  # a second pass over the eGenes' windows, before the genotypes are closed
             fitted = np.isin(np.arange(adata.n_vars), model.var_index)
             egenes = np.flatnonzero(summary["is_egene"].to_numpy() & fitted)
-            with running(n_threads, len(egenes), "eGene", show_above=100) as bar:
+            # each eGene's scans are small products (a gene x its window): threaded BLAS only adds synchronisation
+            with running(n_threads, len(egenes), "eGene", show_above=100) as bar, threadpool_limits(1, "blas"):
                 results[Key.CIS_INDEPENDENT] = _independent_signals(
                     adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
                     gene_pval, bar,
@@ -587,7 +589,7 @@ def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: 
         if hi <= lo:
             continue
         cache.advance(chrom, lo)
-        Gt = cache.get(cand, lo, hi)
+        Gt = np.ascontiguousarray(cache.get(cand, lo, hi))
         for rank, j, stats, pg, k in _select(subset(model, [model_row[g]]), Gt, threshold, gene_pval):
             found.append((g, rank, cand[lo + j], pg, k, *stats))
     cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 7
@@ -619,6 +621,7 @@ def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str
     """The independent signals of the one gene of ``model`` among the rotated window variants ``Gt``: tuples of
     (rank, column of ``Gt``, (score, variance), gene-level p-value of the scan, number of conditioning variants)."""
     n_window = Gt.shape[1]
+    Gt2 = Gt * Gt  # shared by every scan of the gene
 
     def scan(selected: list[int]):
         m = model
@@ -626,7 +629,7 @@ def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str
             m, ok = condition(model, Gt[:, selected])
             if not ok[0]:
                 return None
-        S, Var = m.stats(Gt)
+        S, Var = m.stats(Gt, Gt2=Gt2)
         pval = derived_statistics(S[0], Var[0])["pval"]
         finite = np.isfinite(pval)
         if not finite.any():

@@ -181,9 +181,10 @@ def _scan(geno, model, pval_threshold: float, chunk_size, n_threads):
             G, poly = impute(geno.read(rows, cols))
             if n_genes and poly.any():
                 Gt = model.rotate(G, poly)
+                Gt2 = Gt * Gt
                 for g0 in range(0, n_genes, gstep):
                     g1 = min(n_genes, g0 + gstep)
-                    S, Var = model.stats(Gt, slice(g0, g1))
+                    S, Var = model.stats(Gt, slice(g0, g1), Gt2)
                     with np.errstate(invalid="ignore", divide="ignore"):
                         pval = 2.0 * special.ndtr(-np.abs(S) / np.sqrt(Var))
                     pf = np.where(np.isfinite(pval), pval, np.inf)
