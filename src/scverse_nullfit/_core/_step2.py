@@ -182,3 +182,29 @@ def impute(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         G = np.where(missing, mean[None, :], G)
     poly = (G.max(axis=0, initial=-np.inf) > G.min(axis=0, initial=np.inf)) & ~all_missing
     return G, poly
+
+
+def allele_stats(G: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Allele counts of dosages ``G`` (donors x variants, model order, NaN where missing), over the donors with an
+    observed dosage: ``af`` (mean dosage / 2: the frequency of the counted allele), ``ma_samples`` (donors carrying
+    the minor allele: dosage above 0.5 when the counted allele is minor, else below 1.5), ``ma_count`` (minor
+    alleles, rounded), ``n_donors`` and ``n_cells`` (those donors' cells, from ``counts``).
+
+    Mean imputation leaves ``af`` unchanged; a variant without any observed dosage has ``af`` NaN and zero counts.
+    """
+    observed = ~np.isnan(G)
+    n = observed.sum(axis=0)
+    dose = np.where(observed, G, 0.0)
+    total = dose.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        af = total / (2.0 * n)
+    alt_minor = ~(af > 0.5)
+    carriers = np.where(alt_minor, ((dose > 0.5) & observed).sum(axis=0), ((dose < 1.5) & observed).sum(axis=0))
+    minor = np.where(alt_minor, total, 2.0 * n - total)
+    return {
+        "af": af,
+        "ma_samples": carriers.astype(np.int64),
+        "ma_count": np.rint(minor).astype(np.int64),
+        "n_donors": n.astype(np.int64),
+        "n_cells": np.rint(np.asarray(counts, dtype=np.float64) @ observed).astype(np.int64),
+    }

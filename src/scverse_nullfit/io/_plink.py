@@ -45,7 +45,8 @@ class PlinkGenotypes:
     id_column
         How donors are named: ``"iid"`` (the individual ID, the default) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
     count_A1
-        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2.
+        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2. The
+        counted allele is ``alt`` in :attr:`var` (and in the step-2 result tables), the other one ``ref``.
     """
 
     def __init__(
@@ -82,7 +83,11 @@ class PlinkGenotypes:
         if var_index.has_duplicates:
             # keep every variant addressable: make duplicated IDs unique the way anndata does
             var_index = pd.Index(_make_unique(sid), name="variant")
-        self.var = pd.DataFrame({"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2}, index=var_index)
+        # ref/alt as in the other readers: alt is the counted allele
+        alt, ref = (a1, a2) if count_A1 else (a2, a1)
+        self.var = pd.DataFrame(
+            {"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2, "ref": ref, "alt": alt}, index=var_index
+        )
 
     @property
     def donors(self) -> pd.Index:
@@ -137,7 +142,7 @@ def read_plink_genotypes(
     -------
     Donors x variants AnnData: ``X`` float64 dosages (0..2, NaN where missing); ``obs`` holds ``fid`` and ``iid``;
     ``var`` holds ``chrom`` (as in the ``.bim``, a string), ``pos`` (base-pair position), ``allele_1`` and
-    ``allele_2``.
+    ``allele_2``, and ``alt`` (the counted allele) and ``ref`` (the other), as the other genotype readers do.
     """
     src = PlinkGenotypes(bed_prefix, id_column=id_column, count_A1=count_A1)
     if donors is None:

@@ -20,7 +20,7 @@ from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
 from ..io._genotypes import GenotypeMatrix
-from ._step2 import StoredNull, open_genotypes, result_table, running
+from ._step2 import StoredNull, VariantInfo, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -125,8 +125,8 @@ class _RotationCache:
     variant is read, imputed and rotated once, as long as a block's range fits in ``CACHE_ELEMENTS``.
     """
 
-    def __init__(self, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray):
-        self.model, self.geno, self.rows = model, geno, rows
+    def __init__(self, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, info: VariantInfo):
+        self.model, self.geno, self.rows, self.info = model, geno, rows, info
         self.n = model.U.shape[0]
         self.max_columns = max(1, CACHE_ELEMENTS // max(1, self.n))
         self._reset(None, 0)
@@ -156,7 +156,10 @@ class _RotationCache:
         if c1 - self.lo > self.max_columns:
             self._drop_before(c0)
         if c1 > self.hi:
-            Gt = self.model.rotate_dosages(self.geno.read(self.rows, cand[self.hi : c1]))
+            cols = cand[self.hi : c1]
+            G = self.geno.read(self.rows, cols)
+            self.info.update(cols, G)
+            Gt = self.model.rotate_dosages(G)
             self.Gt = np.concatenate([self.Gt, Gt], axis=1)
             self.hi = c1
         return self.Gt[:, c0 - self.lo : c1 - self.lo]
@@ -228,12 +231,15 @@ def cis_map(
     ``adata.uns[key_added]["variants"]``
         The per-variant table, one row per tested gene and cis variant (genes in ``adata`` order, variants by
         position): ``gene``, ``variant``, ``chrom``, ``pos``, ``distance`` (variant position minus gene
-        position), and the score-test columns ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` defined
-        in :func:`~scverse_nullfit.tl.score_test`. Get it with :func:`scverse_nullfit.get.cis_df`.
+        position), the per-variant columns ``ref``, ``alt`` (the counted allele), ``af``, ``ma_samples``,
+        ``ma_count``, ``n_donors``, ``n_cells``, and the score-test columns ``score``, ``score_var``, ``z``,
+        ``pval``, ``beta``, ``se``, all defined in :func:`~scverse_nullfit.tl.score_test`. Get it with
+        :func:`scverse_nullfit.get.cis_df`.
     ``adata.varm[key_added]``
         The per-gene summary, indexed by gene: ``n_variants`` (variants in the window), ``pval_acat`` (the ACAT
         combination of their finite p-values), ``top_variant`` (smallest p-value; first by position on ties),
-        its ``top_pos``, ``top_distance``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``, and
+        its ``top_pos``, ``top_distance``, ``top_ref``, ``top_alt``, ``top_af``, ``top_ma_samples``,
+        ``top_ma_count``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``, and
         ``top_pval_bonf = min(1, top_pval * n_variants)``. Genes not tested have ``n_variants = 0`` and NaN.
         Get it with :func:`scverse_nullfit.get.cis_genes_df`.
     ``adata.uns[key_added]["params"]``
@@ -252,9 +258,10 @@ def cis_map(
     genes_idx = np.flatnonzero(mask)
     start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
     with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
-        found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar)
+        info = VariantInfo(geno, model.counts)
+        found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar, info)
     gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
-    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
+    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci, info)
     summary = _gene_summary(adata, table, gene_i)
     params = {
         "key": key,
@@ -331,7 +338,7 @@ class _Loci:
 
 
 def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci, genes_idx: np.ndarray,
-                  window: float, chunk_size: int | None, bar) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
+                  window: float, chunk_size: int | None, bar, info: VariantInfo) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
     """Score statistics of every gene against the variants in its window, block by block of nearby genes.
 
     Returns pieces ``(gene index, variant index, S, Var)`` of the (gene, variant) pairs in a window.
@@ -340,7 +347,7 @@ def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, lo
     model_row[model.var_index] = np.arange(model.n_genes)
     g_pos, v_pos = loci.g_pos, loci.v_pos
     pieces: list[tuple[np.ndarray, ...]] = []
-    cache = _RotationCache(model, geno, rows)
+    cache = _RotationCache(model, geno, rows, info)
     for block in _gene_blocks(loci.g_code[genes_idx], g_pos[genes_idx], window):
         gidx = genes_idx[block]
         bar.update(len(gidx))
@@ -383,7 +390,7 @@ def _by_gene_and_position(pieces, v_pos: np.ndarray) -> tuple[np.ndarray, ...]:
     return gene_i[order], var_i[order], S[order], Var[order]
 
 
-def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci) -> pd.DataFrame:
+def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci, info: VariantInfo) -> pd.DataFrame:
     used = np.unique(var_i)
     v_pos = loci.v_pos[var_i]
     return result_table(
@@ -393,6 +400,8 @@ def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci) -
         np.searchsorted(used, var_i),
         S,
         Var,
+        info=info,
+        info_rows=var_i,
         chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
         pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
         distance=v_pos - loci.g_pos[gene_i],
@@ -420,6 +429,13 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
     top_codes = np.full(n, -1, dtype=np.int64)
     top_codes[tg] = table["variant"].cat.codes.to_numpy()[top]
     top_pval = col(pval)
+
+    def categorical(name):
+        c = table[name].cat
+        codes = np.full(n, -1, dtype=np.int64)
+        codes[tg] = c.codes.to_numpy()[top]
+        return pd.Categorical.from_codes(codes, categories=c.categories)
+
     return pd.DataFrame(
         {
             "n_variants": n_var,
@@ -427,6 +443,11 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
             "top_variant": pd.Categorical.from_codes(top_codes, categories=table["variant"].cat.categories),
             "top_pos": col(table["pos"].to_numpy(dtype=np.float64)),
             "top_distance": col(table["distance"].to_numpy(dtype=np.float64)),
+            "top_ref": categorical("ref"),
+            "top_alt": categorical("alt"),
+            "top_af": col(table["af"].to_numpy()),
+            "top_ma_samples": col(table["ma_samples"].to_numpy(dtype=np.float64)),
+            "top_ma_count": col(table["ma_count"].to_numpy(dtype=np.float64)),
             "top_z": col(table["z"].to_numpy()),
             "top_beta": col(table["beta"].to_numpy()),
             "top_se": col(table["se"].to_numpy()),

@@ -11,15 +11,15 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._core._step2 import impute
-from .._docs import doc_n_threads, doc_params
+from .._docs import doc_n_threads, doc_params, doc_variant_columns
 from .._utils import check_positive_int, select_genes
-from ._step2 import StoredNull, open_genotypes, result_table, running
+from ._step2 import StoredNull, VariantInfo, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
-@doc_params(doc_n_threads=doc_n_threads)
+@doc_params(doc_n_threads=doc_n_threads, doc_variant_columns=doc_variant_columns)
 def score_test(
     adata: AnnData,
     genotypes: pd.DataFrame | AnnData | str | os.PathLike,
@@ -68,8 +68,9 @@ def score_test(
     Returns
     -------
     A long DataFrame with one row per gene and variant (genes in ``adata`` order, then variants in input order)
-    and the columns ``gene``, ``variant`` (categoricals), ``score``, ``score_var``, ``z``, ``pval``, ``beta``,
-    ``se``. Rows are NaN for genes that were not fitted, for variants without any observed dosage or
+    and the columns ``gene``, ``variant`` (categoricals); the per-variant
+    {doc_variant_columns};
+    and the statistics ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``. Rows are NaN for genes that were not fitted, for variants without any observed dosage or
     monomorphic among the fit's donors, and for variants collinear with the gene's covariates.
     """
     check_positive_int(chunk_size, "chunk_size")
@@ -86,10 +87,13 @@ def score_test(
     S_all = np.full((n_sel, n_var), np.nan)
     V_all = np.full((n_sel, n_var), np.nan)
     step = int(chunk_size) if chunk_size is not None else model.variant_chunk()
+    info = VariantInfo(geno, model.counts)
     with running(n_threads, n_var, "variant", show_above=10 * step) as bar:
         for v0 in range(0, n_var, step):
             cols = np.arange(v0, min(n_var, v0 + step))
-            G, poly = impute(geno.read(rows, cols))
+            raw = geno.read(rows, cols)
+            info.update(cols, raw)
+            G, poly = impute(raw)
             if model.n_genes and poly.any():
                 S, Var = model.stats(model.rotate(G, poly))
                 S_all[np.ix_(pos_in_sel, cols)] = S
@@ -98,7 +102,7 @@ def score_test(
 
     out = result_table(
         adata.var_names[sel], np.repeat(np.arange(n_sel), n_var), geno.var.index, np.tile(np.arange(n_var), n_sel),
-        S_all.ravel(), V_all.ravel(),
+        S_all.ravel(), V_all.ravel(), info=info,
     )  # fmt: skip
     logg.info("    finished", time=start)
     return out
