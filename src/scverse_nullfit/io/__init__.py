@@ -11,6 +11,7 @@ from ._grm import (
     write_grm,
 )
 from ._plink import read_plink_genotypes
+from ._tensorqtl import write_tensorqtl
 
 __all__ = [
     "grm_from_plink",
@@ -22,4 +23,5 @@ __all__ = [
     "read_plink_rel",
     "read_saige_sparse_grm",
     "write_grm",
+    "write_tensorqtl",
 ]

@@ -9,21 +9,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from scanpy import logging as logg
 
 from .._constants import Key
 from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
-from ..io._genotypes import GenotypeMatrix
+from ..io._genotypes import GenotypeMatrix, donor_genotypes
+from ._groups import group_key, groups_of
 from ._step2 import StoredNull, VariantInfo, open_genotypes, result_table, running
-
-if TYPE_CHECKING:
-    from anndata import AnnData
 
 #: Most genes handled together in one block (their windows share one read and rotation of the variants).
 MAX_BLOCK_GENES = 256
@@ -179,6 +177,7 @@ def cis_map(
     variant_chrom_key: str = "chrom",
     variant_pos_key: str = "pos",
     key_added: str = "cis",
+    groupby: str | None = None,
     chunk_size: int | None = None,
     n_threads: int | None = None,
     copy: bool = False,
@@ -219,6 +218,11 @@ def cis_map(
         Columns of the variants' metadata with their chromosome and position.
     key_added
         Where to store the results.
+    groupby
+        The ``groupby`` of a ``fit_null(groupby=...)`` call (e.g. ``"cell_type"``): map every group's fit
+        (``f"{key}_{g}"``) and store its results under ``f"{key_added}_{g}"``; their tables get a column named
+        ``groupby`` holding the group, and ``params`` records ``groupby`` and ``group``. The genotypes are opened
+        once. :func:`scverse_nullfit.get.effect_matrices` collects the groups' effects.
     chunk_size
         Variants per chunk (default: chosen to bound memory).
     {doc_n_threads}
@@ -245,6 +249,12 @@ def cis_map(
     ``adata.uns[key_added]["params"]``
         The call's parameters.
     """
+    if groupby is not None:
+        return _map_groups(adata, genotypes, groupby, key, key_added, copy, dict(
+            window=window, genes=genes, variants=variants, chrom_key=chrom_key, pos_key=pos_key,
+            variant_chrom_key=variant_chrom_key, variant_pos_key=variant_pos_key, chunk_size=chunk_size,
+            n_threads=n_threads,
+        ))  # fmt: skip
     _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
     mask = None if genes is None else select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
@@ -285,6 +295,43 @@ def cis_map(
             f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value (DataFrame)"
         ),
     )
+    return target if copy else None
+
+
+def _map_groups(adata: AnnData, genotypes, groupby: str, key: str, key_added: str, copy: bool, kwargs: dict):
+    """``cis_map`` of every group's fit; all groups are mapped before anything is written to ``adata``."""
+    groups = groups_of(adata, groupby)
+    fit_keys = {g: group_key(key, g) for g in groups}
+    missing = [g for g, k in fit_keys.items() if k not in adata.uns]
+    if missing:
+        raise KeyError(
+            f"no null-model fit of groups {missing} (adata.uns[{fit_keys[missing[0]]!r}]); run "
+            f"snf.tl.fit_null(adata, groupby={groupby!r}, key_added={key!r}) first."
+        )
+    geno = open_genotypes(donor_genotypes(genotypes), kwargs.pop("variants"))
+    labels = pd.Categorical(groups, categories=groups)
+    results = {}
+    for g, fit_key in fit_keys.items():
+        out_key = group_key(key_added, g)
+        shell = AnnData(obs=adata.obs, var=adata.var)
+        shell.uns[fit_key] = adata.uns[fit_key]
+        for name in Key.null_varm(fit_key):
+            if name in adata.varm:
+                shell.varm[name] = adata.varm[name]
+        cis_map(shell, geno, key=fit_key, key_added=out_key, **kwargs)
+        entry = dict(shell.uns[out_key])
+        column = pd.Categorical.from_codes(np.full(len(entry[Key.CIS_VARIANTS]), groups.index(g)), dtype=labels.dtype)
+        entry[Key.CIS_VARIANTS].insert(0, groupby, column)
+        entry[Key.PARAMS] = {**entry[Key.PARAMS], "groupby": groupby, "group": g, "group_of": key_added}
+        summary = shell.varm[out_key]
+        summary.insert(
+            0, groupby, pd.Categorical.from_codes(np.full(adata.n_vars, groups.index(g)), dtype=labels.dtype)
+        )
+        results[out_key] = (summary, entry)
+    target = adata.copy() if copy else adata
+    for out_key, (summary, entry) in results.items():
+        target.varm[out_key] = summary
+        target.uns[out_key] = entry
     return target if copy else None
 
 
@@ -338,7 +385,8 @@ class _Loci:
 
 
 def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci, genes_idx: np.ndarray,
-                  window: float, chunk_size: int | None, bar, info: VariantInfo) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
+                  window: float, chunk_size: int | None, bar,
+                  info: VariantInfo) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
     """Score statistics of every gene against the variants in its window, block by block of nearby genes.
 
     Returns pieces ``(gene index, variant index, S, Var)`` of the (gene, variant) pairs in a window.

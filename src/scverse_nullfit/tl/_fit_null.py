@@ -22,6 +22,7 @@ from .._core._suffstats import pre_residualise, scaled_residual_sums
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
 from ._backend import compute_sufficient_stats, fit_all_genes
+from ._groups import fit_subsets, group_key
 from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def fit_null(
     genes: Sequence[str] | np.ndarray | None = None,
     tau: float | None = None,
     key_added: str = "nullfit",
+    groupby: str | None = None,
     n_threads: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -75,6 +77,11 @@ def fit_null(
         ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
     key_added
         Key under which results are stored in ``varm`` and ``uns``.
+    groupby
+        A column of ``obs`` (e.g. ``"cell_type"``): fit each group of cells separately, on its own cells and
+        donors, and store group ``g``'s fit under ``f"{key_added}_{g}"`` (all of them on this AnnData, side by side;
+        ``/`` in a label becomes ``_``). ``uns[...]["params"]`` records ``groupby`` and ``group``. Map each with
+        ``cis_map(groupby=...)``. Donors without cells in a group are left out of its fit.
     {doc_n_threads}
     {doc_copy}
 
@@ -98,6 +105,11 @@ def fit_null(
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
     check_positive_int(n_threads, "n_threads")
+    if groupby is not None:
+        return _fit_groups(adata, groupby, key_added, copy, layer, grm, kwargs=dict(
+            donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates, layer=layer,
+            genes=genes, tau=tau, n_threads=n_threads,
+        ))  # fmt: skip
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
@@ -165,4 +177,24 @@ def fit_null(
             f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),
     )
+    return target if copy else None
+
+
+def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer, grm, kwargs: dict) -> AnnData | None:
+    """``fit_null`` on each group's cells; every group is fitted before anything is written to ``adata``."""
+    fits = {}
+    for group, cells, sub in fit_subsets(adata, groupby, layer, (grm,) if isinstance(grm, str) else ()):
+        key = group_key(key_added, group)
+        if key in Key.null_varm(key_added) or any(key in Key.null_varm(k) for k in fits):
+            raise ValueError(f"the key {key!r} of group {group!r} collides with another stored key; rename the group.")
+        logg.info(f"group {groupby}={group!r}: {len(cells)} cells")
+        fit_null(sub, key_added=key, **kwargs)
+        shared = dict(sub.uns[key])
+        shared[Key.PARAMS] = {**shared[Key.PARAMS], "groupby": groupby, "group": group, "group_of": key_added}
+        fits[key] = ({name: sub.varm[name] for name in Key.null_varm(key)}, shared)
+    target = adata.copy() if copy else adata
+    for key, (varm, shared) in fits.items():
+        for name, value in varm.items():
+            target.varm[name] = value
+        target.uns[key] = shared
     return target if copy else None

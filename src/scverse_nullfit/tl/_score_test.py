@@ -70,8 +70,9 @@ def score_test(
     A long DataFrame with one row per gene and variant (genes in ``adata`` order, then variants in input order)
     and the columns ``gene``, ``variant`` (categoricals); the per-variant
     {doc_variant_columns};
-    and the statistics ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``. Rows are NaN for genes that were not fitted, for variants without any observed dosage or
-    monomorphic among the fit's donors, and for variants collinear with the gene's covariates.
+    and the statistics ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``. Statistics are NaN for genes
+    that were not fitted, for variants without any observed dosage or monomorphic among the fit's donors, and for
+    variants collinear with the gene's covariates.
     """
     check_positive_int(chunk_size, "chunk_size")
     check_positive_int(n_threads, "n_threads")
