@@ -331,3 +331,22 @@ def test_full_covariates_for_one_group(small_adata):
     with pytest.warns(UserWarning):
         snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES, groupby="cell_type")
     assert {"nullfit_B", "nullfit_NK"} <= set(adata.uns)
+
+
+def test_group_fits_are_checked_like_any_fit(by_cell_type):
+    adata = by_cell_type.copy()
+    record = adata.uns["nullfit_T"]["cells"]
+    assert record["n_cells"] == adata.n_obs and record["n_group_cells"] == int((adata.obs["cell_type"] == "T").sum())
+    geno = adata.uns["genotypes"].iloc[:, :3]
+    with pytest.raises(ValueError, match="cells"):
+        snf.tl.score_test(adata[:100].copy(), geno, key="nullfit_T")
+    relabelled = adata.copy()
+    relabelled.obs["cell_type"] = relabelled.obs["cell_type"].cat.reorder_categories(["T", "B"])
+    snf.get.cis_df(relabelled, "cis_T")  # same cells per group: fine
+    flipped = relabelled.obs["cell_type"].astype(str).to_numpy().copy()
+    flipped[:5] = np.where(flipped[:5] == "T", "B", "T")
+    relabelled.obs["cell_type"] = pd.Categorical(flipped)
+    with pytest.raises(ValueError, match="cell_type"):
+        snf.tl.score_test(relabelled, geno, key="nullfit_T")
+    with pytest.raises(ValueError, match="cell_type"):
+        snf.get.cis_df(relabelled, "cis_B")

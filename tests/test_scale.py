@@ -242,7 +242,7 @@ def _donor_cols(X, donors):
     return donor_level_columns(X, donors.codes, len(donors.ids))
 
 
-def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=None, rotation=True):
+def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=None, rotation=True, distributed=False):
     donors, design, spectral = pieces
     X = sparse.csr_matrix(np.asarray(sparse_adata.X))
     genes = np.arange(X.shape[1])
@@ -251,7 +251,10 @@ def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=N
     ok = np.flatnonzero(pre.ok)
     Tt = scaled_residual_sums(pre, donors, ok)
     rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl: (spectral.U.T @ Tt[:, sl]).T)
-    fits = fit_all_genes(RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads)
+    fits = fit_all_genes(
+        RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads,
+        distributed=distributed,
+    )  # fmt: skip
     return fits
 
 
@@ -326,7 +329,7 @@ def test_local_cluster_gene_chunks(sparse_adata, pieces, client):
     from scverse_nullfit._core._dask import dask_sufficient_stats
 
     local = _gene_fits(sparse_adata, pieces, n_threads=1, rotation=False)
-    remote = _gene_fits(sparse_adata, pieces, chunk_size=4, rotation=True)
+    remote = _gene_fits(sparse_adata, pieces, chunk_size=4, rotation=True, distributed=True)
     _assert_same_fits(remote, local, "distributed gene chunks")
 
     donors, design, _ = pieces

@@ -10,6 +10,7 @@ _utils          nothing of the package (a leaf)
 _constants      nothing of the package (a leaf)
 _version        nothing of the package (a leaf)
 _docs           nothing of the package (a leaf)
+_provenance     nothing of the package (a leaf: fingerprints of the cells a result describes, and their checks)
 _core           _core, _utils, _constants (array maths; no io, no AnnData storage)
 io              io, _utils, _constants (readers and writers; no model code)
 datasets        datasets, _utils, _constants
@@ -35,12 +36,13 @@ import sys
 from pathlib import Path
 
 PACKAGE = "scverse_nullfit"
-LEAVES = {"_utils", "_constants", "_version", "_docs"}
+LEAVES = {"_utils", "_constants", "_version", "_docs", "_provenance"}
 ALLOWED: dict[str, set[str]] = {
     "_utils": set(),
     "_constants": set(),
     "_version": set(),
     "_docs": set(),
+    "_provenance": set(),
     "_core": {"_core", "_utils", "_constants"},
     "io": {"io", "_utils", "_constants"},
     "datasets": {"datasets", "_utils", "_constants"},

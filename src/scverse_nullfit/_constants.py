@@ -30,7 +30,7 @@ class Key:
 
     @staticmethod
     def xhx_inv(key: str) -> str:
-        """``varm`` key of ``(X'H^-1 X)^-1`` (genes x covariates x covariates)."""
+        """``varm`` key of ``(X'H^-1 X)^-1``: per gene its upper triangle, row by row (genes x p (p + 1) / 2)."""
         return f"{key}_xhx_inv"
 
     @staticmethod

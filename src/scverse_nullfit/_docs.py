@@ -37,7 +37,9 @@ doc_cis_result = _stored_by("cis_map")
 
 doc_n_threads = """\
 n_threads
-    Limit on BLAS threads for the call."""
+    Threads for the call: it limits BLAS and sizes the package's own thread pools (the compiled pass over the
+    expression, the gene chunks) alike. Default: scanpy's ``settings.n_jobs`` when it has been set (``-1`` for every
+    CPU), else every CPU the process may use."""
 
 doc_copy = """\
 copy

@@ -346,15 +346,17 @@ def sufficient_stats(
     *,
     block_elements: int | None = None,
     prefetch: bool = True,
+    n_threads: int | None = None,
 ) -> SuffStats:
     """One pass over ``Y[:, genes]`` (dense, sparse or backed), never holding more than one chunk.
 
     In-memory sparse input is read in place; backed input in chunks of about ``block_elements`` stored values
     (default :data:`~._read.BLOCK_ELEMENTS`), the next one read in a background thread while the current one is
-    summed. Dask input takes :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
+    summed, by ``n_threads`` threads (default: the BLAS thread limit in effect). Dask input takes
+    :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
     """
     genes = np.asarray(genes, dtype=np.int64)
-    n_threads = available_threads()
+    n_threads = available_threads() if n_threads is None else max(1, int(n_threads))
     acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
     waiting = summing = 0.0
     n_chunks = n_values = 0

@@ -18,6 +18,7 @@ from scanpy import logging as logg
 from .._constants import Key
 from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params
+from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, select_genes
 from ..io._genotypes import GenotypeMatrix, donor_genotypes
 from ._groups import group_key, groups_of
@@ -248,6 +249,9 @@ def cis_map(
         Get it with :func:`scverse_nullfit.get.cis_genes_df`.
     ``adata.uns[key_added]["params"]``
         The call's parameters.
+    ``adata.uns[key_added]["source"]``, ``adata.uns[key_added]["cells"]``
+        The null-model fit the tests used (its ``key`` and ``fit_id``) and the fingerprint of its cells: the
+        accessors refuse results from an earlier fit or on other cells.
     """
     if groupby is not None:
         return _map_groups(adata, genotypes, groupby, key, key_added, copy, dict(
@@ -286,7 +290,12 @@ def cis_map(
     }
     target = adata.copy() if copy else adata
     target.varm[key_added] = summary
-    target.uns[key_added] = {Key.CIS_VARIANTS: table, Key.PARAMS: params}
+    target.uns[key_added] = {
+        Key.CIS_VARIANTS: table,
+        Key.PARAMS: params,
+        SOURCE: stored.record(),
+        CELLS: dict(adata.uns[key].get(CELLS, {})),
+    }
     logg.info(
         "    finished",
         time=start,

@@ -20,7 +20,9 @@ from .._core._reml import RemlProblem, Rotation
 from .._core._store import per_gene_arrays, results_frame, shared_part, store
 from .._core._suffstats import pre_residualise, scaled_residual_sums
 from .._docs import doc_copy, doc_n_threads, doc_params
-from .._utils import check_positive_int, select_genes
+from .._provenance import CELLS, FIT_ID, cell_fingerprint, describe_frame, group_fingerprint, new_fit_id
+from .._utils import check_positive_int, check_unique_var_names, is_dask, resolve_threads, select_genes
+from .._version import __version__
 from ._backend import compute_sufficient_stats, fit_all_genes
 from ._groups import fit_subsets, group_key
 from ._inputs import grm_param, resolve_grm
@@ -72,7 +74,8 @@ def fit_null(
     layer
         Layer to use instead of ``X``.
     genes
-        Names or a boolean mask of the genes to fit; the others get NaN / ``converged=False``.
+        The genes to fit: names, a boolean mask, or the name of a boolean column of ``var`` (e.g.
+        ``"highly_variable"``); the others get NaN / ``converged=False``. Default: all genes.
     tau
         ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
     key_added
@@ -97,10 +100,14 @@ def fit_null(
     ``adata.varm[f"{key_added}_beta"]``
         Fixed effects (genes x covariates, named in ``uns[key_added]["covariate_names"]``).
     ``adata.varm[f"{key_added}_xhx_inv"]``, ``adata.varm[f"{key_added}_resid_rot"]``
-        The per-gene part of the compact projection used by :func:`scverse_nullfit.tl.score_test`.
+        The per-gene part of the compact projection used by :func:`scverse_nullfit.tl.score_test`:
+        ``(X'H^-1 X)^-1`` as its upper triangle row by row (genes x p (p + 1) / 2; every stored array is 2-D, so
+        ``anndata.concat``, ``adata.T``, h5ad and zarr all work) and the rotated residual donor sums.
     ``adata.uns[key_added]``
         The shared part (donor order, cells per donor, eigenvalues, eigenvectors, rotated covariates,
-        covariate names) and ``params``.
+        covariate names), ``params`` (everything needed to reproduce the call, with the package version),
+        ``fit_id`` (unique to this fit; results derived from it record it) and ``cells`` (a fingerprint of the
+        cells and their donors: tools and accessors refuse to use the fit on other, subset or reordered cells).
     """
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
@@ -110,10 +117,18 @@ def fit_null(
             donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates, layer=layer,
             genes=genes, tau=tau, n_threads=n_threads,
         ))  # fmt: skip
+    if copy and adata.isbacked:
+        raise ValueError(
+            "copy=True needs the whole AnnData in memory, but adata is backed; load it (adata.to_memory()) or "
+            "fit in place with copy=False (results are written to the in-memory varm/uns)."
+        )
+    check_unique_var_names(adata.var_names)
+    n_threads = resolve_threads(n_threads)
+    mask = select_genes(adata.var_names, genes, adata.var)
+    adata = adata.copy() if copy else adata
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
-    mask = select_genes(adata.var_names, genes)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
@@ -127,7 +142,7 @@ def fit_null(
 
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X)
+        stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=n_threads)
         pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
@@ -142,7 +157,9 @@ def fit_null(
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
-            fits = fit_all_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
+            fits = fit_all_genes(
+                problem, rotate, pre.W[ok_idx], tau=tau, distributed=is_dask(Y), n_threads=n_threads, progress=bar
+            )
         logg.debug("    stage 2: REML done", time=t3)
 
     beta = fits.beta + pre.b0[ok_idx]
@@ -152,20 +169,26 @@ def fit_null(
     table = results_frame(adata.var_names, fitted, fits)
     arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta, key_added)
     params = {
+        "version": __version__,
+        "key_added": key_added,
         "donor_key": donor_key,
-        "grm": grm_param(grm),
+        "grm": grm_param(grm, grm_df),
+        "grm_checksum": describe_frame(grm_df),
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
         "tau": tau,
+        "genes": _genes_param(genes, adata.var_names, mask),
+        "n_threads": n_threads,
         "n_genes_requested": int(mask.sum()),
         "n_genes_fitted": int(fitted.sum()),
         "input": describe_matrix(Y),
     }
     shared = shared_part(donors, design, spectral, params)
+    shared[FIT_ID] = new_fit_id()
+    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
 
-    target = adata.copy() if copy else adata
-    store(target, key_added, table, arrays, shared)
+    store(adata, key_added, table, arrays, shared)
     logg.info(
         "    finished",
         time=start,
@@ -177,7 +200,14 @@ def fit_null(
             f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),
     )
-    return target if copy else None
+    return adata if copy else None
+
+
+def _genes_param(genes, var_names: pd.Index, mask: np.ndarray):
+    """How the gene selection is recorded in ``params``: ``None`` (all), a ``var`` column's name, or the names."""
+    if genes is None or (isinstance(genes, str) and genes not in var_names):
+        return genes
+    return np.asarray(var_names[mask], dtype=object)
 
 
 def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer, grm, kwargs: dict) -> AnnData | None:
@@ -191,6 +221,8 @@ def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer,
         fit_null(sub, key_added=key, **kwargs)
         shared = dict(sub.uns[key])
         shared[Key.PARAMS] = {**shared[Key.PARAMS], "groupby": groupby, "group": group, "group_of": key_added}
+        # the fit sits on the whole AnnData: its record describes all cells and which of them the group is
+        shared[CELLS] = group_fingerprint(adata, kwargs["donor_key"], groupby, group)
         fits[key] = ({name: sub.varm[name] for name in Key.null_varm(key)}, shared)
     target = adata.copy() if copy else adata
     for key, (varm, shared) in fits.items():

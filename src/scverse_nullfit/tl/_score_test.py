@@ -72,12 +72,14 @@ def score_test(
     {doc_variant_columns};
     and the statistics ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``. Statistics are NaN for genes
     that were not fitted, for variants without any observed dosage or monomorphic among the fit's donors, and for
-    variants collinear with the gene's covariates.
+    variants collinear with the gene's covariates. ``out.attrs``
+    records the fit the tests used: ``key``, ``fit_id`` and ``model`` (the family).
     """
     check_positive_int(chunk_size, "chunk_size")
     check_positive_int(n_threads, "n_threads")
     mask = select_genes(adata.var_names, genes)
-    model = StoredNull.read(adata, key).compact(mask)
+    stored = StoredNull.read(adata, key)
+    model = stored.compact(mask)
     geno = open_genotypes(genotypes)
     rows = geno.align(model.donors)
 
@@ -105,5 +107,6 @@ def score_test(
         adata.var_names[sel], np.repeat(np.arange(n_sel), n_var), geno.var.index, np.tile(np.arange(n_var), n_sel),
         S_all.ravel(), V_all.ravel(), info=info,
     )  # fmt: skip
+    out.attrs.update(stored.record())
     logg.info("    finished", time=start)
     return out

@@ -20,6 +20,9 @@ from tqdm import tqdm
 
 from .._constants import Key
 from .._core._step2 import CompactNull, allele_stats, derived_statistics, usable_genes
+from .._core._store import unpack_symmetric
+from .._provenance import CELLS, FIT_ID, check_cells
+from .._utils import resolve_threads
 from ..io._genotypes import GenotypeMatrix
 
 if TYPE_CHECKING:
@@ -42,6 +45,8 @@ class StoredNull:
     C: np.ndarray  #: (all genes, p, p)
     R: np.ndarray  #: (all genes, donors)
     usable: np.ndarray  #: (all genes,) bool: a testable null model
+    fit_id: str = ""  #: the fit's unique identifier (results derived from it record it)
+    family: str = "gaussian"  #: the model family of the fit
 
     @classmethod
     def read(cls, adata: AnnData, key: str) -> StoredNull:
@@ -56,6 +61,9 @@ class StoredNull:
         for name in Key.NULL_SHARED:
             if name not in shared:
                 raise KeyError(f"adata.uns[{key!r}] has no {name!r}; {hint}.")
+        check_cells(
+            adata, shared.get(CELLS), f"the null-model fit under {key!r}", f"Re-run {hint.removeprefix('run ')}"
+        )
         donors = pd.Index(np.asarray(shared["donors"]).astype(str))
         n = len(donors)
         counts = np.asarray(shared["cells_per_donor"], dtype=np.float64)
@@ -65,8 +73,11 @@ class StoredNull:
         names = [str(x) for x in np.atleast_1d(shared["covariate_names"])]
         p = Xrot.shape[1] if Xrot.ndim == 2 else -1
         table = adata.varm[key]
-        C = np.asarray(adata.varm[Key.xhx_inv(key)])
-        R = np.asarray(adata.varm[Key.resid_rot(key)])
+        try:
+            C = unpack_symmetric(adata.varm[Key.xhx_inv(key)], max(p, 0))
+        except ValueError as err:
+            raise ValueError(f"adata.varm[{Key.xhx_inv(key)!r}]: {err}; re-run snf.tl.fit_null.") from err
+        R = np.asarray(adata.varm[Key.resid_rot(key)], dtype=np.float64)
         shapes_ok = (
             counts.shape == (n,)
             and lam.shape == (n,)
@@ -87,7 +98,15 @@ class StoredNull:
             raise ValueError(f"adata.uns[{key!r}]['cells_per_donor'] has donors without cells.")
         tau = table["tau"].to_numpy(dtype=np.float64, na_value=np.nan)
         s2e = table["sigma2_e"].to_numpy(dtype=np.float64, na_value=np.nan)
-        return cls(key, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, usable_genes(tau, s2e, C, R))
+        family = str(shared.get(Key.PARAMS, {}).get("family", "gaussian"))
+        return cls(
+            key, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, usable_genes(tau, s2e, C, R),
+            fit_id=str(shared.get(FIT_ID, "")), family=family,
+        )  # fmt: skip
+
+    def record(self) -> dict:
+        """What a result derived from this fit records about it (see :mod:`scverse_nullfit._provenance`)."""
+        return {"key": self.key, FIT_ID: self.fit_id, "model": self.family}
 
     def compact(self, mask: np.ndarray) -> CompactNull:
         """The compact null model of the usable genes in ``mask`` (a boolean mask over all genes)."""
@@ -109,7 +128,7 @@ def running(n_threads: int | None, total: int, unit: str, *, show_above: int) ->
     >= 2 when ``total > show_above``)."""
     show = settings.verbosity >= 2 and total > show_above
     with (
-        threadpool_limits(limits=n_threads, user_api="blas"),
+        threadpool_limits(limits=resolve_threads(n_threads), user_api="blas"),
         tqdm(total=total, desc=f"{unit}s", unit=unit, disable=not show) as bar,
     ):
         yield bar
