@@ -311,3 +311,35 @@ def test_h2_hist_fits_the_axis_to_the_data(fitted):
     adata.varm["nullfit"] = table
     ax = snf.pl.h2_hist(adata, show=False)
     assert ax.get_xlim()[1] < 0.5
+
+
+def test_transposed_genotypes_get_a_hint(fitted, geno):
+    with pytest.raises(ValueError, match="transposed"):
+        snf.tl.score_test(fitted, geno.T)
+
+
+def test_missing_grm_donors_show_grm_ids(adata):
+    grm = adata.uns["grm"].copy()
+    grm.index = grm.columns = [f"X{i}" for i in range(len(grm))]
+    with pytest.raises(ValueError, match=r"GRM's donor IDs look like 'X0'"):
+        snf.tl.fit_null(adata, grm=grm, covariates=["age"])
+
+
+def test_truth_report_counts_eqtl_genes_as_genetic():
+    from scverse_nullfit.datasets._truth import truth_report
+
+    res = pd.DataFrame({"h2": [0.0, 0.2, 0.3], "h2_pval": [0.5, 1e-4, 1e-6]})
+    lines = "\n".join(truth_report(res, np.array([0.0, 0.0, 0.3]), np.array([0.0, 0.5, 0.0])))
+    assert "null genes (no genetic effect)     1:" in lines
+    assert "genes with a genetic effect        2:" in lines
+
+
+def test_zarr_round_trip(mapped, geno, tmp_path):
+    pytest.importorskip("zarr")
+    path = tmp_path / "fitted.zarr"
+    mapped.write_zarr(path)
+    back = ad.read_zarr(path)
+    a = snf.tl.score_test(mapped, geno)
+    b = snf.tl.score_test(back, geno)
+    np.testing.assert_allclose(a["z"].to_numpy(), b["z"].to_numpy(), rtol=1e-12, equal_nan=True)
+    snf.get.cis_df(back)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import uuid
 from collections.abc import Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +13,7 @@ import numpy as np
 
 from .._constants import Key
 from ..datasets._truth import truth_report
-from ._common import PROG, CLIError, list_arg, one_line
+from ._common import PROG, CLIError, atomic_output, list_arg, one_line
 from ._table import adata_from_table
 
 if TYPE_CHECKING:
@@ -24,6 +22,8 @@ if TYPE_CHECKING:
 #: Covariates of the built-in example (see :func:`scverse_nullfit.datasets.simulate`).
 EXAMPLE_COVARIATES = ["age", "sex", "cell_type", "log_counts"]
 EXAMPLE_DONOR_COVARIATES = ["age", "sex"]
+#: A single --genes value with one of these endings is a file name, never a gene name.
+GENE_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".list", ".lst", ".gz")
 
 
 def _check_output(output: str | None, overwrite: bool, inputs: Sequence[Path]) -> Path | None:
@@ -66,24 +66,24 @@ def _read_genes(value: str | None) -> list[str] | None:
             raise CLIError(f"genes file {value!r} lists no gene.")
         return genes
     genes = list_arg([value]) or []
-    if len(genes) == 1 and os.sep in value:
-        raise FileNotFoundError(f"genes file {value!r} not found.")
+    if len(genes) == 1 and (os.sep in value or path.suffix.lower() in GENE_FILE_SUFFIXES):
+        raise FileNotFoundError(
+            f"genes file {value!r} not found (--genes takes an existing file with one gene per line, or a "
+            "comma-separated list of gene names)."
+        )
     if not genes:
         raise CLIError("--genes is empty.")
     return genes
 
 
 def _write_atomic(adata: AnnData, out: Path, *, overwrite: bool) -> None:
-    """Write to a temporary file in OUTPUT's folder, then rename it; nothing is left behind on failure."""
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
+    """Write to a temporary file in OUTPUT's folder, then rename it; nothing is left behind on failure or on
+    SIGTERM / SIGINT (see :func:`._common.atomic_output`)."""
+    with atomic_output(out) as tmp:
         adata.write_h5ad(tmp)
         if out.exists() and not overwrite:  # appeared while fitting
             raise CLIError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
         os.replace(tmp, out)
-    finally:
-        with suppress(OSError):
-            tmp.unlink()
 
 
 def summary(
@@ -117,7 +117,8 @@ def summary(
             f"varm['{Key.xhx_inv(key)}'], varm['{Key.resid_rot(key)}'], uns['{key}']"
         )
     if show_truth and "true_h2" in adata.var.columns and n_fit > 1:
-        lines += truth_report(res[fitted], adata.var.loc[fitted, "true_h2"].to_numpy(dtype=np.float64))
+        eqtl = adata.var.loc[fitted, "eqtl_beta"].to_numpy(dtype=np.float64) if "eqtl_beta" in adata.var else None
+        lines += truth_report(res[fitted], adata.var.loc[fitted, "true_h2"].to_numpy(dtype=np.float64), eqtl)
     return lines
 
 

@@ -14,7 +14,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from ._common import PROG, one_line
+from ._common import PROG, Terminated, one_line
 from ._parser import build_parser
 
 
@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (ValueError, KeyError, OSError, ImportError) as err:  # FileNotFoundError is an OSError
         if args.debug:
             traceback.print_exc()

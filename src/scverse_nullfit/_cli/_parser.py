@@ -7,7 +7,7 @@ import argparse
 from .._version import __version__
 from ._common import PROG
 
-TRAIT_TYPES = ("quantitative", "binary", "count")
+TRAIT_TYPES = ("quantitative",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trait-type",
         choices=TRAIT_TYPES,
         default="quantitative",
-        help="Only 'quantitative' (linear mixed model) is supported.",
+        help="The trait type of a phenotype table: 'quantitative' (linear mixed model).",
     )
 
     demo = sub.add_parser(

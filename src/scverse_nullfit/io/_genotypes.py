@@ -135,7 +135,16 @@ class GenotypeMatrix:
         """Rows of the model's donors, in model order; donors of the fit without genotypes are an error."""
         rows = self.donors.get_indexer(donors)
         if (rows < 0).any():
-            raise ValueError(f"donors of the null-model fit have no genotypes: {preview(donors[rows < 0])}.")
+            missing = donors[rows < 0]
+            hint = ""
+            if (rows < 0).all() and pd.Index(donors).isin(self.var.index).any():
+                hint = (
+                    " The genotypes look transposed: the fit's donor IDs are among their variant IDs. Pass donors x "
+                    "variants (e.g. df.T for a DataFrame, or adata.T for an AnnData)."
+                )
+            elif len(self.donors):
+                hint = f" The genotypes' donor IDs look like {preview(self.donors[:3])}."
+            raise ValueError(f"donors of the null-model fit have no genotypes: {preview(missing)}.{hint}")
         return rows
 
     def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

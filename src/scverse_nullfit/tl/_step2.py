@@ -64,7 +64,7 @@ class StoredNull:
         check_cells(
             adata, shared.get(CELLS), f"the null-model fit under {key!r}", f"Re-run {hint.removeprefix('run ')}"
         )
-        donors = pd.Index(np.asarray(shared["donors"]).astype(str))
+        donors = pd.Index(np.asarray(shared["donors"], dtype=object).astype(str))  # zarr gives StringDType
         n = len(donors)
         counts = np.asarray(shared["cells_per_donor"], dtype=np.float64)
         lam = np.asarray(shared["eigenvalues"], dtype=np.float64)
