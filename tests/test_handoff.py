@@ -144,6 +144,8 @@ def test_tensorqtl_nominal_gene_and_trans_shapes(mapped):
     kept = mapped.copy()
     kept.uns["trans"] = res
     pd.testing.assert_frame_equal(snf.get.tensorqtl_df(kept, "trans", kind="trans"), trans)
+    kept.uns["scan"] = {"associations": res, "variants": pd.DataFrame({"min_pval": [0.1]}), "params": {}}
+    pd.testing.assert_frame_equal(snf.get.tensorqtl_df(kept, "scan", kind="trans"), trans)
     with pytest.raises(ValueError, match="kind"):
         snf.get.tensorqtl_df(mapped, kind="permutations")
     with pytest.raises(KeyError, match="trans"):

@@ -50,7 +50,9 @@ TENSORQTL_TRANS = {
     "af": np.float32,
 }
 #: Columns of our per-gene summary carried into the tensorQTL gene table when present (gene-level p-values, FDR).
-GENE_EXTRA = ("pval_acat", "top_pval_bonf", "qval", "pval_nominal_threshold", "is_egene")
+GENE_EXTRA = ("pval_acat", "top_pval_bonf", "qval", "qval_bonf", "is_egene")
+#: Entry of a ``tl.trans_map`` result holding the kept pairs.
+TRANS_PAIRS = "associations"
 
 
 def _strings(values) -> np.ndarray:
@@ -80,8 +82,8 @@ def tensorqtl_df(
     Parameters
     ----------
     data
-        An AnnData with results of :func:`~scverse_nullfit.tl.cis_map` under ``key`` (or, for ``kind="trans"``, a
-        results DataFrame kept in ``adata.uns[key]``), or a results DataFrame such as the output of
+        An AnnData with results of :func:`~scverse_nullfit.tl.cis_map` under ``key`` (or, for ``kind="trans"``, of
+        a trans scan, or a results DataFrame kept in ``adata.uns[key]``), or a results DataFrame such as the output of
         :func:`~scverse_nullfit.tl.score_test` (``kind="trans"``).
     key
         The ``key_added`` of the ``cis_map`` call, or the ``uns`` key of stored trans results.
@@ -91,7 +93,7 @@ def tensorqtl_df(
         gene with its top variant (``phenotype_id, num_var, variant_id, start_distance, ma_samples, ma_count, af,
         pval_nominal, slope, slope_se`` as tensorQTL's ``map_cis``), followed by our gene-level p-values
         ``pval_acat`` (ACAT over the gene's variants, the analogue of tensorQTL's ``pval_beta``) and
-        ``top_pval_bonf``, and ``qval`` / ``is_egene`` when the results hold them; genes whose variants all gave
+        ``top_pval_bonf``, and ``qval``, ``qval_bonf``, ``is_egene`` when the results hold them; genes whose variants all gave
         NaN are left out. ``"trans"``: pairs as tensorQTL's ``map_trans`` (``variant_id, phenotype_id, pval, b,
         b_se, af``).
     by_chrom
@@ -171,7 +173,7 @@ def _trans(data, key: str) -> pd.DataFrame:
         stored = data.uns.get(key)
         if isinstance(stored, Mapping):
             frames = [v for v in stored.values() if isinstance(v, pd.DataFrame) and {"gene", "variant"} <= set(v)]
-            stored = frames[0] if len(frames) == 1 else None
+            stored = stored.get(TRANS_PAIRS, frames[0] if len(frames) == 1 else None)
         if not isinstance(stored, pd.DataFrame):
             raise KeyError(
                 f"no trans results under adata.uns[{key!r}]: keep a results table there (e.g. "
