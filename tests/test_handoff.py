@@ -352,3 +352,15 @@ def test_group_fits_are_checked_like_any_fit(by_cell_type):
         snf.tl.score_test(relabelled, geno, key="nullfit_T")
     with pytest.raises(ValueError, match="cell_type"):
         snf.get.cis_df(relabelled, "cis_B")
+
+
+def test_group_errors_name_the_group_and_keys_cannot_collide(small_adata):
+    adata = small_adata.copy()
+    adata.obs["batch"] = pd.Categorical(np.where(np.arange(adata.n_obs) < 5, "tiny", "rest"))
+    adata.obs["x"] = np.where(np.arange(adata.n_obs) < 5, np.nan, 1.0) * np.arange(adata.n_obs)
+    with pytest.raises(ValueError, match=r"'tiny'.*'x'|'x'.*'tiny'"):
+        snf.tl.fit_null(adata, covariates=["x"], groupby="batch")
+    adata.obs["batch"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2, "beta", "other"))
+    with pytest.raises(ValueError, match="collide"):
+        snf.tl.fit_null(adata, groupby="batch")
+    assert not any(k.startswith("nullfit") for k in adata.uns) and len(adata.varm) == 0

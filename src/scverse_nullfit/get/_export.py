@@ -93,9 +93,9 @@ def tensorqtl_df(
         gene with its top variant (``phenotype_id, num_var, variant_id, start_distance, ma_samples, ma_count, af,
         pval_nominal, slope, slope_se`` as tensorQTL's ``map_cis``), followed by our gene-level p-values
         ``pval_acat`` (ACAT over the gene's variants, the analogue of tensorQTL's ``pval_beta``) and
-        ``top_pval_bonf``, and ``qval``, ``qval_bonf``, ``is_egene`` when the results hold them; genes whose variants all gave
-        NaN are left out. ``"trans"``: pairs as tensorQTL's ``map_trans`` (``variant_id, phenotype_id, pval, b,
-        b_se, af``).
+        ``top_pval_bonf``, and ``qval``, ``qval_bonf``, ``is_egene`` when the results hold them; genes whose
+        variants all gave NaN are left out. ``"trans"``: pairs as tensorQTL's ``map_trans`` (``variant_id,
+        phenotype_id, pval, b, b_se, af``).
     by_chrom
         With ``kind="nominal"``: a dict chromosome -> table (the gene's chromosome as in ``adata.var``), as tensorQTL
         writes one file per chromosome; see :func:`scverse_nullfit.io.write_tensorqtl`.

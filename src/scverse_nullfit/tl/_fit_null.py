@@ -24,7 +24,7 @@ from .._provenance import CELLS, FIT_ID, cell_fingerprint, describe_frame, group
 from .._utils import check_positive_int, check_unique_var_names, is_dask, resolve_threads, select_genes
 from .._version import __version__
 from ._backend import compute_sufficient_stats, fit_all_genes
-from ._groups import fit_subsets, group_key
+from ._groups import fit_subsets, group_key, groups_of
 from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
@@ -212,13 +212,23 @@ def _genes_param(genes, var_names: pd.Index, mask: np.ndarray):
 
 def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer, grm, kwargs: dict) -> AnnData | None:
     """``fit_null`` on each group's cells; every group is fitted before anything is written to ``adata``."""
+    keys = {group: group_key(key_added, group) for group in groups_of(adata, groupby)}
+    names = [name for key in keys.values() for name in Key.null_varm(key)]
+    clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(Key.null_varm(key_added))))
+    if clash:
+        raise ValueError(
+            f"the groups of obs[{groupby!r}] give storage keys that collide ({clash[:3]}); rename the groups or "
+            "choose another key_added."
+        )
     fits = {}
     for group, cells, sub in fit_subsets(adata, groupby, layer, (grm,) if isinstance(grm, str) else ()):
-        key = group_key(key_added, group)
-        if key in Key.null_varm(key_added) or any(key in Key.null_varm(k) for k in fits):
-            raise ValueError(f"the key {key!r} of group {group!r} collides with another stored key; rename the group.")
+        key = keys[group]
         logg.info(f"group {groupby}={group!r}: {len(cells)} cells")
-        fit_null(sub, key_added=key, **kwargs)
+        try:
+            fit_null(sub, key_added=key, **kwargs)
+        except (ValueError, KeyError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+            raise type(err)(f"fitting the cells of obs[{groupby!r}] == {group!r}: {msg}") from err
         shared = dict(sub.uns[key])
         shared[Key.PARAMS] = {**shared[Key.PARAMS], "groupby": groupby, "group": group, "group_of": key_added}
         # the fit sits on the whole AnnData: its record describes all cells and which of them the group is
