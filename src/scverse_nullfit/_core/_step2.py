@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pandas as pd
 from scipy import special
@@ -191,20 +192,41 @@ def allele_stats(G: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
     alleles, rounded), ``n_donors`` and ``n_cells`` (those donors' cells, from ``counts``).
 
     Mean imputation leaves ``af`` unchanged; a variant without any observed dosage has ``af`` NaN and zero counts.
+    One compiled pass over ``G``.
     """
-    observed = ~np.isnan(G)
-    n = observed.sum(axis=0)
-    dose = np.where(observed, G, 0.0)
-    total = dose.sum(axis=0)
+    G = np.ascontiguousarray(G, dtype=np.float64)
+    n, total, cells, above, below = _allele_sums(G, np.asarray(counts, dtype=np.float64))
     with np.errstate(invalid="ignore", divide="ignore"):
         af = total / (2.0 * n)
     alt_minor = ~(af > 0.5)
-    carriers = np.where(alt_minor, ((dose > 0.5) & observed).sum(axis=0), ((dose < 1.5) & observed).sum(axis=0))
-    minor = np.where(alt_minor, total, 2.0 * n - total)
     return {
         "af": af,
-        "ma_samples": carriers.astype(np.int64),
-        "ma_count": np.rint(minor).astype(np.int64),
-        "n_donors": n.astype(np.int64),
-        "n_cells": np.rint(np.asarray(counts, dtype=np.float64) @ observed).astype(np.int64),
+        "ma_samples": np.where(alt_minor, above, below),
+        "ma_count": np.rint(np.where(alt_minor, total, 2.0 * n - total)).astype(np.int64),
+        "n_donors": n,
+        "n_cells": np.rint(cells).astype(np.int64),
     }
+
+
+@numba.njit(cache=True, nogil=True)
+def _allele_sums(G, counts):
+    """Per column of ``G``: observed donors, dosage sum, their cells, donors above 0.5 and below 1.5."""
+    n_donors, n_var = G.shape
+    n = np.zeros(n_var, dtype=np.int64)
+    above = np.zeros(n_var, dtype=np.int64)
+    below = np.zeros(n_var, dtype=np.int64)
+    total = np.zeros(n_var)
+    cells = np.zeros(n_var)
+    for i in range(n_donors):
+        c = counts[i]
+        for j in range(n_var):
+            g = G[i, j]
+            if g == g:  # not NaN
+                n[j] += 1
+                total[j] += g
+                cells[j] += c
+                if g > 0.5:
+                    above[j] += 1
+                if g < 1.5:
+                    below[j] += 1
+    return n, total, cells, above, below
