@@ -2,6 +2,7 @@
 results side by side, cellink's DonorData layout."""
 
 import gzip
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -364,3 +365,34 @@ def test_group_errors_name_the_group_and_keys_cannot_collide(small_adata):
     with pytest.raises(ValueError, match="collide"):
         snf.tl.fit_null(adata, groupby="batch")
     assert not any(k.startswith("nullfit") for k in adata.uns) and len(adata.varm) == 0
+
+
+def test_command_line_export_tensorqtl(mapped, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    from scverse_nullfit._cli import main
+
+    kept = mapped.copy()
+    kept.uns["trans"] = snf.tl.score_test(kept, kept.uns["genotypes"].iloc[:, :3])
+    path = tmp_path / "mapped.h5ad"
+    kept.write_h5ad(path)
+    prefix = tmp_path / "study"
+    assert main(["export-tensorqtl", str(path), str(prefix), "--trans-key", "trans"]) == 0
+    out = capsys.readouterr().out.split()
+    chroms = sorted(set(kept.var["chrom"].astype(str)))
+    expected = [
+        *(f"study.cis_qtl_pairs.{c}.parquet" for c in chroms),
+        "study.cis_qtl.txt.gz",
+        "study.trans_qtl_pairs.parquet",
+    ]
+    assert sorted(Path(p).name for p in out) == sorted(expected)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("study")) == sorted(expected)
+    genes = pd.read_csv(f"{prefix}.cis_qtl.txt.gz", sep="\t")
+    assert list(genes.columns[:3]) == ["phenotype_id", "num_var", "variant_id"]
+    # an existing output needs --overwrite; the error is one line and nothing is half-written
+    assert main(["export-tensorqtl", str(path), str(prefix)]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["export-tensorqtl", str(path), str(tmp_path / "nodir" / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["export-tensorqtl", str(path), str(tmp_path / "y"), "--key", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp"))

@@ -41,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from scanpy import settings
 
-    from ._fit_null import run_fit
+    if args.command == "export-tensorqtl":
+        from ._export import run_export as run
+    else:
+        from ._fit_null import run_fit as run
 
     old_verbosity, old_logfile = settings.verbosity, settings.logfile
     settings.verbosity = 0 if args.quiet else 4 if args.debug else 2
@@ -55,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show
-            return run_fit(args)
+            return run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

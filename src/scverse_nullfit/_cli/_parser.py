@@ -73,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
     demo.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
     demo.add_argument("--key-added", default="nullfit", metavar="K", help="Key of the results (default: nullfit).")
+    export = sub.add_parser(
+        "export-tensorqtl",
+        parents=[common],
+        help="Write stored cis (and trans) results as tensorQTL's files.",
+        description=(
+            "Write the cis_map results of RESULTS.h5ad as tensorQTL writes them: PREFIX.cis_qtl_pairs.CHROM.parquet "
+            "per chromosome (nominal pairs) and PREFIX.cis_qtl.txt.gz (one row per gene), and with --trans-key "
+            "PREFIX.trans_qtl_pairs.parquet. All files are written to temporary names and renamed only when all are "
+            "complete. Needs pyarrow (pip install 'scverse-nullfit[parquet]')."
+        ),
+    )
+    export.add_argument("input", metavar="RESULTS.h5ad", help="An h5ad with cis_map (or trans) results.")
+    export.add_argument("prefix", metavar="PREFIX", help="Output prefix (its folder must exist).")
+    export.add_argument("--key", default="cis", metavar="K", help="Key of the cis_map results (default: cis).")
+    export.add_argument("--trans-key", metavar="K", help="Also export the trans results stored under this key.")
+    export.add_argument("--no-cis", action="store_true", help="Export only the trans results.")
+    export.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
     return parser
 
 
