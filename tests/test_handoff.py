@@ -396,3 +396,15 @@ def test_command_line_export_tensorqtl(mapped, tmp_path, capsys):
     assert main(["export-tensorqtl", str(path), str(tmp_path / "y"), "--key", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_cell_type_results_survive_h5ad(by_cell_type, tmp_path):
+    path = tmp_path / "by_cell_type.h5ad"
+    by_cell_type.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    B, S = snf.get.effect_matrices(back)
+    B0, S0 = snf.get.effect_matrices(by_cell_type)
+    pd.testing.assert_frame_equal(B, B0)
+    pd.testing.assert_frame_equal(S, S0)
+    res = snf.tl.score_test(back, back.uns["genotypes"].iloc[:, :3], key="nullfit_B")
+    assert res["n_cells"].max() == int((back.obs["cell_type"] == "B").sum())
