@@ -408,3 +408,24 @@ def test_cell_type_results_survive_h5ad(by_cell_type, tmp_path):
     pd.testing.assert_frame_equal(S, S0)
     res = snf.tl.score_test(back, back.uns["genotypes"].iloc[:, :3], key="nullfit_B")
     assert res["n_cells"].max() == int((back.obs["cell_type"] == "B").sum())
+
+
+def test_group_fit_of_backed_and_sparse_input(by_cell_type, small_adata, tmp_path):
+    from scipy import sparse
+
+    adata = small_adata.copy()
+    adata.obs["cell_type"] = by_cell_type.obs["cell_type"].to_numpy()
+    adata.X = sparse.csr_matrix(adata.X)
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    covs = ["age", "sex", "log_counts"]
+    snf.tl.fit_null(backed, covariates=covs, donor_covariates=DONOR_COVARIATES, groupby="cell_type")
+    for group in ("B", "T"):
+        np.testing.assert_allclose(
+            snf.get.nullfit_df(backed, f"nullfit_{group}")["tau"],
+            snf.get.nullfit_df(by_cell_type, f"nullfit_{group}")["tau"],
+            rtol=1e-8,
+            atol=1e-10,
+        )
+    backed.file.close()

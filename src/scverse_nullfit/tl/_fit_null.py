@@ -112,17 +112,17 @@ def fit_null(
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
     check_positive_int(n_threads, "n_threads")
-    if groupby is not None:
-        return _fit_groups(adata, groupby, key_added, copy, layer, grm, kwargs=dict(
-            donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates, layer=layer,
-            genes=genes, tau=tau, n_threads=n_threads,
-        ))  # fmt: skip
     if copy and adata.isbacked:
         raise ValueError(
             "copy=True needs the whole AnnData in memory, but adata is backed; load it (adata.to_memory()) or "
             "fit in place with copy=False (results are written to the in-memory varm/uns)."
         )
     check_unique_var_names(adata.var_names)
+    if groupby is not None:
+        return _fit_groups(adata, groupby, key_added, copy, layer, grm, kwargs=dict(
+            donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates, layer=layer,
+            genes=genes, tau=tau, n_threads=n_threads,
+        ))  # fmt: skip
     n_threads = resolve_threads(n_threads)
     mask = select_genes(adata.var_names, genes, adata.var)
     adata = adata.copy() if copy else adata
