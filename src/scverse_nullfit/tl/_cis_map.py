@@ -202,7 +202,8 @@ def cis_map(
         a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a PLINK ``.bed``
         fileset (with ``.bim`` and ``.fam`` beside it; needs ``pip install 'scverse-nullfit[plink]'``; donors
         named by IID; only the variants near tested genes are read). Donors are matched by ID as in
-        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant.
+        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant. cellink's layout
+        (``chrom``, ``pos``, ``a0``, ``a1`` in ``var``; or a ``DonorData``, through its ``.G``) works as it is.
     window
         Half-width of the cis window, in base pairs.
     key

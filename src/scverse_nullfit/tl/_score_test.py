@@ -56,7 +56,8 @@ def score_test(
         donors x variants (``obs_names`` donor IDs, ``var_names`` variant IDs; ``X`` dense, sparse or backed), or
         the path of a PLINK ``.bed`` fileset (needs ``bed-reader``; donors named by IID). Donors are matched by
         ID in any order; every donor of the fit must be present (extra donors are ignored). Missing dosages
-        (NaN) are replaced by the variant's mean dosage over the fit's donors that have one.
+        (NaN) are replaced by the variant's mean dosage over the fit's donors that have one. A cellink
+        ``DonorData`` (or any object whose ``.G`` is a donors x variants AnnData) stands for its ``.G``.
     key
         The ``key_added`` of the ``fit_null`` call.
     genes
