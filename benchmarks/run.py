@@ -249,6 +249,9 @@ def page(rows: list[dict], extra: str = "") -> str:
         "",
     ]
     out += [stage_table(rows), "", f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.", ""]
+    step2 = HERE / "step2.md"  # the cis map by genotype format, written by step2.py
+    if step2.exists():
+        out += [step2.read_text().rstrip(), ""]
     if extra:
         out += [extra, ""]
     return "\n".join(out)

@@ -429,3 +429,13 @@ def test_group_fit_of_backed_and_sparse_input(by_cell_type, small_adata, tmp_pat
             atol=1e-10,
         )
     backed.file.close()
+
+
+def test_trans_map_results_to_tensorqtl(fitted):
+    out = snf.tl.trans_map(fitted, _cellink_adata(fitted, n=40), pval_threshold=0.2, copy=True)
+    trans = snf.get.tensorqtl_df(out, "trans", kind="trans")
+    assert list(trans.columns) == list(TENSORQTL_TRANS)
+    kept = snf.get.trans_df(out)
+    assert len(trans) == len(kept) > 0
+    np.testing.assert_allclose(trans["af"], kept["af"], rtol=1e-6)
+    assert np.isfinite(trans["af"]).all()

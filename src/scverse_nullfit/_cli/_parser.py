@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists.")
     demo.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
     demo.add_argument("--key-added", default="nullfit", metavar="K", help="Key of the results (default: nullfit).")
+    add_step2_commands(sub, common)
     export = sub.add_parser(
         "export-tensorqtl",
         parents=[common],
@@ -91,6 +92,66 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-cis", action="store_true", help="Export only the trans results.")
     export.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
     return parser
+
+
+GENOTYPES_HELP = (
+    "Dosages of the donors: VCF/BCF (.vcf, .vcf.gz, .bcf; DS, else GT), PLINK 2 (.pgen), BGEN (.bgen with its "
+    ".sample), PLINK 1 (.bed, or a prefix), or a donors x variants .h5ad. Dosages count the ALT allele; donors "
+    "are matched by sample ID."
+)
+
+
+def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``score-test`` and ``cis-map`` (``trans-map`` comes with ``tl.trans_map``)."""
+    score = sub.add_parser(
+        "score-test",
+        parents=[common],
+        help="Score-test every variant of a genotype file against every fitted gene; write a table.",
+        description=(
+            "Exact score test of every variant of GENOTYPES against the null model of every gene fitted in "
+            "FITTED.h5ad (the output of fit-null): one row per gene and variant (gene, variant, score, score_var, "
+            "z, pval, beta, se), written to RESULTS (.tsv, .tsv.gz or .parquet, by suffix) atomically. Memory "
+            "holds genes x variants results; for genome-wide scans of many genes use cis-map."
+        ),
+    )
+    cis = sub.add_parser(
+        "cis-map",
+        parents=[common],
+        help="Map cis-eQTLs: test the variants near each gene, combine them per gene (ACAT); write tables.",
+        description=(
+            "Test every fitted gene of FITTED.h5ad against the variants of GENOTYPES within --window bp of its "
+            "position (var columns --chrom-key/--pos-key), and write the per-variant table (gene, variant, chrom, "
+            "pos, distance and the score-test columns) to RESULTS and, with --genes-output, the per-gene summary "
+            "(ACAT and top-variant p-values). A VCF/BCF must be indexed (.tbi/.csi): only the genes' windows are "
+            "read from it."
+        ),
+    )
+    for p in (score, cis):
+        p.add_argument("input", metavar="FITTED.h5ad", help="The output of fit-null (never modified).")
+        p.add_argument("genotypes", metavar="GENOTYPES", help=GENOTYPES_HELP)
+        p.add_argument(
+            "-o", "--output", required=True, metavar="RESULTS.tsv", help="Output table: .tsv, .tsv.gz or .parquet."
+        )
+        p.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
+        p.add_argument("--key", default="nullfit", metavar="K", help="Key of the fit (fit-null --key-added; nullfit).")
+        p.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to test: a file (one per line) or a comma list.")
+        p.add_argument("--chunk-size", type=int, metavar="N", help="Variants per chunk (default: bounded memory).")
+        p.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    g = cis.add_argument_group("cis windows")
+    g.add_argument("--window", type=int, default=1_000_000, metavar="BP", help="Half-width in bp (default 1000000).")
+    g.add_argument("--genes-output", metavar="GENES.tsv", help="Also write the per-gene summary (.tsv or .parquet).")
+    g.add_argument("--chrom-key", default="chrom", metavar="COL", help="var column of gene chromosomes (chrom).")
+    g.add_argument("--pos-key", default="start", metavar="COL", help="var column of gene positions, e.g. TSS (start).")
+    g.add_argument(
+        "--variant-positions",
+        metavar="FILE.tsv",
+        help=(
+            "Variant positions: a TSV (or CSV) whose first column is the variant ID, with chromosome and position "
+            "columns; default: the genotype file's own (or the genotype .h5ad's var)."
+        ),
+    )
+    g.add_argument("--variant-chrom-key", default="chrom", metavar="COL", help="Variant chromosome column (chrom).")
+    g.add_argument("--variant-pos-key", default="pos", metavar="COL", help="Variant position column (pos).")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

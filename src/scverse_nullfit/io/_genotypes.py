@@ -17,15 +17,21 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._utils import is_dask, preview
+from ._bgen import BgenGenotypes
+from ._pgen import PgenGenotypes
 from ._plink import PlinkGenotypes
+from ._vcf import VcfGenotypes
 
 
 @runtime_checkable
 class GenotypeReader(Protocol):
-    """What a genotype file reader provides (:class:`~._plink.PlinkGenotypes` is one).
+    """What a genotype file reader provides (:class:`~._plink.PlinkGenotypes`, :class:`~._vcf.VcfGenotypes`,
+    :class:`~._pgen.PgenGenotypes` and :class:`~._bgen.BgenGenotypes` are ones).
 
     Metadata is read when the reader is opened; dosages only on demand, so that a tool reads just the variants
-    it tests.
+    it tests. The package's readers also have ``obs`` (the samples' metadata), ``shape``,
+    ``variant_indices(chrom, start, end)`` (the columns in a region; the file must be sorted), ``contigs`` and
+    ``close()``; ``var`` holds ``ref`` and ``alt`` (the counted allele) besides ``chrom`` and ``pos``.
     """
 
     #: Donor (sample) IDs, in the file's order: the rows of :meth:`read`.
@@ -42,21 +48,50 @@ class GenotypeReader(Protocol):
         ...
 
 
-#: File suffix -> reader class, checked in order; a path matching none is taken as a PLINK prefix.
-READERS: dict[str, Callable[[str | os.PathLike], GenotypeReader]] = {
+#: File suffix -> reader class (matched case-insensitively, longest suffix first); a path matching none is a PLINK 1
+#: prefix, or a PLINK 2 one when ``PREFIX.pgen`` exists.
+READERS: dict[str, Callable[..., GenotypeReader]] = {
     ".bed": PlinkGenotypes,
     ".bim": PlinkGenotypes,
     ".fam": PlinkGenotypes,
+    ".pgen": PgenGenotypes,
+    ".pvar": PgenGenotypes,
+    ".pvar.zst": PgenGenotypes,
+    ".psam": PgenGenotypes,
+    ".vcf": VcfGenotypes,
+    ".vcf.gz": VcfGenotypes,
+    ".vcf.bgz": VcfGenotypes,
+    ".bcf": VcfGenotypes,
+    ".bgen": BgenGenotypes,
 }
 
+#: The genotype file suffixes, for messages.
+GENOTYPE_SUFFIXES = (".bed", ".pgen", ".vcf", ".vcf.gz", ".bcf", ".bgen")
 
-def open_genotypes(path: str | os.PathLike) -> GenotypeReader:
-    """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes."""
-    name = os.fspath(path)
-    for suffix, reader in READERS.items():
+
+def reader_class(path: str | os.PathLike) -> Callable[..., GenotypeReader] | None:
+    """The reader of ``path`` by its suffix (:data:`READERS`), None if it has none of them."""
+    name = os.fspath(path).lower()
+    for suffix in sorted(READERS, key=len, reverse=True):
         if name.endswith(suffix):
-            return reader(Path(name))
-    return PlinkGenotypes(name)
+            return READERS[suffix]
+    return None
+
+
+def resolve_reader(path: str | os.PathLike) -> Callable[..., GenotypeReader]:
+    """The reader :func:`open_genotypes` uses for ``path``: by suffix, else a PLINK 2 prefix if ``PATH.pgen`` exists,
+    else a PLINK 1 prefix."""
+    cls = reader_class(path)
+    if cls is None:
+        cls = PgenGenotypes if Path(f"{os.fspath(path)}.pgen").is_file() else PlinkGenotypes
+    return cls
+
+
+def open_genotypes(path: str | os.PathLike, **kwargs) -> GenotypeReader:
+    """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes
+    (PLINK 2 if ``PATH.pgen`` exists, else PLINK 1). ``kwargs`` go to the reader (e.g. ``regions`` for a VCF,
+    ``samples`` for the readers with ``takes_samples``)."""
+    return resolve_reader(path)(Path(path), **kwargs)
 
 
 class GenotypeMatrix:
@@ -64,12 +99,13 @@ class GenotypeMatrix:
     :data:`READERS`) or any :class:`GenotypeReader`; what the step-2 tools read genotypes through.
 
     Checks donor and variant IDs once (unique, as strings); ``variants`` (a DataFrame indexed by variant ID) adds
-    metadata columns to ``var``. ``read(rows, cols)`` returns float64 dosages (NaN where missing) and rejects
-    infinite ones.
+    metadata columns to ``var``; ``reader_options`` go to the file reader of a path (e.g. ``regions`` for a VCF).
+    ``read(rows, cols)`` returns float64 dosages (NaN where missing) and rejects infinite ones.
     """
 
-    def __init__(self, genotypes, *, variants: pd.DataFrame | None = None):
+    def __init__(self, genotypes, *, variants: pd.DataFrame | None = None, reader_options: dict | None = None):
         self._df = self._X = self._reader = None
+        self._owned = False  # the reader was opened here (from a path), so close() closes it
         genotypes = donor_genotypes(genotypes)
         if isinstance(genotypes, pd.DataFrame):
             dtypes = genotypes.dtypes
@@ -88,7 +124,8 @@ class GenotypeMatrix:
             donors, var = genotypes.obs_names, genotypes.var
             self.source = "AnnData"
         elif isinstance(genotypes, (str, os.PathLike)):
-            self._reader = open_genotypes(genotypes)
+            self._reader = open_genotypes(genotypes, **(reader_options or {}))
+            self._owned = True
             donors, var = self._reader.donors, self._reader.var
             self.source = os.fspath(genotypes)
         elif isinstance(genotypes, GenotypeReader):
@@ -97,8 +134,8 @@ class GenotypeMatrix:
             self.source = str(getattr(genotypes, "path", type(genotypes).__name__))
         else:
             raise ValueError(
-                "genotypes must be a DataFrame (donors x variants), an AnnData (donors x variants) or a PLINK "
-                f"prefix, not {type(genotypes).__name__}."
+                "genotypes must be a DataFrame (donors x variants), an AnnData (donors x variants) or the path of a "
+                f"genotype file ({', '.join(GENOTYPE_SUFFIXES)}), not {type(genotypes).__name__}."
             )
         self.donors = pd.Index(np.asarray(donors).astype(str))
         if self.donors.has_duplicates:
@@ -127,6 +164,12 @@ class GenotypeMatrix:
     def n_variants(self) -> int:
         return self.var.shape[0]
 
+    @property
+    def contigs(self) -> list[str] | None:
+        """The contigs of the genotype file (all of them, even those not read), if it is a file that knows them."""
+        contigs = getattr(self._reader, "contigs", None)
+        return None if contigs is None else list(contigs)
+
     def alleles(self) -> tuple[pd.Categorical, pd.Categorical]:
         """``ref`` and ``alt`` of every variant (categoricals, NaN where unknown); see :func:`allele_columns`."""
         return allele_columns(self.var)
@@ -136,16 +179,27 @@ class GenotypeMatrix:
         rows = self.donors.get_indexer(donors)
         if (rows < 0).any():
             missing = donors[rows < 0]
-            hint = ""
             if (rows < 0).all() and pd.Index(donors).isin(self.var.index).any():
-                hint = (
-                    " The genotypes look transposed: the fit's donor IDs are among their variant IDs. Pass donors x "
+                raise ValueError(
+                    f"donors of the null-model fit have no genotypes in {self.source}: {preview(missing)}. The "
+                    "genotypes look transposed: the fit's donor IDs are among their variant IDs. Pass donors x "
                     "variants (e.g. df.T for a DataFrame, or adata.T for an AnnData)."
                 )
-            elif len(self.donors):
-                hint = f" The genotypes' donor IDs look like {preview(self.donors[:3])}."
-            raise ValueError(f"donors of the null-model fit have no genotypes: {preview(missing)}.{hint}")
+            if (rows < 0).all():
+                raise ValueError(
+                    f"the genotypes ({self.source}) have no donor in common with the null-model fit: fit donors "
+                    f"{preview(donors)}, genotype sample IDs {preview(self.donors)}."
+                )
+            hint = f" The genotypes' donor IDs look like {preview(self.donors[:3])}." if len(self.donors) else ""
+            raise ValueError(
+                f"donors of the null-model fit have no genotypes in {self.source}: {preview(missing)}.{hint}"
+            )
         return rows
+
+    def close(self) -> None:
+        """Close the file reader if this object opened it (from a path)."""
+        if self._owned and hasattr(self._reader, "close"):
+            self._reader.close()
 
     def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         cols = np.asarray(cols, dtype=np.intp)

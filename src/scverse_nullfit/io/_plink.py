@@ -12,6 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import preview
+from ._geno_common import region_columns
 
 PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
 
@@ -105,6 +106,13 @@ class PlinkGenotypes:
         if len(rows) == 0 or len(cols) == 0:
             return np.zeros((len(rows), len(cols)))
         return self._bed.read(index=np.s_[rows, cols], dtype="float64", order="C")
+
+    def variant_indices(self, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
+        """Variant columns on ``chrom`` with ``start <= pos <= end`` (``chr`` prefixes ignored), by position."""
+        return region_columns(self, chrom, start, end)
+
+    def close(self) -> None:
+        """Nothing to close (bed-reader opens the file per read); for the reader interface."""
 
 
 def _make_unique(names: np.ndarray) -> np.ndarray:

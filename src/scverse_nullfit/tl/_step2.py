@@ -7,6 +7,7 @@ array maths is :mod:`scverse_nullfit._core._step2`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from .._core._step2 import CompactNull, allele_stats, derived_statistics, usable
 from .._core._store import unpack_symmetric
 from .._provenance import CELLS, FIT_ID, check_cells
 from .._utils import resolve_threads
-from ..io._genotypes import GenotypeMatrix
+from ..io._genotypes import GenotypeMatrix, resolve_reader
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -117,9 +118,26 @@ class StoredNull:
         )  # fmt: skip
 
 
-def open_genotypes(genotypes, variants: pd.DataFrame | None = None) -> GenotypeMatrix:
-    """``genotypes`` as a :class:`~scverse_nullfit.io._genotypes.GenotypeMatrix` (passed through if it is one)."""
-    return genotypes if isinstance(genotypes, GenotypeMatrix) else GenotypeMatrix(genotypes, variants=variants)
+def open_genotypes(genotypes, variants: pd.DataFrame | None = None, **reader_options) -> GenotypeMatrix:
+    """``genotypes`` as a :class:`~scverse_nullfit.io._genotypes.GenotypeMatrix` (passed through if it is one);
+    ``reader_options`` go to the reader of a file path. Close it with :func:`close_genotypes`."""
+    if isinstance(genotypes, GenotypeMatrix):
+        return genotypes
+    return GenotypeMatrix(genotypes, variants=variants, reader_options=reader_options)
+
+
+def file_options(genotypes, donors: pd.Index) -> dict:
+    """Reader options for a genotype file path: read only the fit's donors (htslib and pgenlib then skip the other
+    samples' data, which matters when the file has many more samples than the fit has donors)."""
+    if not isinstance(genotypes, (str, os.PathLike)):
+        return {}
+    return {"samples": list(donors)} if getattr(resolve_reader(genotypes), "takes_samples", False) else {}
+
+
+def close_genotypes(geno: GenotypeMatrix, genotypes) -> None:
+    """Close what :func:`open_genotypes` opened for ``genotypes`` (a file reader opened from a path)."""
+    if geno is not genotypes:
+        geno.close()
 
 
 @contextmanager

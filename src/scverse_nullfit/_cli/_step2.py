@@ -1,0 +1,254 @@
+"""The ``score-test`` and ``cis-map`` commands: a fitted h5ad and a genotype file in, a TSV or Parquet table out.
+
+Every input is checked before the work starts; tables are written to temporary files beside their outputs and
+renamed into place only when all of them are complete, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._provenance import CELLS
+from ._common import PROG, CLIError, atomic_output, one_line
+from ._fit_null import _read_genes
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
+#: Table formats, by output suffix (case-insensitive).
+TSV_SUFFIXES = (".tsv", ".tsv.gz", ".txt", ".txt.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_MISSING = "writing Parquet needs the optional package pyarrow: pip install 'scverse-nullfit[parquet]'"
+
+
+def check_table_output(value: str | None, overwrite: bool, inputs: list[Path], what: str = "output") -> Path | None:
+    """An output table path checked before any work: a known suffix, an existing folder, not an input, not in
+    the way (unless ``overwrite``); Parquet needs pyarrow."""
+    if value is None:
+        return None
+    out = Path(value)
+    name = out.name.lower()
+    if not name.endswith(TSV_SUFFIXES + PARQUET_SUFFIXES):
+        raise CLIError(f"{what} {value!r} must end in .tsv, .tsv.gz or .parquet (the table format follows it).")
+    if out.is_dir():
+        raise CLIError(f"{what} {value!r} is a directory; give a file name such as {str(out / 'results.tsv')!r}.")
+    if not out.parent.is_dir():
+        raise CLIError(f"{what} directory {str(out.parent)!r} does not exist.")
+    for path in inputs:
+        if path.exists() and out.exists() and os.path.samefile(out, path):
+            raise CLIError(f"{what} {value!r} is an input file; {PROG} never modifies its inputs.")
+    if out.exists() and not overwrite:
+        raise CLIError(f"{what} {value!r} already exists; pass --overwrite to replace it.")
+    if name.endswith(PARQUET_SUFFIXES):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as err:
+            raise ImportError(PARQUET_MISSING) from err
+    return out
+
+
+def write_tables(tables: list[tuple[pd.DataFrame, Path]], *, overwrite: bool) -> None:
+    """Write every table to a temporary file in its output's folder, then rename them all into place.
+
+    TSV (gzipped for ``.gz``) has a header line, tab-separated values and ``NA`` for missing values; Parquet keeps
+    the column types. On any failure, or SIGTERM/SIGINT, the temporary files are removed and no output is replaced
+    (see :func:`._common.atomic_output`).
+    """
+    with ExitStack() as stack:
+        temps = [stack.enter_context(atomic_output(out)) for _, out in tables]
+        for (df, out), tmp in zip(tables, temps, strict=True):
+            if out.name.lower().endswith(PARQUET_SUFFIXES):
+                df.to_parquet(tmp, index=False)
+            else:
+                compression = "gzip" if out.name.lower().endswith(".gz") else None
+                df.to_csv(tmp, sep="\t", index=False, na_rep="NA", compression=compression)
+        for _, out in tables:
+            if out.exists() and not overwrite:  # appeared while computing
+                raise CLIError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
+        for (_, out), tmp in zip(tables, temps, strict=True):
+            os.replace(tmp, out)
+
+
+def read_fitted(path: Path, key: str) -> AnnData:
+    """The parts of a fit-null output that step 2 needs, without the expression: ``var``, ``varm``, ``uns[key]`` and,
+    for the check that the fit describes these cells, the cell names and their donor column."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+
+    if not path.exists():
+        raise FileNotFoundError(f"input file {str(path)!r} not found.")
+    if path.is_dir():
+        raise CLIError(f"input {str(path)!r} is a directory, not an h5ad file.")
+    try:
+        with h5py.File(path, "r") as f:
+            var = ad.io.read_elem(f["var"])
+            varm = ad.io.read_elem(f["varm"]) if "varm" in f else {}
+            uns = {key: ad.io.read_elem(f["uns"][key])} if "uns" in f and key in f["uns"] else {}
+            obs = _read_obs(f["obs"], uns.get(key, {}))
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise CLIError(f"could not read {str(path)!r} as an h5ad file: {one_line(err)}") from err
+    if key not in uns:
+        raise CLIError(
+            f"{str(path)!r} has no null-model fit under key {key!r}; run `{PROG} fit-null` on it first "
+            "(or pass the --key-added it used as --key)."
+        )
+    return ad.AnnData(obs=obs if isinstance(obs, pd.DataFrame) else None, var=var, varm=varm, uns=uns)
+
+
+def _read_obs(group, fit) -> pd.DataFrame:
+    """The cell names and the donor column the fit recorded, from an h5ad's ``obs`` group (not the other columns)."""
+    import anndata as ad
+    import pandas as pd
+
+    index_name = group.attrs.get("_index")
+    if index_name is None or index_name not in group:
+        return ad.io.read_elem(group)
+    names = pd.Index(np.asarray(ad.io.read_elem(group[index_name])).astype(str))
+    record = fit.get(CELLS, {}) if isinstance(fit, dict) else {}
+    donor_key = str(record.get("donor_key", "")) if isinstance(record, dict) else ""
+    columns = {donor_key: ad.io.read_elem(group[donor_key])} if donor_key and donor_key in group else {}
+    return pd.DataFrame(columns, index=names)
+
+
+def genotype_source(value: str) -> str | AnnData:
+    """GENOTYPES as the tools take it: a genotype file's path (checked to exist and to have a known format), or a
+    donors x variants ``.h5ad`` opened backed."""
+    from ..io._genotypes import GENOTYPE_SUFFIXES, reader_class
+
+    path = Path(value)
+    if value.lower().endswith(".h5ad"):
+        import anndata as ad
+
+        if not path.is_file():
+            raise FileNotFoundError(f"genotype file {value!r} not found.")
+        try:
+            return ad.read_h5ad(path, backed="r")
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise CLIError(f"could not read {value!r} as an h5ad file: {one_line(err)}") from err
+    prefix = [s for s in (".pgen", ".bed") if Path(f"{value}{s}").is_file()]
+    if reader_class(value) is None and not prefix:
+        if not path.exists():
+            raise FileNotFoundError(f"genotype file {value!r} not found (nor {value}.pgen or {value}.bed).")
+        raise CLIError(
+            f"cannot tell the format of genotype file {value!r}: expected {', '.join(GENOTYPE_SUFFIXES)}, a PLINK "
+            "prefix or a donors x variants .h5ad."
+        )
+    if reader_class(value) is not None and not path.is_file():
+        raise FileNotFoundError(f"genotype file {value!r} not found.")
+    return value
+
+
+def read_variant_positions(value: str | None) -> pd.DataFrame | None:
+    """A table of variants (TSV or CSV, first column the variant ID) with chromosome and position columns."""
+    if value is None:
+        return None
+    import pandas as pd
+
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"variant positions file {value!r} not found.")
+    sep = "," if path.name.lower().endswith((".csv", ".csv.gz")) else "\t"
+    try:
+        table = pd.read_csv(path, sep=sep, index_col=0, dtype={0: str})
+    except (ValueError, OSError) as err:
+        raise CLIError(f"could not read variant positions {value!r}: {one_line(err)}") from err
+    table.index = table.index.astype(str)
+    return table
+
+
+def _close(genotypes) -> None:
+    if getattr(genotypes, "isbacked", False):
+        with suppress(Exception):
+            genotypes.file.close()
+
+
+def run_score_test(args: argparse.Namespace) -> int:
+    from .. import tl
+
+    t0 = time.perf_counter()
+    fitted = Path(args.input)
+    out = check_table_output(args.output, args.overwrite, [fitted, Path(args.genotypes)])
+    genes = _read_genes(args.genes)
+    adata = read_fitted(fitted, args.key)
+    genotypes = genotype_source(args.genotypes)
+    try:
+        table = tl.score_test(
+            adata, genotypes, key=args.key, genes=genes, chunk_size=args.chunk_size, n_threads=args.n_threads
+        )
+    finally:
+        _close(genotypes)
+    write_tables([(table, out)], overwrite=args.overwrite)
+    if not args.quiet:
+        pval = table["pval"].to_numpy()
+        ok = np.isfinite(pval)
+        lines = [
+            f"{PROG} score-test: {args.input} x {args.genotypes}",
+            f"  tests             {int(ok.sum())} with a p-value, of {len(table)} "
+            f"({table['gene'].nunique()} genes x {table['variant'].nunique()} variants)",
+            f"  smallest p-value  {pval[ok].min():.3g}" if ok.any() else "  smallest p-value  -",
+            f"  wall time         {time.perf_counter() - t0:.2f} s",
+            f"  results           {out}",
+        ]
+        print("\n".join(lines), flush=True)
+    return 0
+
+
+def run_cis_map(args: argparse.Namespace) -> int:
+    from .. import get, tl
+
+    t0 = time.perf_counter()
+    fitted = Path(args.input)
+    inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
+    out = check_table_output(args.output, args.overwrite, inputs)
+    genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
+    if genes_out is not None and genes_out.absolute() == out.absolute():
+        raise CLIError(f"--genes-output and -o are the same file ({args.output!r}).")
+    genes = _read_genes(args.genes)
+    variants = read_variant_positions(args.variant_positions)
+    adata = read_fitted(fitted, args.key)
+    genotypes = genotype_source(args.genotypes)
+    try:
+        tl.cis_map(
+            adata,
+            genotypes,
+            window=args.window,
+            key=args.key,
+            genes=genes,
+            variants=variants,
+            chrom_key=args.chrom_key,
+            pos_key=args.pos_key,
+            variant_chrom_key=args.variant_chrom_key,
+            variant_pos_key=args.variant_pos_key,
+            key_added="cis",
+            chunk_size=args.chunk_size,
+            n_threads=args.n_threads,
+        )
+    finally:
+        _close(genotypes)
+    table = get.cis_df(adata, "cis")
+    summary = get.cis_genes_df(adata, "cis")
+    tables = [(table, out)]
+    if genes_out is not None:
+        tables.append((summary.rename_axis("gene").reset_index(), genes_out))
+    write_tables(tables, overwrite=args.overwrite)
+    if not args.quiet:
+        tested = summary["n_variants"].to_numpy() > 0
+        acat = summary["pval_acat"].to_numpy()[tested]
+        lines = [
+            f"{PROG} cis-map: {args.input} x {args.genotypes} (window {args.window:,} bp)",
+            f"  genes tested      {int(tested.sum())} of {adata.n_vars} ({len(table)} gene-variant tests)",
+            f"  ACAT p < 0.05     {int(np.sum(acat < 0.05))} genes" if tested.any() else "  ACAT p < 0.05     -",
+            f"  wall time         {time.perf_counter() - t0:.2f} s",
+            f"  results           {out}" + (f"; per-gene summary {genes_out}" if genes_out else ""),
+        ]
+        print("\n".join(lines), flush=True)
+    return 0
