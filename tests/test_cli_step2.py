@@ -186,3 +186,32 @@ def test_step2_usage(capsys):
         rc, stdout, _ = run(capsys, command, "--help")
         assert rc == 0 and "GENOTYPES" in stdout and ".pgen" in stdout
     assert main(["cis-map"]) == 2
+
+
+def test_cis_map_command_writes_tensorqtl_files(step2, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    out, prefix = tmp_path / "cis.tsv", tmp_path / "study"
+    argv = ["cis-map", step2["fitted"], step2["vcf.gz"], "-o", out, "--window", 300000, "--tensorqtl", prefix]
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "tensorQTL files" in stdout
+    want = snf.tl.cis_map(step2["adata"], step2["df"], variants=step2["meta"], window=300_000, copy=True)
+    by_chrom = snf.get.tensorqtl_df(want, kind="nominal", by_chrom=True)
+    for chrom, df in by_chrom.items():
+        got = pd.read_parquet(tmp_path / f"study.cis_qtl_pairs.{chrom}.parquet")
+        assert list(got.columns) == list(df.columns) and list(got.dtypes) == list(df.dtypes)
+        np.testing.assert_array_equal(got["variant_id"], df["variant_id"])
+        np.testing.assert_allclose(got["pval_nominal"], df["pval_nominal"], rtol=1e-9)
+    genes = pd.read_csv(tmp_path / "study.cis_qtl.txt.gz", sep="\t", index_col=0)
+    assert genes.index.name == "phenotype_id"
+    assert list(genes.index) == list(snf.get.tensorqtl_df(want, kind="gene")["phenotype_id"])
+    # the VCF's ALT is the counted allele
+    table = _read(out)
+    assert set(table["alt"]) == {"G"} and set(table["ref"]) == {"A"}
+    # an existing tensorQTL file is kept without --overwrite, and nothing else is written
+    out2 = tmp_path / "cis2.tsv"
+    rc, _, err = run(capsys, *argv[:3], "-o", out2, "--window", 300000, "--tensorqtl", prefix)
+    assert rc == 2 and "already exists" in err and not out2.exists()
+    rc, _, err = run(capsys, *argv[:3], "-o", out2, "--tensorqtl", tmp_path / "nodir" / "x")
+    assert rc == 2 and "nodir" in err
+    assert leftovers(tmp_path) == []

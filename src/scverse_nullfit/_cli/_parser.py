@@ -152,6 +152,14 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--variant-chrom-key", default="chrom", metavar="COL", help="Variant chromosome column (chrom).")
     g.add_argument("--variant-pos-key", default="pos", metavar="COL", help="Variant position column (pos).")
+    g.add_argument(
+        "--tensorqtl",
+        metavar="PREFIX",
+        help=(
+            "Also write the results as tensorQTL writes them: PREFIX.cis_qtl_pairs.CHROM.parquet per chromosome and "
+            "PREFIX.cis_qtl.txt.gz (needs pyarrow)."
+        ),
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

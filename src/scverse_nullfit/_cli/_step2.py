@@ -212,6 +212,7 @@ def run_cis_map(args: argparse.Namespace) -> int:
     genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
     if genes_out is not None and genes_out.absolute() == out.absolute():
         raise CLIError(f"--genes-output and -o are the same file ({args.output!r}).")
+    tensorqtl = _check_tensorqtl_prefix(args.tensorqtl, args.overwrite)
     genes = _read_genes(args.genes)
     variants = read_variant_positions(args.variant_positions)
     adata = read_fitted(fitted, args.key)
@@ -239,6 +240,8 @@ def run_cis_map(args: argparse.Namespace) -> int:
     tables = [(table, out)]
     if genes_out is not None:
         tables.append((summary.rename_axis("gene").reset_index(), genes_out))
+    if tensorqtl is not None:
+        tables += _tensorqtl_tables(adata, tensorqtl, args.overwrite, inputs)
     write_tables(tables, overwrite=args.overwrite)
     if not args.quiet:
         tested = summary["n_variants"].to_numpy() > 0
@@ -248,7 +251,42 @@ def run_cis_map(args: argparse.Namespace) -> int:
             f"  genes tested      {int(tested.sum())} of {adata.n_vars} ({len(table)} gene-variant tests)",
             f"  ACAT p < 0.05     {int(np.sum(acat < 0.05))} genes" if tested.any() else "  ACAT p < 0.05     -",
             f"  wall time         {time.perf_counter() - t0:.2f} s",
-            f"  results           {out}" + (f"; per-gene summary {genes_out}" if genes_out else ""),
+            f"  results           {out}" + (f"; per-gene summary {genes_out}" if genes_out else "")
+            + (f"; tensorQTL files {tensorqtl}.cis_qtl*" if tensorqtl is not None else ""),
         ]
         print("\n".join(lines), flush=True)
     return 0
+
+
+def _check_tensorqtl_prefix(value: str | None, overwrite: bool) -> Path | None:
+    """The --tensorqtl prefix, checked before any work: an existing folder, no gene table in the way (the
+    per-chromosome files are checked once the chromosomes are known), and pyarrow for its Parquet files."""
+    if value is None:
+        return None
+    from ..io._tensorqtl import tensorqtl_paths
+
+    prefix = Path(value)
+    if not prefix.parent.is_dir():
+        raise CLIError(f"--tensorqtl directory {str(prefix.parent)!r} does not exist.")
+    genes = tensorqtl_paths(prefix)["genes"]
+    if genes.exists() and not overwrite:
+        raise CLIError(f"--tensorqtl output {str(genes)!r} already exists; pass --overwrite to replace it.")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as err:
+        raise ImportError(PARQUET_MISSING) from err
+    return prefix
+
+
+def _tensorqtl_tables(adata: AnnData, prefix: Path, overwrite: bool, inputs: list[Path]) -> list[tuple]:
+    """tensorQTL's nominal pairs per chromosome and gene table, with the paths tensorQTL gives them."""
+    from ..get import tensorqtl_df
+    from ..io._tensorqtl import tensorqtl_paths
+
+    nominal = tensorqtl_df(adata, "cis", kind="nominal", by_chrom=True)
+    paths = tensorqtl_paths(prefix, list(nominal))
+    tables = [(df, paths[f"nominal:{chrom}"]) for chrom, df in nominal.items()]
+    tables.append((tensorqtl_df(adata, "cis", kind="gene"), paths["genes"]))
+    for _, path in tables:
+        check_table_output(str(path), overwrite, inputs, what="--tensorqtl output")
+    return tables
