@@ -166,7 +166,10 @@ class VariantInfo:
         self.ref, self.alt = geno.alleles()
         self.counts = np.asarray(counts, dtype=np.float64)
         self.af = np.full(n, np.nan)
-        self.counts_by_name = {name: np.zeros(n, dtype=np.int64) for name in COUNT_COLUMNS}
+        # donor counts fit in int32 (tensorQTL's type for them); cells get int64
+        self.counts_by_name = {
+            name: np.zeros(n, dtype=np.int64 if name == "n_cells" else np.int32) for name in COUNT_COLUMNS
+        }
 
     def update(self, cols: np.ndarray, G: np.ndarray) -> None:
         """Record the allele counts of the variants ``cols`` from their raw dosages ``G`` (model donor order)."""
