@@ -175,6 +175,15 @@ def test_existing_output_kept_and_failed_write_leaves_nothing(step2, tmp_path, c
     assert out.read_text() == "precious" and not (tmp_path / "g.parquet").exists() and leftovers(tmp_path) == []
 
 
+def test_score_test_refuses_huge_tables(step2, tmp_path, capsys):
+    out = tmp_path / "o.tsv"
+    rc, _, err = run(capsys, "score-test", step2["fitted"], step2["vcf.gz"], "-o", out, "--max-tests", 100)
+    assert rc == 2 and "--max-tests 100" in err and "8 genes x 80 variants = 640 rows" in err and not out.exists()
+    rc, _, err = run(capsys, "score-test", step2["fitted"], step2["vcf.gz"], "-o", out, "--max-tests", 100,
+                     "--genes", "gene00001")  # fmt: skip
+    assert rc == 0, err
+
+
 def test_parquet_without_pyarrow(step2, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     rc, _, err = run(capsys, "score-test", step2["fitted"], step2["pgen"], "-o", tmp_path / "o.parquet")

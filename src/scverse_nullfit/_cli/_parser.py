@@ -120,6 +120,13 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to test: a file (one per line) or a comma list.")
         p.add_argument("--chunk-size", type=int, metavar="N", help="Variants per chunk (default: bounded memory).")
         p.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    score.add_argument(
+        "--max-tests",
+        type=int,
+        default=100_000_000,
+        metavar="N",
+        help="Refuse to run when genes x variants exceeds N (default 1e8; the table is held in memory; 0: no limit).",
+    )
     g = cis.add_argument_group("cis windows")
     g.add_argument("--window", type=int, default=1_000_000, metavar="BP", help="Half-width in bp (default 1000000).")
     g.add_argument("--genes-output", metavar="GENES.tsv", help="Also write the per-gene summary (.tsv or .parquet).")

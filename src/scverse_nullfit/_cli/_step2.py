@@ -166,9 +166,12 @@ def read_variant_positions(value: str | None) -> pd.DataFrame | None:
 
 
 def _close(genotypes) -> None:
+    """Close a backed genotype AnnData or a genotype file reader opened here."""
     if getattr(genotypes, "isbacked", False):
         with suppress(Exception):
             genotypes.file.close()
+    elif hasattr(genotypes, "close"):
+        genotypes.close()
 
 
 def run_score_test(args: argparse.Namespace) -> int:
@@ -179,8 +182,9 @@ def run_score_test(args: argparse.Namespace) -> int:
     out = check_table_output(args.output, args.overwrite, [fitted, Path(args.genotypes)])
     genes = _read_genes(args.genes)
     adata = read_fitted(fitted, args.key)
-    genotypes = genotype_source(args.genotypes)
+    genotypes = _open_for_score_test(adata, genotype_source(args.genotypes), args.key)
     try:
+        _check_size(adata, genotypes, genes, args.max_tests)
         table = tl.score_test(
             adata, genotypes, key=args.key, genes=genes, chunk_size=args.chunk_size, n_threads=args.n_threads
         )
@@ -200,6 +204,32 @@ def run_score_test(args: argparse.Namespace) -> int:
         ]
         print("\n".join(lines), flush=True)
     return 0
+
+
+def _open_for_score_test(adata: AnnData, genotypes, key: str):
+    """A genotype file opened once (only the fit's donors), so that its size can be checked before the tests."""
+    if not isinstance(genotypes, str):
+        return genotypes
+    from ..io._genotypes import resolve_reader
+
+    cls = resolve_reader(genotypes)
+    donors = [str(d) for d in np.asarray(adata.uns[key].get("donors", []))]
+    options = {"samples": donors} if getattr(cls, "takes_samples", False) and donors else {}
+    return cls(Path(genotypes), **options)
+
+
+def _check_size(adata: AnnData, genotypes, genes: list[str] | None, max_tests: int | None) -> None:
+    """Refuse a score-test table larger than --max-tests rows (it is held in memory) before computing it."""
+    if not max_tests or max_tests <= 0:
+        return
+    n_variants = genotypes.var.shape[0] if hasattr(genotypes, "var") else 0
+    n_genes = adata.n_vars if genes is None else len(genes)
+    if n_genes * n_variants > max_tests:
+        raise CLIError(
+            f"score-test would write {n_genes:,} genes x {n_variants:,} variants = {n_genes * n_variants:,} rows, more "
+            f"than --max-tests {max_tests:,} (the table is held in memory): choose genes with --genes, map cis "
+            "windows with cis-map, or raise --max-tests."
+        )
 
 
 def run_cis_map(args: argparse.Namespace) -> int:
