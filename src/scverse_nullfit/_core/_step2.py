@@ -104,9 +104,10 @@ class CompactNull:
         """Score and its variance, (genes x variants), for the genes ``rows`` and rotated variants ``Gt``.
 
         ``S = g~'(w*r~)/s2e`` and ``Var = [g~'(w*g~) - v'Cv]/s2e`` with ``v = X~'(w*g~)``. For a chunk of genes,
-        the scores and all genes' ``v`` come from one GEMM of the stacked ``(w*r~)'`` and ``(w * X~)'``
-        (genes*(p+1) x donors) with ``g~``, ``g~'(w*g~)`` from ``W @ g~^2``, and the quadratic form is a
-        batched matmul. Entries whose variance is not
+        the scores and all genes' ``u = L'v`` (``C = LL'``, so ``v'Cv = |u|^2``) come from one GEMM of the
+        stacked ``(w*r~)'`` and ``L'(w * X~)'`` (genes*(p+1) x donors) with ``g~``, and ``g~'(w*g~)`` from
+        ``W @ g~^2``. Genes at ``tau = 0`` (``w = 1``) share ``v = X~'g~`` and ``g~'g~``, computed once, so they
+        cost the score GEMM and the quadratic form only. Entries whose variance is not
         clearly positive (monomorphic variants, variants collinear with the covariates) are NaN.
         """
         idx = np.arange(self.n_genes)[rows]
@@ -116,20 +117,36 @@ class CompactNull:
         Gt2 = Gt * Gt
         S = np.empty((len(idx), V))
         Var = np.empty((len(idx), V))
+        # genes at tau = 0 have w = 1: their v = X~'g~ and g~'g~ are shared, leaving one GEMM (the scores) per gene
+        flat = (self.W[idx] == 1.0).all(axis=1)
         step = self.gene_chunk()
-        for g0 in range(0, len(idx), step):
-            r = idx[g0 : g0 + step]
+        if flat.any():
+            v0 = XrotT @ Gt
+            a0 = Gt2.sum(axis=0)[None, :]
+            rest = np.flatnonzero(flat)
+            for g0 in range(0, len(rest), step):
+                out = rest[g0 : g0 + step]
+                r, s2e = idx[out], self.s2e[idx[out]][:, None]
+                var_h = a0 - np.einsum("pv,gpv->gv", v0, np.matmul(self.C[r], v0[None]))
+                ok = var_h > VAR_RTOL * a0
+                S[out] = np.where(ok, (self.WR[r] @ Gt) / s2e, np.nan)
+                Var[out] = np.where(ok, var_h, np.nan) / s2e
+        rest = np.flatnonzero(~flat)
+        for g0 in range(0, len(rest), step):
+            out = rest[g0 : g0 + step]
+            r = idx[out]
             W, s2e, k = self.W[r], self.s2e[r][:, None], len(r)
-            # one GEMM for the scores and v: rows (w*r~)' of the genes, then (w*X~)' stacked over genes
-            A = np.concatenate([self.WR[r], (W[:, None, :] * XrotT[None, :, :]).reshape(k * p, n)])
-            B = A @ Gt
+            # one GEMM for the scores and u = L'v (C = LL', so v'Cv = |u|^2): rows (w*r~)' of the genes, then
+            # L'(w*X~)' stacked over genes
+            LX = np.matmul(_sqrt_factor(self.C[r]).transpose(0, 2, 1), XrotT[None, :, :]) * W[:, None, :]
+            B = np.concatenate([self.WR[r], LX.reshape(k * p, n)]) @ Gt
             score = B[:k] / s2e
-            v = B[k:].reshape(k, p, V)
+            u = B[k:].reshape(k, p, V)
             a = W @ Gt2
-            var_h = a - np.einsum("gpv,gpv->gv", v, np.matmul(self.C[r], v))
+            var_h = a - np.einsum("gpv,gpv->gv", u, u)
             ok = var_h > VAR_RTOL * a
-            S[g0 : g0 + len(r)] = np.where(ok, score, np.nan)
-            Var[g0 : g0 + len(r)] = np.where(ok, var_h, np.nan) / s2e
+            S[out] = np.where(ok, score, np.nan)
+            Var[out] = np.where(ok, var_h, np.nan) / s2e
         return S, Var
 
     def variant_chunk(self, n_genes: int | None = None) -> int:
@@ -139,6 +156,13 @@ class CompactNull:
         n, p = self.Xrot.shape
         per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
         return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
+
+
+def _sqrt_factor(C: np.ndarray) -> np.ndarray:
+    """``L`` with ``C = L L'`` for each positive semi-definite ``C`` of a stack (from its eigendecomposition, so
+    a singular ``C``, the pseudo-inverse of a rank-deficient ``X'H^-1 X``, is fine)."""
+    e, Q = np.linalg.eigh(C)
+    return Q * np.sqrt(np.clip(e, 0.0, None))[:, None, :]
 
 
 def usable_genes(tau: np.ndarray, s2e: np.ndarray, C: np.ndarray, R: np.ndarray) -> np.ndarray:

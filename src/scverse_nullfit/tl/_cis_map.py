@@ -9,14 +9,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
 from .._constants import Key
-from .._core._step2 import CompactNull
+from .._core._conditional import condition, subset
+from .._core._fdr import METHODS as FDR_METHODS
+from .._core._fdr import qvalues
+from .._core._step2 import CompactNull, derived_statistics
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, preview, select_genes
@@ -31,6 +34,10 @@ if TYPE_CHECKING:
 MAX_BLOCK_GENES = 256
 #: Most float64 elements of rotated variants kept for reuse by the next gene block (about 128 MB).
 CACHE_ELEMENTS = 1 << 24
+#: Most independent signals selected per gene by the forward pass of ``cis_map(independent=True)``.
+MAX_SIGNALS = 64
+#: Gene-level p-values ``cis_map`` can use for eGenes and independent signals -> their per-gene column.
+GENE_PVALS = {"acat": "pval_acat", "bonf": "top_pval_bonf"}
 
 
 def normalise_chrom(values) -> np.ndarray:
@@ -178,6 +185,10 @@ def cis_map(
     variant_chrom_key: str = "chrom",
     variant_pos_key: str = "pos",
     key_added: str = "cis",
+    fdr: float = 0.05,
+    fdr_method: Literal["storey", "storey_bootstrap", "bh"] = "storey",
+    gene_pval: Literal["acat", "bonf"] = "acat",
+    independent: bool = False,
     chunk_size: int | None = None,
     n_threads: int | None = None,
     copy: bool = False,
@@ -190,6 +201,23 @@ def cis_map(
     without a ``chr`` prefix (``"chr1"`` = ``"1"``). Per gene, the variants' p-values are combined by the
     aggregated Cauchy association test (ACAT, equal weights: ``T = mean tan((1/2 - p) pi)``,
     ``p = 1/2 - arctan(T)/pi``), which stays valid under the linkage disequilibrium between them.
+
+    Across genes, the false discovery rate of the gene-level p-values (ACAT, and the top variant's Bonferroni
+    p-value) is controlled by Storey's q-values (``pi0`` estimated as the qvalue package does by default) or by
+    Benjamini-Hochberg; genes with a q-value at most ``fdr`` are eGenes.
+
+    With ``independent=True``, each eGene's independent signals are found by forward-backward stepwise
+    selection (the logic of tensorQTL's ``map_independent``), with the conditional score test of
+    :func:`~scverse_nullfit.tl.score_test` (``condition=``) on the gene's cis variants:
+
+    - *forward*: start from the top variant; condition on the variants selected so far and scan the window
+      again; while the gene-level p-value of that conditional scan (``gene_pval``: ACAT of the conditional
+      p-values, or the top conditional p-value times the number of variants in the window) is at most the eGene
+      threshold (the largest gene-level p-value among the eGenes at ``fdr``), add the scan's top variant (at most
+      64 signals per gene);
+    - *backward*: with two or more selected variants, scan again with each one left out of the conditioning
+      set (conditioning on all the others); the scan's top variant is the signal of that rank if its gene-level
+      p-value is at most the threshold (a variant found twice is kept once), else the rank is dropped.
 
     Parameters
     ----------
@@ -221,6 +249,18 @@ def cis_map(
         Columns of the variants' metadata with their chromosome and position.
     key_added
         Where to store the results.
+    fdr
+        The false discovery rate at which genes are called eGenes (``is_egene``).
+    fdr_method
+        ``"storey"``: Storey's q-values with ``pi0`` from a cubic smoothing spline (3 degrees of freedom) through
+        ``pi0(lambda)``, ``lambda = 0.05, 0.10, ..., 0.95`` (the qvalue package's default);
+        ``"storey_bootstrap"``: the same with qvalue's bootstrap (closed-form mean squared error) choice of
+        lambda; ``"bh"``: Benjamini-Hochberg.
+    gene_pval
+        The gene-level p-value that defines eGenes and the threshold of the independent signals: ``"acat"``
+        (``pval_acat``) or ``"bonf"`` (``top_pval_bonf``).
+    independent
+        Also find each eGene's independent signals (see above).
     chunk_size
         Variants per chunk (default: chosen to bound memory).
     {doc_n_threads}
@@ -239,15 +279,25 @@ def cis_map(
         The per-gene summary, indexed by gene: ``n_variants`` (variants in the window), ``pval_acat`` (the ACAT
         combination of their finite p-values), ``top_variant`` (smallest p-value; first by position on ties),
         its ``top_pos``, ``top_distance``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``, and
-        ``top_pval_bonf = min(1, top_pval * n_variants)``. Genes not tested have ``n_variants = 0`` and NaN.
+        ``top_pval_bonf = min(1, top_pval * n_variants)``, ``qval`` and ``qval_bonf`` (the q-values of
+        ``pval_acat`` and ``top_pval_bonf`` across the tested genes) and ``is_egene`` (the q-value of the
+        ``gene_pval`` at most ``fdr``). Genes not tested have ``n_variants = 0``, NaN and ``is_egene = False``.
         Get it with :func:`scverse_nullfit.get.cis_genes_df`.
+    ``adata.uns[key_added]["independent"]``
+        With ``independent=True``: one row per independent signal of each eGene, ``gene``, ``rank`` (1, 2, ...),
+        ``variant``, ``chrom``, ``pos``, ``distance``, the conditional score-test columns (conditioning on the
+        gene's other signals; a gene's single signal is its top variant, unconditioned), ``pval_gene`` (the
+        gene-level p-value of that scan) and ``n_conditioned``. Get it with
+        :func:`scverse_nullfit.get.cis_independent_df`.
     ``adata.uns[key_added]["params"]``
-        The call's parameters.
+        The call's parameters, with ``pi0`` and ``pi0_bonf`` (the estimates used for ``qval`` and ``qval_bonf``),
+        ``n_egenes`` and ``egene_pval_threshold`` (the largest gene-level p-value among the eGenes; NaN if none).
     ``adata.uns[key_added]["source"]``, ``adata.uns[key_added]["cells"]``
         The null-model fit the tests used (its ``key`` and ``fit_id``) and the fingerprint of its cells: the
         accessors refuse results from an earlier fit or on other cells.
     """
     _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
+    _check_fdr_arguments(fdr, fdr_method, gene_pval)
     mask = None if genes is None else select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
     loci = _Loci.of_genes(adata, chrom_key, pos_key)
@@ -268,6 +318,15 @@ def cis_map(
     gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
     table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
     summary = _gene_summary(adata, table, gene_i)
+    fdr_params = _add_fdr(summary, fdr, fdr_method, gene_pval)
+    results = {Key.CIS_VARIANTS: table}
+    if independent:
+        egenes = np.flatnonzero(summary["is_egene"].to_numpy() & np.isin(np.arange(adata.n_vars), model.var_index))
+        with running(n_threads, len(egenes), "eGene", show_above=100) as bar:
+            results[Key.CIS_INDEPENDENT] = _independent_signals(
+                adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
+                gene_pval, bar,
+            )  # fmt: skip
     params = {
         "key": key,
         "window": float(window) if not float(window).is_integer() else int(window),
@@ -278,11 +337,13 @@ def cis_map(
         "genotypes": geno.source,
         "n_genes_tested": int((summary["n_variants"] > 0).sum()),
         "n_tests": len(table),
+        **fdr_params,
+        "independent": bool(independent),
     }
     target = adata.copy() if copy else adata
     target.varm[key_added] = summary
     target.uns[key_added] = {
-        Key.CIS_VARIANTS: table,
+        **results,
         Key.PARAMS: params,
         SOURCE: stored.record(),
         CELLS: dict(adata.uns[key].get(CELLS, {})),
@@ -292,7 +353,8 @@ def cis_map(
         time=start,
         deep=(
             f"added\n    'uns[{key_added!r}][\"variants\"]', per-variant score tests (DataFrame)\n"
-            f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value (DataFrame)"
+            f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value and q-values (DataFrame)"
+            + (f"\n    'uns[{key_added!r}][\"independent\"]', independent signals (DataFrame)" if independent else "")
         ),
     )
     return target if copy else None
@@ -329,6 +391,34 @@ def _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_si
     for col in (chrom_key, pos_key):
         if col not in adata.var.columns:
             raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
+
+
+def _check_fdr_arguments(fdr, fdr_method, gene_pval) -> None:
+    if not (np.isscalar(fdr) and 0 < fdr < 1):
+        raise ValueError(f"fdr must be a number strictly between 0 and 1, not {fdr!r}.")
+    if fdr_method not in FDR_METHODS:
+        raise ValueError(f"fdr_method must be one of {list(FDR_METHODS)}, not {fdr_method!r}.")
+    if gene_pval not in GENE_PVALS:
+        raise ValueError(f"gene_pval must be one of {list(GENE_PVALS)}, not {gene_pval!r}.")
+
+
+def _add_fdr(summary: pd.DataFrame, fdr: float, fdr_method: str, gene_pval: str) -> dict:
+    """Add ``qval``, ``qval_bonf`` and ``is_egene`` to the per-gene summary; return the FDR parameters."""
+    summary["qval"], pi0 = qvalues(summary["pval_acat"].to_numpy(), fdr_method)
+    summary["qval_bonf"], pi0_bonf = qvalues(summary["top_pval_bonf"].to_numpy(), fdr_method)
+    q = summary["qval" if gene_pval == "acat" else "qval_bonf"].to_numpy()
+    is_egene = np.isfinite(q) & (q <= fdr)
+    summary["is_egene"] = is_egene
+    p = summary[GENE_PVALS[gene_pval]].to_numpy()
+    return {
+        "fdr": float(fdr),
+        "fdr_method": fdr_method,
+        "gene_pval": gene_pval,
+        "pi0": pi0,
+        "pi0_bonf": pi0_bonf,
+        "n_egenes": int(is_egene.sum()),
+        "egene_pval_threshold": float(p[is_egene].max()) if is_egene.any() else float("nan"),
+    }
 
 
 @dataclass
@@ -473,3 +563,96 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
         },
         index=adata.var_names.copy(),
     )
+
+
+def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci,
+                         egenes: np.ndarray, window: float, threshold: float, gene_pval: str,
+                         bar) -> pd.DataFrame:  # fmt: skip
+    """Forward-backward selection of each eGene's independent signals (see :func:`cis_map`), gene by gene along
+    each chromosome, every scan vectorised over the window's variants (rotated once, through the cache)."""
+    model_row = np.full(adata.n_vars, -1, dtype=np.intp)
+    model_row[model.var_index] = np.arange(model.n_genes)
+    cache = _RotationCache(model, geno, rows)
+    found: list[tuple] = []
+    for g in egenes[np.lexsort((loci.g_pos[egenes], loci.g_code[egenes]))]:
+        bar.update(1)
+        chrom, gpos = loci.g_code[g], loci.g_pos[g]
+        cand = loci.by_chrom.get(chrom)
+        if cand is None:
+            continue
+        cpos = loci.v_pos[cand]
+        lo = int(np.searchsorted(cpos, gpos - window, side="left"))
+        hi = int(np.searchsorted(cpos, gpos + window, side="right"))
+        if hi <= lo:
+            continue
+        cache.advance(chrom, lo)
+        Gt = cache.get(cand, lo, hi)
+        for rank, j, stats, pg, k in _select(subset(model, [model_row[g]]), Gt, threshold, gene_pval):
+            found.append((g, rank, cand[lo + j], pg, k, *stats))
+    cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 7
+    gene_i = np.asarray(cols[0], dtype=np.intp)
+    var_i = np.asarray(cols[2], dtype=np.intp)
+    used = np.unique(var_i)
+    v_pos = loci.v_pos[var_i]
+    order_genes = np.unique(gene_i)
+    table = result_table(
+        adata.var_names[order_genes],
+        np.searchsorted(order_genes, gene_i),
+        geno.var.index[used],
+        np.searchsorted(used, var_i),
+        np.asarray(cols[5], dtype=np.float64),
+        np.asarray(cols[6], dtype=np.float64),
+        rank=np.asarray(cols[1], dtype=np.int64),
+        chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
+        pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
+        distance=v_pos - loci.g_pos[gene_i],
+    )
+    table["pval_gene"] = np.asarray(cols[3], dtype=np.float64)
+    table["n_conditioned"] = np.asarray(cols[4], dtype=np.int64)
+    table = table[["gene", "rank", "variant", *table.columns[3:]]]
+    order = np.lexsort((table["rank"].to_numpy(), gene_i))
+    return table.iloc[order].reset_index(drop=True)
+
+
+def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str):
+    """The independent signals of the one gene of ``model`` among the rotated window variants ``Gt``: tuples of
+    (rank, column of ``Gt``, (score, variance), gene-level p-value of the scan, number of conditioning variants)."""
+    n_window = Gt.shape[1]
+
+    def scan(selected: list[int]):
+        m = model
+        if selected:
+            m, ok = condition(model, Gt[:, selected])
+            if not ok[0]:
+                return None
+        S, Var = m.stats(Gt)
+        pval = derived_statistics(S[0], Var[0])["pval"]
+        finite = np.isfinite(pval)
+        if not finite.any():
+            return None
+        top = int(np.argmin(np.where(finite, pval, np.inf)))
+        if gene_pval == "acat":
+            pg = acat(pval)
+        else:
+            pg = min(1.0, float(pval[top]) * n_window)
+        return top, (float(S[0, top]), float(Var[0, top])), pg
+
+    first = scan([])
+    if first is None:
+        return []
+    selected = [first[0]]
+    while len(selected) < MAX_SIGNALS:
+        res = scan(selected)
+        if res is None or not res[2] <= threshold or res[0] in selected:
+            break
+        selected.append(res[0])
+    if len(selected) == 1:
+        return [(1, first[0], first[1], first[2], 0)]
+    out, seen = [], set()
+    for rank, j in enumerate(selected, 1):
+        others = [i for i in selected if i != j]
+        res = scan(others)
+        if res is not None and res[2] <= threshold and res[0] not in seen:
+            seen.add(res[0])
+            out.append((rank, res[0], res[1], res[2], len(others)))
+    return out

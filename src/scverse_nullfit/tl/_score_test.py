@@ -13,6 +13,7 @@ from scanpy import logging as logg
 from .._core._step2 import impute
 from .._docs import doc_n_threads, doc_params
 from .._utils import check_positive_int, select_genes
+from ._conditional import conditional_model, conditioning_dosages
 from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ def score_test(
     *,
     key: str = "nullfit",
     genes: Sequence[str] | np.ndarray | None = None,
+    condition: Sequence[str] | pd.DataFrame | None = None,
     chunk_size: int | None = None,
     n_threads: int | None = None,
 ) -> pd.DataFrame:
@@ -40,6 +42,12 @@ def score_test(
     - ``z = S / sqrt(Var)`` and ``pval``, its two-sided standard-normal p-value;
     - ``beta = S / Var``, the variant's effect (expression units per allele) estimated by generalised least
       squares with the null model's variance components held fixed, and ``se = 1 / sqrt(Var)`` its standard error.
+
+    With ``condition``, the test is conditional on the donor-level variants ``C`` (in cells ``ZC``): the same
+    statistics with ``P`` replaced by ``P_c = P - PZC (C'Z'PZC)^-1 C'Z'P``, the projection of the null model with
+    ``ZC`` added to the covariates at the gene's fitted ``tau`` and ``sigma2_e`` (the variance components are not
+    re-estimated), so that ``S_c = S - (Zg)'PZC (C'Z'PZC)^-1 C'Z'Py`` and likewise its variance; ``beta`` is then
+    the variant's effect adjusted for the conditioning variants.
 
     These are computed exactly from the compact projection that ``fit_null`` stores (see the "Model and
     algorithm" page of the docs): ``S = g~'(w * r~)/sigma2_e`` and ``Var = [g~'(w * g~) - v'Cv]/sigma2_e`` with
@@ -64,6 +72,13 @@ def score_test(
         The ``key_added`` of the ``fit_null`` call.
     genes
         Names or a boolean mask of the genes to test (default: all genes).
+    condition
+        Variants to condition on: IDs of variants of ``genotypes``, or a DataFrame of dosages indexed by donor ID
+        (one column per conditioning variant; every donor of the fit present). Missing dosages are mean-imputed.
+        Conditioning variants without an observed dosage, monomorphic among the fit's donors, or collinear with
+        the covariates or with each other (e.g. two variants in perfect linkage disequilibrium) are an error
+        naming them. The conditioning variants themselves, and variants in perfect linkage disequilibrium with
+        them, get NaN statistics.
     chunk_size
         Variants per chunk (default: chosen so that a chunk takes about 64 MB per array).
     {doc_n_threads}
@@ -83,15 +98,18 @@ def score_test(
     model = stored.compact(mask)
     geno = open_genotypes(genotypes, **file_options(genotypes, model.donors))
     try:
-        out = _score_test(adata, geno, mask, model, key, chunk_size, n_threads)
+        out = _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
     finally:
         close_genotypes(geno, genotypes)
     out.attrs.update(stored.record())
     return out
 
 
-def _score_test(adata, geno, mask, model, key, chunk_size, n_threads) -> pd.DataFrame:
+def _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads) -> pd.DataFrame:
     rows = geno.align(model.donors)
+    if condition is not None:
+        cond = conditioning_dosages(condition, geno, rows, model.donors)
+        model = conditional_model(model, cond)
 
     start = logg.info(f"score tests of {geno.n_variants} variants against {int(mask.sum())} genes (key={key!r})")
     sel = np.flatnonzero(mask)
@@ -114,5 +132,7 @@ def _score_test(adata, geno, mask, model, key, chunk_size, n_threads) -> pd.Data
         adata.var_names[sel], np.repeat(np.arange(n_sel), n_var), geno.var.index, np.tile(np.arange(n_var), n_sel),
         S_all.ravel(), V_all.ravel(),
     )  # fmt: skip
+    if condition is not None:
+        out.attrs["condition"] = [str(c) for c in cond.columns]
     logg.info("    finished", time=start)
     return out
