@@ -91,6 +91,29 @@ def test_cis_map_command_equals_api(step2, tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
+def test_trans_map_command_equals_api(step2, tmp_path, capsys):
+    out, genes_out, variants_out = tmp_path / "t.tsv", tmp_path / "tg.tsv", tmp_path / "tv.parquet"
+    argv = ["trans-map", step2["fitted"], step2["pgen"], "-o", out, "--pval-threshold", 0.01,
+            "--genes-output", genes_out, "--variants-output", variants_out]  # fmt: skip
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "trans-map" in stdout and "kept" in stdout
+    want = snf.tl.trans_map(step2["adata"], step2["df"], variants=step2["meta"], pval_threshold=0.01, copy=True)
+    got, b = _read(out), snf.get.trans_df(want)
+    assert len(got) == len(b) > 0
+    assert list(got["variant"].astype(str)) == list(b["variant"].astype(str))
+    np.testing.assert_allclose(got[STATS].to_numpy(float), b[STATS].to_numpy(float), rtol=1e-9)
+    per_gene = _read(genes_out)
+    assert list(per_gene["gene"]) == list(step2["adata"].var_names)
+    np.testing.assert_allclose(per_gene["min_pval"], want.varm["trans"]["min_pval"], rtol=1e-9)
+    per_variant = _read(variants_out)
+    assert list(per_variant["variant"]) == list(step2["meta"].index)
+    assert leftovers(tmp_path) == []
+    for extra, culprit in ((["--pval-threshold", 2], "pval_threshold"), (["--genes-output", out], "different files")):
+        rc, _, err = run(capsys, "trans-map", step2["fitted"], step2["pgen"], "-o", out, "--overwrite", *extra)
+        assert rc == 2 and culprit in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(
     ("extra", "culprit"),
     [
@@ -191,7 +214,7 @@ def test_parquet_without_pyarrow(step2, tmp_path, capsys, monkeypatch):
 
 
 def test_step2_usage(capsys):
-    for command in ("score-test", "cis-map"):
+    for command in ("score-test", "cis-map", "trans-map"):
         rc, stdout, _ = run(capsys, command, "--help")
         assert rc == 0 and "GENOTYPES" in stdout and ".pgen" in stdout
     assert main(["cis-map"]) == 2

@@ -1,4 +1,5 @@
-"""The ``score-test`` and ``cis-map`` commands: a fitted h5ad and a genotype file in, a TSV or Parquet table out.
+"""The ``score-test``, ``cis-map`` and ``trans-map`` commands: a fitted h5ad and a genotype file in, TSV or Parquet
+tables out.
 
 Every input is checked before the work starts; tables are written to temporary files beside their outputs and
 renamed into place only when all of them are complete, so a failure leaves nothing behind.
@@ -282,3 +283,60 @@ def run_cis_map(args: argparse.Namespace) -> int:
         ]
         print("\n".join(lines), flush=True)
     return 0
+
+
+def run_trans_map(args: argparse.Namespace) -> int:
+    from .. import get, tl
+
+    t0 = time.perf_counter()
+    fitted = Path(args.input)
+    inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
+    outputs = [
+        (check_table_output(value, args.overwrite, inputs, what=what), what)
+        for value, what in ((args.output, "output"), (args.genes_output, "--genes-output"),
+                            (args.variants_output, "--variants-output"))
+    ]  # fmt: skip
+    given = [out.absolute() for out, _ in outputs if out is not None]
+    if len(set(given)) < len(given):
+        raise CLIError("-o, --genes-output and --variants-output must be different files.")
+    genes = _read_genes(args.genes)
+    variants = read_variant_positions(args.variant_positions)
+    adata = read_fitted(fitted, args.key)
+    genotypes = genotype_source(args.genotypes)
+    try:
+        tl.trans_map(
+            adata,
+            genotypes,
+            pval_threshold=args.pval_threshold,
+            key=args.key,
+            genes=genes,
+            variants=variants,
+            chunk_size=args.chunk_size,
+            n_threads=args.n_threads,
+            key_added="trans",
+        )
+    finally:
+        _close(genotypes)
+    table = get.trans_df(adata, "trans")
+    per_gene = adata.varm["trans"].rename_axis("gene").reset_index()
+    per_variant = adata.uns["trans"]["variants"].rename_axis("variant").reset_index()
+    (out, _), (genes_out, _), (variants_out, _) = outputs
+    tables = [(df, path) for df, path in ((table, out), (per_gene, genes_out), (per_variant, variants_out)) if path]
+    write_tables(tables, overwrite=args.overwrite)
+    if not args.quiet:
+        params = adata.uns["trans"]["params"]
+        pval = table["pval"].to_numpy()
+        lines = [
+            f"{PROG} trans-map: {args.input} x {args.genotypes} (p < {args.pval_threshold:g})",
+            f"  tested            {int(params['n_genes_tested'])} genes x {int(params['n_variants'])} variants",
+            f"  kept              {len(table)} pairs ({table['gene'].nunique()} genes)",
+            f"  smallest p-value  {pval.min():.3g}" if len(pval) else "  smallest p-value  -",
+            f"  wall time         {time.perf_counter() - t0:.2f} s",
+            "  results           " + "; ".join(str(path) for _, path in tables),
+        ]
+        print("\n".join(lines), flush=True)
+    return 0
+
+
+#: Command name -> function, for ``_main``.
+STEP2_COMMANDS = {"score-test": run_score_test, "cis-map": run_cis_map, "trans-map": run_trans_map}
