@@ -4,7 +4,8 @@
 the input with the results; ``scverse-nullfit demo`` (or ``fit-null --example``) runs the whole fit on the built-in
 simulated example and compares the estimates with the truth. A TSV of phenotypes and covariates can stand in for the
 h5ad, with the flags of the Rust ``step1-fit-null`` tool. ``score-test``, ``cis-map`` and ``trans-map`` read a fitted
-h5ad and a genotype file and write TSV or Parquet tables. Nothing heavier than argparse is imported before a command runs.
+h5ad and a genotype file and write TSV or Parquet tables. Nothing heavier than argparse is imported before a
+command runs.
 """
 
 from __future__ import annotations
