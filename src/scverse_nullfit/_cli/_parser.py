@@ -138,6 +138,11 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help="Refuse to run when genes x variants exceeds N (default 1e8; the table is held in memory; 0: no limit).",
     )
+    score.add_argument(
+        "--condition",
+        metavar="FILE_OR_LIST",
+        help="Variant IDs of GENOTYPES to condition on (exact conditional score test): a file or a comma list.",
+    )
     t = trans.add_argument_group("trans scan")
     t.add_argument(
         "--pval-threshold", type=float, default=1e-5, metavar="P", help="Keep pairs with p below P (default 1e-5)."
@@ -164,6 +169,25 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--variant-chrom-key", default="chrom", metavar="COL", help="Variant chromosome column (chrom).")
     g.add_argument("--variant-pos-key", default="pos", metavar="COL", help="Variant position column (pos).")
+    f = cis.add_argument_group("eGenes and independent signals")
+    f.add_argument("--fdr", type=float, default=0.05, metavar="Q", help="FDR of the eGene calls (default 0.05).")
+    f.add_argument(
+        "--fdr-method",
+        choices=("storey", "storey_bootstrap", "bh"),
+        default="storey",
+        help="q-values: Storey's (pi0 by smoother or bootstrap) or Benjamini-Hochberg (default storey).",
+    )
+    f.add_argument(
+        "--gene-pval",
+        choices=("acat", "bonf"),
+        default="acat",
+        help="Gene-level p-value the eGenes are called on: ACAT or the top variant's Bonferroni (default acat).",
+    )
+    f.add_argument(
+        "--independent-output",
+        metavar="SIGNALS.tsv",
+        help="Find the independent signals of each eGene (forward-backward conditional selection) and write them.",
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -148,6 +148,21 @@ def genotype_source(value: str) -> str | AnnData:
     return value
 
 
+def _read_list(value: str | None, option: str) -> list[str] | None:
+    """IDs from a comma-separated list or a file with one per line."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        with open(path) as fh:
+            items = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise CLIError(f"{option} {value!r} lists nothing.")
+    return items
+
+
 def read_variant_positions(value: str | None) -> pd.DataFrame | None:
     """A table of variants (TSV or CSV, first column the variant ID) with chromosome and position columns."""
     if value is None:
@@ -187,7 +202,13 @@ def run_score_test(args: argparse.Namespace) -> int:
     try:
         _check_size(adata, genotypes, genes, args.max_tests)
         table = tl.score_test(
-            adata, genotypes, key=args.key, genes=genes, chunk_size=args.chunk_size, n_threads=args.n_threads
+            adata,
+            genotypes,
+            key=args.key,
+            genes=genes,
+            condition=_read_list(args.condition, "--condition"),
+            chunk_size=args.chunk_size,
+            n_threads=args.n_threads,
         )
     finally:
         _close(genotypes)
@@ -241,8 +262,10 @@ def run_cis_map(args: argparse.Namespace) -> int:
     inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
     out = check_table_output(args.output, args.overwrite, inputs)
     genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
-    if genes_out is not None and genes_out.absolute() == out.absolute():
-        raise CLIError(f"--genes-output and -o are the same file ({args.output!r}).")
+    signals_out = check_table_output(args.independent_output, args.overwrite, inputs, what="--independent-output")
+    given = [p.absolute() for p in (out, genes_out, signals_out) if p is not None]
+    if len(set(given)) < len(given):
+        raise CLIError("-o, --genes-output and --independent-output must be different files.")
     genes = _read_genes(args.genes)
     variants = read_variant_positions(args.variant_positions)
     adata = read_fitted(fitted, args.key)
@@ -260,6 +283,10 @@ def run_cis_map(args: argparse.Namespace) -> int:
             variant_chrom_key=args.variant_chrom_key,
             variant_pos_key=args.variant_pos_key,
             key_added="cis",
+            fdr=args.fdr,
+            fdr_method=args.fdr_method,
+            gene_pval=args.gene_pval,
+            independent=signals_out is not None,
             chunk_size=args.chunk_size,
             n_threads=args.n_threads,
         )
@@ -270,18 +297,22 @@ def run_cis_map(args: argparse.Namespace) -> int:
     tables = [(table, out)]
     if genes_out is not None:
         tables.append((summary.rename_axis("gene").reset_index(), genes_out))
+    if signals_out is not None:
+        tables.append((get.cis_independent_df(adata, "cis"), signals_out))
     write_tables(tables, overwrite=args.overwrite)
     if not args.quiet:
         tested = summary["n_variants"].to_numpy() > 0
-        acat = summary["pval_acat"].to_numpy()[tested]
+        n_egenes = int(summary["is_egene"].sum()) if "is_egene" in summary.columns else None
         lines = [
             f"{PROG} cis-map: {args.input} x {args.genotypes} (window {args.window:,} bp)",
             f"  genes tested      {int(tested.sum())} of {adata.n_vars} ({len(table)} gene-variant tests)",
-            f"  ACAT p < 0.05     {int(np.sum(acat < 0.05))} genes" if tested.any() else "  ACAT p < 0.05     -",
+            f"  eGenes            {n_egenes} at FDR {args.fdr:g} ({args.gene_pval} gene p-values, {args.fdr_method})"
+            if n_egenes is not None
+            else "",
             f"  wall time         {time.perf_counter() - t0:.2f} s",
-            f"  results           {out}" + (f"; per-gene summary {genes_out}" if genes_out else ""),
+            "  results           " + "; ".join(str(path) for _, path in tables),
         ]
-        print("\n".join(lines), flush=True)
+        print("\n".join(line for line in lines if line), flush=True)
     return 0
 
 
