@@ -102,7 +102,7 @@ GENOTYPES_HELP = (
 
 
 def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
-    """``score-test`` and ``cis-map`` (``trans-map`` comes with ``tl.trans_map``)."""
+    """``score-test``, ``cis-map`` and ``trans-map``."""
     score = sub.add_parser(
         "score-test",
         parents=[common],
@@ -126,7 +126,18 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
             "read from it."
         ),
     )
-    for p in (score, cis):
+    trans = sub.add_parser(
+        "trans-map",
+        parents=[common],
+        help="Scan every variant against every fitted gene in bounded memory; write the pairs below a p-value.",
+        description=(
+            "Score-test every variant of GENOTYPES against every gene fitted in FITTED.h5ad, streaming the variants "
+            "in chunks, and write the (gene, variant) pairs with p < --pval-threshold to RESULTS; with "
+            "--genes-output / --variants-output, also each gene's / variant's smallest p-value. Memory does not "
+            "grow with genes x variants."
+        ),
+    )
+    for p in (score, cis, trans):
         p.add_argument("input", metavar="FITTED.h5ad", help="The output of fit-null (never modified).")
         p.add_argument("genotypes", metavar="GENOTYPES", help=GENOTYPES_HELP)
         p.add_argument(
@@ -137,6 +148,29 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to test: a file (one per line) or a comma list.")
         p.add_argument("--chunk-size", type=int, metavar="N", help="Variants per chunk (default: bounded memory).")
         p.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    score.add_argument(
+        "--max-tests",
+        type=int,
+        default=100_000_000,
+        metavar="N",
+        help="Refuse to run when genes x variants exceeds N (default 1e8; the table is held in memory; 0: no limit).",
+    )
+    score.add_argument(
+        "--condition",
+        metavar="FILE_OR_LIST",
+        help="Variant IDs of GENOTYPES to condition on (exact conditional score test): a file or a comma list.",
+    )
+    t = trans.add_argument_group("trans scan")
+    t.add_argument(
+        "--pval-threshold", type=float, default=1e-5, metavar="P", help="Keep pairs with p below P (default 1e-5)."
+    )
+    t.add_argument("--genes-output", metavar="GENES.tsv", help="Also write each gene's smallest p-value and variant.")
+    t.add_argument("--variants-output", metavar="VARIANTS.tsv", help="Also write each variant's smallest p-value.")
+    t.add_argument(
+        "--variant-positions",
+        metavar="FILE.tsv",
+        help="Variant metadata to report (TSV/CSV, first column the variant ID); default: the genotype file's.",
+    )
     g = cis.add_argument_group("cis windows")
     g.add_argument("--window", type=int, default=1_000_000, metavar="BP", help="Half-width in bp (default 1000000).")
     g.add_argument("--genes-output", metavar="GENES.tsv", help="Also write the per-gene summary (.tsv or .parquet).")
@@ -159,6 +193,25 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
             "Also write the results as tensorQTL writes them: PREFIX.cis_qtl_pairs.CHROM.parquet per chromosome and "
             "PREFIX.cis_qtl.txt.gz (needs pyarrow)."
         ),
+    )
+    f = cis.add_argument_group("eGenes and independent signals")
+    f.add_argument("--fdr", type=float, default=0.05, metavar="Q", help="FDR of the eGene calls (default 0.05).")
+    f.add_argument(
+        "--fdr-method",
+        choices=("storey", "storey_bootstrap", "bh"),
+        default="storey",
+        help="q-values: Storey's (pi0 by smoother or bootstrap) or Benjamini-Hochberg (default storey).",
+    )
+    f.add_argument(
+        "--gene-pval",
+        choices=("acat", "bonf"),
+        default="acat",
+        help="Gene-level p-value the eGenes are called on: ACAT or the top variant's Bonferroni (default acat).",
+    )
+    f.add_argument(
+        "--independent-output",
+        metavar="SIGNALS.tsv",
+        help="Find the independent signals of each eGene (forward-backward conditional selection) and write them.",
     )
 
 

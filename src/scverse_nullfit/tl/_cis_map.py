@@ -334,8 +334,9 @@ def cis_map(
         with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
             info = VariantInfo(geno, model.counts)
             found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar, info)
-    finally:
+    except BaseException:
         close_genotypes(geno, genotypes)
+        raise
     gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
     table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci, info)
     summary = _gene_summary(adata, table, gene_i)
@@ -348,6 +349,7 @@ def cis_map(
                 adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
                 gene_pval, bar,
             )  # fmt: skip
+    close_genotypes(geno, genotypes)  # the independent signals read it too (on an error, garbage collection closes it)
     params = {
         "key": key,
         "window": float(window) if not float(window).is_integer() else int(window),

@@ -16,7 +16,7 @@ from .._core._step2 import BLOCK_ELEMENTS, impute
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, select_genes
-from ._step2 import StoredNull, VariantInfo, open_genotypes, result_table, running
+from ._step2 import StoredNull, VariantInfo, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -105,7 +105,7 @@ def trans_map(
     mask = select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes, variants)
+    geno = open_genotypes(genotypes, variants, **file_options(genotypes, model.donors))  # only the fit's donors
     rows = geno.align(model.donors)
 
     n_var, n_genes = geno.n_variants, model.n_genes
@@ -149,6 +149,7 @@ def trans_map(
                     if len(gi):
                         pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi]))
             bar.update(len(cols))
+    close_genotypes(geno, genotypes)  # a reader opened from a path (on an error, garbage collection closes it)
 
     table = _associations(adata, model.var_index, mask, geno, pieces, info)
     sel = np.flatnonzero(mask)
