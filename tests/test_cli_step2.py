@@ -279,3 +279,19 @@ def test_cis_map_command_writes_tensorqtl_files(step2, tmp_path, capsys):
     rc, _, err = run(capsys, *argv[:3], "-o", out2, "--tensorqtl", tmp_path / "nodir" / "x")
     assert rc == 2 and "nodir" in err
     assert leftovers(tmp_path) == []
+
+
+def test_trans_map_command_writes_tensorqtl_pairs(step2, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    out, prefix = tmp_path / "t.tsv", tmp_path / "study"
+    argv = ["trans-map", step2["fitted"], step2["pgen"], "-o", out, "--pval-threshold", 0.05, "--tensorqtl", prefix]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    got = pd.read_parquet(tmp_path / "study.trans_qtl_pairs.parquet")
+    assert list(got.columns) == ["variant_id", "phenotype_id", "pval", "b", "b_se", "af"]
+    table = _read(out)
+    np.testing.assert_array_equal(got["variant_id"], table["variant"].astype(str))
+    np.testing.assert_allclose(got["af"], table["af"], rtol=1e-6)
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "already exists" in err
+    assert leftovers(tmp_path) == []

@@ -171,6 +171,11 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         metavar="FILE.tsv",
         help="Variant metadata to report (TSV/CSV, first column the variant ID); default: the genotype file's.",
     )
+    t.add_argument(
+        "--tensorqtl",
+        metavar="PREFIX",
+        help="Also write the kept pairs as tensorQTL writes them: PREFIX.trans_qtl_pairs.parquet (needs pyarrow).",
+    )
     g = cis.add_argument_group("cis windows")
     g.add_argument("--window", type=int, default=1_000_000, metavar="BP", help="Half-width in bp (default 1000000).")
     g.add_argument("--genes-output", metavar="GENES.tsv", help="Also write the per-gene summary (.tsv or .parquet).")

@@ -333,6 +333,7 @@ def run_trans_map(args: argparse.Namespace) -> int:
     given = [out.absolute() for out, _ in outputs if out is not None]
     if len(set(given)) < len(given):
         raise CLIError("-o, --genes-output and --variants-output must be different files.")
+    trans_tqtl = _check_trans_tensorqtl(args.tensorqtl, args.overwrite, inputs)
     genes = _read_genes(args.genes)
     variants = read_variant_positions(args.variant_positions)
     adata = read_fitted(fitted, args.key)
@@ -356,6 +357,10 @@ def run_trans_map(args: argparse.Namespace) -> int:
     per_variant = adata.uns["trans"]["variants"].rename_axis("variant").reset_index()
     (out, _), (genes_out, _), (variants_out, _) = outputs
     tables = [(df, path) for df, path in ((table, out), (per_gene, genes_out), (per_variant, variants_out)) if path]
+    if trans_tqtl is not None:
+        from ..get import tensorqtl_df
+
+        tables.append((tensorqtl_df(table, kind="trans"), trans_tqtl))
     write_tables(tables, overwrite=args.overwrite)
     if not args.quiet:
         params = adata.uns["trans"]["params"]
@@ -390,6 +395,16 @@ def _check_tensorqtl_prefix(value: str | None, overwrite: bool) -> Path | None:
     except ImportError as err:
         raise ImportError(PARQUET_MISSING) from err
     return prefix
+
+
+def _check_trans_tensorqtl(value: str | None, overwrite: bool, inputs: list[Path]) -> Path | None:
+    """trans-map's --tensorqtl output, ``PREFIX.trans_qtl_pairs.parquet``, checked before any work."""
+    if value is None:
+        return None
+    from ..io._tensorqtl import tensorqtl_paths
+
+    path = tensorqtl_paths(value)["trans"]
+    return check_table_output(str(path), overwrite, inputs, what="--tensorqtl output")
 
 
 def _tensorqtl_tables(adata: AnnData, prefix: Path, overwrite: bool, inputs: list[Path]) -> list[tuple]:
