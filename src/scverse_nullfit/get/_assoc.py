@@ -135,8 +135,9 @@ def cis_independent_df(adata: AnnData, key: str = "cis", *, genes: str | Sequenc
     Returns
     -------
     A copy of the table, one row per signal of each eGene: ``gene``, ``rank``, ``variant``, ``chrom``, ``pos``,
-    ``distance``, the conditional score-test columns ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``
-    (conditioning on the gene's other signals), ``pval_gene`` and ``n_conditioned``, with a fresh integer index.
+    ``distance``, the variant columns ``ref`` ... ``n_cells`` of ``cis_df``, the conditional score-test columns
+    ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` (conditioning on the gene's other signals),
+    ``pval_gene`` and ``n_conditioned``, with a fresh integer index.
     """
     results = _cis_results(adata, key)
     if Key.CIS_INDEPENDENT not in results:

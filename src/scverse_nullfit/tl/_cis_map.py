@@ -299,9 +299,9 @@ def cis_map(
         Get it with :func:`scverse_nullfit.get.cis_genes_df`.
     ``adata.uns[key_added]["independent"]``
         With ``independent=True``: one row per independent signal of each eGene, ``gene``, ``rank`` (1, 2, ...),
-        ``variant``, ``chrom``, ``pos``, ``distance``, the conditional score-test columns (conditioning on the
-        gene's other signals; a gene's single signal is its top variant, unconditioned), ``pval_gene`` (the
-        gene-level p-value of that scan) and ``n_conditioned``. Get it with
+        ``variant``, ``chrom``, ``pos``, ``distance``, the per-variant columns (``ref`` ... ``n_cells``), the
+        conditional score-test columns (conditioning on the gene's other signals; a gene's single signal is its top
+        variant, unconditioned), ``pval_gene`` (the gene-level p-value of that scan) and ``n_conditioned``. Get it with
         :func:`scverse_nullfit.get.cis_independent_df`.
     ``adata.uns[key_added]["params"]``
         The call's parameters, with ``pi0`` and ``pi0_bonf`` (the estimates used for ``qval`` and ``qval_bonf``),
@@ -347,7 +347,7 @@ def cis_map(
         with running(n_threads, len(egenes), "eGene", show_above=100) as bar:
             results[Key.CIS_INDEPENDENT] = _independent_signals(
                 adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
-                gene_pval, bar,
+                gene_pval, bar, info,
             )  # fmt: skip
     close_genotypes(geno, genotypes)  # the independent signals read it too (on an error, garbage collection closes it)
     params = {
@@ -643,7 +643,7 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
 
 def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci,
                          egenes: np.ndarray, window: float, threshold: float, gene_pval: str,
-                         bar) -> pd.DataFrame:  # fmt: skip
+                         bar, info: VariantInfo | None = None) -> pd.DataFrame:  # fmt: skip
     """Forward-backward selection of each eGene's independent signals (see :func:`cis_map`), gene by gene along
     each chromosome, every scan vectorised over the window's variants (rotated once, through the cache)."""
     model_row = np.full(adata.n_vars, -1, dtype=np.intp)
@@ -678,6 +678,8 @@ def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: 
         np.searchsorted(used, var_i),
         np.asarray(cols[5], dtype=np.float64),
         np.asarray(cols[6], dtype=np.float64),
+        info=info,
+        info_rows=var_i,
         rank=np.asarray(cols[1], dtype=np.int64),
         chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
         pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
