@@ -295,3 +295,14 @@ def test_trans_map_command_writes_tensorqtl_pairs(step2, tmp_path, capsys):
     rc, _, err = run(capsys, *argv)
     assert rc == 2 and "already exists" in err
     assert leftovers(tmp_path) == []
+
+
+def test_cis_map_command_tensorqtl_with_independent_signals(step2, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    prefix = tmp_path / "ind"
+    rc, _, err = run(capsys, "cis-map", step2["fitted"], step2["pgen"], "-o", tmp_path / "c.tsv", "--window", 300000,
+                     "--independent-output", tmp_path / "sig.tsv", "--tensorqtl", prefix, "--fdr", 0.5)  # fmt: skip
+    assert rc == 0, err
+    got = pd.read_csv(tmp_path / "ind.cis_independent_qtl.txt.gz", sep="\t")
+    assert list(got.columns[:3]) == ["phenotype_id", "variant_id", "start_distance"] and "rank" in got.columns
+    assert len(got) == len(_read(tmp_path / "sig.tsv"))

@@ -439,3 +439,23 @@ def test_trans_map_results_to_tensorqtl(fitted):
     assert len(trans) == len(kept) > 0
     np.testing.assert_allclose(trans["af"], kept["af"], rtol=1e-6)
     assert np.isfinite(trans["af"]).all()
+
+
+def test_independent_signals_in_tensorqtl_shape(tmp_path):
+    pytest.importorskip("pyarrow")
+    from scverse_nullfit.get._export import TENSORQTL_INDEPENDENT
+
+    adata = snf.datasets.simulate(n_donors=80, cells_per_donor=6.0, n_genes=6, frac_eqtl=0.5, eqtl_effect=1.5, seed=3)
+    snf.tl.fit_null(adata, covariates=["age", "sex"], donor_covariates=["age", "sex"])
+    snf.tl.cis_map(adata, adata.uns["genotypes"], variants=adata.uns["variants"], independent=True)
+    signals = snf.get.cis_independent_df(adata)
+    assert len(signals) > 0
+    out = snf.get.tensorqtl_df(adata, kind="independent")
+    _dtypes_match(out, TENSORQTL_INDEPENDENT)
+    assert list(out.columns) == [*TENSORQTL_INDEPENDENT, "pval_gene"]
+    np.testing.assert_array_equal(out["rank"], signals["rank"])
+    np.testing.assert_array_equal(out["variant_id"], signals["variant"].astype(str))
+    paths = snf.io.write_tensorqtl(tmp_path / "s", genes=snf.get.tensorqtl_df(adata, kind="gene"), independent=out)
+    assert [p.name for p in paths] == ["s.cis_qtl.txt.gz", "s.cis_independent_qtl.txt.gz"]
+    back = pd.read_csv(paths[1], sep="\t", index_col=0)
+    assert back.index.name == "phenotype_id" and len(back) == len(out)

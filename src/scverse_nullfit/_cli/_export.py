@@ -24,6 +24,8 @@ def run_export(args: argparse.Namespace) -> int:
     if not args.no_cis:
         tables["nominal"] = tensorqtl_df(adata, args.key, kind="nominal", by_chrom=True)
         tables["genes"] = tensorqtl_df(adata, args.key, kind="gene")
+        if isinstance(adata.uns.get(args.key), dict) and "independent" in adata.uns[args.key]:
+            tables["independent"] = tensorqtl_df(adata, args.key, kind="independent")
     if args.trans_key is not None:
         tables["trans"] = tensorqtl_df(adata, args.trans_key, kind="trans")
     if not tables:

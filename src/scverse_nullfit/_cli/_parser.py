@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Write stored cis (and trans) results as tensorQTL's files.",
         description=(
             "Write the cis_map results of RESULTS.h5ad as tensorQTL writes them: PREFIX.cis_qtl_pairs.CHROM.parquet "
-            "per chromosome (nominal pairs) and PREFIX.cis_qtl.txt.gz (one row per gene), and with --trans-key "
+            "per chromosome (nominal pairs), PREFIX.cis_qtl.txt.gz (one row per gene), "
+            "PREFIX.cis_independent_qtl.txt.gz when the results hold independent signals, and with --trans-key "
             "PREFIX.trans_qtl_pairs.parquet. All files are written to temporary names and renamed only when all are "
             "complete. Needs pyarrow (pip install 'scverse-nullfit[parquet]')."
         ),
@@ -196,7 +197,7 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         metavar="PREFIX",
         help=(
             "Also write the results as tensorQTL writes them: PREFIX.cis_qtl_pairs.CHROM.parquet per chromosome and "
-            "PREFIX.cis_qtl.txt.gz (needs pyarrow)."
+            "PREFIX.cis_qtl.txt.gz, and PREFIX.cis_independent_qtl.txt.gz with --independent-output (needs pyarrow)."
         ),
     )
     f = cis.add_argument_group("eGenes and independent signals")

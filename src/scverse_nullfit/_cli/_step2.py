@@ -416,6 +416,8 @@ def _tensorqtl_tables(adata: AnnData, prefix: Path, overwrite: bool, inputs: lis
     paths = tensorqtl_paths(prefix, list(nominal))
     tables = [(df, paths[f"nominal:{chrom}"]) for chrom, df in nominal.items()]
     tables.append((tensorqtl_df(adata, "cis", kind="gene"), paths["genes"]))
+    if "independent" in adata.uns["cis"]:
+        tables.append((tensorqtl_df(adata, "cis", kind="independent"), paths["independent"]))
     for _, path in tables:
         check_table_output(str(path), overwrite, inputs, what="--tensorqtl output")
     return tables

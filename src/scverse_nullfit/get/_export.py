@@ -40,6 +40,19 @@ TENSORQTL_GENE = {
     "slope": np.float32,
     "slope_se": np.float32,
 }
+#: tensorQTL's independent signals (``cis_independent_qtl.txt.gz``), the columns we have: column -> dtype.
+TENSORQTL_INDEPENDENT = {
+    "phenotype_id": object,
+    "variant_id": object,
+    "start_distance": np.int32,
+    "ma_samples": np.int32,
+    "ma_count": np.int32,
+    "af": np.float32,
+    "pval_nominal": np.float64,
+    "slope": np.float32,
+    "slope_se": np.float32,
+    "rank": np.int32,
+}
 #: tensorQTL's trans pairs (``trans_qtl_pairs.parquet``): column -> dtype.
 TENSORQTL_TRANS = {
     "variant_id": object,
@@ -66,7 +79,7 @@ def _typed(columns: dict, dtypes: dict) -> pd.DataFrame:
 def tensorqtl_df(
     data: AnnData | pd.DataFrame,
     key: str = "cis",
-    kind: Literal["nominal", "gene", "trans"] = "nominal",
+    kind: Literal["nominal", "gene", "independent", "trans"] = "nominal",
     *,
     by_chrom: bool = False,
 ) -> pd.DataFrame | dict[str, pd.DataFrame]:
@@ -94,8 +107,11 @@ def tensorqtl_df(
         pval_nominal, slope, slope_se`` as tensorQTL's ``map_cis``), followed by our gene-level p-values
         ``pval_acat`` (ACAT over the gene's variants, the analogue of tensorQTL's ``pval_beta``) and
         ``top_pval_bonf``, and ``qval``, ``qval_bonf``, ``is_egene`` when the results hold them; genes whose
-        variants all gave NaN are left out. ``"trans"``: pairs as tensorQTL's ``map_trans`` (``variant_id,
-        phenotype_id, pval, b, b_se, af``).
+        variants all gave NaN are left out. ``"independent"``: the signals of ``cis_map(independent=True)`` as
+        tensorQTL's ``map_independent`` reports them (the top-variant columns above with the conditional
+        statistics, and ``rank``), followed by ``pval_gene`` (the gene-level p-value of the signal's conditional
+        scan). ``"trans"``: pairs as tensorQTL's ``map_trans`` (``variant_id, phenotype_id, pval, b, b_se,
+        af``).
     by_chrom
         With ``kind="nominal"``: a dict chromosome -> table (the gene's chromosome as in ``adata.var``), as tensorQTL
         writes one file per chromosome; see :func:`scverse_nullfit.io.write_tensorqtl`.
@@ -108,12 +124,14 @@ def tensorqtl_df(
 
     if kind == "trans":
         return _trans(data, key)
-    if kind not in ("nominal", "gene"):
-        raise ValueError(f"kind must be 'nominal', 'gene' or 'trans', not {kind!r}.")
+    if kind not in ("nominal", "gene", "independent"):
+        raise ValueError(f"kind must be 'nominal', 'gene', 'independent' or 'trans', not {kind!r}.")
     if not isinstance(data, AnnData):
         raise ValueError(f"kind={kind!r} reads cis_map results from an AnnData, not a {type(data).__name__}.")
     if kind == "gene":
         return _gene(data, key)
+    if kind == "independent":
+        return _independent(data, key)
     table = cis_df(data, key)
     out = _typed(
         {
@@ -162,6 +180,29 @@ def _gene(adata: AnnData, key: str) -> pd.DataFrame:
     for name in GENE_EXTRA:
         if name in summary.columns:
             out[name] = summary[name].to_numpy()
+    return out
+
+
+def _independent(adata: AnnData, key: str) -> pd.DataFrame:
+    from ._assoc import cis_independent_df
+
+    table = cis_independent_df(adata, key)
+    out = _typed(
+        {
+            "phenotype_id": _strings(table["gene"]),
+            "variant_id": _strings(table["variant"]),
+            "start_distance": np.rint(table["distance"].to_numpy(dtype=np.float64)),
+            "ma_samples": table["ma_samples"],
+            "ma_count": table["ma_count"],
+            "af": table["af"],
+            "pval_nominal": table["pval"],
+            "slope": table["beta"],
+            "slope_se": table["se"],
+            "rank": table["rank"],
+        },
+        TENSORQTL_INDEPENDENT,
+    )
+    out["pval_gene"] = table["pval_gene"].to_numpy()
     return out
 
 

@@ -21,10 +21,12 @@ def _pyarrow() -> None:
 
 def tensorqtl_paths(prefix: str | os.PathLike, chroms=()) -> dict[str, Path]:
     """The file names tensorQTL uses under ``prefix``: ``cis_qtl_pairs.{chrom}.parquet`` per chromosome (keys
-    ``"nominal:{chrom}"``), ``cis_qtl.txt.gz`` (``"genes"``) and ``trans_qtl_pairs.parquet`` (``"trans"``)."""
+    ``"nominal:{chrom}"``), ``cis_qtl.txt.gz`` (``"genes"``), ``cis_independent_qtl.txt.gz``
+    (``"independent"``) and ``trans_qtl_pairs.parquet`` (``"trans"``)."""
     prefix = os.fspath(prefix)
     out = {f"nominal:{c}": Path(f"{prefix}.cis_qtl_pairs.{c}.parquet") for c in chroms}
     out["genes"] = Path(f"{prefix}.cis_qtl.txt.gz")
+    out["independent"] = Path(f"{prefix}.cis_independent_qtl.txt.gz")
     out["trans"] = Path(f"{prefix}.trans_qtl_pairs.parquet")
     return out
 
@@ -34,6 +36,7 @@ def write_tensorqtl(
     *,
     nominal: Mapping[str, pd.DataFrame] | None = None,
     genes: pd.DataFrame | None = None,
+    independent: pd.DataFrame | None = None,
     trans: pd.DataFrame | None = None,
     overwrite: bool = True,
 ) -> list[Path]:
@@ -53,6 +56,9 @@ def write_tensorqtl(
     genes
         The per-gene table (``tensorqtl_df(adata, kind="gene")``): ``{prefix}.cis_qtl.txt.gz``, tab-separated and
         gzipped, as tensorQTL's ``cis`` mode writes.
+    independent
+        Independent signals (``tensorqtl_df(adata, kind="independent")``): ``{prefix}.cis_independent_qtl.txt.gz``,
+        as tensorQTL's ``cis_independent`` mode writes.
     trans
         Trans pairs (``tensorqtl_df(..., kind="trans")``): ``{prefix}.trans_qtl_pairs.parquet``.
     overwrite
@@ -69,6 +75,7 @@ def write_tensorqtl(
         )
     for name, df in [
         ("genes", genes),
+        ("independent", independent),
         ("trans", trans),
         *(((f"nominal[{c!r}]", d) for c, d in (nominal or {}).items())),
     ]:
@@ -84,10 +91,12 @@ def write_tensorqtl(
     ]
     if genes is not None:
         jobs.append((paths["genes"], genes, "txt.gz"))
+    if independent is not None:
+        jobs.append((paths["independent"], independent, "txt.gz"))
     if trans is not None:
         jobs.append((paths["trans"], trans, "parquet"))
     if not jobs:
-        raise ValueError("nothing to write: give nominal, genes and/or trans.")
+        raise ValueError("nothing to write: give nominal, genes, independent and/or trans.")
     if any(kind == "parquet" for _, _, kind in jobs):
         _pyarrow()
     for path, _, _ in jobs:
