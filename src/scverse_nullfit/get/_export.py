@@ -461,25 +461,26 @@ def effect_matrices(
 
 
 def _result_keys(adata: AnnData, keys, key: str) -> dict[str, str]:
+    """Column label -> cis result key: a mapping as given; keys labelled by the group they record (or by themselves
+    when groups repeat or are missing); or, without keys, every result of ``cis_map(groupby=..., key_added=key)``."""
     if isinstance(keys, Mapping):
         return {str(label): str(k) for label, k in keys.items()}
+
+    def params(stored) -> dict:
+        return stored.get(Key.PARAMS, {}) if isinstance(stored, Mapping) else {}
+
     if keys is None:
-        found = {}
-        for k, v in adata.uns.items():
-            params = v.get(Key.PARAMS, {}) if isinstance(v, Mapping) else {}
-            if Key.CIS_VARIANTS in v if isinstance(v, Mapping) else False:
-                if params.get("group_of") == key and "group" in params:
-                    found[str(params["group"])] = str(k)
+        found = {
+            str(params(v)["group"]): str(k)
+            for k, v in adata.uns.items()
+            if isinstance(v, Mapping) and Key.CIS_VARIANTS in v
+            and params(v).get("group_of") == key and "group" in params(v)
+        }  # fmt: skip
         if not found:
             raise KeyError(f"no results of cis_map(groupby=..., key_added={key!r}) in adata.uns; pass keys.")
         return found
-    if isinstance(keys, str):
-        keys = [keys]
-    out = {}
-    for k in keys:
-        stored = adata.uns.get(k)
-        params = stored.get(Key.PARAMS, {}) if isinstance(stored, Mapping) else {}
-        out[str(params.get("group", k))] = str(k)
-    if len(out) < len(list(keys)):
-        out = {str(k): str(k) for k in keys}
-    return out
+    keys = [keys] if isinstance(keys, str) else [str(k) for k in keys]
+    labels = [str(params(adata.uns.get(k)).get("group", k)) for k in keys]
+    if len(set(labels)) < len(labels):
+        labels = keys
+    return dict(zip(labels, keys, strict=True))
