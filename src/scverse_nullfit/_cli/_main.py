@@ -4,8 +4,8 @@
 the input with the results; ``scverse-nullfit demo`` (or ``fit-null --example``) runs the whole fit on the built-in
 simulated example and compares the estimates with the truth. A TSV of phenotypes and covariates can stand in for the
 h5ad, with the flags of the Rust ``step1-fit-null`` tool. ``score-test``, ``cis-map`` and ``trans-map`` read a fitted
-h5ad and a genotype file and write TSV or Parquet tables. Nothing heavier than argparse is imported before a command
-runs.
+h5ad and a genotype file and write TSV or Parquet tables. Nothing heavier than argparse is imported before a
+command runs.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scanpy import settings
 
     if args.command in ("score-test", "cis-map", "trans-map"):
-        from ._step2 import run_cis_map, run_score_test, run_trans_map
+        from ._step2 import STEP2_COMMANDS
 
-        run = {"score-test": run_score_test, "cis-map": run_cis_map, "trans-map": run_trans_map}[args.command]
+        run = STEP2_COMMANDS[args.command]
+    elif args.command == "export-tensorqtl":
+        from ._export import run_export as run
     else:
         from ._fit_null import run_fit as run
 

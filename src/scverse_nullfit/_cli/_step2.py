@@ -148,6 +148,21 @@ def genotype_source(value: str) -> str | AnnData:
     return value
 
 
+def _read_list(value: str | None, option: str) -> list[str] | None:
+    """IDs from a comma-separated list or a file with one per line."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        with open(path) as fh:
+            items = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise CLIError(f"{option} {value!r} lists nothing.")
+    return items
+
+
 def read_variant_positions(value: str | None) -> pd.DataFrame | None:
     """A table of variants (TSV or CSV, first column the variant ID) with chromosome and position columns."""
     if value is None:
@@ -167,9 +182,12 @@ def read_variant_positions(value: str | None) -> pd.DataFrame | None:
 
 
 def _close(genotypes) -> None:
+    """Close a backed genotype AnnData or a genotype file reader opened here."""
     if getattr(genotypes, "isbacked", False):
         with suppress(Exception):
             genotypes.file.close()
+    elif hasattr(genotypes, "close"):
+        genotypes.close()
 
 
 def run_score_test(args: argparse.Namespace) -> int:
@@ -179,14 +197,19 @@ def run_score_test(args: argparse.Namespace) -> int:
     fitted = Path(args.input)
     out = check_table_output(args.output, args.overwrite, [fitted, Path(args.genotypes)])
     genes = _read_genes(args.genes)
-    condition = read_variant_ids(args.condition, "--condition")
     adata = read_fitted(fitted, args.key)
-    genotypes = genotype_source(args.genotypes)
+    genotypes = _open_for_score_test(adata, genotype_source(args.genotypes), args.key)
     try:
+        _check_size(adata, genotypes, genes, args.max_tests)
         table = tl.score_test(
-            adata, genotypes, key=args.key, genes=genes, condition=condition, chunk_size=args.chunk_size,
+            adata,
+            genotypes,
+            key=args.key,
+            genes=genes,
+            condition=_read_list(args.condition, "--condition"),
+            chunk_size=args.chunk_size,
             n_threads=args.n_threads,
-        )  # fmt: skip
+        )
     finally:
         _close(genotypes)
     write_tables([(table, out)], overwrite=args.overwrite)
@@ -205,6 +228,32 @@ def run_score_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_for_score_test(adata: AnnData, genotypes, key: str):
+    """A genotype file opened once (only the fit's donors), so that its size can be checked before the tests."""
+    if not isinstance(genotypes, str):
+        return genotypes
+    from ..io._genotypes import resolve_reader
+
+    cls = resolve_reader(genotypes)
+    donors = [str(d) for d in np.asarray(adata.uns[key].get("donors", []))]
+    options = {"samples": donors} if getattr(cls, "takes_samples", False) and donors else {}
+    return cls(Path(genotypes), **options)
+
+
+def _check_size(adata: AnnData, genotypes, genes: list[str] | None, max_tests: int | None) -> None:
+    """Refuse a score-test table larger than --max-tests rows (it is held in memory) before computing it."""
+    if not max_tests or max_tests <= 0:
+        return
+    n_variants = genotypes.var.shape[0] if hasattr(genotypes, "var") else 0
+    n_genes = adata.n_vars if genes is None else len(genes)
+    if n_genes * n_variants > max_tests:
+        raise CLIError(
+            f"score-test would write {n_genes:,} genes x {n_variants:,} variants = {n_genes * n_variants:,} rows, more "
+            f"than --max-tests {max_tests:,} (the table is held in memory): choose genes with --genes, map cis "
+            "windows with cis-map, or raise --max-tests."
+        )
+
+
 def run_cis_map(args: argparse.Namespace) -> int:
     from .. import get, tl
 
@@ -214,9 +263,10 @@ def run_cis_map(args: argparse.Namespace) -> int:
     out = check_table_output(args.output, args.overwrite, inputs)
     genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
     signals_out = check_table_output(args.independent_output, args.overwrite, inputs, what="--independent-output")
-    _distinct([(out, "-o"), (genes_out, "--genes-output"), (signals_out, "--independent-output")])
-    if not 0 < args.fdr < 1:
-        raise CLIError(f"--fdr must be strictly between 0 and 1, not {args.fdr}.")
+    given = [p.absolute() for p in (out, genes_out, signals_out) if p is not None]
+    if len(set(given)) < len(given):
+        raise CLIError("-o, --genes-output and --independent-output must be different files.")
+    tensorqtl = _check_tensorqtl_prefix(args.tensorqtl, args.overwrite)
     genes = _read_genes(args.genes)
     variants = read_variant_positions(args.variant_positions)
     adata = read_fitted(fitted, args.key)
@@ -250,48 +300,23 @@ def run_cis_map(args: argparse.Namespace) -> int:
         tables.append((summary.rename_axis("gene").reset_index(), genes_out))
     if signals_out is not None:
         tables.append((get.cis_independent_df(adata, "cis"), signals_out))
+    if tensorqtl is not None:
+        tables += _tensorqtl_tables(adata, tensorqtl, args.overwrite, inputs)
     write_tables(tables, overwrite=args.overwrite)
     if not args.quiet:
         tested = summary["n_variants"].to_numpy() > 0
-        acat = summary["pval_acat"].to_numpy()[tested]
+        n_egenes = int(summary["is_egene"].sum()) if "is_egene" in summary.columns else None
         lines = [
             f"{PROG} cis-map: {args.input} x {args.genotypes} (window {args.window:,} bp)",
             f"  genes tested      {int(tested.sum())} of {adata.n_vars} ({len(table)} gene-variant tests)",
-            f"  ACAT p < 0.05     {int(np.sum(acat < 0.05))} genes" if tested.any() else "  ACAT p < 0.05     -",
-            f"  eGenes            {int(summary['is_egene'].sum())} at FDR {args.fdr:g} ({args.fdr_method}, "
-            f"{args.gene_pval})",
+            f"  eGenes            {n_egenes} at FDR {args.fdr:g} ({args.gene_pval} gene p-values, {args.fdr_method})"
+            if n_egenes is not None
+            else "",
             f"  wall time         {time.perf_counter() - t0:.2f} s",
-            f"  results           {out}"
-            + (f"; per-gene summary {genes_out}" if genes_out else "")
-            + (f"; independent signals {signals_out}" if signals_out else ""),
+            "  results           " + "; ".join(str(path) for _, path in tables),
         ]
-        print("\n".join(lines), flush=True)
+        print("\n".join(line for line in lines if line), flush=True)
     return 0
-
-
-def read_variant_ids(value: str | None, what: str) -> list[str] | None:
-    """Variant IDs from a comma list or a file with one ID per line (lines starting with # skipped)."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        with open(path) as fh:
-            ids = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
-    else:
-        ids = [item.strip() for item in value.split(",") if item.strip()]
-    if not ids:
-        raise CLIError(f"{what} lists no variant.")
-    return ids
-
-
-def _distinct(outputs: list[tuple[Path | None, str]]) -> None:
-    seen: dict[Path, str] = {}
-    for path, flag in outputs:
-        if path is None:
-            continue
-        if path.absolute() in seen:
-            raise CLIError(f"{flag} and {seen[path.absolute()]} are the same file ({str(path)!r}).")
-        seen[path.absolute()] = flag
 
 
 def run_trans_map(args: argparse.Namespace) -> int:
@@ -300,40 +325,103 @@ def run_trans_map(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fitted = Path(args.input)
     inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
-    out = check_table_output(args.output, args.overwrite, inputs)
-    genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
-    variants_out = check_table_output(args.variants_output, args.overwrite, inputs, what="--variants-output")
-    _distinct([(out, "-o"), (genes_out, "--genes-output"), (variants_out, "--variants-output")])
-    if not 0 < args.pval_threshold <= 1:
-        raise CLIError(f"--pval-threshold must be in (0, 1], not {args.pval_threshold}.")
+    outputs = [
+        (check_table_output(value, args.overwrite, inputs, what=what), what)
+        for value, what in ((args.output, "output"), (args.genes_output, "--genes-output"),
+                            (args.variants_output, "--variants-output"))
+    ]  # fmt: skip
+    given = [out.absolute() for out, _ in outputs if out is not None]
+    if len(set(given)) < len(given):
+        raise CLIError("-o, --genes-output and --variants-output must be different files.")
+    trans_tqtl = _check_trans_tensorqtl(args.tensorqtl, args.overwrite, inputs)
     genes = _read_genes(args.genes)
     variants = read_variant_positions(args.variant_positions)
     adata = read_fitted(fitted, args.key)
     genotypes = genotype_source(args.genotypes)
     try:
         tl.trans_map(
-            adata, genotypes, pval_threshold=args.pval_threshold, key=args.key, genes=genes, variants=variants,
-            chunk_size=args.chunk_size, n_threads=args.n_threads, key_added="trans",
-        )  # fmt: skip
+            adata,
+            genotypes,
+            pval_threshold=args.pval_threshold,
+            key=args.key,
+            genes=genes,
+            variants=variants,
+            chunk_size=args.chunk_size,
+            n_threads=args.n_threads,
+            key_added="trans",
+        )
     finally:
         _close(genotypes)
     table = get.trans_df(adata, "trans")
-    tables = [(table, out)]
-    if genes_out is not None:
-        tables.append((adata.varm["trans"].rename_axis("gene").reset_index(), genes_out))
-    if variants_out is not None:
-        tables.append((adata.uns["trans"]["variants"].rename_axis("variant").reset_index(), variants_out))
+    per_gene = adata.varm["trans"].rename_axis("gene").reset_index()
+    per_variant = adata.uns["trans"]["variants"].rename_axis("variant").reset_index()
+    (out, _), (genes_out, _), (variants_out, _) = outputs
+    tables = [(df, path) for df, path in ((table, out), (per_gene, genes_out), (per_variant, variants_out)) if path]
+    if trans_tqtl is not None:
+        from ..get import tensorqtl_df
+
+        tables.append((tensorqtl_df(table, kind="trans"), trans_tqtl))
     write_tables(tables, overwrite=args.overwrite)
     if not args.quiet:
         params = adata.uns["trans"]["params"]
+        pval = table["pval"].to_numpy()
         lines = [
-            f"{PROG} trans-map: {args.input} x {args.genotypes}",
-            f"  tests             {params['n_genes_tested']} genes x {params['n_variants']} variants",
-            f"  kept              {len(table)} pairs with p < {args.pval_threshold:g}",
+            f"{PROG} trans-map: {args.input} x {args.genotypes} (p < {args.pval_threshold:g})",
+            f"  tested            {int(params['n_genes_tested'])} genes x {int(params['n_variants'])} variants",
+            f"  kept              {len(table)} pairs ({table['gene'].nunique()} genes)",
+            f"  smallest p-value  {pval.min():.3g}" if len(pval) else "  smallest p-value  -",
             f"  wall time         {time.perf_counter() - t0:.2f} s",
-            f"  results           {out}"
-            + (f"; per-gene minima {genes_out}" if genes_out else "")
-            + (f"; per-variant minima {variants_out}" if variants_out else ""),
+            "  results           " + "; ".join(str(path) for _, path in tables),
         ]
         print("\n".join(lines), flush=True)
     return 0
+
+
+def _check_tensorqtl_prefix(value: str | None, overwrite: bool) -> Path | None:
+    """The --tensorqtl prefix, checked before any work: an existing folder, no gene table in the way (the
+    per-chromosome files are checked once the chromosomes are known), and pyarrow for its Parquet files."""
+    if value is None:
+        return None
+    from ..io._tensorqtl import tensorqtl_paths
+
+    prefix = Path(value)
+    if not prefix.parent.is_dir():
+        raise CLIError(f"--tensorqtl directory {str(prefix.parent)!r} does not exist.")
+    genes = tensorqtl_paths(prefix)["genes"]
+    if genes.exists() and not overwrite:
+        raise CLIError(f"--tensorqtl output {str(genes)!r} already exists; pass --overwrite to replace it.")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as err:
+        raise ImportError(PARQUET_MISSING) from err
+    return prefix
+
+
+def _check_trans_tensorqtl(value: str | None, overwrite: bool, inputs: list[Path]) -> Path | None:
+    """trans-map's --tensorqtl output, ``PREFIX.trans_qtl_pairs.parquet``, checked before any work."""
+    if value is None:
+        return None
+    from ..io._tensorqtl import tensorqtl_paths
+
+    path = tensorqtl_paths(value)["trans"]
+    return check_table_output(str(path), overwrite, inputs, what="--tensorqtl output")
+
+
+def _tensorqtl_tables(adata: AnnData, prefix: Path, overwrite: bool, inputs: list[Path]) -> list[tuple]:
+    """tensorQTL's nominal pairs per chromosome and gene table, with the paths tensorQTL gives them."""
+    from ..get import tensorqtl_df
+    from ..io._tensorqtl import tensorqtl_paths
+
+    nominal = tensorqtl_df(adata, "cis", kind="nominal", by_chrom=True)
+    paths = tensorqtl_paths(prefix, list(nominal))
+    tables = [(df, paths[f"nominal:{chrom}"]) for chrom, df in nominal.items()]
+    tables.append((tensorqtl_df(adata, "cis", kind="gene"), paths["genes"]))
+    if "independent" in adata.uns["cis"]:
+        tables.append((tensorqtl_df(adata, "cis", kind="independent"), paths["independent"]))
+    for _, path in tables:
+        check_table_output(str(path), overwrite, inputs, what="--tensorqtl output")
+    return tables
+
+
+#: Command name -> function, for ``_main``.
+STEP2_COMMANDS = {"score-test": run_score_test, "cis-map": run_cis_map, "trans-map": run_trans_map}

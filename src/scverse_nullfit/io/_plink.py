@@ -46,7 +46,8 @@ class PlinkGenotypes:
     id_column
         How donors are named: ``"iid"`` (the individual ID, the default) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
     count_A1
-        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2.
+        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2. The
+        counted allele is ``alt`` in :attr:`var` (and in the step-2 result tables), the other one ``ref``.
     """
 
     def __init__(

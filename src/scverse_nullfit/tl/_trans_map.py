@@ -16,7 +16,7 @@ from .._core._step2 import BLOCK_ELEMENTS, impute
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, select_genes
-from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
+from ._step2 import StoredNull, VariantInfo, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -50,10 +50,6 @@ def trans_map(
     (a gene block is chosen so that its arrays stay near 64 MB), ``O(genes + variants)`` for the minima, and the
     kept rows: it does not grow with genes x variants. A progress bar over the variants shows at verbosity >= 2.
 
-    The p-values use the normal approximation of the score, which is anti-conservative far in the tail for genes
-    detected in very few cells (see the benchmarks page): filter such genes (``genes=``) before a scan whose
-    threshold is far below 1e-4.
-
     Parameters
     ----------
     adata
@@ -84,7 +80,8 @@ def trans_map(
 
     ``adata.uns[key_added]["associations"]``
         The kept pairs, sorted by gene (``adata`` order), then variant (input order): ``gene``, ``variant``
-        (categoricals), the variant's ``chrom`` and ``pos`` when the genotypes' variant metadata has them, and
+        (categoricals), the variant's ``chrom`` and ``pos`` when the genotypes' variant metadata has them, the
+        per-variant ``ref``, ``alt``, ``af``, ``ma_samples``, ``ma_count``, ``n_donors``, ``n_cells``, and
         ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` as in :func:`~scverse_nullfit.tl.score_test`.
         Get it with :func:`scverse_nullfit.get.trans_df`.
     ``adata.uns[key_added]["variants"]``
@@ -108,18 +105,54 @@ def trans_map(
     mask = select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes, variants, **file_options(genotypes, model.donors))
-    start = logg.info(
-        f"trans mapping of {geno.n_variants} variants against {model.n_genes} genes "
-        f"(pval_threshold={pval_threshold:g}, key={key!r})"
-    )
-    try:
-        pieces, minima = _scan(geno, model, pval_threshold, chunk_size, n_threads)
-    finally:
-        close_genotypes(geno, genotypes)
-    gene_min, gene_arg, var_min, var_arg = minima
+    geno = open_genotypes(genotypes, variants, **file_options(genotypes, model.donors))  # only the fit's donors
+    rows = geno.align(model.donors)
+
     n_var, n_genes = geno.n_variants, model.n_genes
-    table = _associations(adata, model.var_index, mask, geno, pieces)
+    step = int(chunk_size) if chunk_size is not None else TRANS_CHUNK
+    p = model.Xrot.shape[1]
+    gstep = int(max(1, min(model.gene_chunk(), BLOCK_ELEMENTS // ((p + 4) * min(step, max(1, n_var))))))
+    start = logg.info(
+        f"trans mapping of {n_var} variants against {n_genes} genes (pval_threshold={pval_threshold:g}, key={key!r})"
+    )
+    gene_min = np.full(n_genes, np.inf)
+    gene_arg = np.full(n_genes, -1, dtype=np.intp)
+    var_min = np.full(n_var, np.inf)
+    var_arg = np.full(n_var, -1, dtype=np.intp)
+    pieces: list[tuple[np.ndarray, ...]] = []
+    info = VariantInfo(geno, model.counts)
+    with running(n_threads, n_var, "variant", show_above=step) as bar:
+        for v0 in range(0, n_var, step):
+            cols = np.arange(v0, min(n_var, v0 + step))
+            raw = geno.read(rows, cols)
+            info.update(cols, raw)
+            G, poly = impute(raw)
+            if n_genes and poly.any():
+                Gt = model.rotate(G, poly)
+                Gt2 = Gt * Gt
+                for g0 in range(0, n_genes, gstep):
+                    g1 = min(n_genes, g0 + gstep)
+                    S, Var = model.stats(Gt, slice(g0, g1), Gt2)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        pval = 2.0 * special.ndtr(-np.abs(S) / np.sqrt(Var))
+                    pf = np.where(np.isfinite(pval), pval, np.inf)
+                    j = np.argmin(pf, axis=1)
+                    best = pf[np.arange(g1 - g0), j]
+                    better = best < gene_min[g0:g1]
+                    gene_min[g0:g1][better] = best[better]
+                    gene_arg[g0:g1][better] = cols[j[better]]
+                    i = np.argmin(pf, axis=0)
+                    best = pf[i, np.arange(len(cols))]
+                    better = best < var_min[cols]
+                    var_min[cols[better]] = best[better]
+                    var_arg[cols[better]] = g0 + i[better]
+                    gi, vi = np.nonzero(pf < pval_threshold)
+                    if len(gi):
+                        pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi]))
+            bar.update(len(cols))
+    close_genotypes(geno, genotypes)  # a reader opened from a path (on an error, garbage collection closes it)
+
+    table = _associations(adata, model.var_index, mask, geno, pieces, info)
     sel = np.flatnonzero(mask)
     genes_table = _gene_minima(adata, geno, model.var_index, gene_min, gene_arg, table)
     variants_table = pd.DataFrame(
@@ -162,50 +195,7 @@ def trans_map(
     return target if copy else None
 
 
-def _scan(geno, model, pval_threshold: float, chunk_size, n_threads):
-    """Stream the variant chunks: the kept pairs ``(model gene row, variant, S, Var)`` and the per-gene and
-    per-variant minima (p-value and where it is)."""
-    rows = geno.align(model.donors)
-    n_var, n_genes = geno.n_variants, model.n_genes
-    step = int(chunk_size) if chunk_size is not None else TRANS_CHUNK
-    p = model.Xrot.shape[1]
-    gstep = int(max(1, min(model.gene_chunk(), BLOCK_ELEMENTS // ((p + 4) * min(step, max(1, n_var))))))
-    gene_min = np.full(n_genes, np.inf)
-    gene_arg = np.full(n_genes, -1, dtype=np.intp)
-    var_min = np.full(n_var, np.inf)
-    var_arg = np.full(n_var, -1, dtype=np.intp)
-    pieces: list[tuple[np.ndarray, ...]] = []
-    with running(n_threads, n_var, "variant", show_above=step) as bar:
-        for v0 in range(0, n_var, step):
-            cols = np.arange(v0, min(n_var, v0 + step))
-            G, poly = impute(geno.read(rows, cols))
-            if n_genes and poly.any():
-                Gt = model.rotate(G, poly)
-                Gt2 = Gt * Gt
-                for g0 in range(0, n_genes, gstep):
-                    g1 = min(n_genes, g0 + gstep)
-                    S, Var = model.stats(Gt, slice(g0, g1), Gt2)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        pval = 2.0 * special.ndtr(-np.abs(S) / np.sqrt(Var))
-                    pf = np.where(np.isfinite(pval), pval, np.inf)
-                    j = np.argmin(pf, axis=1)
-                    best = pf[np.arange(g1 - g0), j]
-                    better = best < gene_min[g0:g1]
-                    gene_min[g0:g1][better] = best[better]
-                    gene_arg[g0:g1][better] = cols[j[better]]
-                    i = np.argmin(pf, axis=0)
-                    best = pf[i, np.arange(len(cols))]
-                    better = best < var_min[cols]
-                    var_min[cols[better]] = best[better]
-                    var_arg[cols[better]] = g0 + i[better]
-                    gi, vi = np.nonzero(pf < pval_threshold)
-                    if len(gi):
-                        pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi]))
-            bar.update(len(cols))
-    return pieces, (gene_min, gene_arg, var_min, var_arg)
-
-
-def _associations(adata, var_index: np.ndarray, mask: np.ndarray, geno, pieces) -> pd.DataFrame:
+def _associations(adata, var_index: np.ndarray, mask: np.ndarray, geno, pieces, info: VariantInfo) -> pd.DataFrame:
     """The kept pairs as a long table sorted by gene, then variant."""
     if pieces:
         gi, vi, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
@@ -220,7 +210,9 @@ def _associations(adata, var_index: np.ndarray, mask: np.ndarray, geno, pieces) 
         if col in geno.var.columns:
             values = geno.var[col].to_numpy()[vi]
             extra[col] = pd.Categorical(values.astype(str)) if col == "chrom" else values
-    return result_table(adata.var_names[sel], np.searchsorted(sel, var_index[gi]), geno.var.index, vi, S, Var, **extra)
+    return result_table(
+        adata.var_names[sel], np.searchsorted(sel, var_index[gi]), geno.var.index, vi, S, Var, info=info, **extra
+    )
 
 
 def _gene_minima(adata, geno, var_index, gene_min, gene_arg, table) -> pd.DataFrame:
