@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -31,6 +31,26 @@ def one_line(err: BaseException) -> str:
     else:
         msg = str(err) or type(err).__name__
     return " ".join(msg.split())
+
+
+def check_output_path(
+    value: str | None, overwrite: bool, inputs: Sequence[Path], *, what: str = "output", example: str = "result.h5ad"
+) -> Path | None:
+    """An output path checked before any work: not a folder, in an existing folder, not one of the inputs, and not
+    in the way (unless ``overwrite``)."""
+    if value is None:
+        return None
+    out = Path(value)
+    if out.is_dir():
+        raise CLIError(f"{what} {value!r} is a directory; give a file name such as {str(out / example)!r}.")
+    if not out.parent.is_dir():
+        raise CLIError(f"{what} directory {str(out.parent)!r} does not exist.")
+    for path in inputs:
+        if path.exists() and out.exists() and os.path.samefile(out, path):
+            raise CLIError(f"{what} {value!r} is an input file; {PROG} never modifies its inputs.")
+    if out.exists() and not overwrite:
+        raise CLIError(f"{what} {value!r} already exists; pass --overwrite to replace it.")
+    return out
 
 
 class Terminated(Exception):

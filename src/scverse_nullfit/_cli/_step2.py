@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._provenance import CELLS
-from ._common import PROG, CLIError, atomic_output, one_line
+from ._common import PROG, CLIError, atomic_output, check_output_path, one_line
 from ._fit_null import _read_genes
 
 if TYPE_CHECKING:
@@ -39,15 +39,7 @@ def check_table_output(value: str | None, overwrite: bool, inputs: list[Path], w
     name = out.name.lower()
     if not name.endswith(TSV_SUFFIXES + PARQUET_SUFFIXES):
         raise CLIError(f"{what} {value!r} must end in .tsv, .tsv.gz or .parquet (the table format follows it).")
-    if out.is_dir():
-        raise CLIError(f"{what} {value!r} is a directory; give a file name such as {str(out / 'results.tsv')!r}.")
-    if not out.parent.is_dir():
-        raise CLIError(f"{what} directory {str(out.parent)!r} does not exist.")
-    for path in inputs:
-        if path.exists() and out.exists() and os.path.samefile(out, path):
-            raise CLIError(f"{what} {value!r} is an input file; {PROG} never modifies its inputs.")
-    if out.exists() and not overwrite:
-        raise CLIError(f"{what} {value!r} already exists; pass --overwrite to replace it.")
+    check_output_path(value, overwrite, inputs, what=what, example="results.tsv")
     if name.endswith(PARQUET_SUFFIXES):
         try:
             import pyarrow  # noqa: F401
@@ -228,6 +220,25 @@ def run_score_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_distinct(outputs, names: str) -> None:
+    """Refuse two output options naming the same file."""
+    given = [path.absolute() for path in outputs if path is not None]
+    if len(set(given)) < len(given):
+        raise CLIError(f"{names} must be different files.")
+
+
+def _read_inputs(args: argparse.Namespace, fitted: Path):
+    """A mapping command's fitted AnnData, genotype source, and the keyword arguments every mapping tool takes."""
+    common = {
+        "key": args.key,
+        "genes": _read_genes(args.genes),
+        "variants": read_variant_positions(args.variant_positions),
+        "chunk_size": args.chunk_size,
+        "n_threads": args.n_threads,
+    }
+    return read_fitted(fitted, args.key), genotype_source(args.genotypes), common
+
+
 def _open_for_score_test(adata: AnnData, genotypes, key: str):
     """A genotype file opened once (only the fit's donors), so that its size can be checked before the tests."""
     if not isinstance(genotypes, str):
@@ -263,22 +274,15 @@ def run_cis_map(args: argparse.Namespace) -> int:
     out = check_table_output(args.output, args.overwrite, inputs)
     genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
     signals_out = check_table_output(args.independent_output, args.overwrite, inputs, what="--independent-output")
-    given = [p.absolute() for p in (out, genes_out, signals_out) if p is not None]
-    if len(set(given)) < len(given):
-        raise CLIError("-o, --genes-output and --independent-output must be different files.")
+    _check_distinct((out, genes_out, signals_out), "-o, --genes-output and --independent-output")
     tensorqtl = _check_tensorqtl_prefix(args.tensorqtl, args.overwrite)
-    genes = _read_genes(args.genes)
-    variants = read_variant_positions(args.variant_positions)
-    adata = read_fitted(fitted, args.key)
-    genotypes = genotype_source(args.genotypes)
+    adata, genotypes, common = _read_inputs(args, fitted)
     try:
         tl.cis_map(
             adata,
             genotypes,
+            **common,
             window=args.window,
-            key=args.key,
-            genes=genes,
-            variants=variants,
             chrom_key=args.chrom_key,
             pos_key=args.pos_key,
             variant_chrom_key=args.variant_chrom_key,
@@ -288,8 +292,6 @@ def run_cis_map(args: argparse.Namespace) -> int:
             fdr_method=args.fdr_method,
             gene_pval=args.gene_pval,
             independent=signals_out is not None,
-            chunk_size=args.chunk_size,
-            n_threads=args.n_threads,
         )
     finally:
         _close(genotypes)
@@ -330,26 +332,11 @@ def run_trans_map(args: argparse.Namespace) -> int:
         for value, what in ((args.output, "output"), (args.genes_output, "--genes-output"),
                             (args.variants_output, "--variants-output"))
     ]  # fmt: skip
-    given = [out.absolute() for out, _ in outputs if out is not None]
-    if len(set(given)) < len(given):
-        raise CLIError("-o, --genes-output and --variants-output must be different files.")
+    _check_distinct([out for out, _ in outputs], "-o, --genes-output and --variants-output")
     trans_tqtl = _check_trans_tensorqtl(args.tensorqtl, args.overwrite, inputs)
-    genes = _read_genes(args.genes)
-    variants = read_variant_positions(args.variant_positions)
-    adata = read_fitted(fitted, args.key)
-    genotypes = genotype_source(args.genotypes)
+    adata, genotypes, common = _read_inputs(args, fitted)
     try:
-        tl.trans_map(
-            adata,
-            genotypes,
-            pval_threshold=args.pval_threshold,
-            key=args.key,
-            genes=genes,
-            variants=variants,
-            chunk_size=args.chunk_size,
-            n_threads=args.n_threads,
-            key_added="trans",
-        )
+        tl.trans_map(adata, genotypes, **common, pval_threshold=args.pval_threshold, key_added="trans")
     finally:
         _close(genotypes)
     table = get.trans_df(adata, "trans")

@@ -15,6 +15,16 @@ from ._assoc import cis_df, cis_genes_df
 if TYPE_CHECKING:
     from anndata import AnnData
 
+#: tensorQTL's columns of one variant-gene pair after the variant's ID, in its order: column -> dtype.
+_PAIR = {
+    "start_distance": np.int32,
+    "ma_samples": np.int32,
+    "ma_count": np.int32,
+    "af": np.float32,
+    "pval_nominal": np.float64,
+    "slope": np.float32,
+    "slope_se": np.float32,
+}
 #: tensorQTL's nominal cis pairs (``cis_qtl_pairs.{chrom}.parquet``): column -> dtype.
 TENSORQTL_NOMINAL = {
     "phenotype_id": object,
@@ -28,31 +38,9 @@ TENSORQTL_NOMINAL = {
     "slope_se": np.float32,
 }
 #: tensorQTL's per-gene table (``cis_qtl.txt.gz``), the columns we have: column -> dtype.
-TENSORQTL_GENE = {
-    "phenotype_id": object,
-    "num_var": np.int32,
-    "variant_id": object,
-    "start_distance": np.int32,
-    "ma_samples": np.int32,
-    "ma_count": np.int32,
-    "af": np.float32,
-    "pval_nominal": np.float64,
-    "slope": np.float32,
-    "slope_se": np.float32,
-}
+TENSORQTL_GENE = {"phenotype_id": object, "num_var": np.int32, "variant_id": object, **_PAIR}
 #: tensorQTL's independent signals (``cis_independent_qtl.txt.gz``), the columns we have: column -> dtype.
-TENSORQTL_INDEPENDENT = {
-    "phenotype_id": object,
-    "variant_id": object,
-    "start_distance": np.int32,
-    "ma_samples": np.int32,
-    "ma_count": np.int32,
-    "af": np.float32,
-    "pval_nominal": np.float64,
-    "slope": np.float32,
-    "slope_se": np.float32,
-    "rank": np.int32,
-}
+TENSORQTL_INDEPENDENT = {"phenotype_id": object, "variant_id": object, **_PAIR, "rank": np.int32}
 #: tensorQTL's trans pairs (``trans_qtl_pairs.parquet``): column -> dtype.
 TENSORQTL_TRANS = {
     "variant_id": object,
@@ -70,6 +58,20 @@ TRANS_PAIRS = "associations"
 
 def _strings(values) -> np.ndarray:
     return np.asarray(pd.Series(values).astype(str), dtype=object)
+
+
+def _pair_columns(table, prefix: str = "") -> dict:
+    """tensorQTL's per-pair columns from ours: per-variant columns, or a gene summary's ``top_`` ones."""
+    return {
+        "variant_id": _strings(table[f"{prefix}variant"]),
+        "start_distance": np.rint(table[f"{prefix}distance"].to_numpy(dtype=np.float64)),
+        "ma_samples": table[f"{prefix}ma_samples"],
+        "ma_count": table[f"{prefix}ma_count"],
+        "af": table[f"{prefix}af"],
+        "pval_nominal": table[f"{prefix}pval"],
+        "slope": table[f"{prefix}beta"],
+        "slope_se": table[f"{prefix}se"],
+    }
 
 
 def _typed(columns: dict, dtypes: dict) -> pd.DataFrame:
@@ -133,20 +135,7 @@ def tensorqtl_df(
     if kind == "independent":
         return _independent(data, key)
     table = cis_df(data, key)
-    out = _typed(
-        {
-            "phenotype_id": _strings(table["gene"]),
-            "variant_id": _strings(table["variant"]),
-            "start_distance": np.rint(table["distance"].to_numpy(dtype=np.float64)),
-            "af": table["af"],
-            "ma_samples": table["ma_samples"],
-            "ma_count": table["ma_count"],
-            "pval_nominal": table["pval"],
-            "slope": table["beta"],
-            "slope_se": table["se"],
-        },
-        TENSORQTL_NOMINAL,
-    )
+    out = _typed({"phenotype_id": _strings(table["gene"]), **_pair_columns(table)}, TENSORQTL_NOMINAL)
     if not by_chrom:
         return out
     chrom_key = data.uns[key].get(Key.PARAMS, {}).get("chrom_key", "chrom")
@@ -162,21 +151,8 @@ def tensorqtl_df(
 def _gene(adata: AnnData, key: str) -> pd.DataFrame:
     summary = cis_genes_df(adata, key, tested_only=True)
     summary = summary[summary["top_variant"].notna().to_numpy() & np.isfinite(summary["top_pval"].to_numpy())]
-    out = _typed(
-        {
-            "phenotype_id": _strings(summary.index),
-            "num_var": summary["n_variants"],
-            "variant_id": _strings(summary["top_variant"]),
-            "start_distance": np.rint(summary["top_distance"].to_numpy(dtype=np.float64)),
-            "ma_samples": summary["top_ma_samples"],
-            "ma_count": summary["top_ma_count"],
-            "af": summary["top_af"],
-            "pval_nominal": summary["top_pval"],
-            "slope": summary["top_beta"],
-            "slope_se": summary["top_se"],
-        },
-        TENSORQTL_GENE,
-    )
+    columns = {"phenotype_id": _strings(summary.index), "num_var": summary["n_variants"]}
+    out = _typed({**columns, **_pair_columns(summary, "top_")}, TENSORQTL_GENE)
     for name in GENE_EXTRA:
         if name in summary.columns:
             out[name] = summary[name].to_numpy()
@@ -187,21 +163,8 @@ def _independent(adata: AnnData, key: str) -> pd.DataFrame:
     from ._assoc import cis_independent_df
 
     table = cis_independent_df(adata, key)
-    out = _typed(
-        {
-            "phenotype_id": _strings(table["gene"]),
-            "variant_id": _strings(table["variant"]),
-            "start_distance": np.rint(table["distance"].to_numpy(dtype=np.float64)),
-            "ma_samples": table["ma_samples"],
-            "ma_count": table["ma_count"],
-            "af": table["af"],
-            "pval_nominal": table["pval"],
-            "slope": table["beta"],
-            "slope_se": table["se"],
-            "rank": table["rank"],
-        },
-        TENSORQTL_INDEPENDENT,
-    )
+    columns = {"phenotype_id": _strings(table["gene"]), **_pair_columns(table), "rank": table["rank"]}
+    out = _typed(columns, TENSORQTL_INDEPENDENT)
     out["pval_gene"] = table["pval_gene"].to_numpy()
     return out
 
@@ -254,7 +217,7 @@ def _fit_donors(adata: AnnData, fit_key: str) -> pd.Index:
     fit = adata.uns.get(fit_key)
     if not isinstance(fit, Mapping) or "donors" not in fit:
         raise KeyError(f"no null-model fit under adata.uns[{fit_key!r}]; run snf.tl.fit_null first.")
-    return pd.Index(np.asarray(fit["donors"]).astype(str))
+    return pd.Index(np.asarray(fit["donors"], dtype=object).astype(str))
 
 
 def coloc_dataset(

@@ -23,12 +23,20 @@ from .._core._fdr import METHODS as FDR_METHODS
 from .._core._fdr import qvalues
 from .._core._step2 import CompactNull, derived_statistics
 from .._docs import doc_copy, doc_n_threads, doc_params
-from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, preview, select_genes
 from ..io._genotypes import GenotypeMatrix, reader_class
 from ..io._vcf import VcfGenotypes
 from ._groups import group_key, groups_of
-from ._step2 import StoredNull, VariantInfo, close_genotypes, file_options, open_genotypes, result_table, running
+from ._step2 import (
+    StoredNull,
+    VariantInfo,
+    close_genotypes,
+    file_options,
+    open_genotypes,
+    result_table,
+    running,
+    store_derived,
+)
 
 #: Most genes handled together in one block (their windows share one read and rotation of the variants).
 MAX_BLOCK_GENES = 256
@@ -365,14 +373,7 @@ def cis_map(
         **fdr_params,
         "independent": bool(independent),
     }
-    target = adata.copy() if copy else adata
-    target.varm[key_added] = summary
-    target.uns[key_added] = {
-        **results,
-        Key.PARAMS: params,
-        SOURCE: stored.record(),
-        CELLS: dict(adata.uns[key].get(CELLS, {})),
-    }
+    target = store_derived(adata, key_added, summary, results, params, stored, copy=copy)
     logg.info(
         "    finished",
         time=start,

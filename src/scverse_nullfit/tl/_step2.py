@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .._constants import Key
 from .._core._step2 import CompactNull, allele_stats, derived_statistics, usable_genes
 from .._core._store import unpack_symmetric
-from .._provenance import CELLS, FIT_ID, check_cells
+from .._provenance import CELLS, FIT_ID, SOURCE, check_cells
 from .._utils import resolve_threads
 from ..io._genotypes import GenotypeMatrix, resolve_reader
 
@@ -221,3 +221,19 @@ def result_table(
             **derived_statistics(S, Var),
         }
     )
+
+
+def store_derived(
+    adata: AnnData, key_added: str, per_gene: pd.DataFrame, entries: dict, params: dict, stored: StoredNull, *, copy
+) -> AnnData:
+    """Write a step-2 tool's results (into a copy with ``copy=True``): the per-gene table in ``varm[key_added]``;
+    ``entries``, ``params``, the fit they came from and its cells' fingerprint in ``uns[key_added]``."""
+    target = adata.copy() if copy else adata
+    target.varm[key_added] = per_gene
+    target.uns[key_added] = {
+        **entries,
+        Key.PARAMS: params,
+        SOURCE: stored.record(),
+        CELLS: dict(adata.uns[stored.key].get(CELLS, {})),
+    }
+    return target
