@@ -12,7 +12,7 @@ import numpy as np
 
 from .._constants import Key
 from ..datasets._truth import truth_report
-from ._common import PROG, CLIError, atomic_output, check_output_path, list_arg, one_line
+from ._common import PROG, CLIError, atomic_output, check_output_path, list_arg, one_line, read_id_list
 from ._table import adata_from_table
 
 if TYPE_CHECKING:
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 #: Covariates of the built-in example (see :func:`scverse_nullfit.datasets.simulate`).
 EXAMPLE_COVARIATES = ["age", "sex", "cell_type", "log_counts"]
 EXAMPLE_DONOR_COVARIATES = ["age", "sex"]
-#: A single --genes value with one of these endings is a file name, never a gene name.
-GENE_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".list", ".lst", ".gz")
 
 
 def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
@@ -39,24 +37,8 @@ def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
 
 
 def _read_genes(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        with open(path) as fh:
-            genes = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
-        if not genes:
-            raise CLIError(f"genes file {value!r} lists no gene.")
-        return genes
-    genes = list_arg([value]) or []
-    if len(genes) == 1 and (os.sep in value or path.suffix.lower() in GENE_FILE_SUFFIXES):
-        raise FileNotFoundError(
-            f"genes file {value!r} not found (--genes takes an existing file with one gene per line, or a "
-            "comma-separated list of gene names)."
-        )
-    if not genes:
-        raise CLIError("--genes is empty.")
-    return genes
+    """The --genes option: a file with one gene per line, or a comma-separated list."""
+    return read_id_list(value, "--genes")
 
 
 def _write_atomic(adata: AnnData, out: Path, *, overwrite: bool) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._provenance import CELLS
-from ._common import PROG, CLIError, atomic_output, check_output_path, one_line
+from ._common import PROG, CLIError, atomic_output, check_output_path, one_line, read_id_list
 from ._fit_null import _read_genes
 
 if TYPE_CHECKING:
@@ -140,21 +140,6 @@ def genotype_source(value: str) -> str | AnnData:
     return value
 
 
-def _read_list(value: str | None, option: str) -> list[str] | None:
-    """IDs from a comma-separated list or a file with one per line."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        with open(path) as fh:
-            items = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
-    else:
-        items = [item.strip() for item in value.split(",") if item.strip()]
-    if not items:
-        raise CLIError(f"{option} {value!r} lists nothing.")
-    return items
-
-
 def read_variant_positions(value: str | None) -> pd.DataFrame | None:
     """A table of variants (TSV or CSV, first column the variant ID) with chromosome and position columns."""
     if value is None:
@@ -198,7 +183,7 @@ def run_score_test(args: argparse.Namespace) -> int:
             genotypes,
             key=args.key,
             genes=genes,
-            condition=_read_list(args.condition, "--condition"),
+            condition=read_id_list(args.condition, "--condition"),
             chunk_size=args.chunk_size,
             n_threads=args.n_threads,
         )
