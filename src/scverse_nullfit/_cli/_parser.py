@@ -149,6 +149,15 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to test: a file (one per line) or a comma list.")
         p.add_argument("--chunk-size", type=int, metavar="N", help="Variants per chunk (default: bounded memory).")
         p.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+    for p in (cis, trans):
+        p.add_argument(
+            "--variant-positions",
+            metavar="FILE.tsv",
+            help=(
+                "Variant positions: a TSV (or CSV) whose first column is the variant ID, with chromosome and "
+                "position columns; default: the genotype file's own (or the genotype .h5ad's var)."
+            ),
+        )
     score.add_argument(
         "--max-tests",
         type=int,
@@ -168,11 +177,6 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument("--genes-output", metavar="GENES.tsv", help="Also write each gene's smallest p-value and variant.")
     t.add_argument("--variants-output", metavar="VARIANTS.tsv", help="Also write each variant's smallest p-value.")
     t.add_argument(
-        "--variant-positions",
-        metavar="FILE.tsv",
-        help="Variant metadata to report (TSV/CSV, first column the variant ID); default: the genotype file's.",
-    )
-    t.add_argument(
         "--tensorqtl",
         metavar="PREFIX",
         help="Also write the kept pairs as tensorQTL writes them: PREFIX.trans_qtl_pairs.parquet (needs pyarrow).",
@@ -182,14 +186,6 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--genes-output", metavar="GENES.tsv", help="Also write the per-gene summary (.tsv or .parquet).")
     g.add_argument("--chrom-key", default="chrom", metavar="COL", help="var column of gene chromosomes (chrom).")
     g.add_argument("--pos-key", default="start", metavar="COL", help="var column of gene positions, e.g. TSS (start).")
-    g.add_argument(
-        "--variant-positions",
-        metavar="FILE.tsv",
-        help=(
-            "Variant positions: a TSV (or CSV) whose first column is the variant ID, with chromosome and position "
-            "columns; default: the genotype file's own (or the genotype .h5ad's var)."
-        ),
-    )
     g.add_argument("--variant-chrom-key", default="chrom", metavar="COL", help="Variant chromosome column (chrom).")
     g.add_argument("--variant-pos-key", default="pos", metavar="COL", help="Variant position column (pos).")
     g.add_argument(
