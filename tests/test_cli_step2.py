@@ -21,7 +21,7 @@ STATS = ["score", "score_var", "z", "pval", "beta", "se"]
 def step2(tmp_path_factory):
     """A fit-null output on disk and its donors' genotypes as .vcf.gz (indexed), .vcf (not), .pgen and .h5ad."""
     d = tmp_path_factory.mktemp("step2cli")
-    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=8, seed=1, n_cis_variants=10)
+    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=8, seed=1, n_cis_variants=10, frac_eqtl=0.5)
     snf.tl.fit_null(adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES)
     meta = adata.uns["variants"].copy()
     meta["chrom"] = meta["chrom"].astype(str)
@@ -91,6 +91,61 @@ def test_cis_map_command_equals_api(step2, tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
+def test_cis_map_fdr_and_independent_signals(step2, tmp_path, capsys):
+    out, genes_out, signals = tmp_path / "c.tsv", tmp_path / "g.tsv", tmp_path / "s.tsv"
+    argv = ["cis-map", step2["fitted"], step2["pgen"], "-o", out, "--genes-output", genes_out,
+            "--independent-output", signals, "--fdr", 0.2, "--fdr-method", "bh"]  # fmt: skip
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "eGenes" in stdout and "FDR 0.2" in stdout
+    want = snf.tl.cis_map(step2["adata"], step2["df"], variants=step2["meta"], fdr=0.2, fdr_method="bh",
+                          independent=True, copy=True)  # fmt: skip
+    summary = _read(genes_out)
+    np.testing.assert_allclose(summary["qval"], snf.get.cis_genes_df(want)["qval"], rtol=1e-9)
+    assert list(summary["is_egene"]) == list(snf.get.cis_genes_df(want)["is_egene"])
+    got, expected = _read(signals), snf.get.cis_independent_df(want)
+    assert len(got) > 0 and list(got["variant"].astype(str)) == list(expected["variant"].astype(str))
+    np.testing.assert_allclose(got["pval"], expected["pval"], rtol=1e-9)
+    rc, _, err = run(capsys, "cis-map", step2["fitted"], step2["pgen"], "-o", out, "--overwrite", "--fdr-method", "x")
+    assert rc == 2 and "--fdr-method" in err
+
+
+def test_score_test_condition(step2, tmp_path, capsys):
+    out = tmp_path / "c.tsv"
+    cond = list(step2["meta"].index[:2])
+    rc, _, err = run(capsys, "score-test", step2["fitted"], step2["vcf.gz"], "-o", out, "--condition", ",".join(cond),
+                     "--genes", "gene00001")  # fmt: skip
+    assert rc == 0, err
+    want = snf.tl.score_test(step2["adata"], step2["df"], genes=["gene00001"], condition=cond)
+    np.testing.assert_allclose(_read(out)[STATS].to_numpy(float), want[STATS].to_numpy(float), rtol=1e-9)
+    rc, _, err = run(capsys, "score-test", step2["fitted"], step2["vcf.gz"], "-o", out, "--overwrite",
+                     "--condition", "novariant")  # fmt: skip
+    assert rc == 2 and "novariant" in err.strip().splitlines()[-1]
+
+
+def test_trans_map_command_equals_api(step2, tmp_path, capsys):
+    out, genes_out, variants_out = tmp_path / "t.tsv", tmp_path / "tg.tsv", tmp_path / "tv.parquet"
+    argv = ["trans-map", step2["fitted"], step2["pgen"], "-o", out, "--pval-threshold", 0.01,
+            "--genes-output", genes_out, "--variants-output", variants_out]  # fmt: skip
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "trans-map" in stdout and "kept" in stdout
+    want = snf.tl.trans_map(step2["adata"], step2["df"], variants=step2["meta"], pval_threshold=0.01, copy=True)
+    got, b = _read(out), snf.get.trans_df(want)
+    assert len(got) == len(b) > 0
+    assert list(got["variant"].astype(str)) == list(b["variant"].astype(str))
+    np.testing.assert_allclose(got[STATS].to_numpy(float), b[STATS].to_numpy(float), rtol=1e-9)
+    per_gene = _read(genes_out)
+    assert list(per_gene["gene"]) == list(step2["adata"].var_names)
+    np.testing.assert_allclose(per_gene["min_pval"], want.varm["trans"]["min_pval"], rtol=1e-9)
+    per_variant = _read(variants_out)
+    assert list(per_variant["variant"]) == list(step2["meta"].index)
+    assert leftovers(tmp_path) == []
+    for extra, culprit in ((["--pval-threshold", 2], "pval_threshold"), (["--genes-output", out], "different files")):
+        rc, _, err = run(capsys, "trans-map", step2["fitted"], step2["pgen"], "-o", out, "--overwrite", *extra)
+        assert rc == 2 and culprit in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(
     ("extra", "culprit"),
     [
@@ -103,7 +158,7 @@ def test_cis_map_command_equals_api(step2, tmp_path, capsys):
         (["--variant-pos-key", "bp"], "'bp'"),
         (["--variant-positions", "{tmp}/none.tsv"], "none.tsv"),
         (["--genes-output", "{tmp}/g.csv"], "g.csv"),
-        (["--genes-output", "{tmp}/o.tsv"], "same file"),
+        (["--genes-output", "{tmp}/o.tsv"], "different files"),
     ],
 )
 def test_cis_map_bad_options(step2, tmp_path, capsys, extra, culprit):
@@ -175,6 +230,15 @@ def test_existing_output_kept_and_failed_write_leaves_nothing(step2, tmp_path, c
     assert out.read_text() == "precious" and not (tmp_path / "g.parquet").exists() and leftovers(tmp_path) == []
 
 
+def test_score_test_refuses_huge_tables(step2, tmp_path, capsys):
+    out = tmp_path / "o.tsv"
+    rc, _, err = run(capsys, "score-test", step2["fitted"], step2["vcf.gz"], "-o", out, "--max-tests", 100)
+    assert rc == 2 and "--max-tests 100" in err and "8 genes x 80 variants = 640 rows" in err and not out.exists()
+    rc, _, err = run(capsys, "score-test", step2["fitted"], step2["vcf.gz"], "-o", out, "--max-tests", 100,
+                     "--genes", "gene00001")  # fmt: skip
+    assert rc == 0, err
+
+
 def test_parquet_without_pyarrow(step2, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     rc, _, err = run(capsys, "score-test", step2["fitted"], step2["pgen"], "-o", tmp_path / "o.parquet")
@@ -182,7 +246,63 @@ def test_parquet_without_pyarrow(step2, tmp_path, capsys, monkeypatch):
 
 
 def test_step2_usage(capsys):
-    for command in ("score-test", "cis-map"):
+    for command in ("score-test", "cis-map", "trans-map"):
         rc, stdout, _ = run(capsys, command, "--help")
         assert rc == 0 and "GENOTYPES" in stdout and ".pgen" in stdout
     assert main(["cis-map"]) == 2
+
+
+def test_cis_map_command_writes_tensorqtl_files(step2, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    out, prefix = tmp_path / "cis.tsv", tmp_path / "study"
+    argv = ["cis-map", step2["fitted"], step2["vcf.gz"], "-o", out, "--window", 300000, "--tensorqtl", prefix]
+    rc, stdout, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "study.cis_qtl.txt.gz" in stdout
+    want = snf.tl.cis_map(step2["adata"], step2["df"], variants=step2["meta"], window=300_000, copy=True)
+    by_chrom = snf.get.tensorqtl_df(want, kind="nominal", by_chrom=True)
+    for chrom, df in by_chrom.items():
+        got = pd.read_parquet(tmp_path / f"study.cis_qtl_pairs.{chrom}.parquet")
+        assert list(got.columns) == list(df.columns) and list(got.dtypes) == list(df.dtypes)
+        np.testing.assert_array_equal(got["variant_id"], df["variant_id"])
+        np.testing.assert_allclose(got["pval_nominal"], df["pval_nominal"], rtol=1e-9)
+    genes = pd.read_csv(tmp_path / "study.cis_qtl.txt.gz", sep="\t", index_col=0)
+    assert genes.index.name == "phenotype_id"
+    assert list(genes.index) == list(snf.get.tensorqtl_df(want, kind="gene")["phenotype_id"])
+    # the VCF's ALT is the counted allele
+    table = _read(out)
+    assert set(table["alt"]) == {"G"} and set(table["ref"]) == {"A"}
+    # an existing tensorQTL file is kept without --overwrite, and nothing else is written
+    out2 = tmp_path / "cis2.tsv"
+    rc, _, err = run(capsys, *argv[:3], "-o", out2, "--window", 300000, "--tensorqtl", prefix)
+    assert rc == 2 and "already exists" in err and not out2.exists()
+    rc, _, err = run(capsys, *argv[:3], "-o", out2, "--tensorqtl", tmp_path / "nodir" / "x")
+    assert rc == 2 and "nodir" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_trans_map_command_writes_tensorqtl_pairs(step2, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    out, prefix = tmp_path / "t.tsv", tmp_path / "study"
+    argv = ["trans-map", step2["fitted"], step2["pgen"], "-o", out, "--pval-threshold", 0.05, "--tensorqtl", prefix]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    got = pd.read_parquet(tmp_path / "study.trans_qtl_pairs.parquet")
+    assert list(got.columns) == ["variant_id", "phenotype_id", "pval", "b", "b_se", "af"]
+    table = _read(out)
+    np.testing.assert_array_equal(got["variant_id"], table["variant"].astype(str))
+    np.testing.assert_allclose(got["af"], table["af"], rtol=1e-6)
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "already exists" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_cis_map_command_tensorqtl_with_independent_signals(step2, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    prefix = tmp_path / "ind"
+    rc, _, err = run(capsys, "cis-map", step2["fitted"], step2["pgen"], "-o", tmp_path / "c.tsv", "--window", 300000,
+                     "--independent-output", tmp_path / "sig.tsv", "--tensorqtl", prefix, "--fdr", 0.5)  # fmt: skip
+    assert rc == 0, err
+    got = pd.read_csv(tmp_path / "ind.cis_independent_qtl.txt.gz", sep="\t")
+    assert list(got.columns[:3]) == ["phenotype_id", "variant_id", "start_distance"] and "rank" in got.columns
+    assert len(got) == len(_read(tmp_path / "sig.tsv"))

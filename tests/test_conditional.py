@@ -12,6 +12,7 @@ from scverse_nullfit._core._design import align_grm, build_design, donor_labels
 from .conftest import COVARIATES, DONOR_COVARIATES
 
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
+VARIANT_COLUMNS = ["ref", "alt", "af", "ma_samples", "ma_count", "n_donors", "n_cells"]
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def _dense_conditional(adata, genotypes: pd.DataFrame, cond: pd.DataFrame):
 def test_matches_dense_projection_with_conditioning_covariates(fitted, geno, k):
     cond_ids = list(geno.columns[[4, 11, 20][:k]])
     res = snf.tl.score_test(fitted, geno, condition=cond_ids)
-    assert list(res.columns) == ["gene", "variant", *STAT_COLUMNS]
+    assert list(res.columns) == ["gene", "variant", *VARIANT_COLUMNS, *STAT_COLUMNS]
     assert (fitted.varm["nullfit"]["tau"] == 0).any() and (fitted.varm["nullfit"]["tau"] > 0).any()
     oracle = _dense_conditional(fitted, geno, geno[cond_ids])
     for gene, (S, Var) in oracle.items():

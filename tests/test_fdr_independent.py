@@ -140,8 +140,12 @@ def test_independent_signals(two_signals, gene_pval, tmp_path):
     adata, genotypes, causal = two_signals
     out = snf.tl.cis_map(adata, genotypes, independent=True, gene_pval=gene_pval, copy=True)
     table = snf.get.cis_independent_df(out)
-    assert list(table.columns) == ["gene", "rank", "variant", "chrom", "pos", "distance", "score", "score_var", "z",
+    assert list(table.columns) == ["gene", "rank", "variant", "chrom", "pos", "distance", "ref", "alt", "af",
+                                   "ma_samples", "ma_count", "n_donors", "n_cells", "score", "score_var", "z",
                                    "pval", "beta", "se", "pval_gene", "n_conditioned"]  # fmt: skip
+    # the variant columns are those of the cis table
+    cis = snf.get.cis_df(out).drop_duplicates("variant").set_index("variant")
+    np.testing.assert_array_equal(table["af"], cis.loc[table["variant"], "af"])
     summary = snf.get.cis_genes_df(out)
     assert set(table["gene"].astype(str)) <= set(summary.index[summary["is_egene"]])
     for j, effects in causal.items():

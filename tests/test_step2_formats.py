@@ -136,3 +136,13 @@ def test_vcf_regions_cover_only_tested_genes_and_bed_files_work(fitted, files, t
     one = snf.tl.cis_map(fitted, files["vcf.gz"], window=300_000, genes=[fitted.var_names[0]], copy=True)
     assert set(snf.get.cis_df(one)["gene"].astype(str)) == {fitted.var_names[0]}
     assert pd.Series(snf.get.cis_df(one)["variant"].astype(str)).isin(a["variant"].astype(str)).all()
+
+
+def test_cis_map_independent_signals_from_a_file(fitted, files):
+    """The forward-backward selection reads the file after the window scan: the same signals as the DataFrame."""
+    kwargs = {"window": 500_000, "fdr": 0.999, "independent": True, "copy": True}
+    got = snf.get.cis_independent_df(snf.tl.cis_map(fitted, files["vcf.gz"], **kwargs))
+    want = snf.get.cis_independent_df(snf.tl.cis_map(fitted, files["df"], variants=files["meta"], **kwargs))
+    assert len(got) == len(want) > 0
+    assert list(got["variant"].astype(str)) == list(want["variant"].astype(str))
+    np.testing.assert_allclose(got[STATS].to_numpy(), want[STATS].to_numpy(), rtol=1e-9)

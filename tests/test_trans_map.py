@@ -8,6 +8,7 @@ import pytest
 import scverse_nullfit as snf
 
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
+VARIANT_COLUMNS = ["ref", "alt", "af", "ma_samples", "ma_count", "n_donors", "n_cells"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,9 @@ def test_equals_score_test_filtered(fitted, genotypes):
     got = snf.get.trans_df(out)
     expected = full[full["pval"] < threshold].reset_index(drop=True)
     assert len(got) == len(expected) > 10
-    assert list(got.columns) == ["gene", "variant", "chrom", "pos", *STAT_COLUMNS]
+    assert list(got.columns) == ["gene", "variant", "chrom", "pos", *VARIANT_COLUMNS, *STAT_COLUMNS]
+    # the variant columns are those of score_test
+    pd.testing.assert_frame_equal(got[VARIANT_COLUMNS], expected[VARIANT_COLUMNS], check_categorical=False)
     np.testing.assert_array_equal(got["gene"].astype(str), expected["gene"].astype(str))
     np.testing.assert_array_equal(got["variant"].astype(str), expected["variant"].astype(str))
     np.testing.assert_allclose(got[STAT_COLUMNS].to_numpy(), expected[STAT_COLUMNS].to_numpy(), rtol=1e-10)
@@ -80,7 +83,7 @@ def test_genes_subset_storage_and_errors(fitted, genotypes, tmp_path):
     # a DataFrame of genotypes, with variant metadata from variants=
     frame = fitted.uns["genotypes"].iloc[:, :20]
     plain = snf.tl.trans_map(fitted, frame, pval_threshold=1.0, copy=True)
-    assert list(snf.get.trans_df(plain).columns) == ["gene", "variant", *STAT_COLUMNS]
+    assert list(snf.get.trans_df(plain).columns) == ["gene", "variant", *VARIANT_COLUMNS, *STAT_COLUMNS]
     assert len(snf.get.trans_df(plain)) == snf.tl.score_test(fitted, frame)["pval"].notna().sum()
     with_meta = snf.tl.trans_map(fitted, frame, pval_threshold=1.0, variants=fitted.uns["variants"], copy=True)
     assert {"chrom", "pos"} <= set(snf.get.trans_df(with_meta).columns)

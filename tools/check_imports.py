@@ -15,8 +15,8 @@ _core           _core, _utils, _constants (array maths; no io, no AnnData storag
 io              io, _utils, _constants (readers and writers; no model code)
 datasets        datasets, _utils, _constants
 tl              tl, _core, io, datasets, _utils, _constants (joins _core and io)
-get             get, _utils, _constants (reads what tl stored)
-pl              pl, get, _utils, _constants
+get             get, io, _utils, _constants (reads what tl stored; genotypes through io, e.g. for LD)
+pl              pl, get, io, _utils, _constants
 _cli            _cli, tl, io, get, datasets, _utils, _constants
 __init__        _version and the public subpackages (datasets, get, io, pl, tl)
 __main__        _cli
@@ -47,8 +47,8 @@ ALLOWED: dict[str, set[str]] = {
     "io": {"io", "_utils", "_constants"},
     "datasets": {"datasets", "_utils", "_constants"},
     "tl": {"tl", "_core", "io", "datasets", "_utils", "_constants"},
-    "get": {"get", "_utils", "_constants"},
-    "pl": {"pl", "get", "_utils", "_constants"},
+    "get": {"get", "io", "_utils", "_constants"},
+    "pl": {"pl", "get", "io", "_utils", "_constants"},
     "_cli": {"_cli", "tl", "io", "get", "datasets", "_utils", "_constants"},
     "__init__": {"_version", "datasets", "get", "io", "pl", "tl"},
     "__main__": {"_cli"},

@@ -62,6 +62,36 @@ def fingerprint_of(adata: AnnData, donor_key: str) -> dict:
     return cell_fingerprint(adata.obs_names, np.zeros(0, str) if labels is None else labels, donor_key)
 
 
+def group_fingerprint(adata: AnnData, donor_key: str, groupby: str, group: str) -> dict:
+    """Fingerprint of a fit of one group of cells (``obs[groupby] == group``) stored on the whole AnnData: that of
+    all its cells (:func:`fingerprint_of`), plus which of them the group is (``groupby``, ``group``,
+    ``n_group_cells``, ``group_sha256``), so that a later change of the grouping column is caught too."""
+    out = fingerprint_of(adata, donor_key)
+    cells = adata.obs_names[adata.obs[groupby].astype(str).to_numpy() == str(group)]
+    out.update(
+        groupby=groupby,
+        group=str(group),
+        n_group_cells=len(cells),
+        group_sha256=hashlib.sha256(_hashes(cells).tobytes()).hexdigest(),
+    )
+    return out
+
+
+def _check_group(adata: AnnData, record: dict, what: str, rerun: str) -> None:
+    groupby, group = str(record["groupby"]), str(record.get("group"))
+    if groupby not in adata.obs.columns:
+        raise ValueError(
+            f"{what} was fitted on the cells with obs[{groupby!r}] == {group!r}, but obs has no column {groupby!r} "
+            f"any more. {rerun}."
+        )
+    cells = adata.obs_names[adata.obs[groupby].astype(str).to_numpy() == group]
+    if hashlib.sha256(_hashes(cells).tobytes()).hexdigest() != record.get("group_sha256"):
+        raise ValueError(
+            f"{what} was fitted on the {record.get('n_group_cells')} cells with obs[{groupby!r}] == {group!r}; that "
+            f"group now holds {len(cells)} other cells (obs[{groupby!r}] changed since). {rerun}."
+        )
+
+
 def check_cells(adata: AnnData, record, what: str, rerun: str) -> None:
     """Raise a ValueError naming what changed when ``adata``'s cells are not those ``record`` describes.
 
@@ -100,6 +130,8 @@ def check_cells(adata: AnnData, record, what: str, rerun: str) -> None:
             f"{what} was computed with other donor IDs in obs[{key!r}] (the column changed, or is gone, since). "
             f"{rerun}."
         )
+    if record.get("groupby") is not None:
+        _check_group(adata, record, what, rerun)
 
 
 def source_record(key: str, fit: dict) -> dict:

@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -31,6 +31,53 @@ def one_line(err: BaseException) -> str:
     else:
         msg = str(err) or type(err).__name__
     return " ".join(msg.split())
+
+
+#: A single list value with one of these endings is a file name, never an ID.
+LIST_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".list", ".lst", ".gz")
+
+
+def read_id_list(value: str | None, option: str) -> list[str] | None:
+    """IDs (genes, variants) from an existing file with one per line (first column; ``#`` comments skipped) or a
+    comma-separated list. A single value that looks like a file name but is not a file is a FileNotFoundError."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        with open(path) as fh:
+            items = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
+        if not items:
+            raise CLIError(f"{option} file {value!r} lists nothing.")
+        return items
+    items = list_arg([value]) or []
+    if len(items) == 1 and (os.sep in value or path.suffix.lower() in LIST_FILE_SUFFIXES):
+        raise FileNotFoundError(
+            f"{option} file {value!r} not found ({option} takes an existing file with one ID per line, or a "
+            "comma-separated list)."
+        )
+    if not items:
+        raise CLIError(f"{option} is empty.")
+    return items
+
+
+def check_output_path(
+    value: str | None, overwrite: bool, inputs: Sequence[Path], *, what: str = "output", example: str = "result.h5ad"
+) -> Path | None:
+    """An output path checked before any work: not a folder, in an existing folder, not one of the inputs, and not
+    in the way (unless ``overwrite``)."""
+    if value is None:
+        return None
+    out = Path(value)
+    if out.is_dir():
+        raise CLIError(f"{what} {value!r} is a directory; give a file name such as {str(out / example)!r}.")
+    if not out.parent.is_dir():
+        raise CLIError(f"{what} directory {str(out.parent)!r} does not exist.")
+    for path in inputs:
+        if path.exists() and out.exists() and os.path.samefile(out, path):
+            raise CLIError(f"{what} {value!r} is an input file; {PROG} never modifies its inputs.")
+    if out.exists() and not overwrite:
+        raise CLIError(f"{what} {value!r} already exists; pass --overwrite to replace it.")
+    return out
 
 
 class Terminated(Exception):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from .._constants import Key
 from ..datasets._truth import truth_report
-from ._common import PROG, CLIError, atomic_output, list_arg, one_line
+from ._common import PROG, CLIError, atomic_output, check_output_path, list_arg, one_line, read_id_list
 from ._table import adata_from_table
 
 if TYPE_CHECKING:
@@ -22,24 +21,6 @@ if TYPE_CHECKING:
 #: Covariates of the built-in example (see :func:`scverse_nullfit.datasets.simulate`).
 EXAMPLE_COVARIATES = ["age", "sex", "cell_type", "log_counts"]
 EXAMPLE_DONOR_COVARIATES = ["age", "sex"]
-#: A single --genes value with one of these endings is a file name, never a gene name.
-GENE_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".list", ".lst", ".gz")
-
-
-def _check_output(output: str | None, overwrite: bool, inputs: Sequence[Path]) -> Path | None:
-    if output is None:
-        return None
-    out = Path(output)
-    if out.is_dir():
-        raise CLIError(f"output {output!r} is a directory; give a file name such as {str(out / 'result.h5ad')!r}.")
-    if not out.parent.is_dir():
-        raise CLIError(f"output directory {str(out.parent)!r} does not exist.")
-    for path in inputs:
-        if path.exists() and out.exists() and os.path.samefile(out, path):
-            raise CLIError(f"output {output!r} is the input file; {PROG} never modifies its input.")
-    if out.exists() and not overwrite:
-        raise CLIError(f"output {output!r} already exists; pass --overwrite to replace it.")
-    return out
 
 
 def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
@@ -56,24 +37,8 @@ def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
 
 
 def _read_genes(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        with open(path) as fh:
-            genes = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
-        if not genes:
-            raise CLIError(f"genes file {value!r} lists no gene.")
-        return genes
-    genes = list_arg([value]) or []
-    if len(genes) == 1 and (os.sep in value or path.suffix.lower() in GENE_FILE_SUFFIXES):
-        raise FileNotFoundError(
-            f"genes file {value!r} not found (--genes takes an existing file with one gene per line, or a "
-            "comma-separated list of gene names)."
-        )
-    if not genes:
-        raise CLIError("--genes is empty.")
-    return genes
+    """The --genes option: a file with one gene per line, or a comma-separated list."""
+    return read_id_list(value, "--genes")
 
 
 def _write_atomic(adata: AnnData, out: Path, *, overwrite: bool) -> None:
@@ -158,7 +123,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise CLIError("--cell-id-col applies to --pheno-covar-file input only.")
 
     inputs = [Path(p) for p in (input_path, table) if p]
-    out = _check_output(args.output, args.overwrite, inputs)
+    out = check_output_path(args.output, args.overwrite, inputs)
 
     from scanpy import logging as logg
 

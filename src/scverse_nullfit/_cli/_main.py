@@ -3,8 +3,9 @@
 ``scverse-nullfit fit-null INPUT.h5ad -o OUTPUT.h5ad ...`` fits the null models of every gene and writes a copy of
 the input with the results; ``scverse-nullfit demo`` (or ``fit-null --example``) runs the whole fit on the built-in
 simulated example and compares the estimates with the truth. A TSV of phenotypes and covariates can stand in for the
-h5ad, with the flags of the Rust ``step1-fit-null`` tool. ``score-test`` and ``cis-map`` read a fitted h5ad and a
-genotype file and write a TSV or Parquet table. Nothing heavier than argparse is imported before a command runs.
+h5ad, with the flags of the Rust ``step1-fit-null`` tool. ``score-test``, ``cis-map`` and ``trans-map`` read a fitted
+h5ad and a genotype file and write TSV or Parquet tables. Nothing heavier than argparse is imported before a
+command runs.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from scanpy import settings
 
-    if args.command in ("score-test", "cis-map"):
-        from ._step2 import run_cis_map, run_score_test
+    if args.command in ("score-test", "cis-map", "trans-map"):
+        from ._step2 import STEP2_COMMANDS
 
-        run = run_score_test if args.command == "score-test" else run_cis_map
+        run = STEP2_COMMANDS[args.command]
+    elif args.command == "export-tensorqtl":
+        from ._export import run_export as run
     else:
         from ._fit_null import run_fit as run
 

@@ -1,4 +1,5 @@
-"""The ``score-test`` and ``cis-map`` commands: a fitted h5ad and a genotype file in, a TSV or Parquet table out.
+"""The ``score-test``, ``cis-map`` and ``trans-map`` commands: a fitted h5ad and a genotype file in, TSV or Parquet
+tables out.
 
 Every input is checked before the work starts; tables are written to temporary files beside their outputs and
 renamed into place only when all of them are complete, so a failure leaves nothing behind.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._provenance import CELLS
-from ._common import PROG, CLIError, atomic_output, one_line
+from ._common import PROG, CLIError, atomic_output, check_output_path, one_line, read_id_list
 from ._fit_null import _read_genes
 
 if TYPE_CHECKING:
@@ -38,15 +39,7 @@ def check_table_output(value: str | None, overwrite: bool, inputs: list[Path], w
     name = out.name.lower()
     if not name.endswith(TSV_SUFFIXES + PARQUET_SUFFIXES):
         raise CLIError(f"{what} {value!r} must end in .tsv, .tsv.gz or .parquet (the table format follows it).")
-    if out.is_dir():
-        raise CLIError(f"{what} {value!r} is a directory; give a file name such as {str(out / 'results.tsv')!r}.")
-    if not out.parent.is_dir():
-        raise CLIError(f"{what} directory {str(out.parent)!r} does not exist.")
-    for path in inputs:
-        if path.exists() and out.exists() and os.path.samefile(out, path):
-            raise CLIError(f"{what} {value!r} is an input file; {PROG} never modifies its inputs.")
-    if out.exists() and not overwrite:
-        raise CLIError(f"{what} {value!r} already exists; pass --overwrite to replace it.")
+    check_output_path(value, overwrite, inputs, what=what, example="results.tsv")
     if name.endswith(PARQUET_SUFFIXES):
         try:
             import pyarrow  # noqa: F401
@@ -166,9 +159,12 @@ def read_variant_positions(value: str | None) -> pd.DataFrame | None:
 
 
 def _close(genotypes) -> None:
+    """Close a backed genotype AnnData or a genotype file reader opened here."""
     if getattr(genotypes, "isbacked", False):
         with suppress(Exception):
             genotypes.file.close()
+    elif hasattr(genotypes, "close"):
+        genotypes.close()
 
 
 def run_score_test(args: argparse.Namespace) -> int:
@@ -179,10 +175,17 @@ def run_score_test(args: argparse.Namespace) -> int:
     out = check_table_output(args.output, args.overwrite, [fitted, Path(args.genotypes)])
     genes = _read_genes(args.genes)
     adata = read_fitted(fitted, args.key)
-    genotypes = genotype_source(args.genotypes)
+    genotypes = _open_for_score_test(adata, genotype_source(args.genotypes), args.key)
     try:
+        _check_size(adata, genotypes, genes, args.max_tests)
         table = tl.score_test(
-            adata, genotypes, key=args.key, genes=genes, chunk_size=args.chunk_size, n_threads=args.n_threads
+            adata,
+            genotypes,
+            key=args.key,
+            genes=genes,
+            condition=read_id_list(args.condition, "--condition"),
+            chunk_size=args.chunk_size,
+            n_threads=args.n_threads,
         )
     finally:
         _close(genotypes)
@@ -202,6 +205,51 @@ def run_score_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_distinct(outputs, names: str) -> None:
+    """Refuse two output options naming the same file."""
+    given = [path.absolute() for path in outputs if path is not None]
+    if len(set(given)) < len(given):
+        raise CLIError(f"{names} must be different files.")
+
+
+def _read_inputs(args: argparse.Namespace, fitted: Path):
+    """A mapping command's fitted AnnData, genotype source, and the keyword arguments every mapping tool takes."""
+    common = {
+        "key": args.key,
+        "genes": _read_genes(args.genes),
+        "variants": read_variant_positions(args.variant_positions),
+        "chunk_size": args.chunk_size,
+        "n_threads": args.n_threads,
+    }
+    return read_fitted(fitted, args.key), genotype_source(args.genotypes), common
+
+
+def _open_for_score_test(adata: AnnData, genotypes, key: str):
+    """A genotype file opened once (only the fit's donors), so that its size can be checked before the tests."""
+    if not isinstance(genotypes, str):
+        return genotypes
+    from ..io._genotypes import resolve_reader
+
+    cls = resolve_reader(genotypes)
+    donors = [str(d) for d in np.asarray(adata.uns[key].get("donors", []))]
+    options = {"samples": donors} if getattr(cls, "takes_samples", False) and donors else {}
+    return cls(Path(genotypes), **options)
+
+
+def _check_size(adata: AnnData, genotypes, genes: list[str] | None, max_tests: int | None) -> None:
+    """Refuse a score-test table larger than --max-tests rows (it is held in memory) before computing it."""
+    if not max_tests or max_tests <= 0:
+        return
+    n_variants = genotypes.var.shape[0] if hasattr(genotypes, "var") else 0
+    n_genes = adata.n_vars if genes is None else len(genes)
+    if n_genes * n_variants > max_tests:
+        raise CLIError(
+            f"score-test would write {n_genes:,} genes x {n_variants:,} variants = {n_genes * n_variants:,} rows, more "
+            f"than --max-tests {max_tests:,} (the table is held in memory): choose genes with --genes, map cis "
+            "windows with cis-map, or raise --max-tests."
+        )
+
+
 def run_cis_map(args: argparse.Namespace) -> int:
     from .. import get, tl
 
@@ -210,27 +258,25 @@ def run_cis_map(args: argparse.Namespace) -> int:
     inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
     out = check_table_output(args.output, args.overwrite, inputs)
     genes_out = check_table_output(args.genes_output, args.overwrite, inputs, what="--genes-output")
-    if genes_out is not None and genes_out.absolute() == out.absolute():
-        raise CLIError(f"--genes-output and -o are the same file ({args.output!r}).")
-    genes = _read_genes(args.genes)
-    variants = read_variant_positions(args.variant_positions)
-    adata = read_fitted(fitted, args.key)
-    genotypes = genotype_source(args.genotypes)
+    signals_out = check_table_output(args.independent_output, args.overwrite, inputs, what="--independent-output")
+    _check_distinct((out, genes_out, signals_out), "-o, --genes-output and --independent-output")
+    tensorqtl = _check_tensorqtl_prefix(args.tensorqtl, args.overwrite)
+    adata, genotypes, common = _read_inputs(args, fitted)
     try:
         tl.cis_map(
             adata,
             genotypes,
+            **common,
             window=args.window,
-            key=args.key,
-            genes=genes,
-            variants=variants,
             chrom_key=args.chrom_key,
             pos_key=args.pos_key,
             variant_chrom_key=args.variant_chrom_key,
             variant_pos_key=args.variant_pos_key,
             key_added="cis",
-            chunk_size=args.chunk_size,
-            n_threads=args.n_threads,
+            fdr=args.fdr,
+            fdr_method=args.fdr_method,
+            gene_pval=args.gene_pval,
+            independent=signals_out is not None,
         )
     finally:
         _close(genotypes)
@@ -239,16 +285,115 @@ def run_cis_map(args: argparse.Namespace) -> int:
     tables = [(table, out)]
     if genes_out is not None:
         tables.append((summary.rename_axis("gene").reset_index(), genes_out))
+    if signals_out is not None:
+        tables.append((get.cis_independent_df(adata, "cis"), signals_out))
+    if tensorqtl is not None:
+        tables += _tensorqtl_tables(adata, tensorqtl, args.overwrite, inputs)
     write_tables(tables, overwrite=args.overwrite)
     if not args.quiet:
         tested = summary["n_variants"].to_numpy() > 0
-        acat = summary["pval_acat"].to_numpy()[tested]
+        n_egenes = int(summary["is_egene"].sum()) if "is_egene" in summary.columns else None
         lines = [
             f"{PROG} cis-map: {args.input} x {args.genotypes} (window {args.window:,} bp)",
             f"  genes tested      {int(tested.sum())} of {adata.n_vars} ({len(table)} gene-variant tests)",
-            f"  ACAT p < 0.05     {int(np.sum(acat < 0.05))} genes" if tested.any() else "  ACAT p < 0.05     -",
+            f"  eGenes            {n_egenes} at FDR {args.fdr:g} ({args.gene_pval} gene p-values, {args.fdr_method})"
+            if n_egenes is not None
+            else "",
             f"  wall time         {time.perf_counter() - t0:.2f} s",
-            f"  results           {out}" + (f"; per-gene summary {genes_out}" if genes_out else ""),
+            "  results           " + "; ".join(str(path) for _, path in tables),
+        ]
+        print("\n".join(line for line in lines if line), flush=True)
+    return 0
+
+
+def run_trans_map(args: argparse.Namespace) -> int:
+    from .. import get, tl
+
+    t0 = time.perf_counter()
+    fitted = Path(args.input)
+    inputs = [fitted, Path(args.genotypes), *([Path(args.variant_positions)] if args.variant_positions else [])]
+    outputs = [
+        (check_table_output(value, args.overwrite, inputs, what=what), what)
+        for value, what in ((args.output, "output"), (args.genes_output, "--genes-output"),
+                            (args.variants_output, "--variants-output"))
+    ]  # fmt: skip
+    _check_distinct([out for out, _ in outputs], "-o, --genes-output and --variants-output")
+    trans_tqtl = _check_trans_tensorqtl(args.tensorqtl, args.overwrite, inputs)
+    adata, genotypes, common = _read_inputs(args, fitted)
+    try:
+        tl.trans_map(adata, genotypes, **common, pval_threshold=args.pval_threshold, key_added="trans")
+    finally:
+        _close(genotypes)
+    table = get.trans_df(adata, "trans")
+    per_gene = adata.varm["trans"].rename_axis("gene").reset_index()
+    per_variant = adata.uns["trans"]["variants"].rename_axis("variant").reset_index()
+    (out, _), (genes_out, _), (variants_out, _) = outputs
+    tables = [(df, path) for df, path in ((table, out), (per_gene, genes_out), (per_variant, variants_out)) if path]
+    if trans_tqtl is not None:
+        from ..get import tensorqtl_df
+
+        tables.append((tensorqtl_df(table, kind="trans"), trans_tqtl))
+    write_tables(tables, overwrite=args.overwrite)
+    if not args.quiet:
+        params = adata.uns["trans"]["params"]
+        pval = table["pval"].to_numpy()
+        lines = [
+            f"{PROG} trans-map: {args.input} x {args.genotypes} (p < {args.pval_threshold:g})",
+            f"  tested            {int(params['n_genes_tested'])} genes x {int(params['n_variants'])} variants",
+            f"  kept              {len(table)} pairs ({table['gene'].nunique()} genes)",
+            f"  smallest p-value  {pval.min():.3g}" if len(pval) else "  smallest p-value  -",
+            f"  wall time         {time.perf_counter() - t0:.2f} s",
+            "  results           " + "; ".join(str(path) for _, path in tables),
         ]
         print("\n".join(lines), flush=True)
     return 0
+
+
+def _check_tensorqtl_prefix(value: str | None, overwrite: bool) -> Path | None:
+    """The --tensorqtl prefix, checked before any work: an existing folder, no gene table in the way (the
+    per-chromosome files are checked once the chromosomes are known), and pyarrow for its Parquet files."""
+    if value is None:
+        return None
+    from ..io._tensorqtl import tensorqtl_paths
+
+    prefix = Path(value)
+    if not prefix.parent.is_dir():
+        raise CLIError(f"--tensorqtl directory {str(prefix.parent)!r} does not exist.")
+    genes = tensorqtl_paths(prefix)["genes"]
+    if genes.exists() and not overwrite:
+        raise CLIError(f"--tensorqtl output {str(genes)!r} already exists; pass --overwrite to replace it.")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as err:
+        raise ImportError(PARQUET_MISSING) from err
+    return prefix
+
+
+def _check_trans_tensorqtl(value: str | None, overwrite: bool, inputs: list[Path]) -> Path | None:
+    """trans-map's --tensorqtl output, ``PREFIX.trans_qtl_pairs.parquet``, checked before any work."""
+    if value is None:
+        return None
+    from ..io._tensorqtl import tensorqtl_paths
+
+    path = tensorqtl_paths(value)["trans"]
+    return check_table_output(str(path), overwrite, inputs, what="--tensorqtl output")
+
+
+def _tensorqtl_tables(adata: AnnData, prefix: Path, overwrite: bool, inputs: list[Path]) -> list[tuple]:
+    """tensorQTL's nominal pairs per chromosome and gene table, with the paths tensorQTL gives them."""
+    from ..get import tensorqtl_df
+    from ..io._tensorqtl import tensorqtl_paths
+
+    nominal = tensorqtl_df(adata, "cis", kind="nominal", by_chrom=True)
+    paths = tensorqtl_paths(prefix, list(nominal))
+    tables = [(df, paths[f"nominal:{chrom}"]) for chrom, df in nominal.items()]
+    tables.append((tensorqtl_df(adata, "cis", kind="gene"), paths["genes"]))
+    if "independent" in adata.uns["cis"]:
+        tables.append((tensorqtl_df(adata, "cis", kind="independent"), paths["independent"]))
+    for _, path in tables:
+        check_table_output(str(path), overwrite, inputs, what="--tensorqtl output")
+    return tables
+
+
+#: Command name -> function, for ``_main``.
+STEP2_COMMANDS = {"score-test": run_score_test, "cis-map": run_cis_map, "trans-map": run_trans_map}

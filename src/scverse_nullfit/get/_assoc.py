@@ -135,8 +135,9 @@ def cis_independent_df(adata: AnnData, key: str = "cis", *, genes: str | Sequenc
     Returns
     -------
     A copy of the table, one row per signal of each eGene: ``gene``, ``rank``, ``variant``, ``chrom``, ``pos``,
-    ``distance``, the conditional score-test columns ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``
-    (conditioning on the gene's other signals), ``pval_gene`` and ``n_conditioned``, with a fresh integer index.
+    ``distance``, the variant columns ``ref`` ... ``n_cells`` of ``cis_df``, the conditional score-test columns
+    ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` (conditioning on the gene's other signals),
+    ``pval_gene`` and ``n_conditioned``, with a fresh integer index.
     """
     results = _cis_results(adata, key)
     if Key.CIS_INDEPENDENT not in results:
@@ -162,8 +163,9 @@ def trans_df(adata: AnnData, key: str = "trans", *, genes: str | Sequence[str] |
     Returns
     -------
     A copy of the table, one row per (gene, variant) pair below the call's ``pval_threshold``: ``gene``,
-    ``variant``, the variant's ``chrom`` and ``pos`` when known, ``score``, ``score_var``, ``z``, ``pval``,
-    ``beta``, ``se``, with a fresh integer index. The per-gene minima are in ``adata.varm[key]``, the per-variant
+    ``variant``, the variant's ``chrom`` and ``pos`` when known, ``ref``, ``alt``, ``af``, ``ma_samples``,
+    ``ma_count``, ``n_donors``, ``n_cells``, ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``, with a
+    fresh integer index. The per-gene minima are in ``adata.varm[key]``, the per-variant
     minima in ``adata.uns[key]["variants"]``.
     """
     hint = f"run snf.tl.trans_map(adata, genotypes, key_added={key!r})"

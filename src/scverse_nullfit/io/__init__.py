@@ -15,6 +15,7 @@ from ._grm import (
 )
 from ._pgen import PgenGenotypes
 from ._plink import PlinkGenotypes, read_plink_genotypes
+from ._tensorqtl import write_tensorqtl
 from ._vcf import VcfGenotypes
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "read_plink_rel",
     "read_saige_sparse_grm",
     "write_grm",
+    "write_tensorqtl",
 ]

@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import preview
+from ._geno_common import chrom_key, select_variants
 from ._genotypes import GENOTYPE_SUFFIXES, open_genotypes, reader_class
 from ._vcf import VcfGenotypes, merge_regions, parse_regions
 
@@ -74,7 +75,7 @@ def read_genotypes(
             rows = reader.donors.get_indexer(wanted)
             if (rows < 0).any():
                 raise KeyError(f"donors not in genotype file {str(reader.path)!r}: {preview(wanted[rows < 0])}.")
-        cols = region_cols[_select(reader.var.index[region_cols], variants, reader.path)]
+        cols = region_cols[select_variants(reader.var.index[region_cols], variants, reader.path)]
         X = reader.read(rows, cols)
         return AnnData(X=X, obs=reader.obs.iloc[rows].copy(), var=reader.var.iloc[cols].copy())
     finally:
@@ -87,26 +88,6 @@ def variant_indices(reader, chrom, start: float = -np.inf, end: float = np.inf) 
     one (checking the file is sorted), else from its ``var``."""
     if hasattr(reader, "variant_indices"):
         return reader.variant_indices(chrom, start, end)
-    from ._geno_common import chrom_key
-
     keys = np.array([chrom_key(c) for c in reader.var["chrom"].to_numpy()], dtype=object)
     pos = reader.var["pos"].to_numpy()
     return np.flatnonzero((keys == chrom_key(chrom)) & (pos >= start) & (pos <= end))
-
-
-def _select(index: pd.Index, variants, path) -> np.ndarray:
-    if variants is None:
-        return np.arange(len(index))
-    arr = np.atleast_1d(np.asarray(variants))
-    if arr.dtype == bool:
-        if arr.shape != (len(index),):
-            raise ValueError(f"variants is a boolean mask of length {len(arr)}, but {str(path)!r} has {len(index)}.")
-        return np.flatnonzero(arr)
-    if np.issubdtype(arr.dtype, np.integer):
-        if len(arr) and (arr.min() < -len(index) or arr.max() >= len(index)):
-            raise ValueError(f"variant indices out of range for the {len(index)} variants of {str(path)!r}.")
-        return np.where(arr < 0, arr + len(index), arr)
-    cols = index.get_indexer(arr.astype(str))
-    if (cols < 0).any():
-        raise KeyError(f"variants not in genotype file {str(path)!r}: {preview(arr[cols < 0])}.")
-    return cols

@@ -192,3 +192,22 @@ def strip_suffix(path: str | os.PathLike, suffixes: tuple[str, ...]) -> Path:
         if p.name.endswith(s):
             return p.parent / p.name[: -len(s)]
     return p
+
+
+def select_variants(index: pd.Index, variants, path) -> np.ndarray:
+    """Columns of the variants chosen by IDs, a boolean mask or integer indices (None: all) of a file's variants."""
+    if variants is None:
+        return np.arange(len(index))
+    arr = np.atleast_1d(np.asarray(variants))
+    if arr.dtype == bool:
+        if arr.shape != (len(index),):
+            raise ValueError(f"variants is a boolean mask of length {len(arr)}, but {str(path)!r} has {len(index)}.")
+        return np.flatnonzero(arr)
+    if np.issubdtype(arr.dtype, np.integer):
+        if len(arr) and (arr.min() < -len(index) or arr.max() >= len(index)):
+            raise ValueError(f"variant indices out of range for the {len(index)} variants of {str(path)!r}.")
+        return np.where(arr < 0, arr + len(index), arr)
+    cols = index.get_indexer(arr.astype(str))
+    if (cols < 0).any():
+        raise KeyError(f"variants not in genotype file {str(path)!r}: {preview(arr[cols < 0])}.")
+    return cols

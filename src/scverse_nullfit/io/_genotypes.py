@@ -37,7 +37,8 @@ class GenotypeReader(Protocol):
     #: Donor (sample) IDs, in the file's order: the rows of :meth:`read`.
     donors: pd.Index
     #: Variant metadata indexed by variant ID, in the file's order (the columns of :meth:`read`); the cis map uses
-    #: ``chrom`` (string) and ``pos`` (integer base-pair position) when present.
+    #: ``chrom`` (string) and ``pos`` (integer base-pair position) when present, and the result tables ``ref`` and
+    #: ``alt`` (``alt`` is the allele that :meth:`read` counts).
     var: pd.DataFrame
 
     def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -105,6 +106,7 @@ class GenotypeMatrix:
     def __init__(self, genotypes, *, variants: pd.DataFrame | None = None, reader_options: dict | None = None):
         self._df = self._X = self._reader = None
         self._owned = False  # the reader was opened here (from a path), so close() closes it
+        genotypes = donor_genotypes(genotypes)
         if isinstance(genotypes, pd.DataFrame):
             dtypes = genotypes.dtypes
             kinds = {dt: _numeric(dt) for dt in set(dtypes)}
@@ -168,6 +170,10 @@ class GenotypeMatrix:
         contigs = getattr(self._reader, "contigs", None)
         return None if contigs is None else list(contigs)
 
+    def alleles(self) -> tuple[pd.Categorical, pd.Categorical]:
+        """``ref`` and ``alt`` of every variant (categoricals, NaN where unknown); see :func:`allele_columns`."""
+        return allele_columns(self.var)
+
     def align(self, donors: pd.Index) -> np.ndarray:
         """Rows of the model's donors, in model order; donors of the fit without genotypes are an error."""
         rows = self.donors.get_indexer(donors)
@@ -207,6 +213,40 @@ class GenotypeMatrix:
         if bad.any():
             raise ValueError(f"genotypes have infinite dosages in variants {preview(self.var.index[cols[bad]])}.")
         return out
+
+
+#: Column pairs of ``var`` naming the other and the counted allele, checked in order: our readers' ``ref``/``alt``,
+#: cellink's ``a0``/``a1`` (its readers store the dosage of ``a1``, the VCF/PLINK 2 ALT allele) and PLINK 1's
+#: ``allele_2``/``allele_1`` (an AnnData from :func:`~scverse_nullfit.io.read_plink_genotypes`, which counts
+#: allele 1 as PLINK does).
+ALLELE_COLUMNS = (("ref", "alt"), ("a0", "a1"), ("allele_2", "allele_1"))
+
+
+def allele_columns(var: pd.DataFrame) -> tuple[pd.Categorical, pd.Categorical]:
+    """``ref`` and ``alt`` (the counted allele) of the variants in ``var``, from the first pair of
+    :data:`ALLELE_COLUMNS` that ``var`` holds; all NaN when it holds none (e.g. a DataFrame of dosages)."""
+    for ref, alt in ALLELE_COLUMNS:
+        if ref in var.columns and alt in var.columns:
+            return _as_categorical(var[ref]), _as_categorical(var[alt])
+    empty = pd.Categorical.from_codes(np.full(var.shape[0], -1), categories=pd.Index([], dtype=object))
+    return empty, empty.copy()
+
+
+def _as_categorical(values: pd.Series) -> pd.Categorical:
+    """Allele strings as a categorical (compact in long tables, NaN-safe in h5ad)."""
+    c = pd.Categorical(values)
+    cats = pd.Index(np.asarray(c.categories).astype(str), dtype=object)
+    if cats.has_duplicates:  # e.g. 1 and "1" in one column
+        return pd.Categorical(np.where(values.notna(), values.astype(str), None))
+    return pd.Categorical.from_codes(c.codes, categories=cats)
+
+
+def donor_genotypes(genotypes):
+    """The donors x variants AnnData of a cellink ``DonorData``-like object (its ``.G``), else ``genotypes``."""
+    if isinstance(genotypes, (pd.DataFrame, AnnData, str, os.PathLike)):
+        return genotypes
+    G = getattr(genotypes, "G", None)
+    return G if isinstance(G, AnnData) else genotypes
 
 
 def _numeric(dtype) -> bool:

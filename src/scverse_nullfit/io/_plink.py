@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import preview
-from ._geno_common import region_columns
+from ._geno_common import GenotypeFile, select_variants
 
 PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
 
@@ -36,7 +36,7 @@ def plink_paths(bed_prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
     return paths  # type: ignore[return-value]
 
 
-class PlinkGenotypes:
+class PlinkGenotypes(GenotypeFile):
     """A lazily read PLINK 1 fileset: sample and variant metadata now, dosages on demand.
 
     Parameters
@@ -46,7 +46,8 @@ class PlinkGenotypes:
     id_column
         How donors are named: ``"iid"`` (the individual ID, the default) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
     count_A1
-        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2.
+        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2. The
+        counted allele is ``alt`` in :attr:`var` (and in the step-2 result tables), the other one ``ref``.
     """
 
     def __init__(
@@ -89,29 +90,17 @@ class PlinkGenotypes:
             {"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2, "ref": ref, "alt": alt}, index=var_index
         )
 
-    @property
-    def donors(self) -> pd.Index:
-        """Donor IDs (:class:`~._genotypes.GenotypeReader` interface)."""
-        return self.obs.index
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.obs.shape[0], self.var.shape[0]
+    #: Every donor is read (bed-reader selects rows itself).
+    takes_samples = False
 
     def read(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
-        """Dosages (float64, NaN where missing) of the given sample rows and variant columns (integer indices)."""
+        """Dosages (float64, NaN where missing) of the given sample rows and variant columns (integer indices),
+        read by bed-reader for exactly those rows and columns."""
         rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows, dtype=np.intp)
         cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, dtype=np.intp)
         if len(rows) == 0 or len(cols) == 0:
             return np.zeros((len(rows), len(cols)))
         return self._bed.read(index=np.s_[rows, cols], dtype="float64", order="C")
-
-    def variant_indices(self, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
-        """Variant columns on ``chrom`` with ``start <= pos <= end`` (``chr`` prefixes ignored), by position."""
-        return region_columns(self, chrom, start, end)
-
-    def close(self) -> None:
-        """Nothing to close (bed-reader opens the file per read); for the reader interface."""
 
 
 def _make_unique(names: np.ndarray) -> np.ndarray:
@@ -160,25 +149,6 @@ def read_plink_genotypes(
         if (rows < 0).any():
             missing = wanted[rows < 0]
             raise KeyError(f"donors not in the PLINK .fam of {str(src.path)!r}: {preview(missing)}.")
-    cols = _variant_indices(src.var.index, variants, src.path)
+    cols = select_variants(src.var.index, variants, src.path)
     X = src.read(rows, cols)
     return AnnData(X=X, obs=src.obs.iloc[rows].copy(), var=src.var.iloc[cols].copy())
-
-
-def _variant_indices(index: pd.Index, variants, path) -> np.ndarray:
-    if variants is None:
-        return np.arange(len(index))
-    arr = np.atleast_1d(np.asarray(variants))
-    if arr.dtype == bool:
-        if arr.shape != (len(index),):
-            raise ValueError(f"variants is a boolean mask of length {len(arr)}, but the .bim has {len(index)} rows.")
-        return np.flatnonzero(arr)
-    if np.issubdtype(arr.dtype, np.integer):
-        if len(arr) and (arr.min() < -len(index) or arr.max() >= len(index)):
-            raise ValueError(f"variant indices out of range for a .bim of {len(index)} rows.")
-        return np.where(arr < 0, arr + len(index), arr)
-    cols = index.get_indexer(arr.astype(str))
-    if (cols < 0).any():
-        missing = arr[cols < 0]
-        raise KeyError(f"variants not in the PLINK .bim of {str(path)!r}: {preview(missing)}.")
-    return cols

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -241,45 +242,48 @@ class VcfGenotypes(GenotypeFile):
             vcf.close()
 
     def _scan(self, multiallelic: str) -> None:
-        chrom, pos, ids, names, ref, alt, rec, alt_i = [], [], [], [], [], [], [], []
-        rec_block, rec_pos = [], []
-        # a record's block: its region (with regions), else its contig (numbered in order of appearance)
-        contig_code: dict[str, int] = {}
+        """The variants' metadata, in compact arrays (one int per record and variant, strings shared)."""
+        contig_code: dict[str, int] = {}  # contig -> code, in order of appearance
+        chrom, pos, rec, alt_i = array("q"), array("q"), array("q"), array("q")
+        rec_block, rec_pos = array("q"), array("q")
+        ids, names, ref, alt = [], [], [], []
         r = -1
         try:
             for r, (b, v) in enumerate(self._all_records(samples=False)):
-                rec_block.append(b if self._blocks is not None else contig_code.setdefault(v.CHROM, len(contig_code)))
-                rec_pos.append(v.POS)
+                c = contig_code.setdefault(v.CHROM, len(contig_code))
+                # a record's block: its region (with regions), else its contig
+                rec_block.append(b if self._blocks is not None else c)
+                p = v.POS
+                rec_pos.append(p)
                 alts = v.ALT
                 if not alts or (len(alts) > 1 and multiallelic == "skip"):
                     continue
-                vid = v.ID
+                vid, reference, split = v.ID or ".", v.REF, len(alts) > 1
                 for k, a in enumerate(alts, start=1):
-                    chrom.append(v.CHROM)
-                    pos.append(v.POS)
-                    ids.append(vid or ".")
-                    names.append(f"{vid}:{a}" if (vid and len(alts) > 1) else (vid or "."))
-                    ref.append(v.REF)
+                    chrom.append(c)
+                    pos.append(p)
+                    ids.append(vid)
+                    names.append(f"{vid}:{a}" if split and vid != "." else vid)
+                    ref.append(reference)
                     alt.append(a)
                     rec.append(r)
                     alt_i.append(k)
         except (OSError, ValueError, RuntimeError, AssertionError) as err:
             raise ValueError(f"cannot read the records of {str(self.path)!r} (record {r + 2}): {err}") from err
         self._n_records = r + 1
-        self._rec = np.asarray(rec, dtype=np.int64)
-        self._alt_i = np.asarray(alt_i, dtype=np.intp)
-        self._rec_block = np.asarray(rec_block, dtype=np.intp)
+        self._rec = np.frombuffer(rec, dtype=np.int64).copy()
+        self._alt_i = np.frombuffer(alt_i, dtype=np.int64).astype(np.intp)
+        self._rec_block = np.frombuffer(rec_block, dtype=np.int64).astype(np.intp)
         self._block_contig = [b[0] for b in self._blocks] if self._blocks is not None else list(contig_code)
-        self._rec_pos = np.asarray(rec_pos, dtype=np.int64)
-        chrom_a = np.asarray(chrom, dtype=object)
-        pos_a = np.asarray(pos, dtype=np.int64)
-        ref_a, alt_a = np.asarray(ref, dtype=object), np.asarray(alt, dtype=object)
-        index = variant_ids(np.asarray(names, dtype=object), chrom_a, pos_a, ref_a, alt_a)
+        self._rec_pos = np.frombuffer(rec_pos, dtype=np.int64).copy()
+        chrom_a = np.array([*contig_code, ""], dtype=object)[np.frombuffer(chrom, dtype=np.int64)]
+        pos_a = np.frombuffer(pos, dtype=np.int64).copy()
+        ref_a, alt_a = np.array(ref, dtype=object), np.array(alt, dtype=object)
+        index = variant_ids(np.array(names, dtype=object), chrom_a, pos_a, ref_a, alt_a)
         self.var = pd.DataFrame(
-            {"chrom": chrom_a.astype(str), "pos": pos_a, "ref": ref_a.astype(str), "alt": alt_a.astype(str),
-             "id": np.asarray(ids, dtype=object).astype(str)},
+            {"chrom": chrom_a, "pos": pos_a, "ref": ref_a, "alt": alt_a, "id": np.array(ids, dtype=object)},
             index=index,
-        )  # fmt: skip
+        )
 
     # ---- dosages ---------------------------------------------------------------------------------------------
 

@@ -25,10 +25,11 @@ from .._core._store import per_gene_arrays, results_frame, shared_part, store
 from .._core._suffstats import pre_residualise, scaled_residual_sums
 from .._core._suffstats import warm_up as warm_up_pass
 from .._docs import doc_copy, doc_n_threads, doc_params
-from .._provenance import CELLS, FIT_ID, cell_fingerprint, describe_frame, new_fit_id
+from .._provenance import CELLS, FIT_ID, cell_fingerprint, describe_frame, group_fingerprint, new_fit_id
 from .._utils import check_positive_int, check_unique_var_names, is_dask, resolve_threads, select_genes
 from .._version import __version__
 from ._backend import compute_sufficient_stats, fit_all_genes
+from ._groups import fit_subsets, group_key, groups_of
 from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def fit_null(
     genes: Sequence[str] | np.ndarray | None = None,
     tau: float | None = None,
     key_added: str = "nullfit",
+    groupby: str | None = None,
     n_threads: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -89,6 +91,11 @@ def fit_null(
         ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
     key_added
         Key under which results are stored in ``varm`` and ``uns``.
+    groupby
+        A column of ``obs`` (e.g. ``"cell_type"``): fit each group of cells separately, on its own cells and
+        donors, and store group ``g``'s fit under ``f"{key_added}_{g}"`` (all of them on this AnnData, side by side;
+        ``/`` in a label becomes ``_``). ``uns[...]["params"]`` records ``groupby`` and ``group``. Map each with
+        ``cis_map(groupby=...)``. Donors without cells in a group are left out of its fit.
     {doc_n_threads}
     {doc_copy}
 
@@ -122,6 +129,11 @@ def fit_null(
             "fit in place with copy=False (results are written to the in-memory varm/uns)."
         )
     check_unique_var_names(adata.var_names)
+    if groupby is not None:
+        return _fit_groups(adata, groupby, key_added, copy, layer, grm, kwargs=dict(
+            donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates, layer=layer,
+            genes=genes, tau=tau, n_threads=n_threads,
+        ))  # fmt: skip
     n_threads = resolve_threads(n_threads)
     mask = select_genes(adata.var_names, genes, adata.var)
     adata = adata.copy() if copy else adata
@@ -220,3 +232,35 @@ def _genes_param(genes, var_names: pd.Index, mask: np.ndarray):
     if genes is None or (isinstance(genes, str) and genes not in var_names):
         return genes
     return np.asarray(var_names[mask], dtype=object)
+
+
+def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer, grm, kwargs: dict) -> AnnData | None:
+    """``fit_null`` on each group's cells; every group is fitted before anything is written to ``adata``."""
+    keys = {group: group_key(key_added, group) for group in groups_of(adata, groupby)}
+    names = [name for key in keys.values() for name in Key.null_varm(key)]
+    clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(Key.null_varm(key_added))))
+    if clash:
+        raise ValueError(
+            f"the groups of obs[{groupby!r}] give storage keys that collide ({clash[:3]}); rename the groups or "
+            "choose another key_added."
+        )
+    fits = {}
+    for group, cells, sub in fit_subsets(adata, groupby, layer, (grm,) if isinstance(grm, str) else ()):
+        key = keys[group]
+        logg.info(f"group {groupby}={group!r}: {len(cells)} cells")
+        try:
+            fit_null(sub, key_added=key, **kwargs)
+        except (ValueError, KeyError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+            raise type(err)(f"fitting the cells of obs[{groupby!r}] == {group!r}: {msg}") from err
+        shared = dict(sub.uns[key])
+        shared[Key.PARAMS] = {**shared[Key.PARAMS], "groupby": groupby, "group": group, "group_of": key_added}
+        # the fit sits on the whole AnnData: its record describes all cells and which of them the group is
+        shared[CELLS] = group_fingerprint(adata, kwargs["donor_key"], groupby, group)
+        fits[key] = ({name: sub.varm[name] for name in Key.null_varm(key)}, shared)
+    target = adata.copy() if copy else adata
+    for key, (varm, shared) in fits.items():
+        for name, value in varm.items():
+            target.varm[name] = value
+        target.uns[key] = shared
+    return target if copy else None

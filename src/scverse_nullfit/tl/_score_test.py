@@ -11,16 +11,16 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._core._step2 import impute
-from .._docs import doc_n_threads, doc_params
+from .._docs import doc_n_threads, doc_params, doc_variant_columns
 from .._utils import check_positive_int, select_genes
 from ._conditional import conditional_model, conditioning_dosages
-from ._step2 import StoredNull, close_genotypes, file_options, open_genotypes, result_table, running
+from ._step2 import StoredNull, VariantInfo, close_genotypes, file_options, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 
-@doc_params(doc_n_threads=doc_n_threads)
+@doc_params(doc_n_threads=doc_n_threads, doc_variant_columns=doc_variant_columns)
 def score_test(
     adata: AnnData,
     genotypes: pd.DataFrame | AnnData | str | os.PathLike,
@@ -67,7 +67,8 @@ def score_test(
         (see :func:`scverse_nullfit.io.read_genotypes` and the "Genotype inputs" page). Dosages count the
         ``alt`` allele. Donors are matched by ID in any order; every donor of the fit must be present (extra
         donors are ignored). Missing dosages (NaN) are replaced by the variant's mean dosage over the fit's
-        donors that have one.
+        donors that have one. A cellink
+        ``DonorData`` (or any object whose ``.G`` is a donors x variants AnnData) stands for its ``.G``.
     key
         The ``key_added`` of the ``fit_null`` call.
     genes
@@ -86,9 +87,11 @@ def score_test(
     Returns
     -------
     A long DataFrame with one row per gene and variant (genes in ``adata`` order, then variants in input order)
-    and the columns ``gene``, ``variant`` (categoricals), ``score``, ``score_var``, ``z``, ``pval``, ``beta``,
-    ``se``. Rows are NaN for genes that were not fitted, for variants without any observed dosage or
-    monomorphic among the fit's donors, and for variants collinear with the gene's covariates. ``out.attrs``
+    and the columns ``gene``, ``variant`` (categoricals); the per-variant
+    {doc_variant_columns};
+    and the statistics ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se``. Statistics are NaN for genes
+    that were not fitted, for variants without any observed dosage or monomorphic among the fit's donors, and for
+    variants collinear with the gene's covariates. ``out.attrs``
     records the fit the tests used: ``key``, ``fit_id`` and ``model`` (the family).
     """
     check_positive_int(chunk_size, "chunk_size")
@@ -118,10 +121,13 @@ def _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
     S_all = np.full((n_sel, n_var), np.nan)
     V_all = np.full((n_sel, n_var), np.nan)
     step = int(chunk_size) if chunk_size is not None else model.variant_chunk()
+    info = VariantInfo(geno, model.counts)
     with running(n_threads, n_var, "variant", show_above=10 * step) as bar:
         for v0 in range(0, n_var, step):
             cols = np.arange(v0, min(n_var, v0 + step))
-            G, poly = impute(geno.read(rows, cols))
+            raw = geno.read(rows, cols)
+            info.update(cols, raw)
+            G, poly = impute(raw)
             if model.n_genes and poly.any():
                 S, Var = model.stats(model.rotate(G, poly))
                 S_all[np.ix_(pos_in_sel, cols)] = S
@@ -130,7 +136,7 @@ def _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
 
     out = result_table(
         adata.var_names[sel], np.repeat(np.arange(n_sel), n_var), geno.var.index, np.tile(np.arange(n_var), n_sel),
-        S_all.ravel(), V_all.ravel(),
+        S_all.ravel(), V_all.ravel(), info=info,
     )  # fmt: skip
     if condition is not None:
         out.attrs["condition"] = [str(c) for c in cond.columns]

@@ -20,9 +20,9 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .._constants import Key
-from .._core._step2 import CompactNull, derived_statistics, usable_genes
+from .._core._step2 import CompactNull, allele_stats, derived_statistics, usable_genes
 from .._core._store import unpack_symmetric
-from .._provenance import CELLS, FIT_ID, check_cells
+from .._provenance import CELLS, FIT_ID, SOURCE, check_cells
 from .._utils import resolve_threads
 from ..io._genotypes import GenotypeMatrix, resolve_reader
 
@@ -152,16 +152,88 @@ def running(n_threads: int | None, total: int, unit: str, *, show_above: int) ->
         yield bar
 
 
+class VariantInfo:
+    """The per-variant columns of the step-2 tables (:data:`VARIANT_COLUMNS`): alleles from the genotype source,
+    allele counts from the dosages as the engine reads them (:meth:`update`, once per variant chunk).
+
+    ``alt`` is the counted allele (the one whose dosage is tested, so ``beta`` is its effect) and ``af`` its
+    frequency; the counts are over the fit's donors with an observed dosage (see
+    :func:`~scverse_nullfit._core._step2.allele_stats`).
+    """
+
+    def __init__(self, geno: GenotypeMatrix, counts: np.ndarray):
+        n = geno.n_variants
+        self.ref, self.alt = geno.alleles()
+        self.counts = np.asarray(counts, dtype=np.float64)
+        self.af = np.full(n, np.nan)
+        # donor counts fit in int32 (tensorQTL's type for them); cells get int64
+        self.counts_by_name = {
+            name: np.zeros(n, dtype=np.int64 if name == "n_cells" else np.int32) for name in COUNT_COLUMNS
+        }
+
+    def update(self, cols: np.ndarray, G: np.ndarray) -> None:
+        """Record the allele counts of the variants ``cols`` from their raw dosages ``G`` (model donor order)."""
+        stats = allele_stats(G, self.counts)
+        self.af[cols] = stats["af"]
+        for name, values in self.counts_by_name.items():
+            values[cols] = stats[name]
+
+    def columns(self, idx: np.ndarray) -> dict[str, np.ndarray | pd.Categorical]:
+        """The columns for table rows of the variants ``idx`` (integer positions in the genotypes)."""
+        idx = np.asarray(idx, dtype=np.intp)
+        out: dict = {
+            name: pd.Categorical.from_codes(c.codes[idx], categories=c.categories)
+            for name, c in (("ref", self.ref), ("alt", self.alt))
+        }
+        out["af"] = self.af[idx]
+        out.update({name: values[idx] for name, values in self.counts_by_name.items()})
+        return out
+
+
+#: Integer per-variant columns of the step-2 tables.
+COUNT_COLUMNS = ("ma_samples", "ma_count", "n_donors", "n_cells")
+#: Every per-variant column of the step-2 tables, in table order.
+VARIANT_COLUMNS = ("ref", "alt", "af", *COUNT_COLUMNS)
+
+
 def result_table(
-    genes: pd.Index, gene_codes: np.ndarray, variants: pd.Index, variant_codes: np.ndarray, S, Var, **extra
+    genes: pd.Index,
+    gene_codes: np.ndarray,
+    variants: pd.Index,
+    variant_codes: np.ndarray,
+    S,
+    Var,
+    *,
+    info: VariantInfo | None = None,
+    info_rows: np.ndarray | None = None,
+    **extra,
 ) -> pd.DataFrame:
     """A long result table: ``gene`` and ``variant`` categoricals (codes into ``genes`` / ``variants``), the
-    ``extra`` columns, then the score-test statistics of ``S`` and ``Var``."""
+    ``extra`` columns, the per-variant columns of ``info`` (for the genotype positions ``info_rows`` of the rows,
+    default ``variant_codes``), then the score-test statistics of ``S`` and ``Var``."""
+    variant_cols = {} if info is None else info.columns(variant_codes if info_rows is None else info_rows)
     return pd.DataFrame(
         {
             "gene": pd.Categorical.from_codes(gene_codes, categories=pd.Index(np.asarray(genes))),
             "variant": pd.Categorical.from_codes(variant_codes, categories=pd.Index(np.asarray(variants))),
             **extra,
+            **variant_cols,
             **derived_statistics(S, Var),
         }
     )
+
+
+def store_derived(
+    adata: AnnData, key_added: str, per_gene: pd.DataFrame, entries: dict, params: dict, stored: StoredNull, *, copy
+) -> AnnData:
+    """Write a step-2 tool's results (into a copy with ``copy=True``): the per-gene table in ``varm[key_added]``;
+    ``entries``, ``params``, the fit they came from and its cells' fingerprint in ``uns[key_added]``."""
+    target = adata.copy() if copy else adata
+    target.varm[key_added] = per_gene
+    target.uns[key_added] = {
+        **entries,
+        Key.PARAMS: params,
+        SOURCE: stored.record(),
+        CELLS: dict(adata.uns[stored.key].get(CELLS, {})),
+    }
+    return target

@@ -14,9 +14,8 @@ from scipy import special
 from .._constants import Key
 from .._core._step2 import BLOCK_ELEMENTS, impute
 from .._docs import doc_copy, doc_n_threads, doc_params
-from .._provenance import CELLS, SOURCE
 from .._utils import check_positive_int, select_genes
-from ._step2 import StoredNull, open_genotypes, result_table, running
+from . import _step2 as step2
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -80,7 +79,8 @@ def trans_map(
 
     ``adata.uns[key_added]["associations"]``
         The kept pairs, sorted by gene (``adata`` order), then variant (input order): ``gene``, ``variant``
-        (categoricals), the variant's ``chrom`` and ``pos`` when the genotypes' variant metadata has them, and
+        (categoricals), the variant's ``chrom`` and ``pos`` when the genotypes' variant metadata has them, the
+        per-variant ``ref``, ``alt``, ``af``, ``ma_samples``, ``ma_count``, ``n_donors``, ``n_cells``, and
         ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` as in :func:`~scverse_nullfit.tl.score_test`.
         Get it with :func:`scverse_nullfit.get.trans_df`.
     ``adata.uns[key_added]["variants"]``
@@ -102,9 +102,10 @@ def trans_map(
     if key_added in Key.null_varm(key):
         raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
     mask = select_genes(adata.var_names, genes)
-    stored = StoredNull.read(adata, key)
+    stored = step2.StoredNull.read(adata, key)
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes, variants)
+    options = step2.file_options(genotypes, model.donors)  # only the fit's donors are read
+    geno = step2.open_genotypes(genotypes, variants, **options)
     rows = geno.align(model.donors)
 
     n_var, n_genes = geno.n_variants, model.n_genes
@@ -119,15 +120,19 @@ def trans_map(
     var_min = np.full(n_var, np.inf)
     var_arg = np.full(n_var, -1, dtype=np.intp)
     pieces: list[tuple[np.ndarray, ...]] = []
-    with running(n_threads, n_var, "variant", show_above=step) as bar:
+    info = step2.VariantInfo(geno, model.counts)
+    with step2.running(n_threads, n_var, "variant", show_above=step) as bar:
         for v0 in range(0, n_var, step):
             cols = np.arange(v0, min(n_var, v0 + step))
-            G, poly = impute(geno.read(rows, cols))
+            raw = geno.read(rows, cols)
+            info.update(cols, raw)
+            G, poly = impute(raw)
             if n_genes and poly.any():
                 Gt = model.rotate(G, poly)
+                Gt2 = Gt * Gt
                 for g0 in range(0, n_genes, gstep):
                     g1 = min(n_genes, g0 + gstep)
-                    S, Var = model.stats(Gt, slice(g0, g1))
+                    S, Var = model.stats(Gt, slice(g0, g1), Gt2)
                     with np.errstate(invalid="ignore", divide="ignore"):
                         pval = 2.0 * special.ndtr(-np.abs(S) / np.sqrt(Var))
                     pf = np.where(np.isfinite(pval), pval, np.inf)
@@ -145,8 +150,9 @@ def trans_map(
                     if len(gi):
                         pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi]))
             bar.update(len(cols))
+    step2.close_genotypes(geno, genotypes)  # a reader opened from a path (on an error, garbage collection closes it)
 
-    table = _associations(adata, model.var_index, mask, geno, pieces)
+    table = _associations(adata, model.var_index, mask, geno, pieces, info)
     sel = np.flatnonzero(mask)
     genes_table = _gene_minima(adata, geno, model.var_index, gene_min, gene_arg, table)
     variants_table = pd.DataFrame(
@@ -168,15 +174,8 @@ def trans_map(
         "n_variants": int(n_var),
         "n_associations": len(table),
     }
-    target = adata.copy() if copy else adata
-    target.varm[key_added] = genes_table
-    target.uns[key_added] = {
-        Key.TRANS_PAIRS: table,
-        Key.TRANS_VARIANTS: variants_table,
-        Key.PARAMS: params,
-        SOURCE: stored.record(),
-        CELLS: dict(adata.uns[key].get(CELLS, {})),
-    }
+    entries = {Key.TRANS_PAIRS: table, Key.TRANS_VARIANTS: variants_table}
+    target = step2.store_derived(adata, key_added, genes_table, entries, params, stored, copy=copy)
     logg.info(
         "    finished",
         time=start,
@@ -189,7 +188,9 @@ def trans_map(
     return target if copy else None
 
 
-def _associations(adata, var_index: np.ndarray, mask: np.ndarray, geno, pieces) -> pd.DataFrame:
+def _associations(
+    adata, var_index: np.ndarray, mask: np.ndarray, geno, pieces, info: step2.VariantInfo
+) -> pd.DataFrame:
     """The kept pairs as a long table sorted by gene, then variant."""
     if pieces:
         gi, vi, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
@@ -204,7 +205,9 @@ def _associations(adata, var_index: np.ndarray, mask: np.ndarray, geno, pieces) 
         if col in geno.var.columns:
             values = geno.var[col].to_numpy()[vi]
             extra[col] = pd.Categorical(values.astype(str)) if col == "chrom" else values
-    return result_table(adata.var_names[sel], np.searchsorted(sel, var_index[gi]), geno.var.index, vi, S, Var, **extra)
+    return step2.result_table(
+        adata.var_names[sel], np.searchsorted(sel, var_index[gi]), geno.var.index, vi, S, Var, info=info, **extra
+    )
 
 
 def _gene_minima(adata, geno, var_index, gene_min, gene_arg, table) -> pd.DataFrame:
