@@ -214,13 +214,16 @@ def test_overwrite(small_h5ad, tmp_path, capsys):
         (["--grm", "{tmp}/missing.rel"], "missing.rel"),
         (["--grm", "nokey"], "'nokey'"),
         (["--trait-type", "binary"], "'binary'"),
+        (["--trait-type", "count"], "raw counts"),
+        (["--trait-type", "count", "--family", "gaussian"], "disagree"),
+        (["--family", "poisson", "--layer", "counts", "--offset", "nope"], "'nope'"),
         (["--trait-type", "poisson"], "--trait-type"),
         (["--tau", "-1"], "tau"),
         (["--n-threads", "0"], "n_threads"),
         (["--genes", "nogene,gene00001"], "nogene"),
         (["--genes", "{tmp}/no/genes.txt"], "genes.txt"),
         (["--genes", "no_such_genes.txt"], "no_such_genes.txt"),
-        (["--layer", "counts"], "'counts'"),
+        (["--layer", "umis"], "'umis'"),
         (["--example"], "--example"),
         (["--cell-id-col", "x"], "--cell-id-col"),
     ],
@@ -369,6 +372,7 @@ def test_tsv_mode_equals_anndata(pheno_table, tmp_path, capsys):
         (["--trait-name", "gene00000", "--sample-id-col", "FID"], "'FID'"),
         (["--trait-name", "gene00000", "--covariate-cols", "age,height"], "'height'"),
         (["--trait-name", "gene00000", "--trait-type", "binary"], "'binary'"),
+        (["--trait-name", "gene00000", "--trait-type", "count"], "raw counts"),
         (["--trait-name", "gene00000", "--covariate-cols", "gene00000"], "'gene00000'"),
         (["--trait-name", "sex"], "'sex'"),
         ([], "--trait-name"),
@@ -443,4 +447,4 @@ def test_trait_type_lists_only_what_works(capsys):
 
     assert main(["fit-null", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "binary" not in out
+    assert "binary" not in out and "{quantitative,count}" in out

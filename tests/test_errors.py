@@ -59,7 +59,7 @@ def test_donor_covariate_not_found(adata):
 
 def test_layer_not_found(adata):
     adata.layers["logcounts"] = adata.X.copy()
-    _fails(adata, KeyError, "'counts'", layer="counts")
+    _fails(adata, KeyError, "'umis'", layer="umis")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

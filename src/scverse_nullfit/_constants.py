@@ -46,7 +46,22 @@ class Key:
         """``varm`` key of the rotated residual donor sums (genes x donors)."""
         return f"{key}_resid_rot"
 
+    @staticmethod
+    def working_weights(key: str) -> str:
+        """``varm`` key of a count fit's donor sums of the working weights ``D_w`` (genes x donors)."""
+        return f"{key}_working_weights"
+
+    @staticmethod
+    def working_xw(key: str) -> str:
+        """``varm`` key of a count fit's ``T Z'WX`` (genes x donors x covariates)."""
+        return f"{key}_working_xw"
+
+    #: Entry of ``uns[key]`` holding a count fit's donor covariance blocks (``ptr``, ``donors``, ``L``, ``loff``).
+    GRM_BLOCKS = "grm_blocks"
+    #: Families of ``fit_null``: the Gaussian REML and the count GLMMs.
+    COUNT_FAMILIES = ("poisson", "negative_binomial")
+
     @classmethod
-    def null_varm(cls, key: str) -> tuple[str, str, str, str]:
-        """Every ``varm`` key a null-model fit under ``key`` writes."""
-        return key, cls.beta(key), cls.xhx_inv(key), cls.resid_rot(key)
+    def null_varm(cls, key: str) -> tuple[str, ...]:
+        """Every ``varm`` key a null-model fit under ``key`` writes (the last two only for count families)."""
+        return key, cls.beta(key), cls.xhx_inv(key), cls.resid_rot(key), cls.working_weights(key), cls.working_xw(key)

@@ -21,6 +21,28 @@ if TYPE_CHECKING:
 #: Covariates of the built-in example (see :func:`scverse_nullfit.datasets.simulate`).
 EXAMPLE_COVARIATES = ["age", "sex", "cell_type", "log_counts"]
 EXAMPLE_DONOR_COVARIATES = ["age", "sex"]
+#: Count families on the example: its raw counts layer, with log_counts as the offset instead of a covariate.
+EXAMPLE_COUNT_COVARIATES = ["age", "sex", "cell_type"]
+EXAMPLE_COUNT_LAYER = "counts"
+EXAMPLE_COUNT_OFFSET = "log_counts"
+
+
+def _family(args: argparse.Namespace) -> str:
+    """The model family from --family and the seed-compatible --trait-type (count -> poisson)."""
+    family = getattr(args, "family", None)
+    trait_type = getattr(args, "trait_type", None)
+    if trait_type == "binary":
+        raise CLIError(
+            f"--trait-type binary is not supported: {PROG} fits quantitative traits (linear mixed model) and counts "
+            "(--family poisson or negative_binomial)."
+        )
+    if trait_type == "count":
+        if family == "gaussian":
+            raise CLIError("--trait-type count and --family gaussian disagree; give one of them.")
+        return family or "poisson"
+    if trait_type == "quantitative" and family not in (None, "gaussian"):
+        raise CLIError(f"--trait-type quantitative and --family {family} disagree; give one of them.")
+    return family or "gaussian"
 
 
 def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
@@ -58,6 +80,10 @@ def summary(
 
     res = nullfit_df(adata, key)
     uns = adata.uns[key]
+    params = uns.get(Key.PARAMS, {})
+    family = str(params.get("family", "gaussian")) if hasattr(params, "get") else "gaussian"
+    if family in Key.COUNT_FAMILIES:
+        return _count_summary(adata, res, uns, key, family, wall=wall, output=output, input_desc=input_desc)
     fitted = res["tau"].notna().to_numpy()
     n_fit = int(fitted.sum())
     h2 = res["h2"].to_numpy()[fitted]
@@ -87,6 +113,35 @@ def summary(
     return lines
 
 
+def _count_summary(adata, res, uns, key, family, *, wall, output, input_desc) -> list[str]:
+    fitted = res["converged"].to_numpy(dtype=bool)
+    n_fit = int(fitted.sum())
+    s2 = res["sigma2_g"].to_numpy()[fitted]
+    names = list(np.asarray(uns["covariate_names"]))
+    offset = uns[Key.PARAMS].get("offset")
+    lines = [
+        f"{PROG} fit-null ({family}): {input_desc}",
+        f"  genes fitted      {n_fit} of {adata.n_vars} ({int(uns['n_cells'])} cells, {len(uns['donors'])} donors, "
+        f"design: {', '.join(names)}; offset: {offset or 'none'})",
+        f"  median sigma2_g   {np.median(s2):.3f}" if n_fit else "  median sigma2_g   -",
+        f"  at sigma2_g = 0   {int((s2 == 0).sum())}",
+    ]
+    if family == "negative_binomial" and n_fit:
+        lines.append(f"  median theta      {np.median(res['theta'].to_numpy()[fitted]):.3f}")
+    lines.append(f"  wall time         {wall:.2f} s")
+    if output is None:
+        lines.append("  results           not written (pass -o OUTPUT.h5ad to save them)")
+    else:
+        lines.append(
+            f"  results           {output}: varm['{key}'] (per-gene table), its compact projection, uns['{key}']"
+        )
+    if "true_count_sigma2_g" in adata.var.columns and n_fit > 2:
+        truth = adata.var.loc[fitted, "true_count_sigma2_g"].to_numpy(dtype=np.float64)
+        r = np.corrcoef(s2, truth)[0, 1]
+        lines.append(f"  vs simulated      correlation of sigma2_g with the truth {r:.3f}")
+    return lines
+
+
 def run_fit(args: argparse.Namespace) -> int:
     from .. import datasets
 
@@ -95,12 +150,7 @@ def run_fit(args: argparse.Namespace) -> int:
     table = getattr(args, "pheno_covar_file", None)
     input_path = getattr(args, "input", None)
 
-    trait_type = getattr(args, "trait_type", "quantitative")
-    if trait_type != "quantitative":
-        raise CLIError(
-            f"--trait-type {trait_type} is not supported yet: {PROG} fits linear mixed models of quantitative "
-            "traits (e.g. log-normalised expression); use --trait-type quantitative."
-        )
+    family = _family(args)
     sources = [
         name for name, given in (("INPUT", input_path), ("--example", example), ("--pheno-covar-file", table)) if given
     ]
@@ -127,10 +177,17 @@ def run_fit(args: argparse.Namespace) -> int:
 
     from scanpy import logging as logg
 
+    offset = getattr(args, "offset", None)
+    layer = getattr(args, "layer", None)
     if example:
         adata = datasets.example()
+        count = family != "gaussian"
         if covariates is None and donor_covariates is None:
-            covariates, donor_covariates = list(EXAMPLE_COVARIATES), list(EXAMPLE_DONOR_COVARIATES)
+            covariates = list(EXAMPLE_COUNT_COVARIATES if count else EXAMPLE_COVARIATES)
+            donor_covariates = list(EXAMPLE_DONOR_COVARIATES)
+        if count:
+            layer = layer or EXAMPLE_COUNT_LAYER
+            offset = offset or EXAMPLE_COUNT_OFFSET
         input_desc = "built-in example (snf.datasets.example())"
         logg.info(f"built-in example: {adata.n_obs} cells, {adata.n_vars} genes; covariates {covariates}")
     elif table:
@@ -167,6 +224,9 @@ def run_fit(args: argparse.Namespace) -> int:
             covariates=covariates,
             donor_covariates=donor_covariates,
             genes=genes,
+            family=family,
+            offset=offset,
+            layer=layer,
             out=out,
             input_path=input_path,
             input_desc=input_desc,
@@ -186,6 +246,9 @@ def _fit_and_write(
     covariates: list[str] | None,
     donor_covariates: list[str] | None,
     genes: list[str] | None,
+    family: str,
+    offset: str | None,
+    layer: str | None,
     out: Path | None,
     input_path: str | None,
     input_desc: str,
@@ -207,9 +270,11 @@ def _fit_and_write(
         grm=grm,
         covariates=covariates or [],
         donor_covariates=donor_covariates,
-        layer=getattr(args, "layer", None),
+        layer=layer,
         genes=genes,
         tau=getattr(args, "tau", None),
+        family=family,
+        offset=offset,
         key_added=args.key_added,
         n_threads=args.n_threads,
     )

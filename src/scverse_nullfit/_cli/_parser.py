@@ -7,7 +7,7 @@ import argparse
 from .._version import __version__
 from ._common import PROG
 
-TRAIT_TYPES = ("quantitative",)
+TRAIT_TYPES = ("quantitative", "count")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     tsv.add_argument(
         "--trait-type",
         choices=TRAIT_TYPES,
-        default="quantitative",
-        help="The trait type of a phenotype table: 'quantitative' (linear mixed model).",
+        default=None,
+        help="'quantitative' (linear mixed model, the default) or 'count' (same as --family poisson).",
     )
 
     demo = sub.add_parser(
@@ -249,5 +249,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer", metavar="L", help="Layer holding expression (default: X).")
     g.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to fit: a file (one per line) or a comma list.")
     g.add_argument("--tau", type=float, metavar="X", help="Fix tau for every gene instead of estimating it.")
+    g.add_argument(
+        "--family",
+        choices=("gaussian", "poisson", "negative_binomial"),
+        default=None,
+        help=(
+            "gaussian (REML on e.g. log-normalised expression; the default), or poisson / negative_binomial "
+            "(Laplace ML on raw counts, e.g. --layer counts)."
+        ),
+    )
+    g.add_argument(
+        "--offset", metavar="COL", help="obs column of a log-scale offset per cell (count families; e.g. log counts)."
+    )
     g.add_argument("--key-added", default="nullfit", metavar="K", help="Key of the results (default: nullfit).")
     g.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads (results do not depend on it).")

@@ -178,3 +178,23 @@ def _prefetched(chunks: Iterator[Chunk], prefetch: bool) -> Iterator[Chunk]:
                 return
             pending = pool.submit(next, chunks, sentinel)
             yield chunk
+
+
+def read_columns(Y, idx: np.ndarray) -> sparse.csc_matrix:
+    """The genes ``idx`` of ``Y`` (cells x genes, any supported storage) as an in-memory CSC matrix.
+
+    Dense storage is read (and sparsified) only for those columns; backed and dask matrices are read through
+    their own column selection. Used by the count families, which fit genes in batches.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if is_dask(Y):
+        block = Y[:, idx].compute()
+    elif _is_sparse(Y):
+        block = Y[:, idx] if Y.format == "csc" else Y.tocsr()[:, idx]
+    elif _is_backed_sparse(Y):
+        block = Y[:, idx]
+    else:  # numpy or h5py (idx is increasing, as h5py needs)
+        block = Y[:, idx]
+    if sparse.issparse(block):
+        return sparse.csc_matrix(block)
+    return sparse.csc_matrix(np.asarray(block))

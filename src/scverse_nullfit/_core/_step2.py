@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import pandas as pd
-from scipy import special
+from scipy import linalg, special
+
+from ._glmm import DonorBlocks, _split_blocks
 
 #: Target number of float64 elements of one genes x covariates x variants block (bounds the memory of a chunk).
 BLOCK_ELEMENTS = 1 << 23
@@ -44,6 +46,10 @@ class CompactNull:
     @property
     def n_genes(self) -> int:
         return len(self.var_index)
+
+    @property
+    def n_donors(self) -> int:
+        return len(self.donors)
 
     @classmethod
     def from_arrays(
@@ -168,6 +174,102 @@ def _sqrt_factor(C: np.ndarray) -> np.ndarray:
     a singular ``C``, the pseudo-inverse of a rank-deficient ``X'H^-1 X``, is fine)."""
     e, Q = np.linalg.eigh(C)
     return Q * np.sqrt(np.clip(e, 0.0, None))[:, None, :]
+
+
+@dataclass
+class CountNull:
+    """The compact working-model projection of count fits (Poisson / negative binomial), ready for score tests.
+
+    The same interface as :class:`CompactNull`. For a donor-level genotype ``g`` the score is ``g' resid`` and
+    its variance ``g'T D_w g - (B'g)' Ainv (B'g)`` (see the "Model and algorithm" page); ``g'T D_w g`` is
+    diagonal for unrelated donors and is rebuilt block by block from ``Dw`` otherwise (dense algebra per gene).
+    """
+
+    var_index: np.ndarray  #: (genes,) positions of the usable genes in adata.var_names
+    donors: pd.Index
+    counts: np.ndarray  #: (donors,) cells per donor
+    centre: bool
+    sigma2_g: np.ndarray  #: (genes,)
+    Dw: np.ndarray  #: (genes, donors)
+    B: np.ndarray  #: (genes, donors, p)
+    Ainv: np.ndarray  #: (genes, p, p)
+    resid: np.ndarray  #: (genes, donors)
+    blocks: DonorBlocks
+
+    def __post_init__(self):
+        d1, g1, self._multi = _split_blocks(self.blocks)
+        s2 = self.sigma2_g[:, None]
+        self._quad = self.Dw.copy()  # the diagonal part of T D_w; multi-donor blocks are corrected in stats()
+        self._quad[:, d1] = self.Dw[:, d1] / (1.0 + s2 * g1 * self.Dw[:, d1])
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_index)
+
+    @property
+    def n_donors(self) -> int:
+        return len(self.donors)
+
+    def rotate(self, G: np.ndarray, poly: np.ndarray | None = None) -> np.ndarray:
+        """The genotypes themselves (no rotation), centred by their cell-weighted mean when the design has an
+        intercept (exact: ``P`` annihilates the intercept); monomorphic columns become exact zeros."""
+        if self.centre:
+            G = G - (self.counts @ G) / self.counts.sum()
+        G = np.array(G, dtype=np.float64)
+        if poly is not None and not poly.all():
+            G[:, ~poly] = 0.0
+        return G
+
+    def rotate_dosages(self, G: np.ndarray) -> np.ndarray:
+        G, poly = impute(G)
+        return self.rotate(G, poly)
+
+    def gene_chunk(self) -> int:
+        n, p = self.B.shape[1:]
+        return int(max(1, BLOCK_ELEMENTS // max(1, n * (p + 1))))
+
+    def variant_chunk(self, n_genes: int | None = None) -> int:
+        g = max(1, self.n_genes if n_genes is None else n_genes)
+        n, p = self.B.shape[1:]
+        per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
+        return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
+
+    def stats(
+        self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None), Gt2: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score and variance (genes x variants) of the genes ``rows`` for the genotypes ``Gt`` from :meth:`rotate`
+        (``Gt2`` is ``Gt * Gt`` when the caller has it)."""
+        idx = np.arange(self.n_genes)[rows]
+        n, V = Gt.shape
+        p = self.B.shape[2]
+        Gt2 = Gt * Gt if Gt2 is None else Gt2
+        S = np.empty((len(idx), V))
+        Var = np.empty((len(idx), V))
+        step = self.gene_chunk()
+        for g0 in range(0, len(idx), step):
+            r = idx[g0 : g0 + step]
+            k = len(r)
+            A = np.concatenate([self.resid[r], self.B[r].transpose(0, 2, 1).reshape(k * p, n)])
+            M = A @ Gt
+            score = M[:k]
+            v = M[k:].reshape(k, p, V)
+            quad = self._quad[r] @ Gt2
+            for i, g in enumerate(r):
+                s2 = self.sigma2_g[g]
+                if s2 <= 0:
+                    continue
+                for didx, Lb in self._multi:
+                    Kb = np.eye(len(didx)) + s2 * (Lb.T * self.Dw[g, didx]) @ Lb
+                    C = linalg.cholesky(Kb, lower=True, check_finite=False)
+                    t = linalg.solve_triangular(
+                        C, Lb.T @ (self.Dw[g, didx, None] * Gt[didx]), lower=True, check_finite=False
+                    )
+                    quad[i] -= s2 * np.einsum("km,km->m", t, t)
+            var_h = quad - np.einsum("gpv,gpv->gv", v, np.matmul(self.Ainv[r], v))
+            ok = var_h > VAR_RTOL * quad
+            S[g0 : g0 + k] = np.where(ok, score, np.nan)
+            Var[g0 : g0 + k] = np.where(ok, var_h, np.nan)
+        return S, Var
 
 
 def usable_genes(tau: np.ndarray, s2e: np.ndarray, C: np.ndarray, R: np.ndarray) -> np.ndarray:

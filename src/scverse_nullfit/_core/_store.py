@@ -101,3 +101,73 @@ def store(adata: AnnData, key: str, table: pd.DataFrame, arrays: dict[str, np.nd
     for name, arr in arrays.items():
         adata.varm[name] = arr
     adata.uns[key] = shared
+
+
+#: Columns of ``varm[key]`` for the count families: the Gaussian columns (``tau``, ``sigma2_e``, ``h2``, ``tau_se``
+#: NaN, as they have no meaning there) and the count ones.
+COUNT_COLUMNS = (
+    "tau",
+    "sigma2_g",
+    "sigma2_e",
+    "h2",
+    "loglik",
+    "converged",
+    "n_iter",
+    "h2_pval",
+    "tau_se",
+    "loglik_null",
+    "theta",
+    "sigma2_g_se",
+    "boundary",
+)
+
+
+def count_results_frame(var_names: pd.Index, fitted: np.ndarray, fits) -> pd.DataFrame:
+    """The per-gene table of a count fit (``fits``: :class:`._glmm.CountFits` of the genes ``fitted``)."""
+    G = len(var_names)
+
+    def full(values, fill=np.nan, dtype=np.float64):
+        out = np.full(G, fill, dtype=dtype)
+        out[fitted] = values
+        return out
+
+    nan = np.full(int(fitted.sum()), np.nan)
+    return pd.DataFrame(
+        {
+            "tau": full(nan),
+            "sigma2_g": full(fits.sigma2_g),
+            "sigma2_e": full(nan),
+            "h2": full(nan),
+            "loglik": full(fits.loglik),
+            "converged": full(fits.converged, False, bool),
+            "n_iter": full(fits.n_iter, 0, np.int64),
+            "h2_pval": full(fits.pval),
+            "tau_se": full(nan),
+            "loglik_null": full(fits.loglik0),
+            "theta": full(fits.theta),
+            "sigma2_g_se": full(fits.sigma2_g_se),
+            "boundary": full(fits.boundary, False, bool),
+        },
+        index=var_names.copy(),
+    )
+
+
+def count_arrays(n_vars: int, fitted: np.ndarray, beta: np.ndarray, proj, key: str) -> dict[str, np.ndarray]:
+    """The per-gene arrays of a count fit by ``varm`` key (``proj``: :class:`._glmm.CountProjection`)."""
+    out = {}
+    for name, values in (
+        (Key.beta(key), beta),
+        (Key.xhx_inv(key), pack_symmetric(proj.Ainv)),
+        (Key.resid_rot(key), proj.resid),
+        (Key.working_weights(key), proj.Dw),
+        (Key.working_xw(key), proj.B.reshape(len(proj.B), -1)),  # genes x (donors p): every stored array is 2-D
+    ):
+        arr = np.full((n_vars, *values.shape[1:]), np.nan)
+        arr[fitted] = values
+        out[name] = arr
+    return out
+
+
+def blocks_part(blocks) -> dict:
+    """A count fit's donor covariance blocks (:class:`._glmm.DonorBlocks`) for ``uns[key][Key.GRM_BLOCKS]``."""
+    return {"ptr": blocks.ptr, "donors": blocks.donors, "L": blocks.L, "loff": blocks.loff}

@@ -88,9 +88,11 @@ def simulate(
 
     Returns
     -------
-    Cells x genes AnnData with float32 expression in ``X``; ``obs`` holds ``donor_id`` and covariates (donor-level
-    ``age``, ``sex``; cell-level ``cell_type``, ``log_counts``); ``var`` holds the truth (``true_tau``,
-    ``true_h2``, ``true_sigma2_e``, ``true_sigma2_g``) and gene positions (``chrom``, ``start``);
+    Cells x genes AnnData with float32 expression in ``X`` and raw counts in ``layers["counts"]`` (CSR, for the
+    count families with ``offset="log_counts"``; see ``_simulate_counts``); ``obs`` holds ``donor_id`` and
+    covariates (donor-level ``age``, ``sex``; cell-level ``cell_type``, ``log_counts``); ``var`` holds the truth
+    (``true_tau``, ``true_h2``, ``true_sigma2_e``, ``true_sigma2_g``, and ``true_count_sigma2_g``,
+    ``true_count_theta`` of the counts) and gene positions (``chrom``, ``start``);
     ``uns["grm"]`` the donor GRM and ``uns["genotypes"]`` a donors x variants dosage DataFrame with
     ``uns["variants"]`` their positions. With ``frac_eqtl > 0``, ``var`` also holds ``eqtl_variant`` (the causal
     variant's name, ``""`` for none) and ``eqtl_beta`` (its effect per allele, 0 for none).
@@ -157,11 +159,33 @@ def simulate(
     if frac_eqtl > 0 and n_cis_variants > 0:
         Y, var = _add_eqtls(np.random.default_rng([seed, 1]), Y, codes, var, geno, variants, frac_eqtl, eqtl_effect)
 
-    adata = AnnData(X=Y.astype(np.float32), obs=obs, var=var)
+    counts, count_truth = _simulate_counts(np.random.default_rng([seed, 2]), X, codes, Lg, n_genes)
+    var = var.assign(**count_truth)
+
+    adata = AnnData(X=Y.astype(np.float32), obs=obs, var=var, layers={"counts": counts})
     adata.uns["grm"] = pd.DataFrame(G, index=donor_ids, columns=donor_ids)
     adata.uns["genotypes"] = pd.DataFrame(geno, index=donor_ids, columns=variants.index)
     adata.uns["variants"] = variants
     return adata
+
+
+def _simulate_counts(rng: np.random.Generator, X: np.ndarray, codes: np.ndarray, Lg: np.ndarray, n_genes: int):
+    """Raw counts from the negative-binomial mixed model (a separate random stream, so ``X`` is unchanged).
+
+    ``log mu = (log_counts - 8) + b0 + small covariate effects + u``, ``u ~ N(0, sigma2_g GRM)`` with 30% of genes
+    at ``sigma2_g = 0`` and the others uniform on [0.05, 0.5]; ``theta`` uniform on [1, 10]. Returns the counts
+    (CSR, float32) and the truth columns ``true_count_sigma2_g`` and ``true_count_theta`` for ``var``.
+    """
+    from scipy import sparse
+
+    s2g = np.where(rng.random(n_genes) < 0.3, 0.0, rng.uniform(0.05, 0.5, n_genes))
+    theta = rng.uniform(1.0, 10.0, n_genes)
+    b = np.column_stack([rng.uniform(-1.5, 1.5, n_genes), rng.normal(0, 0.1, (n_genes, X.shape[1] - 2))])
+    u = (Lg @ rng.standard_normal((Lg.shape[0], n_genes))) * np.sqrt(s2g)
+    eta = X[:, -1:] + X[:, :-1] @ b.T + u[codes]
+    mu = np.exp(eta)
+    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+    return sparse.csr_matrix(counts), {"true_count_sigma2_g": s2g, "true_count_theta": theta}
 
 
 def _cis_variants(rng: np.random.Generator, dosage: np.ndarray, var: pd.DataFrame, per_gene: int):

@@ -144,7 +144,7 @@ class _RotationCache:
 
     def __init__(self, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, info: VariantInfo | None = None):
         self.model, self.geno, self.rows, self.info = model, geno, rows, info
-        self.n = model.U.shape[0]
+        self.n = model.n_donors
         self.max_columns = max(1, CACHE_ELEMENTS // max(1, self.n))
         self._reset(None, 0)
 
@@ -329,6 +329,11 @@ def cis_map(
     _check_fdr_arguments(fdr, fdr_method, gene_pval)
     mask = None if genes is None else select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
+    if independent and stored.count is not None:
+        raise ValueError(
+            f"independent=True uses conditional score tests, available for Gaussian fits only; the fit under {key!r} "
+            f"is {stored.family}."
+        )
     loci = _Loci.of_genes(adata, chrom_key, pos_key)
     mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
     model = stored.compact(mask)

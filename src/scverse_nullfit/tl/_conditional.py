@@ -46,6 +46,11 @@ def conditional_model(model: CompactNull, dosages: pd.DataFrame) -> CompactNull:
     other or the covariates) for every gene are errors naming them; genes for which they are collinear only
     numerically get NaN statistics, with a warning.
     """
+    if not isinstance(model, CompactNull):
+        raise ValueError(
+            "conditional score tests (condition=, independent=True) are available for Gaussian fits only; the fit "
+            "is a count family."
+        )
     if dosages.shape[1] == 0:
         return model
     G, poly = impute(dosages.to_numpy(dtype=np.float64))

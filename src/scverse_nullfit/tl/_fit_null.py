@@ -16,12 +16,21 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .._constants import Key
+from .._core import _glmm
 from .._core._compiled import compile_ahead
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
-from .._core._read import describe_matrix, get_expression
+from .._core._read import describe_matrix, get_expression, read_columns
 from .._core._reml import Rotation, problem_from_stage1, restricted_spectrum_from_grm
 from .._core._reml import warm_up as warm_up_reml
-from .._core._store import per_gene_arrays, results_frame, shared_part, store
+from .._core._store import (
+    blocks_part,
+    count_arrays,
+    count_results_frame,
+    per_gene_arrays,
+    results_frame,
+    shared_part,
+    store,
+)
 from .._core._suffstats import pre_residualise, scaled_residual_sums
 from .._core._suffstats import warm_up as warm_up_pass
 from .._docs import doc_copy, doc_n_threads, doc_params
@@ -53,17 +62,24 @@ def fit_null(
     layer: str | None = None,
     genes: Sequence[str] | np.ndarray | None = None,
     tau: float | None = None,
+    family: str = "gaussian",
+    offset: str | None = None,
     key_added: str = "nullfit",
     groupby: str | None = None,
     n_threads: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
-    """Fit the null linear mixed model of every gene by exact REML.
+    """Fit the null mixed model of every gene: Gaussian by exact REML, or a count GLMM by Laplace ML.
 
     For each gene, cell-level expression is modelled as covariates plus a donor random effect with covariance
     ``sigma2_g * GRM`` plus independent cell noise ``sigma2_e``, with ``tau = sigma2_g / sigma2_e`` estimated per
     gene. Stage 1 (once) eigendecomposes the donor-level matrix; stage 2 fits all genes at once from their
     sufficient statistics, never forming a cells x cells matrix. See the "Model and algorithm" page of the docs.
+
+    With ``family="poisson"`` or ``"negative_binomial"`` the raw counts follow a log-linear mixed model,
+    ``log mu = offset + X b + u_donor``, ``u ~ N(0, sigma2_g GRM)``, Poisson or NB2 (per-gene ``theta``), fitted by
+    maximum likelihood with the Laplace approximation: the objective of ``lme4::glmer`` (Poisson) and of
+    glmmTMB's ``nbinom2``, whose log-likelihood convention is kept.
 
     Parameters
     ----------
@@ -88,7 +104,12 @@ def fit_null(
         The genes to fit: names, a boolean mask, or the name of a boolean column of ``var`` (e.g.
         ``"highly_variable"``); the others get NaN / ``converged=False``. Default: all genes.
     tau
-        ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene.
+        ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene (Gaussian only).
+    family
+        ``"gaussian"`` (REML on, e.g., log-normalised expression), ``"poisson"`` or ``"negative_binomial"``
+        (raw counts: non-negative integers, in ``X`` or a layer such as ``"counts"``).
+    offset
+        Column of ``obs`` holding a log-scale offset per cell (e.g. log total counts), count families only.
     key_added
         Key under which results are stored in ``varm`` and ``uns``.
     groupby
@@ -116,10 +137,26 @@ def fit_null(
         ``anndata.concat``, ``adata.T``, h5ad and zarr all work) and the rotated residual donor sums.
     ``adata.uns[key_added]``
         The shared part (donor order, cells per donor, eigenvalues, eigenvectors, rotated covariates,
-        covariate names), ``params`` (everything needed to reproduce the call, with the package version),
-        ``fit_id`` (unique to this fit; results derived from it record it) and ``cells`` (a fingerprint of the
-        cells and their donors: tools and accessors refuse to use the fit on other, subset or reordered cells).
+        covariate names), ``params`` (everything needed to reproduce the call, with the package version, the
+        ``family`` and the ``offset``), ``fit_id`` (unique to this fit; results derived from it record it) and
+        ``cells`` (a fingerprint of the cells and their donors: tools and accessors refuse to use the fit on other,
+        subset or reordered cells).
+
+    For the count families the table's ``tau``, ``sigma2_e``, ``h2`` and ``tau_se`` are NaN; ``sigma2_g`` is the
+    donor variance on the log scale, ``loglik`` the Laplace log-likelihood (lme4/glmmTMB convention),
+    ``loglik_null`` the GLM's (``sigma2_g = 0``), ``h2_pval`` the likelihood-ratio test of ``sigma2_g > 0``
+    (50:50 mixture), and further columns are ``theta`` (NB2 dispersion, NaN for Poisson), ``sigma2_g_se``
+    (observed information; NaN at the boundary) and ``boundary`` (``sigma2_g = 0`` is the optimum). The compact
+    projection of the working model (``xhx_inv``, ``resid_rot`` and ``f"{key_added}_working_weights"``,
+    ``f"{key_added}_working_xw"``) serves :func:`~scverse_nullfit.tl.score_test` and
+    :func:`~scverse_nullfit.tl.cis_map`.
     """
+    if family not in ("gaussian", *Key.COUNT_FAMILIES):
+        raise ValueError(f"family must be one of {['gaussian', *Key.COUNT_FAMILIES]}, not {family!r}.")
+    if family == "gaussian" and offset is not None:
+        raise ValueError("offset is for the count families (family='poisson' or 'negative_binomial').")
+    if family != "gaussian" and tau is not None:
+        raise ValueError("tau= fixes the Gaussian model's variance ratio; it has no meaning for count families.")
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
     check_positive_int(n_threads, "n_threads")
@@ -132,11 +169,18 @@ def fit_null(
     if groupby is not None:
         return _fit_groups(adata, groupby, key_added, copy, layer, grm, kwargs=dict(
             donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates, layer=layer,
-            genes=genes, tau=tau, n_threads=n_threads,
+            genes=genes, tau=tau, family=family, offset=offset, n_threads=n_threads,
         ))  # fmt: skip
     n_threads = resolve_threads(n_threads)
     mask = select_genes(adata.var_names, genes, adata.var)
     adata = adata.copy() if copy else adata
+    if family != "gaussian":
+        _fit_counts(
+            adata, donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates,
+            layer=layer, genes=genes, mask=mask, family=family, offset=offset, key_added=key_added,
+            n_threads=n_threads,
+        )  # fmt: skip
+        return adata if copy else None
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
@@ -204,6 +248,8 @@ def fit_null(
         "tau": tau,
         "genes": _genes_param(genes, adata.var_names, mask),
         "n_threads": n_threads,
+        "family": "gaussian",
+        "offset": None,
         "n_genes_requested": int(mask.sum()),
         "n_genes_fitted": int(fitted.sum()),
         "input": describe_matrix(Y),
@@ -257,10 +303,117 @@ def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer,
         shared[Key.PARAMS] = {**shared[Key.PARAMS], "groupby": groupby, "group": group, "group_of": key_added}
         # the fit sits on the whole AnnData: its record describes all cells and which of them the group is
         shared[CELLS] = group_fingerprint(adata, kwargs["donor_key"], groupby, group)
-        fits[key] = ({name: sub.varm[name] for name in Key.null_varm(key)}, shared)
+        stored = (*Key.null_varm(key), Key.working_weights(key), Key.working_xw(key))
+        fits[key] = ({name: sub.varm[name] for name in stored if name in sub.varm}, shared)
     target = adata.copy() if copy else adata
     for key, (varm, shared) in fits.items():
         for name, value in varm.items():
             target.varm[name] = value
         target.uns[key] = shared
     return target if copy else None
+
+
+#: Stored non-zeros per batch of genes read for the count families.
+COUNT_BATCH_NNZ = 1 << 22
+
+
+def _offset_values(obs: pd.DataFrame, offset: str | None) -> np.ndarray | None:
+    if offset is None:
+        return None
+    if not isinstance(offset, str):
+        raise ValueError(f"offset names a column of adata.obs (a string), not {type(offset).__name__}.")
+    if offset not in obs.columns:
+        raise KeyError(f"offset {offset!r} is not a column of adata.obs (columns: {list(obs.columns)}).")
+    col = obs[offset]
+    if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        raise ValueError(f"offset column {offset!r} must be numeric (a log-scale offset), not {col.dtype}.")
+    return _glmm.check_offset(
+        col.to_numpy(dtype=np.float64, na_value=np.nan), len(obs), f"offset column {offset!r}", obs.index
+    )
+
+
+def _gene_batches(Y, idx: np.ndarray) -> list[np.ndarray]:
+    """Batches of the genes ``idx`` holding about ``COUNT_BATCH_NNZ`` stored values each (estimated)."""
+    n_cells = Y.shape[0]
+    per_gene = n_cells if not hasattr(Y, "nnz") else max(1, Y.nnz // max(1, Y.shape[1]))
+    size = int(max(1, min(len(idx), COUNT_BATCH_NNZ // max(1, per_gene))))
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+def _fit_counts(
+    adata, *, donor_key, grm, covariates, donor_covariates, layer, genes, mask, family, offset, key_added, n_threads
+) -> None:
+    """The count families of :func:`fit_null` (Laplace ML; the maths is on the model page)."""
+    start = logg.info(f"fitting {family} null models (key_added={key_added!r})")
+    Y = get_expression(adata, layer)
+    labels = donor_labels(adata.obs, donor_key)
+    off = _offset_values(adata.obs, offset)
+    grm_df, grm_source = resolve_grm(adata, grm)
+    G, donors = align_grm(grm_df, labels, grm_source)
+    design = build_design(adata.obs, covariates, donor_covariates, donors)
+    fitted_idx = np.flatnonzero(mask)
+    with threadpool_limits(limits=n_threads, user_api="blas"):
+        threads = n_threads
+        spectral = spectral_precompute(G, donors, design.X)
+        blocks = _glmm.donor_blocks(G, name=f"GRM from {grm_source}")
+        logg.debug(f"    {len(donors.ids)} donors, GRM {blocks.kind} ({len(blocks.ptr) - 1} blocks)")
+        parts = []
+        show = settings.verbosity >= 2 and len(fitted_idx) > 200
+        with tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar:
+            for batch in _gene_batches(Y, fitted_idx):
+                counts = read_columns(Y, batch)
+                fits = _glmm.fit_counts(
+                    counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=threads,
+                    gene_names=adata.var_names[batch], cell_names=adata.obs_names,
+                )  # fmt: skip
+                sums = _glmm.working_sums(counts, donors.codes, design.X, off, fits, family, n_threads=threads)
+                proj = _glmm.count_projection(sums, fits.sigma2_g, blocks)
+                parts.append((batch, fits, proj))
+                bar.update(len(batch))
+    fits = _glmm.concat_fits([f for _, f, _ in parts], len(donors.ids), design.X.shape[1])
+    proj = _glmm.concat_projections([q for _, _, q in parts], len(donors.ids), design.X.shape[1])
+    n_bad = int((~fits.converged).sum())
+    if n_bad:
+        logg.warning(
+            f"{n_bad} genes have no count model fit (all zeros, a single non-zero cell, or no convergence); "
+            "their results are NaN"
+        )
+    fitted = np.zeros(adata.n_vars, dtype=bool)
+    fitted[fitted_idx] = True
+    table = count_results_frame(adata.var_names, fitted, fits)
+    arrays = count_arrays(adata.n_vars, fitted, fits.beta, proj, key_added)
+    params = {
+        "version": __version__,
+        "key_added": key_added,
+        "donor_key": donor_key,
+        "grm": grm_param(grm, grm_df),
+        "grm_checksum": describe_frame(grm_df),
+        "covariates": as_list(covariates),
+        "donor_covariates": as_list(donor_covariates),
+        "layer": layer,
+        "tau": None,
+        "family": family,
+        "offset": offset,
+        "genes": _genes_param(genes, adata.var_names, mask),
+        "n_threads": n_threads,
+        "n_genes_requested": int(mask.sum()),
+        "n_genes_fitted": int(fits.converged.sum()),
+        "input": describe_matrix(Y),
+    }
+    shared = shared_part(donors, design, spectral, params)
+    shared[Key.GRM_BLOCKS] = blocks_part(blocks)
+    shared[FIT_ID] = new_fit_id()
+    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
+    store(adata, key_added, table, arrays, shared)
+    logg.info(
+        "    finished",
+        time=start,
+        deep=(
+            f"added\n"
+            f"    {key_added!r}, per-gene variance components and dispersions (adata.varm)\n"
+            f"    {Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, "
+            f"{Key.working_weights(key_added)!r}, {Key.working_xw(key_added)!r}, "
+            "fixed effects and compact working-model projection (adata.varm)\n"
+            f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
+        ),
+    )

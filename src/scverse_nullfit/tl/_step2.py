@@ -20,7 +20,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .._constants import Key
-from .._core._step2 import CompactNull, allele_stats, derived_statistics, usable_genes
+from .._core._glmm import DonorBlocks
+from .._core._step2 import CompactNull, CountNull, allele_stats, derived_statistics, usable_genes
 from .._core._store import unpack_symmetric
 from .._provenance import CELLS, FIT_ID, SOURCE, check_cells
 from .._utils import resolve_threads
@@ -46,8 +47,9 @@ class StoredNull:
     C: np.ndarray  #: (all genes, p, p)
     R: np.ndarray  #: (all genes, donors)
     usable: np.ndarray  #: (all genes,) bool: a testable null model
-    fit_id: str = ""  #: the fit's unique identifier (results derived from it record it)
     family: str = "gaussian"  #: the model family of the fit
+    count: dict | None = None  #: count families: sigma2_g, Dw, B (all genes) and the donor covariance blocks
+    fit_id: str = ""  #: the fit's unique identifier (results derived from it record it)
 
     @classmethod
     def read(cls, adata: AnnData, key: str) -> StoredNull:
@@ -99,19 +101,62 @@ class StoredNull:
             raise ValueError(f"adata.uns[{key!r}]['cells_per_donor'] has donors without cells.")
         tau = table["tau"].to_numpy(dtype=np.float64, na_value=np.nan)
         s2e = table["sigma2_e"].to_numpy(dtype=np.float64, na_value=np.nan)
-        family = str(shared.get(Key.PARAMS, {}).get("family", "gaussian"))
-        return cls(
-            key, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, usable_genes(tau, s2e, C, R),
-            fit_id=str(shared.get(FIT_ID, "")), family=family,
-        )  # fmt: skip
+        params = shared.get(Key.PARAMS, {})
+        family = str(params.get("family", "gaussian")) if hasattr(params, "get") else "gaussian"
+        if family in Key.COUNT_FAMILIES:
+            out = cls._read_count(adata, key, family, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, hint)
+        else:
+            out = cls(key, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, usable_genes(tau, s2e, C, R))
+        out.fit_id = str(shared.get(FIT_ID, ""))
+        return out
 
     def record(self) -> dict:
         """What a result derived from this fit records about it (see :mod:`scverse_nullfit._provenance`)."""
         return {"key": self.key, FIT_ID: self.fit_id, "model": self.family}
 
-    def compact(self, mask: np.ndarray) -> CompactNull:
+    @classmethod
+    def _read_count(cls, adata, key, family, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, hint):
+        """The count-family part: the working weights, ``T Z'WX`` and the donor covariance blocks."""
+        n, p = len(donors), Xrot.shape[1]
+        for name in (Key.working_weights(key), Key.working_xw(key)):
+            if name not in adata.varm:
+                raise KeyError(f"adata.varm[{name!r}] is missing; {hint}.")
+        blocks_entry = adata.uns[key].get(Key.GRM_BLOCKS)
+        if blocks_entry is None or not all(k in blocks_entry for k in ("ptr", "donors", "L", "loff")):
+            raise KeyError(f"adata.uns[{key!r}] has no complete {Key.GRM_BLOCKS!r}; {hint}.")
+        blocks = DonorBlocks(*(np.asarray(blocks_entry[k]) for k in ("ptr", "donors", "L", "loff")))
+        Dw = np.asarray(adata.varm[Key.working_weights(key)], dtype=np.float64)
+        B = np.asarray(adata.varm[Key.working_xw(key)], dtype=np.float64)
+        if B.ndim == 2 and B.shape == (adata.n_vars, n * p):  # stored 2-D (genes x donors p), row-major
+            B = B.reshape(adata.n_vars, n, p)
+        s2g = adata.varm[key]["sigma2_g"].to_numpy(dtype=np.float64, na_value=np.nan)
+        if Dw.shape != (adata.n_vars, n) or B.shape != (adata.n_vars, n, p) or blocks.n_donors != n:
+            raise ValueError(
+                f"the count null-model fit under key {key!r} is inconsistent ({n} donors, {p} covariates; "
+                f"working weights {Dw.shape}, working_xw {B.shape}); re-run snf.tl.fit_null."
+            )
+        with np.errstate(invalid="ignore"):
+            usable = (
+                np.isfinite(s2g)
+                & (s2g >= 0)
+                & np.isfinite(Dw).all(axis=1)
+                & np.isfinite(B).all(axis=(1, 2))
+                & np.isfinite(R).all(axis=1)
+                & np.isfinite(C).all(axis=(1, 2))
+            )
+        count = {"sigma2_g": s2g, "Dw": Dw, "B": B, "blocks": blocks}
+        return cls(key, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, usable, family, count)
+
+    def compact(self, mask: np.ndarray) -> CompactNull | CountNull:
         """The compact null model of the usable genes in ``mask`` (a boolean mask over all genes)."""
         idx = np.flatnonzero(mask & self.usable)
+        if self.count is not None:
+            c = self.count
+            return CountNull(
+                var_index=idx, donors=self.donors, counts=self.counts, centre="intercept" in self.covariate_names,
+                sigma2_g=c["sigma2_g"][idx], Dw=c["Dw"][idx], B=c["B"][idx], Ainv=self.C[idx], resid=self.R[idx],
+                blocks=c["blocks"],
+            )  # fmt: skip
         return CompactNull.from_arrays(
             idx, self.donors, self.counts, self.lam, self.U, self.Xrot, self.covariate_names,
             self.tau[idx], self.s2e[idx], self.C[idx], self.R[idx],

@@ -1,0 +1,575 @@
+"""Count traits: Poisson and negative-binomial (NB2) mixed models fitted by Laplace maximum likelihood.
+
+The objective is that of ``lme4::glmer(nAGQ=1)`` (Poisson) and glmmTMB's ``nbinom2`` (observed weights in the
+log-determinant), with ``u ~ N(0, sigma2_g G)`` written as ``u = sigma L v``, ``G = L L'`` block by block (the
+relmat construction of lme4qtl). Arrays in, arrays out; the AnnData plumbing lives in :mod:`scverse_nullfit.tl`.
+The maths is in ``docs/model.md``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg, sparse, stats
+from scipy.sparse import csgraph
+from threadpoolctl import threadpool_limits
+
+from . import _glmm_kernels as K
+
+FAMILIES = {"poisson": K.POISSON, "negative_binomial": K.NEGATIVE_BINOMIAL}
+
+
+@dataclass
+class DonorBlocks:
+    """A donor covariance ``G`` as independent blocks, each with a square factor ``G_b = L_b L_b'``."""
+
+    ptr: np.ndarray  #: (blocks + 1,) offsets into ``donors``
+    donors: np.ndarray  #: (donors,) donor indices, grouped by block
+    L: np.ndarray  #: flattened row-major factors, block after block
+    loff: np.ndarray  #: (blocks,) offsets into ``L``
+
+    @property
+    def n_donors(self) -> int:
+        return len(self.donors)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+    @property
+    def kind(self) -> str:
+        sizes = self.sizes
+        if (sizes == 1).all():
+            return "diagonal"
+        return "dense" if len(sizes) == 1 else "block-diagonal"
+
+
+def donor_blocks(G: np.ndarray | None, n_donors: int | None = None, *, name: str = "GRM") -> DonorBlocks:
+    """Split ``G`` into the connected components of its non-zero pattern and factor each block.
+
+    ``G=None`` is the identity over ``n_donors`` donors. Each block is factored through its eigendecomposition
+    (``L = U diag(sqrt(lam))``), so a positive semi-definite block works; negative eigenvalues are clipped to 0,
+    with a warning when they are clearly negative.
+    """
+    if G is None:
+        if n_donors is None:
+            raise ValueError("donor_blocks needs G or n_donors.")
+        n = int(n_donors)
+        return DonorBlocks(np.arange(n + 1), np.arange(n), np.ones(n), np.arange(n))
+    G = np.asarray(G, dtype=np.float64)
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, not shape {G.shape}.")
+    if not np.isfinite(G).all():
+        raise ValueError(f"{name} has NaN or infinite entries.")
+    n = G.shape[0]
+    pattern = sparse.csr_matrix(G != 0)
+    n_comp, labels = csgraph.connected_components(pattern, directed=False)
+    order = np.argsort(labels, kind="stable")
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_comp))])
+    factors, loff, pos, worst = [], [], 0, 0.0
+    for b in range(n_comp):
+        idx = order[ptr[b] : ptr[b + 1]]
+        Gb = G[np.ix_(idx, idx)]
+        if len(idx) == 1:
+            lam, U = Gb[0], np.ones((1, 1))
+        else:
+            try:
+                lam, U = linalg.eigh((Gb + Gb.T) / 2, check_finite=False)
+            except (linalg.LinAlgError, ValueError) as err:
+                raise ValueError(
+                    f"{name}: the eigendecomposition of a block of {len(idx)} donors failed ({err})."
+                ) from err
+        top = max(np.abs(lam).max(), 1e-300)
+        worst = min(worst, lam.min() / top)
+        Lb = U * np.sqrt(np.clip(lam, 0.0, None))
+        factors.append(Lb.ravel())
+        loff.append(pos)
+        pos += Lb.size
+    if worst < -1e-6:
+        warnings.warn(
+            f"{name} is not positive semi-definite (relative eigenvalue {worst:.3g}); clipped to 0.", stacklevel=2
+        )
+    return DonorBlocks(
+        ptr.astype(np.int64), order.astype(np.int64), np.concatenate(factors), np.array(loff, dtype=np.int64)
+    )
+
+
+def sparsify_grm(G: np.ndarray, cutoff: float) -> np.ndarray:
+    """Set the off-diagonal entries of ``G`` with ``|G_ij| < cutoff`` to zero, as SAIGE-QTL users do.
+
+    This is a modelling choice of the user (donors less related than ``cutoff`` are treated as unrelated), not an
+    approximation of the exact model with the dense GRM: the sparsified matrix defines its own model. It makes the
+    fit block-diagonal (:func:`donor_blocks`), hence fast. The result may not be positive semi-definite; the
+    block factorisation clips negative eigenvalues and warns.
+    """
+    G = np.array(G, dtype=np.float64)
+    if not np.isfinite(cutoff) or cutoff < 0:
+        raise ValueError(f"cutoff must be a finite number >= 0, not {cutoff!r}.")
+    diag = np.diag(G).copy()
+    G[np.abs(G) < cutoff] = 0.0
+    np.fill_diagonal(G, diag)
+    return G
+
+
+@dataclass
+class CountFits:
+    """Per-gene results of the count GLMM (arrays over genes first)."""
+
+    beta: np.ndarray  #: (genes, p)
+    beta_se: np.ndarray  #: (genes, p)
+    sigma2_g: np.ndarray
+    sigma2_g_se: np.ndarray
+    theta: np.ndarray  #: NaN for the Poisson family
+    loglik: np.ndarray  #: Laplace log-likelihood (lme4/glmmTMB convention)
+    loglik0: np.ndarray  #: log-likelihood at sigma2_g = 0 (the GLM)
+    converged: np.ndarray
+    boundary: np.ndarray  #: sigma2_g = 0 is the optimum
+    n_iter: np.ndarray
+    u: np.ndarray  #: (genes, donors) mode of the donor effects
+
+    @property
+    def lrt(self) -> np.ndarray:
+        return np.where(self.converged, np.maximum(2.0 * (self.loglik - self.loglik0), 0.0), np.nan)
+
+    @property
+    def pval(self) -> np.ndarray:
+        """Likelihood-ratio p-value of sigma2_g > 0 under the 50:50 mixture of chi2_0 and chi2_1."""
+        lrt = self.lrt
+        return np.where(np.isfinite(lrt), np.where(lrt > 0, 0.5 * stats.chi2.sf(lrt, 1), 1.0), np.nan)
+
+
+def check_counts(Y, gene_names=None, cell_names=None) -> None:
+    """Raise a ValueError naming a gene and a cell when counts are negative, non-integer or non-finite."""
+    M = Y.tocsc() if sparse.issparse(Y) else np.asarray(Y)
+    data = M.data if sparse.issparse(M) else M
+    bad = ~np.isfinite(data) | (data < 0) | (data != np.round(data))
+    if not bad.any():
+        return
+    if sparse.issparse(M):
+        k = int(np.flatnonzero(bad)[0])
+        gene = int(np.searchsorted(M.indptr, k, side="right") - 1)
+        cell = int(M.indices[k])
+        value = M.data[k]
+    else:
+        cell, gene = (int(i) for i in np.argwhere(bad)[0])
+        value = M[cell, gene]
+    gname = gene_names[gene] if gene_names is not None else gene
+    cname = cell_names[cell] if cell_names is not None else cell
+    what = "non-finite" if not np.isfinite(value) else ("negative" if value < 0 else "non-integer")
+    raise ValueError(
+        f"count families need raw counts, but gene {gname!r} has a {what} value ({value!r}) in cell {cname!r} "
+        f"({int(bad.sum())} such values in all)."
+    )
+
+
+def check_offset(offset, n_cells: int, name: str = "offset", cell_names=None) -> np.ndarray:
+    """The offset as float64, rejecting a wrong length or non-finite values (naming a cell)."""
+    if offset is None:
+        return np.zeros(n_cells)
+    off = np.asarray(offset, dtype=np.float64).ravel()
+    if off.shape != (n_cells,):
+        raise ValueError(f"{name} has {off.size} values but there are {n_cells} cells.")
+    bad = ~np.isfinite(off)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        cname = cell_names[i] if cell_names is not None else i
+        raise ValueError(f"{name} is non-finite in {int(bad.sum())} cells (first: {cname!r}, value {off[i]!r}).")
+    return off
+
+
+def _as_csc(Y) -> sparse.csc_matrix:
+    if sparse.issparse(Y):
+        M = sparse.csc_matrix(Y)
+    else:
+        M = sparse.csc_matrix(np.asarray(Y))
+    M.sum_duplicates()
+    M.sort_indices()
+    return M
+
+
+def _poisson_groups(Y, codes, X, offset):
+    """Collapse the cells sharing a donor and a design row, for the Poisson family (see ``docs/model.md``).
+
+    ``mu_c = exp(o_c) exp(x_c'b + u_d)``, so the cells of a (donor, design row) group enter the log-likelihood
+    only through their summed counts and ``S_g = sum exp(o_c)``: the group is one "cell" with offset ``log S_g``.
+    The estimates, the mode and every donor sum are unchanged; the log-likelihood moves by a per-gene constant,
+    returned to be added back. Returns None when the design leaves too few repeated rows to gain from it.
+    """
+    keys = np.column_stack([codes.astype(np.float64), X])
+    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    group = group.ravel()
+    n_groups = len(first)
+    N = len(codes)
+    if n_groups > N // 2:
+        return None
+    A = sparse.csr_matrix((np.ones(N), (group, np.arange(N))), shape=(n_groups, N))
+    M = _as_csc(Y)
+    Yg = sparse.csc_matrix(A @ M)
+    Yg.sum_duplicates()
+    shift = offset.max() if N else 0.0
+    logS = np.log(A @ np.exp(offset - shift)) + shift
+    data = M.data.astype(np.float64)
+    col = np.repeat(np.arange(M.shape[1]), np.diff(M.indptr))
+    yo = np.bincount(col, weights=data * offset[M.indices], minlength=M.shape[1])
+    lf = np.bincount(col, weights=_lgamma(data + 1.0), minlength=M.shape[1])
+    gdata = Yg.data.astype(np.float64)
+    gcol = np.repeat(np.arange(Yg.shape[1]), np.diff(Yg.indptr))
+    ygo = np.bincount(gcol, weights=gdata * logS[Yg.indices], minlength=M.shape[1])
+    lfg = np.bincount(gcol, weights=_lgamma(gdata + 1.0), minlength=M.shape[1])
+    const = yo - ygo - lf + lfg
+    return Yg, codes[first], X[first], logS, const
+
+
+def _lgamma(x):
+    from scipy.special import gammaln
+
+    return gammaln(x)
+
+
+def _by_donor(Y, codes, X, offset):
+    """Counts (CSC, float64), codes, design and offset with the cells sorted by donor (the kernels' layout)."""
+    M = _as_csc(Y)
+    order = np.argsort(codes, kind="stable")
+    if (np.diff(codes) < 0).any():
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        M = sparse.csc_matrix((M.data, inv[M.indices], M.indptr), shape=M.shape)
+        M.sort_indices()
+        codes, X, offset = codes[order], X[order], offset[order]
+    data = M.data.astype(np.float64, copy=False)
+    return (
+        M.indptr.astype(np.int64),
+        M.indices.astype(np.int64),
+        data,
+        np.ascontiguousarray(codes, dtype=np.int64),
+        np.ascontiguousarray(X, dtype=np.float64),
+        np.ascontiguousarray(offset, dtype=np.float64),
+    )
+
+
+def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
+    """Run ``work((lo, hi))`` over ranges of genes in ``n_threads`` threads (the kernels release the GIL), with
+    BLAS itself single-threaded: the kernels' small dense algebra is far slower with threaded BLAS."""
+    chunk = max(1, min(max_chunk, -(-genes // max(1, 4 * n_threads))))
+    ranges = [(lo, min(genes, lo + chunk)) for lo in range(0, genes, chunk)]
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads > 1 and len(ranges) > 1:
+            with ThreadPoolExecutor(n_threads) as ex:
+                list(ex.map(work, ranges))
+        else:
+            for r in ranges:
+                work(r)
+
+
+def fit_counts(
+    Y,
+    codes: np.ndarray,
+    X: np.ndarray,
+    *,
+    family: str = "poisson",
+    offset: np.ndarray | None = None,
+    G: np.ndarray | DonorBlocks | None = None,
+    n_donors: int | None = None,
+    n_threads: int = 1,
+    gene_names=None,
+    cell_names=None,
+    collapse: bool = True,
+) -> CountFits:
+    """Fit the count GLMM of every column of ``Y`` (cells x genes: counts, dense or scipy sparse).
+
+    Parameters
+    ----------
+    Y
+        Raw counts, cells x genes.
+    codes
+        Each cell's donor index (0 .. donors-1), in the order of ``G``.
+    X
+        Design (cells x p), intercept included, full column rank.
+    family
+        ``"poisson"`` or ``"negative_binomial"`` (NB2, per-gene theta).
+    offset
+        Log-scale offset per cell (default 0).
+    G
+        The donor covariance: ``None`` (identity), a dense matrix (split into blocks by its zero pattern), or
+        :class:`DonorBlocks`.
+    n_donors
+        Number of donors when ``G`` is None (default ``codes.max() + 1``).
+    n_threads
+        Threads over genes.
+    gene_names, cell_names
+        Used in error messages.
+    collapse
+        For the Poisson family, fit cells that share a donor and a design row as one group (exact; see
+        :func:`_poisson_groups`).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)} for count models, not {family!r}.")
+    fam = FAMILIES[family]
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    N = codes.shape[0]
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] != N:
+        raise ValueError(f"design has shape {X.shape}, expected ({N}, p).")
+    if Y.shape[0] != N:
+        raise ValueError(f"counts have {Y.shape[0]} cells, the donor codes {N}.")
+    off = check_offset(offset, N, cell_names=cell_names)
+    check_counts(Y, gene_names, cell_names)
+    if isinstance(G, DonorBlocks):
+        blocks = G
+    else:
+        if n_donors is None:
+            n_donors = int(codes.max()) + 1 if G is None else np.asarray(G).shape[0]
+        blocks = donor_blocks(G, n_donors)
+    n = blocks.n_donors
+    if N and (codes.min() < 0 or codes.max() >= n):
+        raise ValueError(f"donor codes must lie in 0..{n - 1}.")
+    Y = _as_csc(Y)
+    n_nonzero = np.diff(Y.indptr)
+    const = 0.0
+    grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON and collapse else None
+    if grouped is not None:
+        Y, codes, X, off, const = grouped
+    indptr, indices, data, codes_s, X_s, off_s = _by_donor(Y, codes, X, off)
+    genes = len(indptr) - 1
+    p = X.shape[1]
+    beta = np.full((genes, p), np.nan)
+    s2 = np.full(genes, np.nan)
+    theta = np.full(genes, np.nan)
+    ll = np.full(genes, np.nan)
+    ll0 = np.full(genes, np.nan)
+    status = np.full(genes, K.FAILED, dtype=np.int64)
+    iters = np.zeros(genes, dtype=np.int64)
+    se = np.full((genes, p + 2), np.nan)
+    u = np.full((genes, n), np.nan)
+    # genes with fewer than two non-zero cells have no estimable model: they stay NaN
+    nnz = n_nonzero
+
+    def work(lo_hi):
+        lo, hi = lo_hi
+        K.fit_genes_range(
+            fam,
+            lo,
+            hi,
+            indptr,
+            indices,
+            data,
+            codes_s,
+            off_s,
+            X_s,
+            blocks.ptr,
+            blocks.donors,
+            blocks.L,
+            blocks.loff,
+            beta,
+            s2,
+            theta,
+            ll,
+            ll0,
+            status,
+            iters,
+            se,
+            u,
+        )
+
+    _run_ranges(work, genes, n_threads, max_chunk=64)
+    bad = (status == K.FAILED) | (nnz < 2)
+    converged = ~bad
+    for arr in (beta, se, u):
+        arr[bad] = np.nan
+    for arr in (s2, theta, ll, ll0):
+        arr[bad] = np.nan
+    if fam == K.POISSON:
+        theta[:] = np.nan
+    ll += const
+    ll0 += const
+    s2_se = s2 * se[:, p]
+    return CountFits(
+        beta=beta,
+        beta_se=se[:, :p],
+        sigma2_g=s2,
+        sigma2_g_se=s2_se,
+        theta=theta,
+        loglik=ll,
+        loglik0=ll0,
+        converged=converged,
+        boundary=converged & (status == K.BOUNDARY),
+        n_iter=iters,
+        u=u,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# step 2: the working model at the fit (SAIGE-QTL / GMMAT), Sigma = W^-1 + s2 Z G Z', through donor sums only
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CountProjection:
+    """The compact projection of the count working model, per gene (genes first; no donors x donors per gene).
+
+    For a donor-level genotype ``g`` (cells ``Zg``): ``score = g' resid``, and ``score_var = g'T D_w g -
+    (B'g)' Ainv (B'g)`` where ``g'T D_w g`` is rebuilt from ``Dw`` and ``sigma2_g`` block by block.
+    """
+
+    sigma2_g: np.ndarray  #: (genes,)
+    Dw: np.ndarray  #: (genes, donors) donor sums of the working weights
+    B: np.ndarray  #: (genes, donors, p) T Z'WX
+    Ainv: np.ndarray  #: (genes, p, p) (X' Sigma^-1 X)^-1
+    resid: np.ndarray  #: (genes, donors) T (Z'Wr - Z'WX Ainv X'Sigma^-1 r): the donor sums of P y~
+
+
+def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: int = 1) -> dict[str, np.ndarray]:
+    """Donor-level sums of the working model at the fits (see :func:`_glmm_kernels.working_sums_range`)."""
+    fam = FAMILIES[family]
+    off = check_offset(offset, X.shape[0])
+    codes, X = np.asarray(codes), np.asarray(X, dtype=np.float64)
+    grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON else None
+    if grouped is not None:
+        Y, codes, X, off, _ = grouped
+    indptr, indices, data, codes, X, off = _by_donor(Y, codes, X, off)
+    genes, p, n = len(indptr) - 1, X.shape[1], fits.u.shape[1]
+    out = {
+        "Dw": np.zeros((genes, n)),
+        "ZWX": np.zeros((genes, n, p)),
+        "XWX": np.zeros((genes, p, p)),
+        "ZWr": np.zeros((genes, n)),
+        "XWr": np.zeros((genes, p)),
+    }
+    theta = fits.theta if fam == K.NEGATIVE_BINOMIAL else np.full(genes, np.inf)
+
+    def work(lo_hi):
+        K.working_sums_range(
+            fam,
+            lo_hi[0],
+            lo_hi[1],
+            indptr,
+            indices,
+            data,
+            codes,
+            off,
+            X,
+            fits.beta,
+            fits.u,
+            theta,
+            out["Dw"],
+            out["ZWX"],
+            out["XWX"],
+            out["ZWr"],
+            out["XWr"],
+        )
+
+    _run_ranges(work, genes, n_threads, max_chunk=1024)
+    bad = ~fits.converged
+    for v in out.values():
+        v[bad] = np.nan
+    return out
+
+
+def _split_blocks(blocks: DonorBlocks):
+    """Singleton donors as arrays (donor index, G_dd), and the larger blocks as a list of (donor indices, L_b)."""
+    sizes = blocks.sizes
+    single = np.flatnonzero(sizes == 1)
+    d1 = blocks.donors[blocks.ptr[single]]
+    g1 = blocks.L[blocks.loff[single]] ** 2
+    multi = []
+    for b in np.flatnonzero(sizes > 1):
+        idx = blocks.donors[blocks.ptr[b] : blocks.ptr[b + 1]]
+        k = len(idx)
+        multi.append((idx, blocks.L[blocks.loff[b] : blocks.loff[b] + k * k].reshape(k, k)))
+    return d1, g1, multi
+
+
+def count_projection(sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: DonorBlocks) -> CountProjection:
+    """The compact projection from the working sums: ``T = I - s2 D_w L K^-1 L'``, ``K = I + s2 L' D_w L``.
+
+    Diagonal GRMs are handled for all genes at once; other blocks per gene and block (dense algebra).
+    """
+    Dw, ZWX, XWX, ZWr, XWr = (sums[k] for k in ("Dw", "ZWX", "XWX", "ZWr", "XWr"))
+    genes, _, p = ZWX.shape
+    s2 = np.where(np.isfinite(sigma2_g), sigma2_g, 0.0)
+    # LKL = L K^-1 L' applied to ZWX and ZWr, and T applied to them
+    LKL_ZWX = np.zeros_like(ZWX)
+    LKL_ZWr = np.zeros_like(ZWr)
+    d1, g1, multi = _split_blocks(blocks)
+    kinv = g1 / (1.0 + s2[:, None] * g1 * Dw[:, d1])
+    LKL_ZWX[:, d1] = kinv[:, :, None] * ZWX[:, d1]
+    LKL_ZWr[:, d1] = kinv * ZWr[:, d1]
+    for idx, Lb in multi:
+        for g in range(genes):
+            if not np.isfinite(Dw[g, idx]).all():
+                continue
+            Kb = np.eye(len(idx)) + s2[g] * (Lb.T * Dw[g, idx]) @ Lb
+            cf = linalg.cho_factor(Kb, lower=True, check_finite=False)
+            rhs = Lb.T @ np.column_stack([ZWX[g, idx], ZWr[g, idx]])
+            sol = Lb @ linalg.cho_solve(cf, rhs, check_finite=False)
+            LKL_ZWX[g, idx] = sol[:, :p]
+            LKL_ZWr[g, idx] = sol[:, p]
+    s2c = s2[:, None, None]
+    A = XWX - s2c * np.einsum("gnp,gnq->gpq", ZWX, LKL_ZWX)
+    xsr = XWr - s2[:, None] * np.einsum("gnp,gn->gp", ZWX, LKL_ZWr)
+    Ainv = np.full_like(A, np.nan)
+    ok = np.isfinite(A).all(axis=(1, 2))
+    Ainv[ok] = np.linalg.pinv(A[ok], hermitian=True)
+    TZWX = ZWX - s2c * Dw[:, :, None] * LKL_ZWX
+    TZWr = ZWr - s2[:, None] * Dw * LKL_ZWr
+    resid = TZWr - np.einsum("gnp,gp->gn", TZWX, np.einsum("gpq,gq->gp", Ainv, xsr))
+    return CountProjection(sigma2_g=s2, Dw=Dw, B=TZWX, Ainv=Ainv, resid=resid)
+
+
+def count_score(proj: CountProjection, genotypes: np.ndarray, blocks: DonorBlocks, gene: int):
+    """Score statistics of donor-level variants (donors x variants) for one gene: (score, score_var)."""
+    g = np.asarray(genotypes, dtype=np.float64)
+    if g.ndim == 1:
+        g = g[:, None]
+    s2 = proj.sigma2_g[gene]
+    Dw = proj.Dw[gene]
+    score = proj.resid[gene] @ g
+    quad = np.einsum("nm,n,nm->m", g, Dw, g)
+    d1, g1, multi = _split_blocks(blocks) if s2 > 0 else (np.zeros(0, dtype=np.int64), np.zeros(0), [])
+    t1 = s2 * g1 * Dw[d1] ** 2 / (1.0 + s2 * g1 * Dw[d1])
+    quad -= np.einsum("nm,n,nm->m", g[d1], t1, g[d1])
+    for idx, Lb in multi:
+        Kb = np.eye(len(idx)) + s2 * (Lb.T * Dw[idx]) @ Lb
+        C = linalg.cholesky(Kb, lower=True, check_finite=False)
+        t = linalg.solve_triangular(C, Lb.T @ (Dw[idx, None] * g[idx]), lower=True, check_finite=False)
+        quad -= s2 * np.einsum("km,km->m", t, t)
+    Bg = proj.B[gene].T @ g
+    var = quad - np.einsum("pm,pq,qm->m", Bg, proj.Ainv[gene], Bg)
+    return score, var
+
+
+def concat_fits(parts: list[CountFits], n_donors: int, p: int) -> CountFits:
+    """Fits of consecutive gene batches as one :class:`CountFits`."""
+    if not parts:
+        e1 = np.zeros(0)
+        return CountFits(
+            np.zeros((0, p)),
+            np.zeros((0, p)),
+            e1,
+            e1,
+            e1,
+            e1,
+            e1,
+            np.zeros(0, bool),
+            np.zeros(0, bool),
+            np.zeros(0, np.int64),
+            np.zeros((0, n_donors)),
+        )
+    return CountFits(**{f: np.concatenate([getattr(x, f) for x in parts]) for f in CountFits.__dataclass_fields__})
+
+
+def concat_projections(parts: list[CountProjection], n_donors: int, p: int) -> CountProjection:
+    """Projections of consecutive gene batches as one :class:`CountProjection`."""
+    if not parts:
+        return CountProjection(
+            np.zeros(0),
+            np.zeros((0, n_donors)),
+            np.zeros((0, n_donors, p)),
+            np.zeros((0, p, p)),
+            np.zeros((0, n_donors)),
+        )
+    fields = CountProjection.__dataclass_fields__
+    return CountProjection(**{f: np.concatenate([getattr(x, f) for x in parts]) for f in fields})

@@ -1,0 +1,925 @@
+"""Compiled per-gene kernels of the count GLMM (Laplace maximum likelihood); the maths is in ``docs/model.md``.
+
+Notation: for one gene, ``eta_c = o_c + x_c'b + sigma (L v)_d(c)`` with ``v ~ N(0, I)`` and ``G = L L'`` (block by
+block), ``h_c`` the log-density of cell c, ``h1 = dh/deta``, ``w = -d2h/deta2`` (the observed weight), ``w1 = dw/deta``,
+and for the negative binomial ``hk, h1k, wk, hkk`` the derivatives of ``h, h1, w, hk`` in ``kappa = log theta``.
+Every per-cell quantity enters through a sum over cells (a donor sum or a covariate cross-product). A pass over
+the cells treats every cell as a zero (a branch-free loop) and then corrects the gene's non-zero cells, so zeros
+are never stored; ``exp(o_c + x_c'b)`` is computed once per evaluation and the inner passes over the donor effects
+only multiply it by ``exp(u_d)``. For the Poisson family the inner problem needs no pass at all: its donor sums
+are ``exp(u_d)`` times donor sums fixed by ``b``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+POISSON = 0
+NEGATIVE_BINOMIAL = 1
+
+#: log(sigma2_g) below which the donor variance counts as the boundary 0.
+RHO_MIN = math.log(1e-10)
+#: Bounds on log(theta); at the upper bound the negative binomial is indistinguishable from the Poisson.
+KAPPA_MIN = math.log(1e-4)
+KAPPA_MAX = math.log(1e6)
+#: Past this log(theta), still climbing, the upper bound is tried at once (and kept if the likelihood is higher):
+#: the likelihood approaches its Poisson limit like exp(-kappa), so Newton would crawl there. Tried again one unit
+#: of log(theta) further each time it fails.
+KAPPA_TRY = math.log(20.0)
+MAX_ITER = 200
+INNER_MAX_ITER = 100
+#: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
+DECREMENT_TOL = 1e-10
+#: Relative finite-difference step in log(sigma2_g) for the Hessian column of log(sigma2_g).
+FD_STEP = 1e-5
+
+# status codes
+OK = 0
+BOUNDARY = 1
+FAILED = 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _digamma(x):  # pragma: no cover - compiled
+    s = 0.0
+    while x < 8.0:
+        s -= 1.0 / x
+        x += 1.0
+    f = 1.0 / (x * x)
+    t = f * (-1.0 / 12 + f * (1.0 / 120 + f * (-1.0 / 252 + f * (1.0 / 240 + f * (-1.0 / 132)))))
+    return s + math.log(x) - 0.5 / x + t
+
+
+@numba.njit(cache=True, nogil=True)
+def _trigamma(x):  # pragma: no cover - compiled
+    s = 0.0
+    while x < 8.0:
+        s += 1.0 / (x * x)
+        x += 1.0
+    f = 1.0 / (x * x)
+    return s + 1.0 / x + 0.5 * f + f / x * (1.0 / 6 + f * (-1.0 / 30 + f * (1.0 / 42 + f * (-1.0 / 30))))
+
+
+@numba.njit(cache=True, nogil=True)
+def _gamma_diffs(y, theta):  # pragma: no cover - compiled
+    """(psi(y + theta) - psi(theta), psi'(y + theta) - psi'(theta)) for a count y >= 0."""
+    if y < 30.0:
+        s = 0.0
+        s2 = 0.0
+        k = 0.0
+        while k < y:
+            r = 1.0 / (theta + k)
+            s += r
+            s2 -= r * r
+            k += 1.0
+        return s, s2
+    return _digamma(y + theta) - _digamma(theta), _trigamma(y + theta) - _trigamma(theta)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
+    """lgamma(y + theta) - lgamma(theta), without the cancellation of two large lgammas when theta is large."""
+    if y < 30.0:
+        s = 0.0
+        k = 0.0
+        while k < y:
+            s += math.log(theta + k)
+            k += 1.0
+        return s
+    return math.lgamma(y + theta) - math.lgamma(theta)
+
+
+@numba.njit(cache=True, nogil=True)
+def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccols, dcols, Xd):  # pragma: no cover
+    """base_c = o_c + x_c'b and B_c = exp(base_c); donor sums of y; for the Poisson family the donor sums of B,
+    B x and B x x' (upper triangle). Returns sum_c y_c base_c. Cells are sorted by donor (``dptr``)."""
+    p = X.shape[1]
+    Yd[:] = 0.0
+    for d in range(dptr.shape[0] - 1):
+        sd = 0.0
+        for j in dcols:
+            sd += Xd[d, j] * beta[j]
+        for c in range(dptr[d], dptr[d + 1]):
+            s = off[c] + sd
+            for j in ccols:
+                s += X[c, j] * beta[j]
+            base[c] = s
+            B[c] = math.exp(s)
+    yb = 0.0
+    for k in range(yi.shape[0]):
+        c = yi[k]
+        Yd[codes[c]] += yv[k]
+        yb += yv[k] * base[c]
+    if fam == POISSON:
+        E[:, :] = 0.0
+        F[:, :, :] = 0.0
+        for d in range(dptr.shape[0] - 1):
+            sd = 0.0
+            for c in range(dptr[d], dptr[d + 1]):
+                b = B[c]
+                sd += b
+                for j in range(p):
+                    bx = b * X[c, j]
+                    E[d, j] += bx
+                    for m in range(j, p):
+                        F[d, j, m] += bx * X[c, m]
+            Sd[d] = sd
+    return yb
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cover - compiled
+    """Donor sums of h1 and w at eta = base + u[donor] (cells sorted by donor; a branch-free loop per donor)."""
+    for d in range(dptr.shape[0] - 1):
+        e = eu[d]
+        s1 = 0.0
+        s2 = 0.0
+        for c in range(dptr[d], dptr[d + 1]):
+            mu = e * B[c]
+            r = mu / (theta + mu)
+            s1 += r
+            s2 += r * r
+        sh[d] = -theta * s1
+        sw[d] = theta * (s1 - s2)
+    for k in range(yi.shape[0]):  # the non-zeros' corrections
+        c = yi[k]
+        d = codes[c]
+        y = yv[k]
+        mu = eu[d] * B[c]
+        q = theta / (theta + mu)
+        sh[d] += y * q
+        sw[d] += y * (1.0 - q) * q
+
+
+@numba.njit(cache=True, nogil=True)
+def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - compiled
+    """u = sigma L v block by block (v and u in donor order), and eu = exp(u)."""
+    for b in range(bptr.shape[0] - 1):
+        s, e = bptr[b], bptr[b + 1]
+        k = e - s
+        o = loff[b]
+        for i in range(k):
+            acc = 0.0
+            for j in range(k):
+                acc += Lflat[o + i * k + j] * v[bdon[s + j]]
+            d = bdon[s + i]
+            u[d] = sigma * acc
+            eu[d] = math.exp(u[d])
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_gather(k, s, o, bdon, Lflat, sw, sh):  # pragma: no cover - compiled
+    """A block's factor L_b (k x k), A = diag(sqrt(sw_b)) L_b (so L_b' diag(sw_b) L_b = A'A) and sh_b."""
+    Lb = Lflat[o : o + k * k].reshape(k, k)
+    A = np.empty((k, k))
+    shb = np.empty(k)
+    for i in range(k):
+        d = bdon[s + i]
+        r = math.sqrt(sw[d])
+        shb[i] = sh[d]
+        for j in range(k):
+            A[i, j] = r * Lb[i, j]
+    return Lb, A, shb
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma: no cover - compiled
+    """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv."""
+    dec = 0.0
+    for b in range(bptr.shape[0] - 1):
+        s, e = bptr[b], bptr[b + 1]
+        k = e - s
+        o = loff[b]
+        if k == 1:
+            d = bdon[s]
+            lo_ = Lflat[o]
+            g = sigma * lo_ * sh[d] - v[d]
+            dv[d] = g / (1.0 + s2 * lo_ * lo_ * sw[d])
+            dec += g * dv[d]
+            continue
+        Lb, A, shb = _block_gather(k, s, o, bdon, Lflat, sw, sh)
+        H = s2 * (A.T @ A)
+        g = sigma * (Lb.T @ shb)
+        for i in range(k):
+            g[i] -= v[bdon[s + i]]
+            H[i, i] += 1.0
+        x = np.linalg.solve(H, g)
+        for i in range(k):
+            dv[bdon[s + i]] = x[i]
+            dec += g[i] * x[i]
+    return dec
+
+
+@numba.njit(cache=True, nogil=True)
+def _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw):  # pragma: no cover - compiled
+    """The donor sums of h1 and w at the donor effects exp(u) = eu."""
+    if fam == POISSON:
+        for d in range(Yd.shape[0]):
+            m = eu[d] * Sd[d]
+            sh[d] = Yd[d] - m
+            sw[d] = m
+    else:
+        _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw)
+
+
+@numba.njit(cache=True, nogil=True)
+def _directional(sigma, bptr, bdon, Lflat, loff, v, sh, dv):  # pragma: no cover - compiled
+    """(sigma L'sh - v)'dv: the derivative of f(v) along dv."""
+    s = 0.0
+    for b in range(bptr.shape[0] - 1):
+        st, e = bptr[b], bptr[b + 1]
+        k = e - st
+        o = loff[b]
+        for i in range(k):
+            acc = 0.0
+            for j in range(k):
+                acc += Lflat[o + j * k + i] * sh[bdon[st + j]]
+            d = bdon[st + i]
+            s += (sigma * acc - v[d]) * dv[d]
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work):  # pragma: no cover
+    """Maximise the concave f(v) = sum_c h_c - v'v/2 over v in place; returns converged.
+
+    Newton steps, halved while the derivative along the step turns clearly negative at its end (an overshoot
+    past the maximum on the line); f itself is never needed, so a pass over the cells computes donor sums only.
+    """
+    n = v.shape[0]
+    sigma = math.sqrt(s2)
+    u, eu, sh, sw, dv, vn = work[0], work[1], work[2], work[3], work[4], work[5]
+    _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
+    _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw)
+    for _ in range(INNER_MAX_ITER):
+        dec = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
+        if not (dec == dec):
+            return False
+        if dec < 1e-22:
+            return True
+        t = 1.0
+        accepted = False
+        for _h in range(60):
+            for d in range(n):
+                vn[d] = v[d] + t * dv[d]
+            _u_from_v(sigma, bptr, bdon, Lflat, loff, vn, u, eu)
+            _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw)
+            slope = _directional(sigma, bptr, bdon, Lflat, loff, vn, sh, dv)
+            if slope == slope and slope >= -0.5 * dec:
+                accepted = True
+                break
+            t *= 0.5
+        if not accepted:
+            return dec < 1e-10
+        v[:] = vn
+        if t == 1.0 and dec < 1e-12:  # quadratic convergence: the mode is now exact to ~dec^2
+            return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
+    """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
+    and the Hessian of the penalised log-likelihood at the mode in (b, kappa) (``hess``; its rho row and column
+    are left 0). ``v`` (the mode) is the warm start and is updated; ``boundary``: s2 = 0 (rho unused); ``lfact``:
+    sum_c lgamma(y_c + 1); ``st``: per-gene state (see :func:`_state`), which caches the per-cell
+    quantities of the last b. Returns (loglik, ok).
+    """  # pragma: no cover - compiled
+    p = X.shape[1]
+    n = v.shape[0]
+    beta = phi[:p]
+    theta = math.exp(phi[p + 1])
+    s2 = 0.0 if boundary else math.exp(phi[p])
+    sigma = math.sqrt(s2)
+    lconst = -lfact
+    if fam == NEGATIVE_BINOMIAL:
+        for k in range(yv.shape[0]):
+            lconst += _lgamma_ratio(yv[k], theta)
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd = st
+    base, B = buf[0], buf[1]
+    same = key[0] == 1.0
+    for j in range(p):
+        if key[2 + j] != beta[j]:
+            same = False
+    if not same:
+        key[1] = _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccols, dcols, Xd)
+        key[0] = 1.0
+        for j in range(p):
+            key[2 + j] = beta[j]
+    yb = key[1]
+    if boundary:
+        v[:] = 0.0
+    else:
+        ok = _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work)
+        if not ok:
+            return np.nan, False
+    u, eu = work[0], work[1]
+    _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
+
+    # the final pass at the mode: donor sums and cross-products for the gradient and the Hessian
+    sh = np.zeros(n)
+    sw = np.zeros(n)
+    a = np.zeros(n)
+    swk = np.zeros(n)
+    sh1k = np.zeros(n)
+    zwx = np.zeros((n, p))
+    zw1x = np.zeros((n, p))
+    xh = np.zeros(p)
+    xh1k = np.zeros(p)
+    xwx = np.zeros((p, p))
+    hk_sum = 0.0
+    hkk_sum = 0.0
+    ll = 0.0
+    if fam == POISSON:
+        for d in range(n):
+            m = eu[d] * Sd[d]
+            sh[d] = Yd[d] - m
+            sw[d] = m
+            a[d] = m
+            ll += Yd[d] * u[d] - m
+            for j in range(p):
+                zwx[d, j] = eu[d] * E[d, j]
+                zw1x[d, j] = zwx[d, j]
+                xh[j] -= zwx[d, j]
+                for m2 in range(j, p):
+                    xwx[j, m2] += eu[d] * F[d, j, m2]
+        for k in range(yi.shape[0]):
+            c = yi[k]
+            for j in range(p):
+                xh[j] += yv[k] * X[c, j]
+        ll += yb
+    else:
+        for d in range(n):  # every cell as a zero, donor by donor; cell-level columns only (unscaled by theta)
+            e = eu[d]
+            s_r = 0.0
+            s_r2 = 0.0
+            s_r2q = 0.0
+            s_w1 = 0.0
+            s_l1p = 0.0
+            for c in range(dptr[d], dptr[d + 1]):
+                mu = e * B[c]
+                t = theta + mu
+                r = mu / t
+                q = 1.0 - r
+                s_l1p += math.log1p(mu / theta)
+                rq = r * q
+                w1 = rq * (q - r)
+                s_r += r
+                s_r2 += r * r
+                s_r2q += r * rq
+                s_w1 += w1
+                for j in ccols:
+                    x = X[c, j]
+                    if x == 0.0:
+                        continue
+                    xh[j] += x * r
+                    xh1k[j] += x * r * r
+                    zwx[d, j] += x * rq
+                    zw1x[d, j] += x * w1
+                    xr = x * rq
+                    for m2 in ccols:
+                        if m2 >= j:
+                            xwx[j, m2] += xr * X[c, m2]
+            lfix = -theta * s_l1p
+            ll += lfix
+            hk_sum += lfix + theta * s_r
+            hkk_sum += lfix + theta * s_r + theta * s_r2
+            sh[d] = -theta * s_r
+            sw[d] = theta * (s_r - s_r2)
+            a[d] = theta * s_w1
+            sh1k[d] = -theta * s_r2
+            swk[d] = 2.0 * theta * s_r2q
+            for j in ccols:
+                zwx[d, j] *= theta
+                zw1x[d, j] *= theta
+        for j in ccols:
+            xh[j] *= -theta
+            xh1k[j] *= -theta
+            for m2 in ccols:
+                if m2 >= j:
+                    xwx[j, m2] *= theta
+        for k in range(yi.shape[0]):  # corrections of the non-zero cells: term(y) - term(0) in closed form
+            c = yi[k]
+            d = codes[c]
+            y = yv[k]
+            mu = eu[d] * B[c]
+            t = theta + mu
+            r = mu / t
+            q = 1.0 - r
+            dg, tg = _gamma_diffs(y, theta)
+            ll -= y * math.log1p(theta / mu)
+            dh1 = y * q
+            dw = y * r * q
+            dhk = theta * dg - y * q
+            sh[d] += dh1
+            sw[d] += dw
+            a[d] += dw * (q - r)
+            hk_sum += dhk
+            sh1k[d] += dw
+            swk[d] += dw * (r - q)
+            hkk_sum += dhk + theta * theta * tg + y * q * q
+            for j in ccols:
+                x = X[c, j]
+                if x == 0.0:
+                    continue
+                xh[j] += x * dh1
+                xh1k[j] += x * dw
+                zwx[d, j] += x * dw
+                zw1x[d, j] += x * dw * (q - r)
+                for m2 in ccols:
+                    if m2 >= j:
+                        xwx[j, m2] += x * dw * X[c, m2]
+        # donor-level columns from the donor sums: x_d times the donor's sums
+        for d in range(n):
+            for j in dcols:
+                xd = Xd[d, j]
+                zwx[d, j] = xd * sw[d]
+                zw1x[d, j] = xd * a[d]
+                xh[j] += xd * sh[d]
+                xh1k[j] += xd * sh1k[d]
+        for j in dcols:
+            for m2 in range(p):
+                acc = 0.0
+                for d in range(n):
+                    acc += Xd[d, j] * zwx[d, m2]
+                lo_, hi_ = (j, m2) if j <= m2 else (m2, j)
+                xwx[lo_, hi_] = acc
+    for j in range(p):
+        for m2 in range(j):
+            xwx[j, m2] = xwx[m2, j]
+    vv = np.dot(v, v)
+    grad[:] = 0.0
+    hess[:, :] = 0.0
+    for j in range(p):
+        for m2 in range(p):
+            hess[j, m2] = -xwx[j, m2]
+        hess[j, p + 1] = xh1k[j]
+        hess[p + 1, j] = xh1k[j]
+    hess[p + 1, p + 1] = hkk_sum
+    if boundary:
+        for j in range(p):
+            grad[j] = xh[j]
+        grad[p + 1] = hk_sum
+        return ll + lconst, True
+
+    # block algebra: m = diag(M), M = L H^-1 L', LHv = L H^-1 v, log|H|, Maq = M (a * q), and the quadratic forms
+    # of M in (zwx, sh1k) for the Hessian
+    logdet = 0.0
+    mdiag = np.zeros(n)
+    LHv = np.zeros(n)
+    Maq = np.zeros(n)
+    Q = np.zeros((p + 1, p + 1))  # [zwx, sh1k]' M [zwx, sh1k]
+    for b in range(bptr.shape[0] - 1):
+        s, e = bptr[b], bptr[b + 1]
+        kk = e - s
+        o = loff[b]
+        if kk == 1:
+            d = bdon[s]
+            lo_ = Lflat[o]
+            h = 1.0 + s2 * lo_ * lo_ * sw[d]
+            logdet += math.log(h)
+            md = lo_ * lo_ / h
+            mdiag[d] = md
+            LHv[d] = lo_ * v[d] / h
+            Maq[d] = md * a[d] * s2 * md
+            for j in range(p + 1):
+                zj = zwx[d, j] if j < p else sh1k[d]
+                for m2 in range(j, p + 1):
+                    zm = zwx[d, m2] if m2 < p else sh1k[d]
+                    Q[j, m2] += md * zj * zm
+            continue
+        Lb, A, _ = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
+        H = s2 * (A.T @ A)
+        for i in range(kk):
+            H[i, i] += 1.0
+        C = np.linalg.cholesky(H)
+        for i in range(kk):
+            logdet += 2.0 * math.log(C[i, i])
+        Hinv = np.linalg.inv(H)
+        Mb = Lb @ (Hinv @ Lb.T)
+        vb = np.empty(kk)
+        Zb = np.empty((kk, p + 1))
+        for i in range(kk):
+            d = bdon[s + i]
+            vb[i] = v[d]
+            for j in range(p):
+                Zb[i, j] = zwx[d, j]
+            Zb[i, p] = sh1k[d]
+        lhv = Lb @ (Hinv @ vb)
+        aq = np.empty(kk)
+        for i in range(kk):
+            d = bdon[s + i]
+            mdiag[d] = Mb[i, i]
+            LHv[d] = lhv[i]
+            aq[i] = a[d] * s2 * Mb[i, i]
+        maq = Mb @ aq
+        Qb = Zb.T @ (Mb @ Zb)
+        for i in range(kk):
+            Maq[bdon[s + i]] = maq[i]
+        for j in range(p + 1):
+            for m2 in range(j, p + 1):
+                Q[j, m2] += Qb[j, m2]
+    lap = ll + lconst - 0.5 * vv - 0.5 * logdet
+    for j in range(p):
+        acc = 0.0
+        for d in range(n):
+            acc += s2 * mdiag[d] * zw1x[d, j] - s2 * Maq[d] * zwx[d, j]
+        grad[j] = xh[j] - 0.5 * acc
+    acc = 0.0
+    for d in range(n):
+        acc += s2 * sw[d] * mdiag[d] + sigma * a[d] * s2 * mdiag[d] * LHv[d]
+    grad[p] = 0.5 * vv - 0.5 * acc
+    acc = 0.0
+    for d in range(n):
+        acc += s2 * mdiag[d] * swk[d] + s2 * Maq[d] * sh1k[d]
+    grad[p + 1] = hk_sum - 0.5 * acc
+    # penalised-likelihood Hessian: -X'WX + s2 ZWX'M ZWX, X'h1k - s2 ZWX'M sh1k, sum hkk + s2 sh1k'M sh1k
+    for j in range(p):
+        for m2 in range(j, p):
+            hess[j, m2] += s2 * Q[j, m2]
+            hess[m2, j] = hess[j, m2]
+        hess[j, p + 1] -= s2 * Q[j, p]
+        hess[p + 1, j] = hess[j, p + 1]
+    hess[p + 1, p + 1] += s2 * Q[p, p]
+    return lap, True
+
+
+@numba.njit(cache=True, nogil=True)
+def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
+    """Newton direction -Hm^-1 gi, made an ascent direction: on the unit-diagonal scaling of -Hm (so that
+    covariates on large scales do not set the tolerance), eigenvalues below 1e-10 of the largest are floored."""
+    m = gi.shape[0]
+    sc = np.empty(m)
+    for a_ in range(m):
+        h = abs(Hm[a_, a_])
+        sc[a_] = 1.0 / math.sqrt(h) if h > 0 else 1.0
+    A = np.empty((m, m))
+    for a_ in range(m):
+        for b_ in range(m):
+            A[a_, b_] = -Hm[a_, b_] * sc[a_] * sc[b_]
+    lam, U = np.linalg.eigh(A)
+    floor = max(1e-10 * np.max(np.abs(lam)), 1e-300)
+    c = U.T @ (gi * sc)
+    for a_ in range(m):
+        c[a_] /= max(abs(lam[a_]), floor)
+    return (U @ c) * sc
+
+
+@numba.njit(cache=True, nogil=True)
+def _optimise(
+    fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
+):  # pragma: no cover
+    """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
+
+    The Hessian: the penalised-likelihood Hessian in (b, kappa), and the log(sigma2_g) row and column by a
+    finite difference of the analytic gradient (the log-determinant matters most there). Returns (loglik,
+    status, iterations); ``Hout`` gets that Hessian over all of phi (zero rows for fixed entries).
+    """
+    p = X.shape[1]
+    k = p + 2
+    g = np.empty(k)
+    gt = np.empty(k)
+    Ha = np.empty((k, k))
+    Ht = np.empty((k, k))
+    L, ok = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st)
+    if not ok:
+        return np.nan, FAILED, 0
+    vt = v.copy()
+    # rows/columns of the Hessian taken from finite differences of the gradient: log(s2), and log(theta) in the
+    # interior (the log-determinant's share of their curvature is not small); refreshed while they still move
+    fd = np.zeros(k, dtype=np.bool_)
+    fd[p] = not boundary
+    fd[p + 1] = (not boundary) and fam == NEGATIVE_BINOMIAL
+    moved = np.full(k, np.inf)
+    next_jump = KAPPA_TRY
+    for it in range(MAX_ITER):
+        for j0 in range(p, k):
+            if not (fd[j0] and free[j0] and (it < 2 or abs(moved[j0]) > 1e-3)):
+                continue
+            step = FD_STEP * max(1.0, abs(phi[j0]))
+            ph = phi.copy()
+            ph[j0] += step
+            vt[:] = v
+            _, ok2 = evaluate(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
+            )
+            if not ok2:
+                return L, FAILED, it
+            for j in range(k):
+                Ha[j, j0] = (gt[j] - g[j]) / step
+            for j in range(k):
+                Ha[j0, j] = Ha[j, j0]
+        for j0 in range(p, k):  # symmetric in the two finite-difference columns
+            for j1 in range(p, k):
+                if fd[j0] and fd[j1] and j1 > j0:
+                    Ha[j0, j1] = Ha[j1, j0] = 0.5 * (Ha[j0, j1] + Ha[j1, j0])
+        act = free.copy()  # log(theta) at a bound with the gradient pointing out of it is held there this step
+        if (phi[p + 1] >= KAPPA_MAX and g[p + 1] >= 0.0) or (phi[p + 1] <= KAPPA_MIN and g[p + 1] <= 0.0):
+            act[p + 1] = False
+        idx = np.flatnonzero(act)
+        m = idx.shape[0]
+        Hm = np.empty((m, m))
+        gi = np.empty(m)
+        for a_ in range(m):
+            gi[a_] = g[idx[a_]]
+            for b_ in range(m):
+                Hm[a_, b_] = Ha[idx[a_], idx[b_]]
+        Hout[:, :] = 0.0
+        for a_ in range(m):
+            for b_ in range(m):
+                Hout[idx[a_], idx[b_]] = Hm[a_, b_]
+        d = _ascent_direction(Hm, gi)
+        dec = np.dot(gi, d)
+        if not (dec == dec):
+            return L, FAILED, it
+        if dec < DECREMENT_TOL:
+            return L, OK, it
+        t = 1.0
+        for a_ in range(m):
+            if abs(d[a_]) * t > 3.0:
+                t = 3.0 / abs(d[a_])
+        accepted = False
+        for _h in range(50):
+            ph = phi.copy()
+            for a_ in range(m):
+                ph[idx[a_]] += t * d[a_]
+            if ph[p + 1] > KAPPA_MAX:
+                ph[p + 1] = KAPPA_MAX
+            if ph[p + 1] < KAPPA_MIN:
+                ph[p + 1] = KAPPA_MIN
+            vt[:] = v
+            Ln, okn = evaluate(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
+            )
+            if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
+                accepted = True
+                break
+            t *= 0.5
+        if not accepted:
+            if dec < 1e-6:
+                return L, OK, it
+            return L, FAILED, it
+        for j in range(p, k):
+            moved[j] = ph[j] - phi[j]
+        phi[:] = ph
+        v[:] = vt
+        g[:] = gt
+        # keep the finite-difference columns while their parameter barely moves (an older column only slows Newton)
+        for j in range(k):
+            if not fd[j]:
+                for i in range(k):
+                    if not fd[i]:
+                        Ha[j, i] = Ht[j, i]
+        L = Ln
+        if free[p + 1] and phi[p + 1] > next_jump and g[p + 1] > 0.0:
+            next_jump = phi[p + 1] + 1.0
+            ph = phi.copy()
+            ph[p + 1] = KAPPA_MAX
+            vt[:] = v
+            Ln, okn = evaluate(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
+            )
+            if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
+                phi[:] = ph
+                v[:] = vt
+                g[:] = gt
+                for j in range(k):
+                    if not fd[j]:
+                        for i in range(k):
+                            if not fd[i]:
+                                Ha[j, i] = Ht[j, i]
+                L = Ln
+        if not boundary and phi[p] < RHO_MIN:
+            return L, BOUNDARY, it + 1
+    return L, FAILED, MAX_ITER
+
+
+@numba.njit(cache=True, nogil=True)
+def _state(X, dptr):  # pragma: no cover - compiled
+    """Per-gene scratch of :func:`evaluate`: (base and exp(base) per cell, donor sums of y, of exp(base), of
+    exp(base) x, of exp(base) x x', the inner-problem work rows, the cache key [valid, sum y base, b]), then the
+    design's split: the cell-level columns, the donor-level ones (constant within every donor) and the donor-level
+    values (donors x p). Donor-level columns need no per-cell work: their sums follow from donor sums."""
+    N, p = X.shape
+    n = dptr.shape[0] - 1
+    Xd = np.zeros((n, p))
+    is_donor = np.ones(p, dtype=np.bool_)
+    for d in range(n):
+        if dptr[d + 1] > dptr[d]:
+            for j in range(p):
+                Xd[d, j] = X[dptr[d], j]
+        for c in range(dptr[d], dptr[d + 1]):
+            for j in range(p):
+                if X[c, j] != Xd[d, j]:
+                    is_donor[j] = False
+    return (
+        np.empty((2, N)),
+        np.empty(n),
+        np.empty(n),
+        np.empty((n, p)),
+        np.empty((n, p, p)),
+        np.zeros((6, n)),
+        np.zeros(p + 2),
+        np.flatnonzero(~is_donor),
+        np.flatnonzero(is_donor),
+        Xd,
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
+    """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
+    p = X.shape[1]
+    n = bdon.shape[0]
+    buf, Yd, Sd, E, F, _, key, ccols, dcols, Xd = st
+    key[0] = 0.0
+    _prepare(fam, yi, yv, codes, dptr, off, X, phi[:p], buf[0], buf[1], Yd, Sd, E, F, ccols, dcols, Xd)
+    sh = np.zeros(n)
+    sw = np.zeros(n)
+    _inner_sums(fam, yi, yv, codes, dptr, buf[1], math.exp(phi[p + 1]), Yd, Sd, np.ones(n), sh, sw)
+    U = 0.0
+    info = 0.0
+    for b in range(bptr.shape[0] - 1):
+        s, e = bptr[b], bptr[b + 1]
+        kk = e - s
+        o = loff[b]
+        Lb, _, shb = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
+        Ls = Lb.T @ shb
+        U += np.dot(Ls, Ls)
+        Gb = Lb @ Lb.T
+        for i in range(kk):
+            swi = sw[bdon[s + i]]
+            U -= Gb[i, i] * swi
+            for j in range(kk):
+                info += Gb[i, j] * Gb[i, j] * swi * sw[bdon[s + j]]
+    return 0.5 * U, 0.5 * info
+
+
+@numba.njit(cache=True, nogil=True)
+def fit_genes_range(
+    fam,
+    lo,
+    hi,
+    indptr,
+    indices,
+    data,
+    codes,
+    off,
+    X,
+    bptr,
+    bdon,
+    Lflat,
+    loff,
+    beta_out,
+    s2_out,
+    theta_out,
+    loglik_out,
+    loglik0_out,
+    status_out,
+    iter_out,
+    se_out,
+    u_out,
+):  # pragma: no cover - compiled
+    """Fit genes lo..hi-1 (CSC columns): the s2 = 0 fit, then the interior fit when the variance score is positive.
+
+    ``se_out`` gets the standard errors of (b, log s2, log theta) from the Hessian of the last Newton step
+    (NaN where a parameter sits at a boundary).
+    """
+    N, p = X.shape
+    n = bdon.shape[0]
+    k = p + 2
+    H = np.zeros((k, k))
+    eu = np.empty(n)
+    dptr = np.zeros(n + 1, dtype=np.int64)
+    for c in range(N):
+        dptr[codes[c] + 1] += 1
+    for d in range(n):
+        dptr[d + 1] += dptr[d]
+    st = _state(X, dptr)
+    sumoff = 0.0
+    for c in range(N):
+        sumoff += math.exp(off[c])
+    for gidx in range(lo, hi):
+        yi = indices[indptr[gidx] : indptr[gidx + 1]]
+        yv = data[indptr[gidx] : indptr[gidx + 1]]
+        lfact = 0.0
+        tot = 0.0
+        for q in range(yv.shape[0]):
+            lfact += math.lgamma(yv[q] + 1.0)
+            tot += yv[q]
+        if yv.shape[0] < 2:
+            status_out[gidx] = FAILED
+            continue
+        phi = np.zeros(k)
+        phi[0] = math.log(tot / sumoff)
+        free = np.ones(k, dtype=np.bool_)
+        free[p] = False
+        if fam == POISSON:
+            free[p + 1] = False
+        v = np.zeros(n)
+        st[6][0] = 0.0
+        L0, st0, it0 = _optimise(
+            fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st
+        )
+        loglik0_out[gidx] = L0
+        if st0 != OK:
+            status_out[gidx] = FAILED
+            iter_out[gidx] = it0
+            continue
+        U, info = _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st)
+        phi0 = phi.copy()
+        H0 = H.copy()
+        status = BOUNDARY
+        L = L0
+        its = it0
+        if U > 0.0 and info > 0.0:
+            phi[p] = math.log(min(max(U / info, 1e-3), 10.0))
+            free[:] = True
+            if fam == POISSON:
+                free[p + 1] = False
+            v[:] = 0.0
+            L1, st1, it1 = _optimise(
+                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st
+            )
+            its += it1
+            if st1 == OK and L1 >= L0:
+                status = OK
+                L = L1
+            elif st1 == FAILED:
+                status = FAILED
+        if status == BOUNDARY:
+            phi[:] = phi0
+            H[:, :] = H0
+            v[:] = 0.0
+        status_out[gidx] = status
+        iter_out[gidx] = its
+        loglik_out[gidx] = L
+        for j in range(p):
+            beta_out[gidx, j] = phi[j]
+        s2_out[gidx] = math.exp(phi[p]) if status == OK else 0.0
+        theta_out[gidx] = math.exp(phi[p + 1])
+        idx = np.flatnonzero(np.abs(np.diag(H)) > 0)
+        m = idx.shape[0]
+        Hm = np.empty((m, m))
+        for a_ in range(m):
+            for b_ in range(m):
+                Hm[a_, b_] = -H[idx[a_], idx[b_]]
+        se_out[gidx, :] = np.nan
+        if m > 0:  # the inverse of the observed information, through its unit-diagonal scaling
+            sc = np.empty(m)
+            for a_ in range(m):
+                sc[a_] = 1.0 / math.sqrt(Hm[a_, a_]) if Hm[a_, a_] > 0 else 1.0
+            for a_ in range(m):
+                for b_ in range(m):
+                    Hm[a_, b_] *= sc[a_] * sc[b_]
+            lam, Uv = np.linalg.eigh(Hm)
+            if lam[0] > 1e-12 * lam[m - 1]:
+                cov = (Uv / lam) @ Uv.T
+                for a_ in range(m):
+                    se_out[gidx, idx[a_]] = math.sqrt(cov[a_, a_]) * sc[a_]
+        _u_from_v(math.sqrt(s2_out[gidx]), bptr, bdon, Lflat, loff, v, u_out[gidx], eu)
+
+
+@numba.njit(cache=True, nogil=True)
+def working_sums_range(
+    fam, lo, hi, indptr, indices, data, codes, off, X, beta, u, theta, Dw, ZWX, XWX, ZWr, XWr
+):  # pragma: no cover - compiled
+    """Donor sums of the working model at the fit, genes lo..hi-1: expected weights ``W`` (mu for Poisson,
+    mu theta/(mu + theta) for NB2) and the working residual ``r = u_d + (y - mu)/mu`` (``y~ - Xb``):
+    ``Dw = Z'W1``, ``ZWX = Z'WX``, ``XWX = X'WX``, ``ZWr = Z'Wr``, ``XWr = X'Wr``. One pass over the cells per gene.
+    """
+    N, p = X.shape
+    for g in range(lo, hi):
+        if not (beta[g, 0] == beta[g, 0]):
+            continue
+        yi = indices[indptr[g] : indptr[g + 1]]
+        yv = data[indptr[g] : indptr[g + 1]]
+        th = theta[g]
+        k = 0
+        nnz = yi.shape[0]
+        for c in range(N):
+            y = 0.0
+            if k < nnz and yi[k] == c:
+                y = yv[k]
+                k += 1
+            d = codes[c]
+            eta = off[c] + u[g, d]
+            for j in range(p):
+                eta += X[c, j] * beta[g, j]
+            mu = math.exp(eta)
+            w = mu if fam == POISSON else mu * th / (mu + th)
+            wr = w * (u[g, d] + (y - mu) / mu)
+            Dw[g, d] += w
+            ZWr[g, d] += wr
+            for j in range(p):
+                xw = X[c, j] * w
+                ZWX[g, d, j] += xw
+                XWr[g, j] += X[c, j] * wr
+                for m in range(j, p):
+                    XWX[g, j, m] += xw * X[c, m]
+        for j in range(p):
+            for m in range(j):
+                XWX[g, j, m] = XWX[g, m, j]
