@@ -343,3 +343,25 @@ def test_zarr_round_trip(mapped, geno, tmp_path):
     b = snf.tl.score_test(back, geno)
     np.testing.assert_allclose(a["z"].to_numpy(), b["z"].to_numpy(), rtol=1e-12, equal_nan=True)
     snf.get.cis_df(back)
+
+
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+def test_count_fits_store_2d_arrays_and_provenance(small_adata, family, tmp_path):
+    adata = small_adata.copy()
+    snf.tl.fit_null(adata, layer="counts", family=family, offset="log_counts", covariates=["age", "sex"])
+    for name, value in adata.varm.items():
+        assert np.ndim(value) <= 2, name
+    shared = adata.uns["nullfit"]
+    assert shared["params"]["family"] == family and shared["params"]["version"] == snf.__version__
+    assert isinstance(shared["fit_id"], str) and shared["cells"]["n_cells"] == adata.n_obs
+    geno = adata.uns["genotypes"].iloc[:, :5]
+    out = snf.tl.score_test(adata, geno)
+    assert out.attrs["model"] == family
+    path = tmp_path / "counts.h5ad"
+    adata.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    np.testing.assert_allclose(snf.tl.score_test(back, geno)["z"], out["z"], rtol=1e-12, equal_nan=True)
+    with pytest.raises(ValueError, match="cells"):
+        snf.tl.score_test(adata[:100].copy(), geno)
+    with pytest.raises(ValueError, match="Gaussian"):
+        snf.tl.score_test(adata, geno, condition=[geno.columns[0]])
