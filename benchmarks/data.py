@@ -40,7 +40,7 @@ class Generator:
         self.spec = spec
         rng = np.random.default_rng(spec.seed)
         n, G = spec.n_donors, spec.n_genes
-        dosage, _ = _family_genotypes(rng, n, 2 * n + 500)  # enough variants for a full-rank GRM
+        dosage = _family_genotypes(rng, n, 2 * n + 500)  # enough variants for a full-rank GRM
         self.grm = standardised_grm(dosage)
         self.donor_ids = np.array([f"D{i:05d}" for i in range(n)])
         # cells per donor: negative binomial around the mean, at least one, summing to n_cells exactly

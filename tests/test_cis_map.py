@@ -13,6 +13,7 @@ from scverse_nullfit.tl._cis_map import acat
 from .conftest import COVARIATES, DONOR_COVARIATES
 
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
+VARIANT_COLUMNS = ["ref", "alt", "af", "ma_samples", "ma_count", "n_donors", "n_cells"]
 
 
 def _genotype_adata(dosages: pd.DataFrame, chrom, pos) -> ad.AnnData:
@@ -94,7 +95,7 @@ def test_results_equal_score_test_and_summary_is_consistent(fitted, genotypes):
     adata = fitted.copy()
     snf.tl.cis_map(adata, genotypes, window=500_000)
     table = snf.get.cis_df(adata)
-    assert list(table.columns) == ["gene", "variant", "chrom", "pos", "distance", *STAT_COLUMNS]
+    assert list(table.columns) == ["gene", "variant", "chrom", "pos", "distance", *VARIANT_COLUMNS, *STAT_COLUMNS]
     assert (table["distance"].abs() <= 500_000).all()
     full = snf.tl.score_test(adata, fitted.uns["genotypes"])
     merged = table.astype({"gene": str, "variant": str}).merge(
@@ -201,8 +202,15 @@ def test_plink_input(fitted, genotypes, tmp_path):
     expected = snf.tl.cis_map(fitted, with_nan, copy=True)
     got = snf.tl.cis_map(fitted, prefix, copy=True)
     pd.testing.assert_frame_equal(
-        snf.get.cis_df(got).drop(columns="chrom"), snf.get.cis_df(expected).drop(columns="chrom"), rtol=1e-12
+        snf.get.cis_df(got).drop(columns=["chrom", "ref", "alt"]),
+        snf.get.cis_df(expected).drop(columns=["chrom", "ref", "alt"]),
+        rtol=1e-12,
     )
+    # PLINK counts allele 1 of the .bim: it is alt in the table
+    bim = pd.read_csv(f"{prefix}.bim", sep="\t", header=None, index_col=1)
+    table = snf.get.cis_df(got)
+    np.testing.assert_array_equal(table["alt"].astype(str), bim.loc[table["variant"].astype(str), 4].astype(str))
+    np.testing.assert_array_equal(table["ref"].astype(str), bim.loc[table["variant"].astype(str), 5].astype(str))
     with pytest.raises(FileNotFoundError, match="nothere"):
         read_plink_genotypes(tmp_path / "nothere")
 

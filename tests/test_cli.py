@@ -213,7 +213,7 @@ def test_overwrite(small_h5ad, tmp_path, capsys):
         (["--grm", "{tmp}/missing.grm.bin"], "missing.grm.bin"),
         (["--grm", "{tmp}/missing.rel"], "missing.rel"),
         (["--grm", "nokey"], "'nokey'"),
-        (["--trait-type", "binary"], "--trait-type binary"),
+        (["--trait-type", "binary"], "'binary'"),
         (["--trait-type", "count"], "raw counts"),
         (["--trait-type", "count", "--family", "gaussian"], "disagree"),
         (["--family", "poisson", "--layer", "counts", "--offset", "nope"], "'nope'"),
@@ -222,6 +222,7 @@ def test_overwrite(small_h5ad, tmp_path, capsys):
         (["--n-threads", "0"], "n_threads"),
         (["--genes", "nogene,gene00001"], "nogene"),
         (["--genes", "{tmp}/no/genes.txt"], "genes.txt"),
+        (["--genes", "no_such_genes.txt"], "no_such_genes.txt"),
         (["--layer", "umis"], "'umis'"),
         (["--example"], "--example"),
         (["--cell-id-col", "x"], "--cell-id-col"),
@@ -370,7 +371,7 @@ def test_tsv_mode_equals_anndata(pheno_table, tmp_path, capsys):
         (["--trait-name", "gene00000,nope"], "'nope'"),
         (["--trait-name", "gene00000", "--sample-id-col", "FID"], "'FID'"),
         (["--trait-name", "gene00000", "--covariate-cols", "age,height"], "'height'"),
-        (["--trait-name", "gene00000", "--trait-type", "binary"], "--trait-type binary"),
+        (["--trait-name", "gene00000", "--trait-type", "binary"], "'binary'"),
         (["--trait-name", "gene00000", "--trait-type", "count"], "raw counts"),
         (["--trait-name", "gene00000", "--covariate-cols", "gene00000"], "'gene00000'"),
         (["--trait-name", "sex"], "'sex'"),
@@ -424,3 +425,26 @@ def test_console_script(small_h5ad, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"scverse-nullfit: error: output {str(out)!r} already exists; pass --overwrite to replace it."
     ]
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+    """A scheduler's SIGTERM during the write removes the hidden temporary file and ends with a clean message."""
+    import os
+    import signal
+
+    from scverse_nullfit._cli._common import Terminated, atomic_output
+
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(Terminated, match="SIGTERM"), atomic_output(out) as tmp:
+        tmp.write_bytes(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_trait_type_lists_only_what_works(capsys):
+    from scverse_nullfit._cli import main
+
+    assert main(["fit-null", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "binary" not in out and "{quantitative,count}" in out

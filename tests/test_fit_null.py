@@ -92,7 +92,7 @@ def test_output_layout(reference):
     shared = reference.uns["nullfit"]
     n, p, G = len(shared["donors"]), len(shared["covariate_names"]), reference.n_vars
     assert reference.varm["nullfit_beta"].shape == (G, p)
-    assert reference.varm["nullfit_xhx_inv"].shape == (G, p, p)
+    assert reference.varm["nullfit_xhx_inv"].shape == (G, p * (p + 1) // 2)  # packed upper triangles
     assert reference.varm["nullfit_resid_rot"].shape == (G, n)
     assert shared["eigenvectors"].shape == (n, n) and shared["eigenvalues"].shape == (n,)
     assert shared["covariates_rotated"].shape == (n, p)

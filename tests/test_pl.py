@@ -107,3 +107,51 @@ def test_qq_marker_size_applies_to_every_series():
     assert len(sizes) == 2
     for s in sizes:
         np.testing.assert_array_equal(s, [20])
+
+
+def test_manhattan_gene_and_variant_levels(mapped):
+    ax = snf.pl.manhattan(mapped, show=False, threshold=0.05)
+    assert isinstance(ax, Axes)
+    tested = snf.get.cis_genes_df(mapped, tested_only=True)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == int(np.isfinite(tested["pval_acat"]).sum())
+    assert [t.get_text() for t in ax.get_xticklabels()] == sorted(set(mapped.var["chrom"].astype(str)), key=int)
+    ax = snf.pl.manhattan(mapped, level="variant", show=False)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == int(np.isfinite(snf.get.cis_df(mapped)["pval"]).sum())
+    res = snf.tl.score_test(mapped, mapped.uns["genotypes"].iloc[:, :6])
+    ax = snf.pl.manhattan(res, variants=mapped.uns["variants"], show=False)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == len(res)
+    with pytest.raises(KeyError, match="variants"):
+        snf.pl.manhattan(res, show=False)
+    with pytest.raises(ValueError, match="level"):
+        snf.pl.manhattan(mapped, level="chromosome", show=False)
+
+
+def test_expression_by_genotype(mapped):
+    gene = mapped.var_names[0]
+    variant = snf.get.cis_genes_df(mapped).loc[gene, "top_variant"]
+    ax = snf.pl.expression_by_genotype(mapped, gene, variant, mapped.uns["genotypes"], show=False)
+    n_donors = mapped.obs["donor_id"].nunique()
+    assert sum(len(c.get_offsets()) for c in ax.collections) == n_donors
+    ax = snf.pl.expression_by_genotype(
+        mapped, gene, variant, mapped.uns["genotypes"], groupby="cell_type", per="cell", show=False
+    )
+    assert sum(len(c.get_offsets()) for c in ax.collections) == mapped.n_obs
+    assert ax.get_legend().get_title().get_text() == "cell_type"
+    with pytest.raises(KeyError, match="nope"):
+        snf.pl.expression_by_genotype(mapped, gene, "nope", mapped.uns["genotypes"], show=False)
+
+
+def test_cis_locus_draws_gene_bodies(mapped):
+    adata = mapped.copy()
+    adata.var["end"] = adata.var["start"] + 40_000
+    gene = adata.var_names[0]
+    ax = snf.pl.cis_locus(adata, gene, show=False)
+    texts = [t.get_text() for t in ax.texts]
+    assert gene in texts
+    same_chrom = adata.var.index[(adata.var["chrom"] == adata.var.loc[gene, "chrom"])]
+    lo, hi = ax.get_xlim()
+    in_view = [g for g in same_chrom if lo <= adata.var.loc[g, "start"] / 1e6 <= hi]
+    assert set(in_view) <= set(texts)
+    assert ax.get_ylim()[0] < 0
+    ax = snf.pl.cis_locus(adata, gene, gene_bodies=False, show=False)
+    assert gene not in [t.get_text() for t in ax.texts]

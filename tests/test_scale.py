@@ -18,7 +18,13 @@ from scipy import sparse
 import scverse_nullfit as snf
 from scverse_nullfit._core import _read
 from scverse_nullfit._core._design import align_grm, build_design, donor_labels, spectral_precompute
-from scverse_nullfit._core._reml import RemlProblem, Rotation
+from scverse_nullfit._core._reml import (
+    RemlProblem,
+    Rotation,
+    problem_from_stage1,
+    restricted_spectrum,
+    restricted_spectrum_from_grm,
+)
 from scverse_nullfit._core._suffstats import Accumulator, pre_residualise, scaled_residual_sums, sufficient_stats
 from scverse_nullfit.tl._backend import fit_all_genes
 
@@ -244,7 +250,7 @@ def _donor_cols(X, donors):
     return donor_level_columns(X, donors.codes, len(donors.ids))
 
 
-def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=None, rotation=True):
+def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=None, rotation=True, distributed=False):
     donors, design, spectral = pieces
     X = sparse.csr_matrix(np.asarray(sparse_adata.X))
     genes = np.arange(X.shape[1])
@@ -253,7 +259,10 @@ def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=N
     ok = np.flatnonzero(pre.ok)
     Tt = scaled_residual_sums(pre, donors, ok)
     rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl: (spectral.U.T @ Tt[:, sl]).T)
-    fits = fit_all_genes(RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads)
+    fits = fit_all_genes(
+        RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads,
+        distributed=distributed,
+    )  # fmt: skip
     return fits
 
 
@@ -269,6 +278,19 @@ def test_gene_chunks_and_threads(sparse_adata, pieces, chunk_size, n_threads):
     ref = _gene_fits(sparse_adata, pieces, n_threads=1)
     other = _gene_fits(sparse_adata, pieces, chunk_size=chunk_size, n_threads=n_threads, rotation=chunk_size != 5)
     _assert_same_fits(other, ref, f"chunk_size={chunk_size}, n_threads={n_threads}")
+
+
+def test_restricted_spectrum_alongside_stage1(sparse_adata, pieces):
+    """The restricted eigenvalues computed without the GRM's eigenvectors (alongside them) are the same."""
+    donors, design, spectral = pieces
+    G, _ = align_grm(sparse_adata.uns["grm"], donor_labels(sparse_adata.obs, "donor_id"), "test")
+    mu, trace = restricted_spectrum_from_grm(G, donors, design.X)
+    exact = restricted_spectrum(spectral)
+    np.testing.assert_allclose(mu, exact, rtol=0, atol=1e-12 * exact.max())
+    np.testing.assert_allclose(trace, spectral.lam.sum(), rtol=1e-12)
+    np.testing.assert_array_equal(problem_from_stage1(spectral, (mu, trace)).mu, mu)
+    # eigenvalues of D^1/2 G D^1/2 clipped at 0 (trace below their sum): the eigenvalues come from the clipped ones
+    np.testing.assert_array_equal(problem_from_stage1(spectral, (mu, trace - 1.0)).mu, exact)
 
 
 def test_fit_null_threads(sparse_adata, reference):
@@ -328,7 +350,7 @@ def test_local_cluster_gene_chunks(sparse_adata, pieces, client):
     from scverse_nullfit._core._dask import dask_sufficient_stats
 
     local = _gene_fits(sparse_adata, pieces, n_threads=1, rotation=False)
-    remote = _gene_fits(sparse_adata, pieces, chunk_size=4, rotation=True)
+    remote = _gene_fits(sparse_adata, pieces, chunk_size=4, rotation=True, distributed=True)
     _assert_same_fits(remote, local, "distributed gene chunks")
 
     donors, design, _ = pieces

@@ -12,6 +12,7 @@ from scverse_nullfit._core._design import align_grm, build_design, donor_labels
 from .conftest import COVARIATES, DONOR_COVARIATES
 
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
+VARIANT_COLUMNS = ["ref", "alt", "af", "ma_samples", "ma_count", "n_donors", "n_cells"]
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def _dense_oracle(adata, genotypes):
 
 def test_matches_dense_cell_level_projection(fitted, geno):
     res = snf.tl.score_test(fitted, geno)
-    assert list(res.columns) == ["gene", "variant", *STAT_COLUMNS]
+    assert list(res.columns) == ["gene", "variant", *VARIANT_COLUMNS, *STAT_COLUMNS]
     assert len(res) == fitted.n_vars * geno.shape[1]
     assert (fitted.varm["nullfit"]["tau"] == 0).any()  # the boundary is covered too
     oracle = _dense_oracle(fitted, geno)
@@ -116,9 +117,12 @@ def test_missing_dosages_mean_imputed(fitted, geno):
     with_nan.iloc[[1, 5, 9], 0] = np.nan
     with_nan.iloc[2, 3] = np.nan
     imputed = with_nan.fillna(with_nan.loc[fitted.uns["nullfit"]["donors"]].mean())
-    pd.testing.assert_frame_equal(
-        snf.tl.score_test(fitted, with_nan), snf.tl.score_test(fitted, imputed), rtol=1e-12, check_exact=False
-    )
+    got, expected = snf.tl.score_test(fitted, with_nan), snf.tl.score_test(fitted, imputed)
+    pd.testing.assert_frame_equal(got[STAT_COLUMNS], expected[STAT_COLUMNS], rtol=1e-12, check_exact=False)
+    # the allele frequency is that of the observed dosages, unchanged by the imputation; the counts are not
+    np.testing.assert_allclose(got["af"], expected["af"], rtol=1e-12)
+    first = got["variant"] == geno.columns[0]
+    assert (got.loc[first, "n_donors"] == expected.loc[first, "n_donors"] - 3).all()
 
 
 def test_monomorphic_collinear_and_empty_variants_are_nan(fitted, geno):

@@ -10,12 +10,13 @@ _utils          nothing of the package (a leaf)
 _constants      nothing of the package (a leaf)
 _version        nothing of the package (a leaf)
 _docs           nothing of the package (a leaf)
+_provenance     nothing of the package (a leaf: fingerprints of the cells a result describes, and their checks)
 _core           _core, _utils, _constants (array maths; no io, no AnnData storage)
 io              io, _utils, _constants (readers and writers; no model code)
 datasets        datasets, _utils, _constants
 tl              tl, _core, io, datasets, _utils, _constants (joins _core and io)
-get             get, _utils, _constants (reads what tl stored)
-pl              pl, get, _utils, _constants
+get             get, io, _utils, _constants (reads what tl stored; genotypes through io, e.g. for LD)
+pl              pl, get, io, _utils, _constants
 _cli            _cli, tl, io, get, datasets, _utils, _constants
 __init__        _version and the public subpackages (datasets, get, io, pl, tl)
 __main__        _cli
@@ -35,18 +36,19 @@ import sys
 from pathlib import Path
 
 PACKAGE = "scverse_nullfit"
-LEAVES = {"_utils", "_constants", "_version", "_docs"}
+LEAVES = {"_utils", "_constants", "_version", "_docs", "_provenance"}
 ALLOWED: dict[str, set[str]] = {
     "_utils": set(),
     "_constants": set(),
     "_version": set(),
     "_docs": set(),
+    "_provenance": set(),
     "_core": {"_core", "_utils", "_constants"},
     "io": {"io", "_utils", "_constants"},
     "datasets": {"datasets", "_utils", "_constants"},
     "tl": {"tl", "_core", "io", "datasets", "_utils", "_constants"},
-    "get": {"get", "_utils", "_constants"},
-    "pl": {"pl", "get", "_utils", "_constants"},
+    "get": {"get", "io", "_utils", "_constants"},
+    "pl": {"pl", "get", "io", "_utils", "_constants"},
     "_cli": {"_cli", "tl", "io", "get", "datasets", "_utils", "_constants"},
     "__init__": {"_version", "datasets", "get", "io", "pl", "tl"},
     "__main__": {"_cli"},

@@ -20,6 +20,14 @@ class Key:
     NULL_SHARED = ("donors", "cells_per_donor", "eigenvalues", "eigenvectors", "covariates_rotated", "covariate_names")
     #: Entry of ``uns[key]`` holding the cis map's per-variant table.
     CIS_VARIANTS = "variants"
+    #: Entry of ``uns[key]`` holding the independent signals of ``cis_map(independent=True)``.
+    CIS_INDEPENDENT = "independent"
+    #: Default key of a trans map.
+    TRANS = "trans"
+    #: Entry of ``uns[key]`` holding a trans map's associations below the threshold.
+    TRANS_PAIRS = "associations"
+    #: Entry of ``uns[key]`` holding a trans map's per-variant minimum p-values.
+    TRANS_VARIANTS = "variants"
     #: Entry of ``uns[key]`` holding a call's parameters.
     PARAMS = "params"
 
@@ -30,7 +38,7 @@ class Key:
 
     @staticmethod
     def xhx_inv(key: str) -> str:
-        """``varm`` key of ``(X'H^-1 X)^-1`` (genes x covariates x covariates)."""
+        """``varm`` key of ``(X'H^-1 X)^-1``: per gene its upper triangle, row by row (genes x p (p + 1) / 2)."""
         return f"{key}_xhx_inv"
 
     @staticmethod

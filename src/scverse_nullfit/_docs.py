@@ -37,7 +37,9 @@ doc_cis_result = _stored_by("cis_map")
 
 doc_n_threads = """\
 n_threads
-    Limit on BLAS threads for the call."""
+    Threads for the call: it limits BLAS and sizes the package's own thread pools (the compiled pass over the
+    expression, the gene chunks) alike. Default: scanpy's ``settings.n_jobs`` when it has been set (``-1`` for every
+    CPU), else every CPU the process may use."""
 
 doc_copy = """\
 copy
@@ -57,3 +59,12 @@ doc_plot_returns = """\
 Returns
 -------
 The Axes when ``show=False``, else None."""
+
+#: The per-variant columns of the step-2 tables (a phrase, for a Returns section).
+doc_variant_columns = """\
+``ref`` and ``alt`` (the alleles as the genotype source names them: ``ref``/``alt`` columns of its ``var``,
+cellink's ``a0``/``a1``, or a PLINK ``.bim``'s allele 2 / allele 1; categoricals, NaN for a DataFrame of dosages;
+``alt`` is the counted allele, so ``beta`` is the effect of one more copy of it), ``af`` (the frequency of ``alt``
+among the fit's donors with an observed dosage, ``mean dosage / 2``; mean imputation of missing dosages leaves it
+unchanged), ``ma_samples`` (those donors carrying the minor allele), ``ma_count`` (their minor alleles, rounded),
+``n_donors`` (the fit's donors with an observed dosage) and ``n_cells`` (their cells)"""

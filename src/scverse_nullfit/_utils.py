@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 
@@ -19,10 +21,28 @@ def check_positive_int(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive integer, not {value!r}.")
 
 
-def select_genes(var_names: pd.Index, genes) -> np.ndarray:
-    """Boolean mask over ``var_names`` from names, a boolean mask or None."""
+def check_unique_var_names(var_names: pd.Index) -> None:
+    """Duplicated gene names make per-gene results ambiguous: refuse them with scanpy's advice."""
+    if var_names.has_duplicates:
+        dup = var_names[var_names.duplicated()].unique()
+        raise ValueError(
+            f"adata.var_names has duplicated gene names: {preview(dup)}; run adata.var_names_make_unique() first."
+        )
+
+
+def select_genes(var_names: pd.Index, genes, var: pd.DataFrame | None = None) -> np.ndarray:
+    """Boolean mask over ``var_names`` from names, a boolean mask, the name of a boolean ``var`` column
+    (``"highly_variable"``, as scanpy's ``mask_var``) or None (all genes)."""
     if genes is None:
         return np.ones(len(var_names), dtype=bool)
+    if isinstance(genes, str) and var is not None and genes in var.columns:
+        column = var[genes]
+        if not pd.api.types.is_bool_dtype(column.dtype):
+            raise ValueError(
+                f"genes={genes!r} names a column of adata.var of dtype {column.dtype}; a gene selection column must "
+                "be boolean (True for the genes to use)."
+            )
+        return column.fillna(False).to_numpy(dtype=bool)
     if isinstance(genes, str):
         genes = [genes]
     genes = np.asarray(genes)
@@ -37,6 +57,28 @@ def select_genes(var_names: pd.Index, genes) -> np.ndarray:
     mask = np.zeros(len(var_names), dtype=bool)
     mask[idx] = True
     return mask
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(n_threads: int | None) -> int:
+    """The thread count of a call: ``n_threads`` when given, else scanpy's ``settings.n_jobs`` when it has been set
+    to something other than its default 1 (``-1`` meaning every CPU), else every CPU this process may use."""
+    if n_threads is not None:
+        check_positive_int(n_threads, "n_threads")
+        return int(n_threads)
+    from scanpy import settings
+
+    n_jobs = settings.n_jobs
+    if n_jobs is None or n_jobs == 1:
+        return cpu_count()
+    return cpu_count() if n_jobs < 0 else int(n_jobs)
 
 
 def is_dask(Y) -> bool:

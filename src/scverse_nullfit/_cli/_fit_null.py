@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import uuid
-from collections.abc import Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +12,7 @@ import numpy as np
 
 from .._constants import Key
 from ..datasets._truth import truth_report
-from ._common import PROG, CLIError, list_arg, one_line
+from ._common import PROG, CLIError, atomic_output, check_output_path, list_arg, one_line, read_id_list
 from ._table import adata_from_table
 
 if TYPE_CHECKING:
@@ -48,22 +45,6 @@ def _family(args: argparse.Namespace) -> str:
     return family or "gaussian"
 
 
-def _check_output(output: str | None, overwrite: bool, inputs: Sequence[Path]) -> Path | None:
-    if output is None:
-        return None
-    out = Path(output)
-    if out.is_dir():
-        raise CLIError(f"output {output!r} is a directory; give a file name such as {str(out / 'result.h5ad')!r}.")
-    if not out.parent.is_dir():
-        raise CLIError(f"output directory {str(out.parent)!r} does not exist.")
-    for path in inputs:
-        if path.exists() and out.exists() and os.path.samefile(out, path):
-            raise CLIError(f"output {output!r} is the input file; {PROG} never modifies its input.")
-    if out.exists() and not overwrite:
-        raise CLIError(f"output {output!r} already exists; pass --overwrite to replace it.")
-    return out
-
-
 def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
     import anndata as ad
 
@@ -78,34 +59,18 @@ def _read_h5ad(path: Path, *, backed: bool = False) -> AnnData:
 
 
 def _read_genes(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        with open(path) as fh:
-            genes = [line.split()[0] for line in fh if line.strip() and not line.lstrip().startswith("#")]
-        if not genes:
-            raise CLIError(f"genes file {value!r} lists no gene.")
-        return genes
-    genes = list_arg([value]) or []
-    if len(genes) == 1 and os.sep in value:
-        raise FileNotFoundError(f"genes file {value!r} not found.")
-    if not genes:
-        raise CLIError("--genes is empty.")
-    return genes
+    """The --genes option: a file with one gene per line, or a comma-separated list."""
+    return read_id_list(value, "--genes")
 
 
 def _write_atomic(adata: AnnData, out: Path, *, overwrite: bool) -> None:
-    """Write to a temporary file in OUTPUT's folder, then rename it; nothing is left behind on failure."""
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
+    """Write to a temporary file in OUTPUT's folder, then rename it; nothing is left behind on failure or on
+    SIGTERM / SIGINT (see :func:`._common.atomic_output`)."""
+    with atomic_output(out) as tmp:
         adata.write_h5ad(tmp)
         if out.exists() and not overwrite:  # appeared while fitting
             raise CLIError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
         os.replace(tmp, out)
-    finally:
-        with suppress(OSError):
-            tmp.unlink()
 
 
 def summary(
@@ -143,7 +108,8 @@ def summary(
             f"varm['{Key.xhx_inv(key)}'], varm['{Key.resid_rot(key)}'], uns['{key}']"
         )
     if show_truth and "true_h2" in adata.var.columns and n_fit > 1:
-        lines += truth_report(res[fitted], adata.var.loc[fitted, "true_h2"].to_numpy(dtype=np.float64))
+        eqtl = adata.var.loc[fitted, "eqtl_beta"].to_numpy(dtype=np.float64) if "eqtl_beta" in adata.var else None
+        lines += truth_report(res[fitted], adata.var.loc[fitted, "true_h2"].to_numpy(dtype=np.float64), eqtl)
     return lines
 
 
@@ -207,7 +173,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise CLIError("--cell-id-col applies to --pheno-covar-file input only.")
 
     inputs = [Path(p) for p in (input_path, table) if p]
-    out = _check_output(args.output, args.overwrite, inputs)
+    out = check_output_path(args.output, args.overwrite, inputs)
 
     from scanpy import logging as logg
 

@@ -3,8 +3,9 @@
 ``scverse-nullfit fit-null INPUT.h5ad -o OUTPUT.h5ad ...`` fits the null models of every gene and writes a copy of
 the input with the results; ``scverse-nullfit demo`` (or ``fit-null --example``) runs the whole fit on the built-in
 simulated example and compares the estimates with the truth. A TSV of phenotypes and covariates can stand in for the
-h5ad, with the flags of the Rust ``step1-fit-null`` tool. Nothing heavier than argparse is imported before a command
-runs.
+h5ad, with the flags of the Rust ``step1-fit-null`` tool. ``score-test``, ``cis-map`` and ``trans-map`` read a fitted
+h5ad and a genotype file and write TSV or Parquet tables. Nothing heavier than argparse is imported before a
+command runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from ._common import PROG, one_line
+from ._common import PROG, Terminated, one_line
 from ._parser import build_parser
 
 
@@ -41,7 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from scanpy import settings
 
-    from ._fit_null import run_fit
+    if args.command in ("score-test", "cis-map", "trans-map"):
+        from ._step2 import STEP2_COMMANDS
+
+        run = STEP2_COMMANDS[args.command]
+    elif args.command == "export-tensorqtl":
+        from ._export import run_export as run
+    else:
+        from ._fit_null import run_fit as run
 
     old_verbosity, old_logfile = settings.verbosity, settings.logfile
     settings.verbosity = 0 if args.quiet else 4 if args.debug else 2
@@ -55,10 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show
-            return run_fit(args)
+            return run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (ValueError, KeyError, OSError, ImportError) as err:  # FileNotFoundError is an OSError
         if args.debug:
             traceback.print_exc()

@@ -32,6 +32,10 @@ def _require_dask():
 
 def distributed_client():
     """The active ``dask.distributed`` client, or None (also when ``distributed`` is not installed)."""
+    import sys
+
+    if "distributed" not in sys.modules:  # no client can exist: do not pay for importing distributed
+        return None
     try:
         from distributed import default_client
     except ImportError:

@@ -260,8 +260,11 @@ def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectra
     lam = np.clip(lam, 0.0, None)
     ZtX = donor_sums(X, donors)
     Xrot = U.T @ (ZtX / sqrt_c[:, None])
-    Xw = X - (ZtX / donors.counts[:, None])[donors.codes]
-    Aw = Xw.T @ Xw
+    means = ZtX / donors.counts[:, None]
+    Aw = np.zeros((X.shape[1], X.shape[1]))
+    for a in range(0, X.shape[0], 1 << 16):  # blocks of cells: no cells x p temporaries (stage 1 runs beside the pass)
+        Xw = X[a : a + (1 << 16)] - means[donors.codes[a : a + (1 << 16)]]
+        Aw += Xw.T @ Xw
     return Spectral(lam=lam, U=U, ZtX=ZtX, Xrot=Xrot, XtX=X.T @ X, Aw=(Aw + Aw.T) / 2, n_cells=X.shape[0])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pandas as pd
 from scipy import linalg, special
@@ -106,36 +107,57 @@ class CompactNull:
         n, p = self.Xrot.shape
         return int(max(1, BLOCK_ELEMENTS // max(1, n * p)))
 
-    def stats(self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    def stats(
+        self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None), Gt2: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Score and its variance, (genes x variants), for the genes ``rows`` and rotated variants ``Gt``.
 
         ``S = g~'(w*r~)/s2e`` and ``Var = [g~'(w*g~) - v'Cv]/s2e`` with ``v = X~'(w*g~)``. For a chunk of genes,
-        the scores and all genes' ``v`` come from one GEMM of the stacked ``(w*r~)'`` and ``(w * X~)'``
-        (genes*(p+1) x donors) with ``g~``, ``g~'(w*g~)`` from ``W @ g~^2``, and the quadratic form is a
-        batched matmul. Entries whose variance is not
-        clearly positive (monomorphic variants, variants collinear with the covariates) are NaN.
+        the scores and all genes' ``u = L'v`` (``C = LL'``, so ``v'Cv = |u|^2``) come from one GEMM of the
+        stacked ``(w*r~)'`` and ``L'(w * X~)'`` (genes*(p+1) x donors) with ``g~``, and ``g~'(w*g~)`` from
+        ``W @ g~^2``. Genes at ``tau = 0`` (``w = 1``) share ``v = X~'g~`` and ``g~'g~``, computed once, so they
+        cost the score GEMM and the quadratic form only. Entries whose variance is not
+        clearly positive (monomorphic variants, variants collinear with the covariates) are NaN. ``Gt2`` is
+        ``Gt * Gt`` when the caller has it (repeated scans of the same variants).
         """
         idx = np.arange(self.n_genes)[rows]
         n, V = Gt.shape
         p = self.Xrot.shape[1]
         XrotT = np.ascontiguousarray(self.Xrot.T)
-        Gt2 = Gt * Gt
+        if Gt2 is None:
+            Gt2 = Gt * Gt
         S = np.empty((len(idx), V))
         Var = np.empty((len(idx), V))
+        # genes at tau = 0 have w = 1: their v = X~'g~ and g~'g~ are shared, leaving one GEMM (the scores) per gene
+        flat = (self.W[idx] == 1.0).all(axis=1)
         step = self.gene_chunk()
-        for g0 in range(0, len(idx), step):
-            r = idx[g0 : g0 + step]
+        if flat.any():
+            v0 = XrotT @ Gt
+            a0 = Gt2.sum(axis=0)[None, :]
+            rest = np.flatnonzero(flat)
+            for g0 in range(0, len(rest), step):
+                out = rest[g0 : g0 + step]
+                r, s2e = idx[out], self.s2e[idx[out]][:, None]
+                var_h = a0 - np.einsum("pv,gpv->gv", v0, np.matmul(self.C[r], v0[None]))
+                ok = var_h > VAR_RTOL * a0
+                S[out] = np.where(ok, (self.WR[r] @ Gt) / s2e, np.nan)
+                Var[out] = np.where(ok, var_h, np.nan) / s2e
+        rest = np.flatnonzero(~flat)
+        for g0 in range(0, len(rest), step):
+            out = rest[g0 : g0 + step]
+            r = idx[out]
             W, s2e, k = self.W[r], self.s2e[r][:, None], len(r)
-            # one GEMM for the scores and v: rows (w*r~)' of the genes, then (w*X~)' stacked over genes
-            A = np.concatenate([self.WR[r], (W[:, None, :] * XrotT[None, :, :]).reshape(k * p, n)])
-            B = A @ Gt
+            # one GEMM for the scores and u = L'v (C = LL', so v'Cv = |u|^2): rows (w*r~)' of the genes, then
+            # L'(w*X~)' stacked over genes
+            LX = np.matmul(_sqrt_factor(self.C[r]).transpose(0, 2, 1), XrotT[None, :, :]) * W[:, None, :]
+            B = np.concatenate([self.WR[r], LX.reshape(k * p, n)]) @ Gt
             score = B[:k] / s2e
-            v = B[k:].reshape(k, p, V)
+            u = B[k:].reshape(k, p, V)
             a = W @ Gt2
-            var_h = a - np.einsum("gpv,gpv->gv", v, np.matmul(self.C[r], v))
+            var_h = a - np.einsum("gpv,gpv->gv", u, u)
             ok = var_h > VAR_RTOL * a
-            S[g0 : g0 + len(r)] = np.where(ok, score, np.nan)
-            Var[g0 : g0 + len(r)] = np.where(ok, var_h, np.nan) / s2e
+            S[out] = np.where(ok, score, np.nan)
+            Var[out] = np.where(ok, var_h, np.nan) / s2e
         return S, Var
 
     def variant_chunk(self, n_genes: int | None = None) -> int:
@@ -145,6 +167,13 @@ class CompactNull:
         n, p = self.Xrot.shape
         per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
         return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
+
+
+def _sqrt_factor(C: np.ndarray) -> np.ndarray:
+    """``L`` with ``C = L L'`` for each positive semi-definite ``C`` of a stack (from its eigendecomposition, so
+    a singular ``C``, the pseudo-inverse of a rank-deficient ``X'H^-1 X``, is fine)."""
+    e, Q = np.linalg.eigh(C)
+    return Q * np.sqrt(np.clip(e, 0.0, None))[:, None, :]
 
 
 @dataclass
@@ -205,12 +234,15 @@ class CountNull:
         per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
         return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
 
-    def stats(self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """Score and variance (genes x variants) of the genes ``rows`` for the genotypes ``Gt`` from :meth:`rotate`."""
+    def stats(
+        self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None), Gt2: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score and variance (genes x variants) of the genes ``rows`` for the genotypes ``Gt`` from :meth:`rotate`
+        (``Gt2`` is ``Gt * Gt`` when the caller has it)."""
         idx = np.arange(self.n_genes)[rows]
         n, V = Gt.shape
         p = self.B.shape[2]
-        Gt2 = Gt * Gt
+        Gt2 = Gt * Gt if Gt2 is None else Gt2
         S = np.empty((len(idx), V))
         Var = np.empty((len(idx), V))
         step = self.gene_chunk()
@@ -281,3 +313,50 @@ def impute(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         G = np.where(missing, mean[None, :], G)
     poly = (G.max(axis=0, initial=-np.inf) > G.min(axis=0, initial=np.inf)) & ~all_missing
     return G, poly
+
+
+def allele_stats(G: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Allele counts of dosages ``G`` (donors x variants, model order, NaN where missing), over the donors with an
+    observed dosage: ``af`` (mean dosage / 2: the frequency of the counted allele), ``ma_samples`` (donors carrying
+    the minor allele: dosage above 0.5 when the counted allele is minor, else below 1.5), ``ma_count`` (minor
+    alleles, rounded), ``n_donors`` and ``n_cells`` (those donors' cells, from ``counts``).
+
+    Mean imputation leaves ``af`` unchanged; a variant without any observed dosage has ``af`` NaN and zero counts.
+    One compiled pass over ``G``.
+    """
+    G = np.ascontiguousarray(G, dtype=np.float64)
+    n, total, cells, above, below = _allele_sums(G, np.asarray(counts, dtype=np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        af = total / (2.0 * n)
+    alt_minor = ~(af > 0.5)
+    return {
+        "af": af,
+        "ma_samples": np.where(alt_minor, above, below),
+        "ma_count": np.rint(np.where(alt_minor, total, 2.0 * n - total)).astype(np.int64),
+        "n_donors": n,
+        "n_cells": np.rint(cells).astype(np.int64),
+    }
+
+
+@numba.njit(cache=True, nogil=True)
+def _allele_sums(G, counts):
+    """Per column of ``G``: observed donors, dosage sum, their cells, donors above 0.5 and below 1.5."""
+    n_donors, n_var = G.shape
+    n = np.zeros(n_var, dtype=np.int64)
+    above = np.zeros(n_var, dtype=np.int64)
+    below = np.zeros(n_var, dtype=np.int64)
+    total = np.zeros(n_var)
+    cells = np.zeros(n_var)
+    for i in range(n_donors):
+        c = counts[i]
+        for j in range(n_var):
+            g = G[i, j]
+            if g == g:  # not NaN
+                n[j] += 1
+                total[j] += g
+                cells[j] += c
+                if g > 0.5:
+                    above[j] += 1
+                if g < 1.5:
+                    below[j] += 1
+    return n, total, cells, above, below

@@ -43,12 +43,34 @@ def results_frame(var_names: pd.Index, fitted: np.ndarray, fits: GeneFits) -> pd
     )
 
 
+def pack_symmetric(A: np.ndarray) -> np.ndarray:
+    """The upper triangles (row by row, diagonal included) of a stack of symmetric p x p matrices, as one 2-D
+    array of shape (stack, p (p + 1) / 2): 2-D arrays survive anndata's concat, transpose, h5ad and zarr."""
+    rows, cols = np.triu_indices(A.shape[-1])
+    return np.ascontiguousarray(A[..., rows, cols])
+
+
+def unpack_symmetric(packed: np.ndarray, p: int) -> np.ndarray:
+    """The stack of symmetric p x p matrices whose upper triangles :func:`pack_symmetric` packed."""
+    packed = np.asarray(packed, dtype=np.float64)
+    if packed.ndim == 3:  # stored unpacked by versions before 0.2
+        return packed
+    if packed.ndim != 2 or packed.shape[1] != p * (p + 1) // 2:
+        raise ValueError(f"expected packed symmetric {p} x {p} matrices (width {p * (p + 1) // 2}), got {packed.shape}")
+    rows, cols = np.triu_indices(p)
+    out = np.empty((packed.shape[0], p, p))
+    out[:, rows, cols] = packed
+    out[:, cols, rows] = packed
+    return out
+
+
 def per_gene_arrays(
     n_vars: int, fitted: np.ndarray, fits: GeneFits, beta: np.ndarray, key: str
 ) -> dict[str, np.ndarray]:
     """The per-gene part of the compact projection by ``varm`` key, padded with NaN for genes not fitted."""
     out = {}
-    for name, values in ((Key.beta(key), beta), (Key.xhx_inv(key), fits.Ainv), (Key.resid_rot(key), fits.resid)):
+    packed = pack_symmetric(fits.Ainv)
+    for name, values in ((Key.beta(key), beta), (Key.xhx_inv(key), packed), (Key.resid_rot(key), fits.resid)):
         if fitted.all():
             out[name] = values
             continue

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from scanpy import logging as logg
 from scipy import linalg
 
+from ._compiled import jit
 from ._design import Donors, Spectral
 from ._read import available_threads, iter_chunks
 
@@ -59,7 +59,7 @@ def merge_moments(mean: np.ndarray, M2: np.ndarray, n: int, mean_b: np.ndarray, 
 SHIFT, SS, COUNT, TOT, XTY0 = 0, 1, 2, 3, 4
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, S, R):  # pragma: no cover - compiled
     """Rows ``order`` of a CSR chunk: S[code, g] += y, and the gene's record R[g] (see ``SHIFT`` ... ``XTY0``).
 
@@ -95,7 +95,7 @@ def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, S,
                 R[g, nzc[c]] += nzv[c] * v
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, R):  # pragma: no cover
     """Columns of a CSC chunk (global column ``col0 + j``), each summed over its cells in a local buffer.
 
@@ -134,6 +134,26 @@ def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, R):  # prag
         R[g, 1] = e2
         R[g, 2] = hi - lo
         R[g, 3] = t
+
+
+def warm_up(Y) -> None:
+    """Compile (or load from numba's cache) the pass's kernel for the storage of ``Y``, e.g. in a background thread
+    while the inputs are checked and stage 1 runs; nothing for dense or dask input."""
+    if hasattr(Y, "group") and "indices" in Y.group:  # backed CSR/CSC (anndata's sparse dataset)
+        fmt, indices, data = Y.format, Y.group["indices"], Y.group["data"]
+    elif hasattr(Y, "indices") and hasattr(Y, "format"):  # scipy sparse
+        fmt, indices, data = Y.format, Y.indices, Y.data
+    else:
+        return
+    if fmt not in ("csr", "csc"):
+        return
+    idx, val = np.zeros(0, dtype=indices.dtype), np.zeros(0, dtype=data.dtype)
+    i64, two = np.zeros(0, dtype=np.int64), np.zeros(2, dtype=np.int64)
+    S, R, Xc = np.zeros((1, 1)), np.zeros((1, XTY0 + 1)), np.zeros((0, 1))
+    if fmt == "csr":
+        _csr_kernel(two, idx, val, i64, i64, Xc, i64, True, S, R)
+    else:
+        _csc_kernel(two, idx, val, 0, i64, Xc, np.full(1, -1, dtype=np.int64), S, R)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,15 +366,17 @@ def sufficient_stats(
     *,
     block_elements: int | None = None,
     prefetch: bool = True,
+    n_threads: int | None = None,
 ) -> SuffStats:
     """One pass over ``Y[:, genes]`` (dense, sparse or backed), never holding more than one chunk.
 
     In-memory sparse input is read in place; backed input in chunks of about ``block_elements`` stored values
     (default :data:`~._read.BLOCK_ELEMENTS`), the next one read in a background thread while the current one is
-    summed. Dask input takes :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
+    summed, by ``n_threads`` threads (default: the BLAS thread limit in effect). Dask input takes
+    :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
     """
     genes = np.asarray(genes, dtype=np.int64)
-    n_threads = available_threads()
+    n_threads = available_threads() if n_threads is None else max(1, int(n_threads))
     acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
     waiting = summing = 0.0
     n_chunks = n_values = 0
@@ -437,9 +459,11 @@ def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral) -> Pre
     T = stats.S
     stats.S = None
     between = np.zeros(T.shape[1])  # sum_d T_dg^2 / c_d
+    fitted_by = np.hstack([c[:, None], ZtX])  # T = S - [c, Z'X] [mean; b0]: one GEMM per block
+    coef = np.vstack([stats.mean[None, :], b0])
     for a in range(0, T.shape[0], 64):  # row blocks: no temporary of T's size, one pass while in cache
         blk = T[a : a + 64]
-        blk -= c[a : a + 64, None] * stats.mean[None, :] + ZtX[a : a + 64] @ b0
+        blk -= fitted_by[a : a + 64] @ coef
         between += np.einsum("dg,dg,d->g", blk, blk, 1.0 / c[a : a + 64])
     W = rr - between
     if np.all(c == 1):

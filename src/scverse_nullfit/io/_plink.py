@@ -12,6 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import preview
+from ._geno_common import GenotypeFile, select_variants
 
 PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
 
@@ -35,7 +36,7 @@ def plink_paths(bed_prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
     return paths  # type: ignore[return-value]
 
 
-class PlinkGenotypes:
+class PlinkGenotypes(GenotypeFile):
     """A lazily read PLINK 1 fileset: sample and variant metadata now, dosages on demand.
 
     Parameters
@@ -45,7 +46,8 @@ class PlinkGenotypes:
     id_column
         How donors are named: ``"iid"`` (the individual ID, the default) or ``"fid_iid"`` (``f"{FID}_{IID}"``).
     count_A1
-        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2.
+        Count allele 1 (the first allele column of the ``.bim``), as PLINK does; ``False`` counts allele 2. The
+        counted allele is ``alt`` in :attr:`var` (and in the step-2 result tables), the other one ``ref``.
     """
 
     def __init__(
@@ -82,19 +84,18 @@ class PlinkGenotypes:
         if var_index.has_duplicates:
             # keep every variant addressable: make duplicated IDs unique the way anndata does
             var_index = pd.Index(_make_unique(sid), name="variant")
-        self.var = pd.DataFrame({"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2}, index=var_index)
+        # ref/alt as in the other readers: alt is the counted allele
+        alt, ref = (a1, a2) if count_A1 else (a2, a1)
+        self.var = pd.DataFrame(
+            {"chrom": chrom, "pos": pos, "allele_1": a1, "allele_2": a2, "ref": ref, "alt": alt}, index=var_index
+        )
 
-    @property
-    def donors(self) -> pd.Index:
-        """Donor IDs (:class:`~._genotypes.GenotypeReader` interface)."""
-        return self.obs.index
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.obs.shape[0], self.var.shape[0]
+    #: Every donor is read (bed-reader selects rows itself).
+    takes_samples = False
 
     def read(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
-        """Dosages (float64, NaN where missing) of the given sample rows and variant columns (integer indices)."""
+        """Dosages (float64, NaN where missing) of the given sample rows and variant columns (integer indices),
+        read by bed-reader for exactly those rows and columns."""
         rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows, dtype=np.intp)
         cols = np.arange(self.shape[1]) if cols is None else np.asarray(cols, dtype=np.intp)
         if len(rows) == 0 or len(cols) == 0:
@@ -137,7 +138,7 @@ def read_plink_genotypes(
     -------
     Donors x variants AnnData: ``X`` float64 dosages (0..2, NaN where missing); ``obs`` holds ``fid`` and ``iid``;
     ``var`` holds ``chrom`` (as in the ``.bim``, a string), ``pos`` (base-pair position), ``allele_1`` and
-    ``allele_2``.
+    ``allele_2``, and ``alt`` (the counted allele) and ``ref`` (the other), as the other genotype readers do.
     """
     src = PlinkGenotypes(bed_prefix, id_column=id_column, count_A1=count_A1)
     if donors is None:
@@ -148,25 +149,6 @@ def read_plink_genotypes(
         if (rows < 0).any():
             missing = wanted[rows < 0]
             raise KeyError(f"donors not in the PLINK .fam of {str(src.path)!r}: {preview(missing)}.")
-    cols = _variant_indices(src.var.index, variants, src.path)
+    cols = select_variants(src.var.index, variants, src.path)
     X = src.read(rows, cols)
     return AnnData(X=X, obs=src.obs.iloc[rows].copy(), var=src.var.iloc[cols].copy())
-
-
-def _variant_indices(index: pd.Index, variants, path) -> np.ndarray:
-    if variants is None:
-        return np.arange(len(index))
-    arr = np.atleast_1d(np.asarray(variants))
-    if arr.dtype == bool:
-        if arr.shape != (len(index),):
-            raise ValueError(f"variants is a boolean mask of length {len(arr)}, but the .bim has {len(index)} rows.")
-        return np.flatnonzero(arr)
-    if np.issubdtype(arr.dtype, np.integer):
-        if len(arr) and (arr.min() < -len(index) or arr.max() >= len(index)):
-            raise ValueError(f"variant indices out of range for a .bim of {len(index)} rows.")
-        return np.where(arr < 0, arr + len(index), arr)
-    cols = index.get_indexer(arr.astype(str))
-    if (cols < 0).any():
-        missing = arr[cols < 0]
-        raise KeyError(f"variants not in the PLINK .bim of {str(path)!r}: {preview(missing)}.")
-    return cols

@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import stats
 
 from .._docs import doc_ax_show, doc_null_result, doc_params, doc_plot_returns
+from ._genetics import draw_gene_bodies
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -221,6 +222,8 @@ def cis_locus(
     *,
     key: str = "cis",
     annotate_top: bool = True,
+    gene_bodies: bool = True,
+    end_key: str = "end",
     ax: Axes | None = None,
     show: bool | None = None,
     save: bool | str | None = None,
@@ -241,6 +244,11 @@ def cis_locus(
         The ``key_added`` of that call.
     annotate_top
         Label the top variant with its name.
+    gene_bodies
+        Draw the genes in view below the associations, from their start (the ``pos_key`` of ``cis_map``) to
+        ``var[end_key]`` when ``var`` has it (else a tick at the start); the gene itself in red.
+    end_key
+        Column of ``adata.var`` with gene ends.
     {doc_ax_show}
     save
         Save the figure to ``settings.figdir`` as ``cis_locus_<gene>``, as in :func:`qq`.
@@ -281,6 +289,8 @@ def cis_locus(
                 xytext=(4, 4),
                 fontsize="small",
             )
+    if gene_bodies and pos_key is not None:
+        draw_gene_bodies(ax, adata, gene, params.get("chrom_key", "chrom"), pos_key, end_key)
     chrom = str(table["chrom"].iloc[0]) if len(table) else ""
     ax.set_xlabel(f"chromosome {chrom} position (Mb)" if chrom else "position (Mb)")
     ax.set_ylabel("-log10(p)")

@@ -10,18 +10,22 @@ from .._core._suffstats import sufficient_stats
 from .._utils import is_dask
 
 
-def compute_sufficient_stats(Y, genes: np.ndarray, donors, X: np.ndarray):
-    """The sufficient statistics of ``Y[:, genes]``: a dask map-reduce for dask input, else one streamed pass."""
+def compute_sufficient_stats(Y, genes: np.ndarray, donors, X: np.ndarray, *, n_threads: int | None = None):
+    """The sufficient statistics of ``Y[:, genes]``: a dask map-reduce for dask input, else one streamed pass in
+    ``n_threads`` threads."""
     if is_dask(Y):
         return dask_sufficient_stats(Y, genes, donors, X)
-    return sufficient_stats(Y, genes, donors, X)
+    return sufficient_stats(Y, genes, donors, X, n_threads=n_threads)
 
 
-def fit_all_genes(problem: RemlProblem, rotate: Rotation, W: np.ndarray, *, tau, progress=None, **kwargs) -> GeneFits:
-    """REML of every gene: on the workers of an active ``dask.distributed`` client when there is more than one
-    chunk of genes, else in threads of this process."""
+def fit_all_genes(
+    problem: RemlProblem, rotate: Rotation, W: np.ndarray, *, tau, distributed: bool = False, progress=None, **kwargs
+) -> GeneFits:
+    """REML of every gene: on the workers of the active ``dask.distributed`` client when ``distributed`` (the
+    caller's explicit choice: dask input) and there is more than one chunk of genes, else in threads of this
+    process. A client that merely exists is never used for in-memory input."""
     chunk_size = kwargs.get("chunk_size") or default_chunk_size(len(problem.lam))
-    client = distributed_client()
+    client = distributed_client() if distributed else None
     if client is not None and isinstance(rotate, Rotation) and len(W) > chunk_size:
         return fit_genes_distributed(client, problem, rotate, W, tau=tau, chunk_size=chunk_size, progress=progress)
     return fit_genes(problem, rotate, W, tau=tau, progress=progress, **kwargs)

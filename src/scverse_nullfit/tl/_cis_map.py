@@ -9,26 +9,43 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from scanpy import logging as logg
+from threadpoolctl import threadpool_limits
 
 from .._constants import Key
-from .._core._step2 import CompactNull
+from .._core._conditional import condition, subset
+from .._core._fdr import METHODS as FDR_METHODS
+from .._core._fdr import qvalues
+from .._core._step2 import CompactNull, derived_statistics
 from .._docs import doc_copy, doc_n_threads, doc_params
-from .._utils import check_positive_int, select_genes
-from ..io._genotypes import GenotypeMatrix
-from ._step2 import StoredNull, open_genotypes, result_table, running
-
-if TYPE_CHECKING:
-    from anndata import AnnData
+from .._utils import check_positive_int, preview, select_genes
+from ..io._genotypes import GenotypeMatrix, reader_class
+from ..io._vcf import VcfGenotypes
+from ._groups import group_key, groups_of
+from ._step2 import (
+    StoredNull,
+    VariantInfo,
+    close_genotypes,
+    file_options,
+    open_genotypes,
+    result_table,
+    running,
+    store_derived,
+)
 
 #: Most genes handled together in one block (their windows share one read and rotation of the variants).
 MAX_BLOCK_GENES = 256
 #: Most float64 elements of rotated variants kept for reuse by the next gene block (about 128 MB).
 CACHE_ELEMENTS = 1 << 24
+#: Most independent signals selected per gene by the forward pass of ``cis_map(independent=True)``.
+MAX_SIGNALS = 64
+#: Gene-level p-values ``cis_map`` can use for eGenes and independent signals -> their per-gene column.
+GENE_PVALS = {"acat": "pval_acat", "bonf": "top_pval_bonf"}
 
 
 def normalise_chrom(values) -> np.ndarray:
@@ -125,8 +142,8 @@ class _RotationCache:
     variant is read, imputed and rotated once, as long as a block's range fits in ``CACHE_ELEMENTS``.
     """
 
-    def __init__(self, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray):
-        self.model, self.geno, self.rows = model, geno, rows
+    def __init__(self, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, info: VariantInfo | None = None):
+        self.model, self.geno, self.rows, self.info = model, geno, rows, info
         self.n = model.n_donors
         self.max_columns = max(1, CACHE_ELEMENTS // max(1, self.n))
         self._reset(None, 0)
@@ -156,7 +173,11 @@ class _RotationCache:
         if c1 - self.lo > self.max_columns:
             self._drop_before(c0)
         if c1 > self.hi:
-            Gt = self.model.rotate_dosages(self.geno.read(self.rows, cand[self.hi : c1]))
+            cols = cand[self.hi : c1]
+            G = self.geno.read(self.rows, cols)
+            if self.info is not None:
+                self.info.update(cols, G)
+            Gt = self.model.rotate_dosages(G)
             self.Gt = np.concatenate([self.Gt, Gt], axis=1)
             self.hi = c1
         return self.Gt[:, c0 - self.lo : c1 - self.lo]
@@ -176,6 +197,11 @@ def cis_map(
     variant_chrom_key: str = "chrom",
     variant_pos_key: str = "pos",
     key_added: str = "cis",
+    groupby: str | None = None,
+    fdr: float = 0.05,
+    fdr_method: Literal["storey", "storey_bootstrap", "bh"] = "storey",
+    gene_pval: Literal["acat", "bonf"] = "acat",
+    independent: bool = False,
     chunk_size: int | None = None,
     n_threads: int | None = None,
     copy: bool = False,
@@ -189,6 +215,23 @@ def cis_map(
     aggregated Cauchy association test (ACAT, equal weights: ``T = mean tan((1/2 - p) pi)``,
     ``p = 1/2 - arctan(T)/pi``), which stays valid under the linkage disequilibrium between them.
 
+    Across genes, the false discovery rate of the gene-level p-values (ACAT, and the top variant's Bonferroni
+    p-value) is controlled by Storey's q-values (``pi0`` estimated as the qvalue package does by default) or by
+    Benjamini-Hochberg; genes with a q-value at most ``fdr`` are eGenes.
+
+    With ``independent=True``, each eGene's independent signals are found by forward-backward stepwise
+    selection (the logic of tensorQTL's ``map_independent``), with the conditional score test of
+    :func:`~scverse_nullfit.tl.score_test` (``condition=``) on the gene's cis variants:
+
+    - *forward*: start from the top variant; condition on the variants selected so far and scan the window
+      again; while the gene-level p-value of that conditional scan (``gene_pval``: ACAT of the conditional
+      p-values, or the top conditional p-value times the number of variants in the window) is at most the eGene
+      threshold (the largest gene-level p-value among the eGenes at ``fdr``), add the scan's top variant (at most
+      64 signals per gene);
+    - *backward*: with two or more selected variants, scan again with each one left out of the conditioning
+      set (conditioning on all the others); the scan's top variant is the signal of that rank if its gene-level
+      p-value is at most the threshold (a variant found twice is kept once), else the rank is dropped.
+
     Parameters
     ----------
     adata
@@ -196,10 +239,14 @@ def cis_map(
         and position (e.g. its TSS).
     genotypes
         Donors x variants dosages (0..2): an AnnData whose ``var`` holds the variants' chromosome and position,
-        a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a PLINK ``.bed``
-        fileset (with ``.bim`` and ``.fam`` beside it; needs ``pip install 'scverse-nullfit[plink]'``; donors
-        named by IID; only the variants near tested genes are read). Donors are matched by ID as in
-        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant.
+        a DataFrame indexed by donor ID (pass the positions as ``variants``), or the path of a genotype file with
+        the positions in it: PLINK 1 ``.bed``, PLINK 2 ``.pgen``, BGEN ``.bgen`` (only the variants near tested
+        genes are read) or a VCF/BCF, which must then be indexed (``.tbi``/``.csi``: only the genes' windows are
+        read from it). Each format needs its optional package (``pip install 'scverse-nullfit[genotypes]'``);
+        see :func:`~scverse_nullfit.tl.score_test`. Donors are matched by ID as in
+        :func:`~scverse_nullfit.tl.score_test`; missing dosages are mean-imputed per variant. A genotype file
+        with no variant on the genes' chromosomes is an error. cellink's layout
+        (``chrom``, ``pos``, ``a0``, ``a1`` in ``var``; or a ``DonorData``, through its ``.G``) works as it is.
     window
         Half-width of the cis window, in base pairs.
     key
@@ -216,6 +263,24 @@ def cis_map(
         Columns of the variants' metadata with their chromosome and position.
     key_added
         Where to store the results.
+    groupby
+        The ``groupby`` of a ``fit_null(groupby=...)`` call (e.g. ``"cell_type"``): map every group's fit
+        (``f"{key}_{g}"``) and store its results under ``f"{key_added}_{g}"``; their tables get a column named
+        ``groupby`` holding the group, and ``params`` records ``groupby`` and ``group``; q-values are per group.
+        Every group's results are computed before any is stored. :func:`scverse_nullfit.get.effect_matrices`
+        collects the groups' effects.
+    fdr
+        The false discovery rate at which genes are called eGenes (``is_egene``).
+    fdr_method
+        ``"storey"``: Storey's q-values with ``pi0`` from a cubic smoothing spline (3 degrees of freedom) through
+        ``pi0(lambda)``, ``lambda = 0.05, 0.10, ..., 0.95`` (the qvalue package's default);
+        ``"storey_bootstrap"``: the same with qvalue's bootstrap (closed-form mean squared error) choice of
+        lambda; ``"bh"``: Benjamini-Hochberg.
+    gene_pval
+        The gene-level p-value that defines eGenes and the threshold of the independent signals: ``"acat"``
+        (``pval_acat``) or ``"bonf"`` (``top_pval_bonf``).
+    independent
+        Also find each eGene's independent signals (see above).
     chunk_size
         Variants per chunk (default: chosen to bound memory).
     {doc_n_threads}
@@ -228,34 +293,78 @@ def cis_map(
     ``adata.uns[key_added]["variants"]``
         The per-variant table, one row per tested gene and cis variant (genes in ``adata`` order, variants by
         position): ``gene``, ``variant``, ``chrom``, ``pos``, ``distance`` (variant position minus gene
-        position), and the score-test columns ``score``, ``score_var``, ``z``, ``pval``, ``beta``, ``se`` defined
-        in :func:`~scverse_nullfit.tl.score_test`. Get it with :func:`scverse_nullfit.get.cis_df`.
+        position), the per-variant columns ``ref``, ``alt`` (the counted allele), ``af``, ``ma_samples``,
+        ``ma_count``, ``n_donors``, ``n_cells``, and the score-test columns ``score``, ``score_var``, ``z``,
+        ``pval``, ``beta``, ``se``, all defined in :func:`~scverse_nullfit.tl.score_test`. Get it with
+        :func:`scverse_nullfit.get.cis_df`.
     ``adata.varm[key_added]``
         The per-gene summary, indexed by gene: ``n_variants`` (variants in the window), ``pval_acat`` (the ACAT
         combination of their finite p-values), ``top_variant`` (smallest p-value; first by position on ties),
-        its ``top_pos``, ``top_distance``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``, and
-        ``top_pval_bonf = min(1, top_pval * n_variants)``. Genes not tested have ``n_variants = 0`` and NaN.
+        its ``top_pos``, ``top_distance``, ``top_ref``, ``top_alt``, ``top_af``, ``top_ma_samples``,
+        ``top_ma_count``, ``top_z``, ``top_beta``, ``top_se``, ``top_pval``, and
+        ``top_pval_bonf = min(1, top_pval * n_variants)``, ``qval`` and ``qval_bonf`` (the q-values of
+        ``pval_acat`` and ``top_pval_bonf`` across the tested genes) and ``is_egene`` (the q-value of the
+        ``gene_pval`` at most ``fdr``). Genes not tested have ``n_variants = 0``, NaN and ``is_egene = False``.
         Get it with :func:`scverse_nullfit.get.cis_genes_df`.
+    ``adata.uns[key_added]["independent"]``
+        With ``independent=True``: one row per independent signal of each eGene, ``gene``, ``rank`` (1, 2, ...),
+        ``variant``, ``chrom``, ``pos``, ``distance``, the per-variant columns (``ref`` ... ``n_cells``), the
+        conditional score-test columns (conditioning on the gene's other signals; a gene's single signal is its top
+        variant, unconditioned), ``pval_gene`` (the gene-level p-value of that scan) and ``n_conditioned``. Get it with
+        :func:`scverse_nullfit.get.cis_independent_df`.
     ``adata.uns[key_added]["params"]``
-        The call's parameters.
+        The call's parameters, with ``pi0`` and ``pi0_bonf`` (the estimates used for ``qval`` and ``qval_bonf``),
+        ``n_egenes`` and ``egene_pval_threshold`` (the largest gene-level p-value among the eGenes; NaN if none).
+    ``adata.uns[key_added]["source"]``, ``adata.uns[key_added]["cells"]``
+        The null-model fit the tests used (its ``key`` and ``fit_id``) and the fingerprint of its cells: the
+        accessors refuse results from an earlier fit or on other cells.
     """
+    if groupby is not None:
+        return _map_groups(adata, genotypes, groupby, key, key_added, copy, dict(
+            window=window, genes=genes, variants=variants, chrom_key=chrom_key, pos_key=pos_key,
+            variant_chrom_key=variant_chrom_key, variant_pos_key=variant_pos_key, fdr=fdr, fdr_method=fdr_method,
+            gene_pval=gene_pval, independent=independent, chunk_size=chunk_size, n_threads=n_threads,
+        ))  # fmt: skip
     _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
+    _check_fdr_arguments(fdr, fdr_method, gene_pval)
     mask = None if genes is None else select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
+    if independent and stored.count is not None:
+        raise ValueError(
+            f"independent=True uses conditional score tests, available for Gaussian fits only; the fit under {key!r} "
+            f"is {stored.family}."
+        )
     loci = _Loci.of_genes(adata, chrom_key, pos_key)
     mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
     model = stored.compact(mask)
-    geno = open_genotypes(genotypes, variants)
-    loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))
-    rows = geno.align(model.donors)
-
     genes_idx = np.flatnonzero(mask)
-    start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
-    with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
-        found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar)
+    options = {**file_options(genotypes, model.donors), **_window_regions(genotypes, loci, genes_idx, float(window))}
+    geno = open_genotypes(genotypes, variants, **options)
+    try:
+        loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))
+        _check_chromosomes(geno, loci, genes_idx)
+        rows = geno.align(model.donors)
+        start = logg.info(f"cis mapping of {len(genes_idx)} genes (window={window}, key={key!r})")
+        with running(n_threads, len(genes_idx), "gene", show_above=1000) as bar:
+            info = VariantInfo(geno, model.counts)
+            found = _test_windows(model, geno, rows, loci, genes_idx, float(window), chunk_size, bar, info)
+    except BaseException:
+        close_genotypes(geno, genotypes)
+        raise
     gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
-    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci)
+    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci, info)
     summary = _gene_summary(adata, table, gene_i)
+    fdr_params = _add_fdr(summary, fdr, fdr_method, gene_pval)
+    results = {Key.CIS_VARIANTS: table}
+    if independent:
+        egenes = np.flatnonzero(summary["is_egene"].to_numpy() & np.isin(np.arange(adata.n_vars), model.var_index))
+        # each eGene's scans are small products (a gene x its window): threaded BLAS only adds synchronisation
+        with running(n_threads, len(egenes), "eGene", show_above=100) as bar, threadpool_limits(1, "blas"):
+            results[Key.CIS_INDEPENDENT] = _independent_signals(
+                adata, model, geno, rows, loci, egenes, float(window), fdr_params["egene_pval_threshold"],
+                gene_pval, bar, info,
+            )  # fmt: skip
+    close_genotypes(geno, genotypes)  # the independent signals read it too (on an error, garbage collection closes it)
     params = {
         "key": key,
         "window": float(window) if not float(window).is_integer() else int(window),
@@ -266,19 +375,79 @@ def cis_map(
         "genotypes": geno.source,
         "n_genes_tested": int((summary["n_variants"] > 0).sum()),
         "n_tests": len(table),
+        **fdr_params,
+        "independent": bool(independent),
     }
-    target = adata.copy() if copy else adata
-    target.varm[key_added] = summary
-    target.uns[key_added] = {Key.CIS_VARIANTS: table, Key.PARAMS: params}
+    target = store_derived(adata, key_added, summary, results, params, stored, copy=copy)
     logg.info(
         "    finished",
         time=start,
         deep=(
             f"added\n    'uns[{key_added!r}][\"variants\"]', per-variant score tests (DataFrame)\n"
-            f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value (DataFrame)"
+            f"    'varm[{key_added!r}]', per-gene summary with the ACAT p-value and q-values (DataFrame)"
+            + (f"\n    'uns[{key_added!r}][\"independent\"]', independent signals (DataFrame)" if independent else "")
         ),
     )
     return target if copy else None
+
+
+def _map_groups(adata: AnnData, genotypes, groupby: str, key: str, key_added: str, copy: bool, kwargs: dict):
+    """``cis_map`` of every group's fit; all groups are mapped before anything is written to ``adata``."""
+    groups = groups_of(adata, groupby)
+    fit_keys = {g: group_key(key, g) for g in groups}
+    missing = [g for g, k in fit_keys.items() if k not in adata.uns]
+    if missing:
+        raise KeyError(
+            f"no null-model fit of groups {missing} (adata.uns[{fit_keys[missing[0]]!r}]); run "
+            f"snf.tl.fit_null(adata, groupby={groupby!r}, key_added={key!r}) first."
+        )
+    labels = pd.Categorical(groups, categories=groups)
+    results = {}
+    for g, fit_key in fit_keys.items():
+        out_key = group_key(key_added, g)
+        shell = AnnData(obs=adata.obs, var=adata.var)
+        shell.uns[fit_key] = adata.uns[fit_key]
+        for name in Key.null_varm(fit_key):
+            if name in adata.varm:
+                shell.varm[name] = adata.varm[name]
+        cis_map(shell, genotypes, key=fit_key, key_added=out_key, **kwargs)
+        entry = dict(shell.uns[out_key])
+        for table in entry.values():  # the per-variant table, and the independent signals when asked for
+            if isinstance(table, pd.DataFrame) and "gene" in table.columns:
+                codes = np.full(len(table), groups.index(g))
+                table.insert(0, groupby, pd.Categorical.from_codes(codes, dtype=labels.dtype))
+        entry[Key.PARAMS] = {**entry[Key.PARAMS], "groupby": groupby, "group": g, "group_of": key_added}
+        summary = shell.varm[out_key]
+        summary.insert(
+            0, groupby, pd.Categorical.from_codes(np.full(adata.n_vars, groups.index(g)), dtype=labels.dtype)
+        )
+        results[out_key] = (summary, entry)
+    target = adata.copy() if copy else adata
+    for out_key, (summary, entry) in results.items():
+        target.varm[out_key] = summary
+        target.uns[out_key] = entry
+    return target if copy else None
+
+
+def _window_regions(genotypes, loci: _Loci, genes_idx: np.ndarray, window: float) -> dict:
+    """Reader options for a VCF/BCF path: only the genes' windows are read (through its index, which it needs)."""
+    if not isinstance(genotypes, (str, os.PathLike)) or reader_class(genotypes) is not VcfGenotypes:
+        return {}
+    chrom, pos = loci.g_chrom[genes_idx], loci.g_pos[genes_idx]
+    return {"regions": [(c, max(1.0, p - window), p + window) for c, p in zip(chrom, pos, strict=True)]}
+
+
+def _check_chromosomes(geno: GenotypeMatrix, loci: _Loci, genes_idx: np.ndarray) -> None:
+    """A genotype source sharing no chromosome with the genes to map is an error naming both sides."""
+    genes_on = set(loci.g_chrom[genes_idx])
+    if not len(genes_idx) or genes_on & set(loci.v_chrom):
+        return
+    contigs = geno.contigs if geno.contigs is not None else list(pd.unique(loci.v_chrom[loci.v_chrom != ""]))
+    raise ValueError(
+        f"the genotypes ({geno.source}) have no variant on the chromosomes of the genes to map: genes on "
+        f"{preview(sorted(genes_on))}, genotypes on {preview(contigs)} (names match with or without 'chr'; "
+        "check the chromosome columns or rename the contigs)."
+    )
 
 
 def _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads) -> None:
@@ -291,6 +460,34 @@ def _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_si
     for col in (chrom_key, pos_key):
         if col not in adata.var.columns:
             raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
+
+
+def _check_fdr_arguments(fdr, fdr_method, gene_pval) -> None:
+    if not (np.isscalar(fdr) and 0 < fdr < 1):
+        raise ValueError(f"fdr must be a number strictly between 0 and 1, not {fdr!r}.")
+    if fdr_method not in FDR_METHODS:
+        raise ValueError(f"fdr_method must be one of {list(FDR_METHODS)}, not {fdr_method!r}.")
+    if gene_pval not in GENE_PVALS:
+        raise ValueError(f"gene_pval must be one of {list(GENE_PVALS)}, not {gene_pval!r}.")
+
+
+def _add_fdr(summary: pd.DataFrame, fdr: float, fdr_method: str, gene_pval: str) -> dict:
+    """Add ``qval``, ``qval_bonf`` and ``is_egene`` to the per-gene summary; return the FDR parameters."""
+    summary["qval"], pi0 = qvalues(summary["pval_acat"].to_numpy(), fdr_method)
+    summary["qval_bonf"], pi0_bonf = qvalues(summary["top_pval_bonf"].to_numpy(), fdr_method)
+    q = summary["qval" if gene_pval == "acat" else "qval_bonf"].to_numpy()
+    is_egene = np.isfinite(q) & (q <= fdr)
+    summary["is_egene"] = is_egene
+    p = summary[GENE_PVALS[gene_pval]].to_numpy()
+    return {
+        "fdr": float(fdr),
+        "fdr_method": fdr_method,
+        "gene_pval": gene_pval,
+        "pi0": pi0,
+        "pi0_bonf": pi0_bonf,
+        "n_egenes": int(is_egene.sum()),
+        "egene_pval_threshold": float(p[is_egene].max()) if is_egene.any() else float("nan"),
+    }
 
 
 @dataclass
@@ -331,7 +528,8 @@ class _Loci:
 
 
 def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci, genes_idx: np.ndarray,
-                  window: float, chunk_size: int | None, bar) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
+                  window: float, chunk_size: int | None, bar,
+                  info: VariantInfo) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
     """Score statistics of every gene against the variants in its window, block by block of nearby genes.
 
     Returns pieces ``(gene index, variant index, S, Var)`` of the (gene, variant) pairs in a window.
@@ -340,7 +538,7 @@ def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, lo
     model_row[model.var_index] = np.arange(model.n_genes)
     g_pos, v_pos = loci.g_pos, loci.v_pos
     pieces: list[tuple[np.ndarray, ...]] = []
-    cache = _RotationCache(model, geno, rows)
+    cache = _RotationCache(model, geno, rows, info)
     for block in _gene_blocks(loci.g_code[genes_idx], g_pos[genes_idx], window):
         gidx = genes_idx[block]
         bar.update(len(gidx))
@@ -383,7 +581,7 @@ def _by_gene_and_position(pieces, v_pos: np.ndarray) -> tuple[np.ndarray, ...]:
     return gene_i[order], var_i[order], S[order], Var[order]
 
 
-def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci) -> pd.DataFrame:
+def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci, info: VariantInfo) -> pd.DataFrame:
     used = np.unique(var_i)
     v_pos = loci.v_pos[var_i]
     return result_table(
@@ -393,6 +591,8 @@ def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci) -
         np.searchsorted(used, var_i),
         S,
         Var,
+        info=info,
+        info_rows=var_i,
         chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
         pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
         distance=v_pos - loci.g_pos[gene_i],
@@ -420,6 +620,13 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
     top_codes = np.full(n, -1, dtype=np.int64)
     top_codes[tg] = table["variant"].cat.codes.to_numpy()[top]
     top_pval = col(pval)
+
+    def categorical(name):
+        c = table[name].cat
+        codes = np.full(n, -1, dtype=np.int64)
+        codes[tg] = c.codes.to_numpy()[top]
+        return pd.Categorical.from_codes(codes, categories=c.categories)
+
     return pd.DataFrame(
         {
             "n_variants": n_var,
@@ -427,6 +634,11 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
             "top_variant": pd.Categorical.from_codes(top_codes, categories=table["variant"].cat.categories),
             "top_pos": col(table["pos"].to_numpy(dtype=np.float64)),
             "top_distance": col(table["distance"].to_numpy(dtype=np.float64)),
+            "top_ref": categorical("ref"),
+            "top_alt": categorical("alt"),
+            "top_af": col(table["af"].to_numpy()),
+            "top_ma_samples": col(table["ma_samples"].to_numpy(dtype=np.float64)),
+            "top_ma_count": col(table["ma_count"].to_numpy(dtype=np.float64)),
             "top_z": col(table["z"].to_numpy()),
             "top_beta": col(table["beta"].to_numpy()),
             "top_se": col(table["se"].to_numpy()),
@@ -435,3 +647,99 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
         },
         index=adata.var_names.copy(),
     )
+
+
+def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, loci: _Loci,
+                         egenes: np.ndarray, window: float, threshold: float, gene_pval: str,
+                         bar, info: VariantInfo | None = None) -> pd.DataFrame:  # fmt: skip
+    """Forward-backward selection of each eGene's independent signals (see :func:`cis_map`), gene by gene along
+    each chromosome, every scan vectorised over the window's variants (rotated once, through the cache)."""
+    model_row = np.full(adata.n_vars, -1, dtype=np.intp)
+    model_row[model.var_index] = np.arange(model.n_genes)
+    cache = _RotationCache(model, geno, rows)
+    found: list[tuple] = []
+    for g in egenes[np.lexsort((loci.g_pos[egenes], loci.g_code[egenes]))]:
+        bar.update(1)
+        chrom, gpos = loci.g_code[g], loci.g_pos[g]
+        cand = loci.by_chrom.get(chrom)
+        if cand is None:
+            continue
+        cpos = loci.v_pos[cand]
+        lo = int(np.searchsorted(cpos, gpos - window, side="left"))
+        hi = int(np.searchsorted(cpos, gpos + window, side="right"))
+        if hi <= lo:
+            continue
+        cache.advance(chrom, lo)
+        Gt = np.ascontiguousarray(cache.get(cand, lo, hi))
+        for rank, j, stats, pg, k in _select(subset(model, [model_row[g]]), Gt, threshold, gene_pval):
+            found.append((g, rank, cand[lo + j], pg, k, *stats))
+    cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 7
+    gene_i = np.asarray(cols[0], dtype=np.intp)
+    var_i = np.asarray(cols[2], dtype=np.intp)
+    used = np.unique(var_i)
+    v_pos = loci.v_pos[var_i]
+    order_genes = np.unique(gene_i)
+    table = result_table(
+        adata.var_names[order_genes],
+        np.searchsorted(order_genes, gene_i),
+        geno.var.index[used],
+        np.searchsorted(used, var_i),
+        np.asarray(cols[5], dtype=np.float64),
+        np.asarray(cols[6], dtype=np.float64),
+        info=info,
+        info_rows=var_i,
+        rank=np.asarray(cols[1], dtype=np.int64),
+        chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
+        pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
+        distance=v_pos - loci.g_pos[gene_i],
+    )
+    table["pval_gene"] = np.asarray(cols[3], dtype=np.float64)
+    table["n_conditioned"] = np.asarray(cols[4], dtype=np.int64)
+    table = table[["gene", "rank", "variant", *table.columns[3:]]]
+    order = np.lexsort((table["rank"].to_numpy(), gene_i))
+    return table.iloc[order].reset_index(drop=True)
+
+
+def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str):
+    """The independent signals of the one gene of ``model`` among the rotated window variants ``Gt``: tuples of
+    (rank, column of ``Gt``, (score, variance), gene-level p-value of the scan, number of conditioning variants)."""
+    n_window = Gt.shape[1]
+    Gt2 = Gt * Gt  # shared by every scan of the gene
+
+    def scan(selected: list[int]):
+        m = model
+        if selected:
+            m, ok = condition(model, Gt[:, selected])
+            if not ok[0]:
+                return None
+        S, Var = m.stats(Gt, Gt2=Gt2)
+        pval = derived_statistics(S[0], Var[0])["pval"]
+        finite = np.isfinite(pval)
+        if not finite.any():
+            return None
+        top = int(np.argmin(np.where(finite, pval, np.inf)))
+        if gene_pval == "acat":
+            pg = acat(pval)
+        else:
+            pg = min(1.0, float(pval[top]) * n_window)
+        return top, (float(S[0, top]), float(Var[0, top])), pg
+
+    first = scan([])
+    if first is None:
+        return []
+    selected = [first[0]]
+    while len(selected) < MAX_SIGNALS:
+        res = scan(selected)
+        if res is None or not res[2] <= threshold or res[0] in selected:
+            break
+        selected.append(res[0])
+    if len(selected) == 1:
+        return [(1, first[0], first[1], first[2], 0)]
+    out, seen = [], set()
+    for rank, j in enumerate(selected, 1):
+        others = [i for i in selected if i != j]
+        res = scan(others)
+        if res is not None and res[2] <= threshold and res[0] not in seen:
+            seen.add(res[0])
+            out.append((rank, res[0], res[1], res[2], len(others)))
+    return out

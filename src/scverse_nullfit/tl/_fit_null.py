@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,25 +18,38 @@ from tqdm import tqdm
 
 from .._constants import Key
 from .._core import _glmm
+from .._core._compiled import compile_ahead
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
-from .._core._read import available_threads, describe_matrix, get_expression, read_columns
-from .._core._reml import RemlProblem, Rotation
+from .._core._read import describe_matrix, get_expression, read_columns
+from .._core._reml import Rotation, problem_from_stage1, restricted_spectrum_from_grm
+from .._core._reml import warm_up as warm_up_reml
 from .._core._store import (
     blocks_part,
     count_results_frame,
+    pack_symmetric,
     per_gene_arrays,
     results_frame,
     shared_part,
     store,
 )
 from .._core._suffstats import pre_residualise, scaled_residual_sums
+from .._core._suffstats import warm_up as warm_up_pass
 from .._docs import doc_copy, doc_n_threads, doc_params
-from .._utils import check_positive_int, select_genes
+from .._provenance import CELLS, FIT_ID, cell_fingerprint, describe_frame, group_fingerprint, new_fit_id
+from .._utils import check_positive_int, check_unique_var_names, is_dask, resolve_threads, select_genes
+from .._version import __version__
 from ._backend import compute_sufficient_stats, fit_all_genes
+from ._groups import fit_subsets, group_key, groups_of
 from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+
+def _spectral(G: np.ndarray, donors, X: np.ndarray, t1):
+    spectral = spectral_precompute(G, donors, X)
+    logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
+    return spectral
 
 
 @doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
@@ -51,6 +66,7 @@ def fit_null(
     family: str = "gaussian",
     offset: str | None = None,
     key_added: str = "nullfit",
+    groupby: str | None = None,
     n_threads: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -86,7 +102,8 @@ def fit_null(
     layer
         Layer to use instead of ``X``.
     genes
-        Names or a boolean mask of the genes to fit; the others get NaN / ``converged=False``.
+        The genes to fit: names, a boolean mask, or the name of a boolean column of ``var`` (e.g.
+        ``"highly_variable"``); the others get NaN / ``converged=False``. Default: all genes.
     tau
         ``None`` estimates ``tau`` per gene by REML; a number fixes it for every gene (Gaussian only).
     family
@@ -96,6 +113,11 @@ def fit_null(
         Column of ``obs`` holding a log-scale offset per cell (e.g. log total counts), count families only.
     key_added
         Key under which results are stored in ``varm`` and ``uns``.
+    groupby
+        A column of ``obs`` (e.g. ``"cell_type"``): fit each group of cells separately, on its own cells and
+        donors, and store group ``g``'s fit under ``f"{key_added}_{g}"`` (all of them on this AnnData, side by side;
+        ``/`` in a label becomes ``_``). ``uns[...]["params"]`` records ``groupby`` and ``group``. Map each with
+        ``cis_map(groupby=...)``. Donors without cells in a group are left out of its fit.
     {doc_n_threads}
     {doc_copy}
 
@@ -111,10 +133,15 @@ def fit_null(
     ``adata.varm[f"{key_added}_beta"]``
         Fixed effects (genes x covariates, named in ``uns[key_added]["covariate_names"]``).
     ``adata.varm[f"{key_added}_xhx_inv"]``, ``adata.varm[f"{key_added}_resid_rot"]``
-        The per-gene part of the compact projection used by :func:`scverse_nullfit.tl.score_test`.
+        The per-gene part of the compact projection used by :func:`scverse_nullfit.tl.score_test`:
+        ``(X'H^-1 X)^-1`` as its upper triangle row by row (genes x p (p + 1) / 2; every stored array is 2-D, so
+        ``anndata.concat``, ``adata.T``, h5ad and zarr all work) and the rotated residual donor sums.
     ``adata.uns[key_added]``
         The shared part (donor order, cells per donor, eigenvalues, eigenvectors, rotated covariates,
-        covariate names) and ``params`` (with ``family`` and ``offset``).
+        covariate names), ``params`` (everything needed to reproduce the call, with the package version, the
+        ``family`` and the ``offset``), ``fit_id`` (unique to this fit; results derived from it record it) and
+        ``cells`` (a fingerprint of the cells and their donors: tools and accessors refuse to use the fit on other,
+        subset or reordered cells).
 
     For the count families the table's ``tau``, ``sigma2_e``, ``h2`` and ``tau_se`` are NaN; ``sigma2_g`` is the
     donor variance on the log scale, ``loglik`` the Laplace log-likelihood (lme4/glmmTMB convention),
@@ -134,30 +161,57 @@ def fit_null(
     if tau is not None and not (np.isfinite(tau) and tau >= 0):
         raise ValueError(f"tau must be a finite number >= 0 or None, not {tau!r}.")
     check_positive_int(n_threads, "n_threads")
+    if copy and adata.isbacked:
+        raise ValueError(
+            "copy=True needs the whole AnnData in memory, but adata is backed; load it (adata.to_memory()) or "
+            "fit in place with copy=False (results are written to the in-memory varm/uns)."
+        )
+    check_unique_var_names(adata.var_names)
+    if groupby is not None:
+        return _fit_groups(adata, groupby, key_added, copy, layer, grm, kwargs=dict(
+            donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates, layer=layer,
+            genes=genes, tau=tau, family=family, offset=offset, n_threads=n_threads,
+        ))  # fmt: skip
+    n_threads = resolve_threads(n_threads)
+    mask = select_genes(adata.var_names, genes, adata.var)
+    adata = adata.copy() if copy else adata
     if family != "gaussian":
-        return _fit_counts(
+        _fit_counts(
             adata, donor_key=donor_key, grm=grm, covariates=covariates, donor_covariates=donor_covariates,
-            layer=layer, genes=genes, family=family, offset=offset, key_added=key_added, n_threads=n_threads,
-            copy=copy,
+            layer=layer, genes=genes, mask=mask, family=family, offset=offset, key_added=key_added,
+            n_threads=n_threads,
         )  # fmt: skip
+        return adata if copy else None
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
-    mask = select_genes(adata.var_names, genes)
+    # the first fit in a process compiles the kernels (or loads them from numba's cache) while the inputs are checked
+    compile_ahead(partial(warm_up_pass, Y), warm_up_reml)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
     design = build_design(adata.obs, covariates, donor_covariates, donors)
 
-    with threadpool_limits(limits=n_threads, user_api="blas"):
-        t1 = logg.debug("    stage 1: donor-level eigendecomposition")
-        spectral = spectral_precompute(G, donors, design.X)
-        problem = RemlProblem(spectral)
-        logg.debug(f"    stage 1: {len(donors.ids)} donors, {design.X.shape[1]} design columns", time=t1)
-
+    with threadpool_limits(limits=n_threads, user_api="blas"), ThreadPoolExecutor(2, "snf-stage1") as pool:
+        # stage 1 (the two donor-level eigendecompositions, independent) runs alongside the pass over the expression,
+        # each on one BLAS thread (a multi-threaded BLAS call whose threads wait for busy cores stalls them all; the
+        # pass's threads do not wait for each other)
+        t1 = logg.debug(
+            f"    stage 1: donor-level eigendecompositions{' (in the background)' if n_threads > 1 else ''}"
+        )
         fitted_idx = np.flatnonzero(mask)
-        t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X)
+        if n_threads > 1:
+            with threadpool_limits(limits=1, user_api="blas"):
+                spectral_f = pool.submit(_spectral, G, donors, design.X, t1)
+                mu_f = pool.submit(restricted_spectrum_from_grm, G, donors, design.X)
+                t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
+                stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=n_threads)
+                spectral, mu = spectral_f.result(), mu_f.result()
+        else:  # one thread: one thing at a time
+            spectral, mu = _spectral(G, donors, design.X, t1), restricted_spectrum_from_grm(G, donors, design.X)
+            t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
+            stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=1)
+        problem = problem_from_stage1(spectral, mu)
         pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
@@ -172,7 +226,9 @@ def fit_null(
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
-            fits = fit_all_genes(problem, rotate, pre.W[ok_idx], tau=tau, progress=bar)
+            fits = fit_all_genes(
+                problem, rotate, pre.W[ok_idx], tau=tau, distributed=is_dask(Y), n_threads=n_threads, progress=bar
+            )
         logg.debug("    stage 2: REML done", time=t3)
 
     beta = fits.beta + pre.b0[ok_idx]
@@ -182,12 +238,17 @@ def fit_null(
     table = results_frame(adata.var_names, fitted, fits)
     arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta, key_added)
     params = {
+        "version": __version__,
+        "key_added": key_added,
         "donor_key": donor_key,
-        "grm": grm_param(grm),
+        "grm": grm_param(grm, grm_df),
+        "grm_checksum": describe_frame(grm_df),
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
         "tau": tau,
+        "genes": _genes_param(genes, adata.var_names, mask),
+        "n_threads": n_threads,
         "family": "gaussian",
         "offset": None,
         "n_genes_requested": int(mask.sum()),
@@ -195,9 +256,10 @@ def fit_null(
         "input": describe_matrix(Y),
     }
     shared = shared_part(donors, design, spectral, params)
+    shared[FIT_ID] = new_fit_id()
+    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
 
-    target = adata.copy() if copy else adata
-    store(target, key_added, table, arrays, shared)
+    store(adata, key_added, table, arrays, shared)
     logg.info(
         "    finished",
         time=start,
@@ -209,6 +271,46 @@ def fit_null(
             f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),
     )
+    return adata if copy else None
+
+
+def _genes_param(genes, var_names: pd.Index, mask: np.ndarray):
+    """How the gene selection is recorded in ``params``: ``None`` (all), a ``var`` column's name, or the names."""
+    if genes is None or (isinstance(genes, str) and genes not in var_names):
+        return genes
+    return np.asarray(var_names[mask], dtype=object)
+
+
+def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer, grm, kwargs: dict) -> AnnData | None:
+    """``fit_null`` on each group's cells; every group is fitted before anything is written to ``adata``."""
+    keys = {group: group_key(key_added, group) for group in groups_of(adata, groupby)}
+    names = [name for key in keys.values() for name in Key.null_varm(key)]
+    clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(Key.null_varm(key_added))))
+    if clash:
+        raise ValueError(
+            f"the groups of obs[{groupby!r}] give storage keys that collide ({clash[:3]}); rename the groups or "
+            "choose another key_added."
+        )
+    fits = {}
+    for group, cells, sub in fit_subsets(adata, groupby, layer, (grm,) if isinstance(grm, str) else ()):
+        key = keys[group]
+        logg.info(f"group {groupby}={group!r}: {len(cells)} cells")
+        try:
+            fit_null(sub, key_added=key, **kwargs)
+        except (ValueError, KeyError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+            raise type(err)(f"fitting the cells of obs[{groupby!r}] == {group!r}: {msg}") from err
+        shared = dict(sub.uns[key])
+        shared[Key.PARAMS] = {**shared[Key.PARAMS], "groupby": groupby, "group": group, "group_of": key_added}
+        # the fit sits on the whole AnnData: its record describes all cells and which of them the group is
+        shared[CELLS] = group_fingerprint(adata, kwargs["donor_key"], groupby, group)
+        stored = (*Key.null_varm(key), Key.working_weights(key), Key.working_xw(key))
+        fits[key] = ({name: sub.varm[name] for name in stored if name in sub.varm}, shared)
+    target = adata.copy() if copy else adata
+    for key, (varm, shared) in fits.items():
+        for name, value in varm.items():
+            target.varm[name] = value
+        target.uns[key] = shared
     return target if copy else None
 
 
@@ -240,12 +342,11 @@ def _gene_batches(Y, idx: np.ndarray) -> list[np.ndarray]:
 
 
 def _fit_counts(
-    adata, *, donor_key, grm, covariates, donor_covariates, layer, genes, family, offset, key_added, n_threads, copy
-):
+    adata, *, donor_key, grm, covariates, donor_covariates, layer, genes, mask, family, offset, key_added, n_threads
+) -> None:
     """The count families of :func:`fit_null` (Laplace ML; the maths is on the model page)."""
     start = logg.info(f"fitting {family} null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
-    mask = select_genes(adata.var_names, genes)
     labels = donor_labels(adata.obs, donor_key)
     off = _offset_values(adata.obs, offset)
     grm_df, grm_source = resolve_grm(adata, grm)
@@ -253,18 +354,19 @@ def _fit_counts(
     design = build_design(adata.obs, covariates, donor_covariates, donors)
     fitted_idx = np.flatnonzero(mask)
     with threadpool_limits(limits=n_threads, user_api="blas"):
-        threads = available_threads() if n_threads is None else int(n_threads)
+        threads = n_threads
         spectral = spectral_precompute(G, donors, design.X)
         blocks = _glmm.donor_blocks(G, name=f"GRM from {grm_source}")
         logg.debug(f"    {len(donors.ids)} donors, GRM {blocks.kind} ({len(blocks.ptr) - 1} blocks)")
         n, p = len(donors.ids), design.X.shape[1]
-        # the per-gene arrays, filled batch by batch (the working_xw array is genes x donors x covariates)
+        # the per-gene arrays, filled batch by batch; every stored array is 2-D (xhx_inv packed, working_xw as
+        # genes x (donors p))
         arrays = {
             Key.beta(key_added): np.full((adata.n_vars, p), np.nan),
-            Key.xhx_inv(key_added): np.full((adata.n_vars, p, p), np.nan),
+            Key.xhx_inv(key_added): np.full((adata.n_vars, p * (p + 1) // 2), np.nan),
             Key.resid_rot(key_added): np.full((adata.n_vars, n), np.nan),
             Key.working_weights(key_added): np.full((adata.n_vars, n), np.nan),
-            Key.working_xw(key_added): np.full((adata.n_vars, n, p), np.nan),
+            Key.working_xw(key_added): np.full((adata.n_vars, n * p), np.nan),
         }
         parts = []
         show = settings.verbosity >= 2 and len(fitted_idx) > 200
@@ -287,10 +389,10 @@ def _fit_counts(
                 proj = _glmm.count_projection(sums, fits.sigma2_g, blocks)
                 del sums
                 arrays[Key.beta(key_added)][batch] = fits.beta
-                arrays[Key.xhx_inv(key_added)][batch] = proj.Ainv
+                arrays[Key.xhx_inv(key_added)][batch] = pack_symmetric(proj.Ainv)
                 arrays[Key.resid_rot(key_added)][batch] = proj.resid
                 arrays[Key.working_weights(key_added)][batch] = proj.Dw
-                arrays[Key.working_xw(key_added)][batch] = proj.B
+                arrays[Key.working_xw(key_added)][batch] = proj.B.reshape(len(batch), -1)
                 del proj
                 parts.append(fits)
                 bar.update(len(batch))
@@ -305,22 +407,28 @@ def _fit_counts(
     fitted[fitted_idx] = True
     table = count_results_frame(adata.var_names, fitted, fits)
     params = {
+        "version": __version__,
+        "key_added": key_added,
         "donor_key": donor_key,
-        "grm": grm_param(grm),
+        "grm": grm_param(grm, grm_df),
+        "grm_checksum": describe_frame(grm_df),
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
         "tau": None,
         "family": family,
         "offset": offset,
+        "genes": _genes_param(genes, adata.var_names, mask),
+        "n_threads": n_threads,
         "n_genes_requested": int(mask.sum()),
         "n_genes_fitted": int(fits.converged.sum()),
         "input": describe_matrix(Y),
     }
     shared = shared_part(donors, design, spectral, params)
     shared[Key.GRM_BLOCKS] = blocks_part(blocks)
-    target = adata.copy() if copy else adata
-    store(target, key_added, table, arrays, shared)
+    shared[FIT_ID] = new_fit_id()
+    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
+    store(adata, key_added, table, arrays, shared)
     logg.info(
         "    finished",
         time=start,
@@ -333,4 +441,3 @@ def _fit_counts(
             f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
         ),
     )
-    return target if copy else None

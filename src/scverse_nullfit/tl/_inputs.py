@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._provenance import describe_frame
 from ..io._grm import grm_prefix_exists, read_grm
 
 if TYPE_CHECKING:
@@ -40,8 +41,9 @@ def resolve_grm(adata: AnnData, grm) -> tuple[pd.DataFrame, str]:
     raise ValueError(f"grm must be a key of adata.uns, a DataFrame or a path, not {type(grm).__name__}.")
 
 
-def grm_param(grm) -> str:
-    """How the ``grm`` argument is recorded in ``params``."""
+def grm_param(grm, grm_df: pd.DataFrame) -> str:
+    """How the ``grm`` argument is recorded in ``params``: a key of ``uns`` or a path as given; a DataFrame by its
+    shape, first donor IDs and a checksum of its IDs and values (see also ``params["grm_checksum"]``)."""
     if isinstance(grm, pd.DataFrame):
-        return "DataFrame"
+        return describe_frame(grm_df)
     return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
