@@ -237,7 +237,50 @@ def fit_null(
     fitted[fitted_idx[ok_idx]] = True
     table = results_frame(adata.var_names, fitted, fits)
     arrays = per_gene_arrays(adata.n_vars, fitted, fits, beta, key_added)
-    params = {
+    params = _params(
+        key_added, donor_key, grm, grm_df, covariates, donor_covariates, layer, genes, adata.var_names, mask,
+        n_threads, Y, tau=tau, family="gaussian", offset=None, n_genes_fitted=int(fitted.sum()),
+    )  # fmt: skip
+    shared = shared_part(donors, design, spectral, params)
+    projection = f"{Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, fixed effects "
+    _finish(adata, key_added, table, arrays, shared, labels, donor_key, start, "per-gene variance components",
+            projection + "and compact projection")  # fmt: skip
+    return adata if copy else None
+
+
+def _finish(adata, key_added, table, arrays, shared, labels, donor_key, start, per_gene: str, projection: str):
+    """Record the fit's identity and cells, write everything at once, and log what was added."""
+    shared[FIT_ID] = new_fit_id()
+    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
+    store(adata, key_added, table, arrays, shared)
+    logg.info(
+        "    finished",
+        time=start,
+        deep=(
+            f"added\n    {key_added!r}, {per_gene} (adata.varm)\n    {projection} (adata.varm)\n"
+            f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
+        ),
+    )
+
+
+def _params(
+    key_added,
+    donor_key,
+    grm,
+    grm_df,
+    covariates,
+    donor_covariates,
+    layer,
+    genes,
+    var_names,
+    mask,
+    n_threads,
+    Y,
+    **model,
+) -> dict:
+    """Everything needed to reproduce a fit, for ``uns[key_added]["params"]`` (``model``: tau, family, offset and
+    the number of genes fitted)."""
+    return {
         "version": __version__,
         "key_added": key_added,
         "donor_key": donor_key,
@@ -246,32 +289,12 @@ def fit_null(
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
-        "tau": tau,
-        "genes": _genes_param(genes, adata.var_names, mask),
+        "genes": _genes_param(genes, var_names, mask),
         "n_threads": n_threads,
-        "family": "gaussian",
-        "offset": None,
         "n_genes_requested": int(mask.sum()),
-        "n_genes_fitted": int(fitted.sum()),
         "input": describe_matrix(Y),
+        **model,
     }
-    shared = shared_part(donors, design, spectral, params)
-    shared[FIT_ID] = new_fit_id()
-    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
-
-    store(adata, key_added, table, arrays, shared)
-    logg.info(
-        "    finished",
-        time=start,
-        deep=(
-            f"added\n"
-            f"    {key_added!r}, per-gene variance components (adata.varm)\n"
-            f"    {Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, "
-            "fixed effects and compact projection (adata.varm)\n"
-            f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
-        ),
-    )
-    return adata if copy else None
 
 
 def _genes_param(genes, var_names: pd.Index, mask: np.ndarray):
@@ -406,38 +429,16 @@ def _fit_counts(
     fitted = np.zeros(adata.n_vars, dtype=bool)
     fitted[fitted_idx] = True
     table = count_results_frame(adata.var_names, fitted, fits)
-    params = {
-        "version": __version__,
-        "key_added": key_added,
-        "donor_key": donor_key,
-        "grm": grm_param(grm, grm_df),
-        "grm_checksum": describe_frame(grm_df),
-        "covariates": as_list(covariates),
-        "donor_covariates": as_list(donor_covariates),
-        "layer": layer,
-        "tau": None,
-        "family": family,
-        "offset": offset,
-        "genes": _genes_param(genes, adata.var_names, mask),
-        "n_threads": n_threads,
-        "n_genes_requested": int(mask.sum()),
-        "n_genes_fitted": int(fits.converged.sum()),
-        "input": describe_matrix(Y),
-    }
+    params = _params(
+        key_added, donor_key, grm, grm_df, covariates, donor_covariates, layer, genes, adata.var_names, mask,
+        n_threads, Y, tau=None, family=family, offset=offset, n_genes_fitted=int(fits.converged.sum()),
+    )  # fmt: skip
     shared = shared_part(donors, design, spectral, params)
     shared[Key.GRM_BLOCKS] = blocks_part(blocks)
-    shared[FIT_ID] = new_fit_id()
-    shared[CELLS] = cell_fingerprint(adata.obs_names, labels, donor_key)
-    store(adata, key_added, table, arrays, shared)
-    logg.info(
-        "    finished",
-        time=start,
-        deep=(
-            f"added\n"
-            f"    {key_added!r}, per-gene variance components and dispersions (adata.varm)\n"
-            f"    {Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, "
-            f"{Key.working_weights(key_added)!r}, {Key.working_xw(key_added)!r}, "
-            "fixed effects and compact working-model projection (adata.varm)\n"
-            f"    {key_added!r}, shared donor-level part and parameters (adata.uns)"
-        ),
+    projection = (
+        f"{Key.beta(key_added)!r}, {Key.xhx_inv(key_added)!r}, {Key.resid_rot(key_added)!r}, "
+        f"{Key.working_weights(key_added)!r}, {Key.working_xw(key_added)!r}, fixed effects and compact "
+        "working-model projection"
     )
+    _finish(adata, key_added, table, arrays, shared, labels, donor_key, start,
+            "per-gene variance components and dispersions", projection)  # fmt: skip
