@@ -568,6 +568,21 @@ def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
     return (U @ c) * sc
 
 
+
+@numba.njit(cache=True, nogil=True)
+def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
+    """Take the trial point: parameters, mode and gradient, and the analytic Hessian columns (the finite-difference
+    columns are kept while their parameter barely moves: an older column only slows Newton)."""
+    phi[:] = ph
+    v[:] = vt
+    g[:] = gt
+    k = fd.shape[0]
+    for j in range(k):
+        if not fd[j]:
+            for i in range(k):
+                if not fd[i]:
+                    Ha[j, i] = Ht[j, i]
+
 @numba.njit(cache=True, nogil=True)
 def _optimise(
     fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
@@ -664,15 +679,7 @@ def _optimise(
             return L, FAILED, it
         for j in range(p, k):
             moved[j] = ph[j] - phi[j]
-        phi[:] = ph
-        v[:] = vt
-        g[:] = gt
-        # keep the finite-difference columns while their parameter barely moves (an older column only slows Newton)
-        for j in range(k):
-            if not fd[j]:
-                for i in range(k):
-                    if not fd[i]:
-                        Ha[j, i] = Ht[j, i]
+        _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
         L = Ln
         if free[p + 1] and phi[p + 1] > next_jump and g[p + 1] > 0.0:
             next_jump = phi[p + 1] + 1.0
@@ -683,14 +690,7 @@ def _optimise(
                 fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
             )
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
-                phi[:] = ph
-                v[:] = vt
-                g[:] = gt
-                for j in range(k):
-                    if not fd[j]:
-                        for i in range(k):
-                            if not fd[i]:
-                                Ha[j, i] = Ht[j, i]
+                _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
                 L = Ln
         if not boundary and phi[p] < RHO_MIN:
             return L, BOUNDARY, it + 1
