@@ -568,7 +568,6 @@ def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
     return (U @ c) * sc
 
 
-
 @numba.njit(cache=True, nogil=True)
 def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
     """Take the trial point: parameters, mode and gradient, and the analytic Hessian columns (the finite-difference
@@ -582,6 +581,7 @@ def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
             for i in range(k):
                 if not fd[i]:
                     Ha[j, i] = Ht[j, i]
+
 
 @numba.njit(cache=True, nogil=True)
 def _optimise(

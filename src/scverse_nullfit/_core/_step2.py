@@ -23,8 +23,37 @@ BLOCK_ELEMENTS = 1 << 23
 VAR_RTOL = 1e-9
 
 
+def _zero_columns(Gt: np.ndarray, poly: np.ndarray | None) -> np.ndarray:
+    """``Gt`` with the columns where ``poly`` is False set to exact zeros (their statistics come out NaN)."""
+    if poly is not None and not poly.all():
+        Gt[:, ~poly] = 0.0
+    return Gt
+
+
+class _NullModel:
+    """What the compact null models of every family share (genes, donors, centring, raw dosages)."""
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_index)
+
+    @property
+    def n_donors(self) -> int:
+        return len(self.donors)
+
+    def _centred(self, G: np.ndarray) -> np.ndarray:
+        """``G`` centred by its cell-weighted mean when the design has an intercept (exact: ``Z(g - m)`` differs
+        from ``Zg`` by a multiple of the intercept column, which the projection annihilates)."""
+        return G - (self.counts @ G) / self.counts.sum() if self.centre else G
+
+    def rotate_dosages(self, G: np.ndarray) -> np.ndarray:
+        """``rotate`` of raw dosages (donors x variants, model order, NaN where missing), after :func:`impute`."""
+        G, poly = impute(G)
+        return self.rotate(G, poly)
+
+
 @dataclass
-class CompactNull:
+class CompactNull(_NullModel):
     """The compact projection of the fitted genes, ready for score tests.
 
     Arrays over genes cover only the usable (fitted) genes among those requested; ``var_index`` maps them back
@@ -42,14 +71,6 @@ class CompactNull:
     WR: np.ndarray  #: (genes, donors) w * r~
     s2e: np.ndarray  #: (genes,) sigma2_e
     C: np.ndarray  #: (genes, p, p) (X'H^-1 X)^-1
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.var_index)
-
-    @property
-    def n_donors(self) -> int:
-        return len(self.donors)
 
     @classmethod
     def from_arrays(
@@ -90,17 +111,7 @@ class CompactNull:
         Columns where ``poly`` is False (monomorphic variants) are returned as exact zeros, so that their
         results come out NaN.
         """
-        if self.centre:
-            G = G - (self.counts @ G) / self.counts.sum()
-        Gt = self.U.T @ (np.sqrt(self.counts)[:, None] * G)
-        if poly is not None and not poly.all():
-            Gt[:, ~poly] = 0.0
-        return Gt
-
-    def rotate_dosages(self, G: np.ndarray) -> np.ndarray:
-        """:meth:`rotate` of raw dosages (donors x variants, model order, NaN where missing), after :func:`impute`."""
-        G, poly = impute(G)
-        return self.rotate(G, poly)
+        return _zero_columns(self.U.T @ (np.sqrt(self.counts)[:, None] * self._centred(G)), poly)
 
     def gene_chunk(self) -> int:
         """Genes per chunk so that the weighted covariates ``w * X~`` of a chunk stay near ``BLOCK_ELEMENTS``."""
@@ -177,7 +188,7 @@ def _sqrt_factor(C: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class CountNull:
+class CountNull(_NullModel):
     """The compact working-model projection of count fits (Poisson / negative binomial), ready for score tests.
 
     The same interface as :class:`CompactNull`. For a donor-level genotype ``g`` the score is ``g' resid`` and
@@ -202,27 +213,10 @@ class CountNull:
         self._quad = self.Dw.copy()  # the diagonal part of T D_w; multi-donor blocks are corrected in stats()
         self._quad[:, d1] = self.Dw[:, d1] / (1.0 + s2 * g1 * self.Dw[:, d1])
 
-    @property
-    def n_genes(self) -> int:
-        return len(self.var_index)
-
-    @property
-    def n_donors(self) -> int:
-        return len(self.donors)
-
     def rotate(self, G: np.ndarray, poly: np.ndarray | None = None) -> np.ndarray:
         """The genotypes themselves (no rotation), centred by their cell-weighted mean when the design has an
         intercept (exact: ``P`` annihilates the intercept); monomorphic columns become exact zeros."""
-        if self.centre:
-            G = G - (self.counts @ G) / self.counts.sum()
-        G = np.array(G, dtype=np.float64)
-        if poly is not None and not poly.all():
-            G[:, ~poly] = 0.0
-        return G
-
-    def rotate_dosages(self, G: np.ndarray) -> np.ndarray:
-        G, poly = impute(G)
-        return self.rotate(G, poly)
+        return _zero_columns(np.array(self._centred(G), dtype=np.float64), poly)
 
     def gene_chunk(self) -> int:
         n, p = self.B.shape[1:]
