@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def _varm_key(suffix: str, what: str) -> staticmethod:
+    """A ``Key`` method naming the ``varm`` entry ``f"{key}_{suffix}"``."""
+
+    def name(key: str) -> str:
+        return f"{key}_{suffix}"
+
+    name.__name__ = name.__qualname__ = suffix
+    name.__doc__ = f"``varm`` key of {what}."
+    return staticmethod(name)
+
+
 class Key:
     """Storage keys of :func:`~scverse_nullfit.tl.fit_null` and :func:`~scverse_nullfit.tl.cis_map`.
 
@@ -31,30 +42,11 @@ class Key:
     #: Entry of ``uns[key]`` holding a call's parameters.
     PARAMS = "params"
 
-    @staticmethod
-    def beta(key: str) -> str:
-        """``varm`` key of the fixed effects (genes x covariates)."""
-        return f"{key}_beta"
-
-    @staticmethod
-    def xhx_inv(key: str) -> str:
-        """``varm`` key of ``(X'H^-1 X)^-1``: per gene its upper triangle, row by row (genes x p (p + 1) / 2)."""
-        return f"{key}_xhx_inv"
-
-    @staticmethod
-    def resid_rot(key: str) -> str:
-        """``varm`` key of the rotated residual donor sums (genes x donors)."""
-        return f"{key}_resid_rot"
-
-    @staticmethod
-    def working_weights(key: str) -> str:
-        """``varm`` key of a count fit's donor sums of the working weights ``D_w`` (genes x donors)."""
-        return f"{key}_working_weights"
-
-    @staticmethod
-    def working_xw(key: str) -> str:
-        """``varm`` key of a count fit's ``T Z'WX`` (genes x donors x covariates)."""
-        return f"{key}_working_xw"
+    beta = _varm_key("beta", "fixed effects (genes x covariates)")
+    xhx_inv = _varm_key("xhx_inv", "``(X'H^-1 X)^-1``: per gene its upper triangle, row by row (genes x p (p + 1) / 2)")
+    resid_rot = _varm_key("resid_rot", "the rotated residual donor sums (genes x donors)")
+    working_weights = _varm_key("working_weights", "a count fit's donor sums of the working weights (genes x donors)")
+    working_xw = _varm_key("working_xw", "a count fit's ``T Z'WX``, row-major per gene (genes x donors p)")
 
     #: Entry of ``uns[key]`` holding a count fit's donor covariance blocks (``ptr``, ``donors``, ``L``, ``loff``).
     GRM_BLOCKS = "grm_blocks"

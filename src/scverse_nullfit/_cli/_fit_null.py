@@ -100,17 +100,18 @@ def summary(
     dropped = list(np.asarray(uns.get("dropped_covariates", [])))
     if dropped:
         lines.append(f"  dropped columns   {', '.join(dropped)} (constant or collinear)")
-    if output is None:
-        lines.append("  results           not written (pass -o OUTPUT.h5ad to save them)")
-    else:
-        lines.append(
-            f"  results           {output}: varm['{key}'] (per-gene table), varm['{Key.beta(key)}'], "
-            f"varm['{Key.xhx_inv(key)}'], varm['{Key.resid_rot(key)}'], uns['{key}']"
-        )
+    lines.append(_results_line(output, key))
     if show_truth and "true_h2" in adata.var.columns and n_fit > 1:
         eqtl = adata.var.loc[fitted, "eqtl_beta"].to_numpy(dtype=np.float64) if "eqtl_beta" in adata.var else None
         lines += truth_report(res[fitted], adata.var.loc[fitted, "true_h2"].to_numpy(dtype=np.float64), eqtl)
     return lines
+
+
+def _results_line(output: Path | None, key: str) -> str:
+    """The summary's line saying where the results are."""
+    if output is None:
+        return "  results           not written (pass -o OUTPUT.h5ad to save them)"
+    return f"  results           {output}: varm['{key}'] (per-gene table), its compact projection, uns['{key}']"
 
 
 def _count_summary(adata, res, uns, key, family, *, wall, output, input_desc) -> list[str]:
@@ -129,12 +130,7 @@ def _count_summary(adata, res, uns, key, family, *, wall, output, input_desc) ->
     if family == "negative_binomial" and n_fit:
         lines.append(f"  median theta      {np.median(res['theta'].to_numpy()[fitted]):.3f}")
     lines.append(f"  wall time         {wall:.2f} s")
-    if output is None:
-        lines.append("  results           not written (pass -o OUTPUT.h5ad to save them)")
-    else:
-        lines.append(
-            f"  results           {output}: varm['{key}'] (per-gene table), its compact projection, uns['{key}']"
-        )
+    lines.append(_results_line(output, key))
     if "true_count_sigma2_g" in adata.var.columns and n_fit > 2:
         truth = adata.var.loc[fitted, "true_count_sigma2_g"].to_numpy(dtype=np.float64)
         r = np.corrcoef(s2, truth)[0, 1]
@@ -217,21 +213,10 @@ def run_fit(args: argparse.Namespace) -> int:
 
     try:
         return _fit_and_write(
-            adata,
-            args,
-            grm=grm,
-            donor_key=donor_key,
-            covariates=covariates,
-            donor_covariates=donor_covariates,
-            genes=genes,
-            family=family,
-            offset=offset,
-            layer=layer,
-            out=out,
-            input_path=input_path,
-            input_desc=input_desc,
-            t0=t0,
-        )
+            adata, args, grm=grm, donor_key=donor_key, covariates=covariates, donor_covariates=donor_covariates,
+            genes=genes, family=family, offset=offset, layer=layer, out=out, input_path=input_path,
+            input_desc=input_desc, t0=t0,
+        )  # fmt: skip
     finally:
         if adata.isbacked:
             adata.file.close()

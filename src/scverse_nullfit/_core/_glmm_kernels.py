@@ -155,19 +155,25 @@ def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cov
 
 
 @numba.njit(cache=True, nogil=True)
-def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - compiled
-    """u = sigma L v block by block (v and u in donor order), and eu = exp(u)."""
+def _block_apply(sigma, bptr, bdon, Lflat, loff, x, out, transpose):  # pragma: no cover - compiled
+    """out = sigma L x (or sigma L'x with ``transpose``) block by block, x and out in donor order."""
     for b in range(bptr.shape[0] - 1):
-        s, e = bptr[b], bptr[b + 1]
-        k = e - s
+        st, e = bptr[b], bptr[b + 1]
+        k = e - st
         o = loff[b]
         for i in range(k):
             acc = 0.0
             for j in range(k):
-                acc += Lflat[o + i * k + j] * v[bdon[s + j]]
-            d = bdon[s + i]
-            u[d] = sigma * acc
-            eu[d] = math.exp(u[d])
+                acc += (Lflat[o + j * k + i] if transpose else Lflat[o + i * k + j]) * x[bdon[st + j]]
+            out[bdon[st + i]] = sigma * acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - compiled
+    """u = sigma L v block by block (v and u in donor order), and eu = exp(u)."""
+    _block_apply(sigma, bptr, bdon, Lflat, loff, v, u, False)
+    for d in range(u.shape[0]):
+        eu[d] = math.exp(u[d])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -228,17 +234,11 @@ def _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw):  # prag
 @numba.njit(cache=True, nogil=True)
 def _directional(sigma, bptr, bdon, Lflat, loff, v, sh, dv):  # pragma: no cover - compiled
     """(sigma L'sh - v)'dv: the derivative of f(v) along dv."""
+    t = np.empty(v.shape[0])
+    _block_apply(sigma, bptr, bdon, Lflat, loff, sh, t, True)
     s = 0.0
-    for b in range(bptr.shape[0] - 1):
-        st, e = bptr[b], bptr[b + 1]
-        k = e - st
-        o = loff[b]
-        for i in range(k):
-            acc = 0.0
-            for j in range(k):
-                acc += Lflat[o + j * k + i] * sh[bdon[st + j]]
-            d = bdon[st + i]
-            s += (sigma * acc - v[d]) * dv[d]
+    for d in range(v.shape[0]):
+        s += (t[d] - v[d]) * dv[d]
     return s
 
 
