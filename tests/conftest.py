@@ -150,6 +150,33 @@ class DenseReml:
         return zero if zero["loglik"] >= best["loglik"] else best
 
 
+def dense_score(adata, genotypes: pd.DataFrame, cond: pd.DataFrame | None = None) -> dict:
+    """Per gene, score and variance of each variant from the dense cells x cells P at the gene's fitted tau and
+    sigma2_e; with ``cond`` (donors x variants), the design also holds the conditioning variants in cells (Z C)."""
+    from scverse_nullfit._core._design import align_grm, build_design, donor_labels
+
+    labels = donor_labels(adata.obs, "donor_id")
+    G, donors = align_grm(adata.uns["grm"], labels, "test")
+    X = build_design(adata.obs, COVARIATES, DONOR_COVARIATES, donors).X
+    N = len(labels)
+    Z = np.zeros((N, len(donors.ids)))
+    Z[np.arange(N), donors.codes] = 1.0
+    if cond is not None:
+        X = np.hstack([X, Z @ cond.loc[donors.ids].to_numpy(np.float64)])
+    ZGZ = Z @ G @ Z.T
+    Zg = Z @ genotypes.loc[donors.ids].to_numpy(np.float64)
+    Y = np.asarray(adata.X, dtype=np.float64)
+    table = adata.varm["nullfit"]
+    out = {}
+    for j, gene in enumerate(adata.var_names):
+        tau, s2e = table["tau"].iloc[j], table["sigma2_e"].iloc[j]
+        Vinv = np.linalg.inv(s2e * (np.eye(N) + tau * ZGZ))
+        VX = Vinv @ X
+        P = Vinv - VX @ np.linalg.solve(X.T @ VX, VX.T)
+        out[gene] = (Zg.T @ (P @ Y[:, j]), np.einsum("iv,iv->v", Zg, P @ Zg))
+    return out
+
+
 @pytest.fixture(scope="session")
 def dense_reml():
     """The :class:`DenseReml` oracle class."""

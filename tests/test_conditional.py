@@ -7,9 +7,8 @@ import pytest
 from scipy import stats
 
 import scverse_nullfit as snf
-from scverse_nullfit._core._design import align_grm, build_design, donor_labels
 
-from .conftest import COVARIATES, DONOR_COVARIATES
+from .conftest import COVARIATES, DONOR_COVARIATES, dense_score
 
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
 VARIANT_COLUMNS = ["ref", "alt", "af", "ma_samples", "ma_count", "n_donors", "n_cells"]
@@ -23,25 +22,7 @@ def geno(fitted):
 def _dense_conditional(adata, genotypes: pd.DataFrame, cond: pd.DataFrame):
     """Score and variance from the dense N x N P whose design is X plus the conditioning variants in cells (Z C),
     at each gene's fitted tau and sigma2_e."""
-    labels = donor_labels(adata.obs, "donor_id")
-    G, donors = align_grm(adata.uns["grm"], labels, "test")
-    X = build_design(adata.obs, COVARIATES, DONOR_COVARIATES, donors).X
-    N = len(labels)
-    Z = np.zeros((N, len(donors.ids)))
-    Z[np.arange(N), donors.codes] = 1.0
-    Xc = np.hstack([X, Z @ cond.loc[donors.ids].to_numpy(np.float64)])
-    ZGZ = Z @ G @ Z.T
-    Zg = Z @ genotypes.loc[donors.ids].to_numpy(np.float64)
-    Y = np.asarray(adata.X, dtype=np.float64)
-    table = adata.varm["nullfit"]
-    out = {}
-    for j, gene in enumerate(adata.var_names):
-        tau, s2e = table["tau"].iloc[j], table["sigma2_e"].iloc[j]
-        Vinv = np.linalg.inv(s2e * (np.eye(N) + tau * ZGZ))
-        VX = Vinv @ Xc
-        P = Vinv - VX @ np.linalg.solve(Xc.T @ VX, VX.T)
-        out[gene] = (Zg.T @ (P @ Y[:, j]), np.einsum("iv,iv->v", Zg, P @ Zg))
-    return out
+    return dense_score(adata, genotypes, cond)
 
 
 @pytest.mark.parametrize("k", [1, 3])

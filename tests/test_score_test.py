@@ -9,7 +9,7 @@ from scipy import sparse, stats
 import scverse_nullfit as snf
 from scverse_nullfit._core._design import align_grm, build_design, donor_labels
 
-from .conftest import COVARIATES, DONOR_COVARIATES
+from .conftest import COVARIATES, DONOR_COVARIATES, dense_score
 
 STAT_COLUMNS = ["score", "score_var", "z", "pval", "beta", "se"]
 VARIANT_COLUMNS = ["ref", "alt", "af", "ma_samples", "ma_count", "n_donors", "n_cells"]
@@ -22,26 +22,7 @@ def geno(fitted):
 
 def _dense_oracle(adata, genotypes):
     """Score, variance and z from the dense cell-level P at the fitted tau and sigma2_e."""
-    labels = donor_labels(adata.obs, "donor_id")
-    G, donors = align_grm(adata.uns["grm"], labels, "test")
-    X = build_design(adata.obs, COVARIATES, DONOR_COVARIATES, donors).X
-    N = len(labels)
-    Z = np.zeros((N, len(donors.ids)))
-    Z[np.arange(N), donors.codes] = 1.0
-    ZGZ = Z @ G @ Z.T
-    Zg = Z @ genotypes.loc[donors.ids].to_numpy(dtype=np.float64)
-    Y = np.asarray(adata.X, dtype=np.float64)
-    table = adata.varm["nullfit"]
-    out = {}
-    for j, gene in enumerate(adata.var_names):
-        tau, s2e = table["tau"].iloc[j], table["sigma2_e"].iloc[j]
-        Vinv = np.linalg.inv(s2e * (np.eye(N) + tau * ZGZ))
-        VX = Vinv @ X
-        P = Vinv - VX @ np.linalg.solve(X.T @ VX, VX.T)
-        S = Zg.T @ (P @ Y[:, j])
-        Var = np.einsum("iv,iv->v", Zg, P @ Zg)
-        out[gene] = (S, Var, S / np.sqrt(Var))
-    return out
+    return {gene: (S, Var, S / np.sqrt(Var)) for gene, (S, Var) in dense_score(adata, genotypes).items()}
 
 
 def test_matches_dense_cell_level_projection(fitted, geno):
