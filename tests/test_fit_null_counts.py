@@ -165,3 +165,15 @@ def test_gene_batches_and_subsets(small_adata, count_fits, monkeypatch):
     np.testing.assert_allclose(
         adata.varm["nullfit_resid_rot"][pick], count_fits.varm["negative_binomial_resid_rot"][pick], rtol=1e-10
     )
+
+
+def test_trans_map_takes_a_count_fit(small_adata):
+    import scverse_nullfit as snf
+
+    adata = small_adata.copy()
+    snf.tl.fit_null(adata, layer="counts", family="poisson", offset="log_counts", covariates=["age"])
+    geno = adata.uns["genotypes"].iloc[:, :6]
+    snf.tl.trans_map(adata, geno, pval_threshold=1.0)
+    got = snf.get.trans_df(adata)
+    want = snf.tl.score_test(adata, geno)
+    assert len(got) == int(want["pval"].notna().sum())

@@ -134,11 +134,6 @@ def check_cells(adata: AnnData, record, what: str, rerun: str) -> None:
         _check_group(adata, record, what, rerun)
 
 
-def source_record(key: str, fit: dict) -> dict:
-    """What a derived result records about the fit it came from."""
-    return {"key": key, FIT_ID: str(fit.get(FIT_ID, ""))}
-
-
 def check_source(adata: AnnData, record, what: str) -> None:
     """Raise a ValueError when the fit a derived result came from has been replaced by a newer one under its key.
 

@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 from scipy import sparse
 
+from .._utils import cpu_count
 from ._design import Donors
 from ._read import Chunk
 from ._reml import GeneFits, Rotation, fit_chunk
@@ -89,9 +90,7 @@ def _parallelism() -> int:
     if client is not None:
         workers = client.scheduler_info().get("workers", {})
         return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
-    import os
-
-    return max(1, os.cpu_count() or 1)
+    return cpu_count()
 
 
 def _groups(chunks: tuple[int, ...], n_cols: int, *, dense: bool) -> list[tuple[int, int]]:

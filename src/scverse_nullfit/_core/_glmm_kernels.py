@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
+
+from ._compiled import jit
 
 POISSON = 0
 NEGATIVE_BINOMIAL = 1
@@ -42,7 +43,7 @@ BOUNDARY = 1
 FAILED = 2
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _digamma(x):  # pragma: no cover - compiled
     s = 0.0
     while x < 8.0:
@@ -53,7 +54,7 @@ def _digamma(x):  # pragma: no cover - compiled
     return s + math.log(x) - 0.5 / x + t
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _trigamma(x):  # pragma: no cover - compiled
     s = 0.0
     while x < 8.0:
@@ -63,7 +64,7 @@ def _trigamma(x):  # pragma: no cover - compiled
     return s + 1.0 / x + 0.5 * f + f / x * (1.0 / 6 + f * (-1.0 / 30 + f * (1.0 / 42 + f * (-1.0 / 30))))
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _gamma_diffs(y, theta):  # pragma: no cover - compiled
     """(psi(y + theta) - psi(theta), psi'(y + theta) - psi'(theta)) for a count y >= 0."""
     if y < 30.0:
@@ -79,7 +80,7 @@ def _gamma_diffs(y, theta):  # pragma: no cover - compiled
     return _digamma(y + theta) - _digamma(theta), _trigamma(y + theta) - _trigamma(theta)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
     """lgamma(y + theta) - lgamma(theta), without the cancellation of two large lgammas when theta is large."""
     if y < 30.0:
@@ -92,7 +93,7 @@ def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
     return math.lgamma(y + theta) - math.lgamma(theta)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccols, dcols, Xd):  # pragma: no cover
     """base_c = o_c + x_c'b and B_c = exp(base_c); donor sums of y; for the Poisson family the donor sums of B,
     B x and B x x' (upper triangle). Returns sum_c y_c base_c. Cells are sorted by donor (``dptr``)."""
@@ -130,7 +131,7 @@ def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccol
     return yb
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@jit(fastmath=True)
 def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cover - compiled
     """Donor sums of h1 and w at eta = base + u[donor] (cells sorted by donor; a branch-free loop per donor)."""
     for d in range(dptr.shape[0] - 1):
@@ -154,7 +155,7 @@ def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cov
         sw[d] += y * (1.0 - q) * q
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _block_apply(sigma, bptr, bdon, Lflat, loff, x, out, transpose):  # pragma: no cover - compiled
     """out = sigma L x (or sigma L'x with ``transpose``) block by block, x and out in donor order."""
     for b in range(bptr.shape[0] - 1):
@@ -168,7 +169,7 @@ def _block_apply(sigma, bptr, bdon, Lflat, loff, x, out, transpose):  # pragma: 
             out[bdon[st + i]] = sigma * acc
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - compiled
     """u = sigma L v block by block (v and u in donor order), and eu = exp(u)."""
     _block_apply(sigma, bptr, bdon, Lflat, loff, v, u, False)
@@ -176,7 +177,7 @@ def _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu):  # pragma: no cover - c
         eu[d] = math.exp(u[d])
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _block_gather(k, s, o, bdon, Lflat, sw, sh):  # pragma: no cover - compiled
     """A block's factor L_b (k x k), A = diag(sqrt(sw_b)) L_b (so L_b' diag(sw_b) L_b = A'A) and sh_b."""
     Lb = Lflat[o : o + k * k].reshape(k, k)
@@ -191,7 +192,7 @@ def _block_gather(k, s, o, bdon, Lflat, sw, sh):  # pragma: no cover - compiled
     return Lb, A, shb
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma: no cover - compiled
     """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv."""
     dec = 0.0
@@ -219,7 +220,7 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
     return dec
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw):  # pragma: no cover - compiled
     """The donor sums of h1 and w at the donor effects exp(u) = eu."""
     if fam == POISSON:
@@ -231,7 +232,7 @@ def _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw):  # prag
         _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _directional(sigma, bptr, bdon, Lflat, loff, v, sh, dv):  # pragma: no cover - compiled
     """(sigma L'sh - v)'dv: the derivative of f(v) along dv."""
     t = np.empty(v.shape[0])
@@ -242,7 +243,7 @@ def _directional(sigma, bptr, bdon, Lflat, loff, v, sh, dv):  # pragma: no cover
     return s
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work):  # pragma: no cover
     """Maximise the concave f(v) = sum_c h_c - v'v/2 over v in place; returns converged.
 
@@ -280,7 +281,7 @@ def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff,
     return False
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
     """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
     and the Hessian of the penalised log-likelihood at the mode in (b, kappa) (``hess``; its rho row and column
@@ -547,7 +548,7 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
     return lap, True
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
     """Newton direction -Hm^-1 gi, made an ascent direction: on the unit-diagonal scaling of -Hm (so that
     covariates on large scales do not set the tolerance), eigenvalues below 1e-10 of the largest are floored."""
@@ -568,7 +569,7 @@ def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
     return (U @ c) * sc
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
     """Take the trial point: parameters, mode and gradient, and the analytic Hessian columns (the finite-difference
     columns are kept while their parameter barely moves: an older column only slows Newton)."""
@@ -583,7 +584,7 @@ def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
                     Ha[j, i] = Ht[j, i]
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _optimise(
     fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
 ):  # pragma: no cover
@@ -697,7 +698,7 @@ def _optimise(
     return L, FAILED, MAX_ITER
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _state(X, dptr):  # pragma: no cover - compiled
     """Per-gene scratch of :func:`evaluate`: (base and exp(base) per cell, donor sums of y, of exp(base), of
     exp(base) x, of exp(base) x x', the inner-problem work rows, the cache key [valid, sum y base, b]), then the
@@ -729,7 +730,7 @@ def _state(X, dptr):  # pragma: no cover - compiled
     )
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
     """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
     p = X.shape[1]
@@ -758,7 +759,7 @@ def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, p
     return 0.5 * U, 0.5 * info
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def fit_genes_range(
     fam,
     lo,
@@ -883,7 +884,7 @@ def fit_genes_range(
         _u_from_v(math.sqrt(s2_out[gidx]), bptr, bdon, Lflat, loff, v, u_out[gidx], eu)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def working_sums_range(
     fam, lo, hi, indptr, indices, data, codes, off, X, beta, u, theta, Dw, ZWX, XWX, ZWr, XWr
 ):  # pragma: no cover - compiled

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import pandas as pd
 from scipy import linalg, special
 
+from ._compiled import jit
 from ._glmm import DonorBlocks, _split_blocks
 
 #: Target number of float64 elements of one genes x covariates x variants block (bounds the memory of a chunk).
@@ -45,6 +45,14 @@ class _NullModel:
         """``G`` centred by its cell-weighted mean when the design has an intercept (exact: ``Z(g - m)`` differs
         from ``Zg`` by a multiple of the intercept column, which the projection annihilates)."""
         return G - (self.counts @ G) / self.counts.sum() if self.centre else G
+
+    def variant_chunk(self, n_genes: int | None = None) -> int:
+        """Variants per chunk so that the genes x variants outputs and a gene chunk's covariates x variants
+        block stay near ``BLOCK_ELEMENTS`` each."""
+        g = max(1, self.n_genes if n_genes is None else n_genes)
+        n, p = self.shape
+        per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
+        return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
 
     def rotate_dosages(self, G: np.ndarray) -> np.ndarray:
         """``rotate`` of raw dosages (donors x variants, model order, NaN where missing), after :func:`impute`."""
@@ -171,13 +179,10 @@ class CompactNull(_NullModel):
             Var[out] = np.where(ok, var_h, np.nan) / s2e
         return S, Var
 
-    def variant_chunk(self, n_genes: int | None = None) -> int:
-        """Variants per chunk so that the genes x variants outputs and a gene chunk's covariates x variants
-        block stay near ``BLOCK_ELEMENTS`` each."""
-        g = max(1, self.n_genes if n_genes is None else n_genes)
-        n, p = self.Xrot.shape
-        per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
-        return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(donors, design columns)."""
+        return self.Xrot.shape
 
 
 def _sqrt_factor(C: np.ndarray) -> np.ndarray:
@@ -222,11 +227,10 @@ class CountNull(_NullModel):
         n, p = self.B.shape[1:]
         return int(max(1, BLOCK_ELEMENTS // max(1, n * (p + 1))))
 
-    def variant_chunk(self, n_genes: int | None = None) -> int:
-        g = max(1, self.n_genes if n_genes is None else n_genes)
-        n, p = self.B.shape[1:]
-        per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
-        return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(donors, design columns)."""
+        return self.B.shape[1:]
 
     def stats(
         self, Gt: np.ndarray, rows: np.ndarray | slice = slice(None), Gt2: np.ndarray | None = None
@@ -332,7 +336,7 @@ def allele_stats(G: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-@numba.njit(cache=True, nogil=True)
+@jit()
 def _allele_sums(G, counts):
     """Per column of ``G``: observed donors, dosage sum, their cells, donors above 0.5 and below 1.5."""
     n_donors, n_var = G.shape

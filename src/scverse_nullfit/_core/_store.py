@@ -104,24 +104,6 @@ def store(adata: AnnData, key: str, table: pd.DataFrame, arrays: dict[str, np.nd
 
 
 #: Columns of ``varm[key]`` for the count families: the Gaussian columns (``tau``, ``sigma2_e``, ``h2``, ``tau_se``
-#: NaN, as they have no meaning there) and the count ones.
-COUNT_COLUMNS = (
-    "tau",
-    "sigma2_g",
-    "sigma2_e",
-    "h2",
-    "loglik",
-    "converged",
-    "n_iter",
-    "h2_pval",
-    "tau_se",
-    "loglik_null",
-    "theta",
-    "sigma2_g_se",
-    "boundary",
-)
-
-
 def count_results_frame(var_names: pd.Index, fitted: np.ndarray, fits) -> pd.DataFrame:
     """The per-gene table of a count fit (``fits``: :class:`._glmm.CountFits` of the genes ``fitted``)."""
     G = len(var_names)

@@ -280,12 +280,13 @@ def _params(
 ) -> dict:
     """Everything needed to reproduce a fit, for ``uns[key_added]["params"]`` (``model``: tau, family, offset and
     the number of genes fitted)."""
+    checksum = describe_frame(grm_df)  # hashes every GRM value: once
     return {
         "version": __version__,
         "key_added": key_added,
         "donor_key": donor_key,
-        "grm": grm_param(grm, grm_df),
-        "grm_checksum": describe_frame(grm_df),
+        "grm": checksum if isinstance(grm, pd.DataFrame) else grm_param(grm, grm_df),
+        "grm_checksum": checksum,
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
         "layer": layer,
@@ -327,7 +328,7 @@ def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer,
         shared[Key.PARAMS] = {**shared[Key.PARAMS], "groupby": groupby, "group": group, "group_of": key_added}
         # the fit sits on the whole AnnData: its record describes all cells and which of them the group is
         shared[CELLS] = group_fingerprint(adata, kwargs["donor_key"], groupby, group)
-        stored = (*Key.null_varm(key), Key.working_weights(key), Key.working_xw(key))
+        stored = Key.null_varm(key)
         fits[key] = ({name: sub.varm[name] for name in stored if name in sub.varm}, shared)
     target = adata.copy() if copy else adata
     for key, (varm, shared) in fits.items():

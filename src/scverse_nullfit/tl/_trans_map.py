@@ -110,7 +110,7 @@ def trans_map(
 
     n_var, n_genes = geno.n_variants, model.n_genes
     step = int(chunk_size) if chunk_size is not None else TRANS_CHUNK
-    p = model.Xrot.shape[1]
+    p = model.shape[1]
     gstep = int(max(1, min(model.gene_chunk(), BLOCK_ELEMENTS // ((p + 4) * min(step, max(1, n_var))))))
     start = logg.info(
         f"trans mapping of {n_var} variants against {n_genes} genes (pval_threshold={pval_threshold:g}, key={key!r})"
