@@ -94,17 +94,26 @@ def atomic_output(out: Path) -> Iterator[Path]:
     block fails, and also when SIGTERM (a scheduler's time limit) or SIGINT arrive during the block, which then
     raises :class:`Terminated`. Only a SIGKILL, which no process can catch, can leave the hidden temporary file."""
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    with stop_on_signals():
+        try:
+            yield tmp
+        finally:
+            with suppress(OSError):
+                os.unlink(tmp)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Raise :class:`Terminated` on SIGTERM / SIGINT during the block (in the main thread), then restore the
+    previous handlers."""
 
     def stop(signum, frame):
         raise Terminated(signum)
 
-    handled = (signal.SIGTERM, signal.SIGINT)
     in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, stop) for sig in handled} if in_main else {}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     try:
-        yield tmp
+        yield
     finally:
-        with suppress(OSError):
-            os.unlink(tmp)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

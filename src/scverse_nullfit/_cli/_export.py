@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from pathlib import Path
 
-from ._common import CLIError, Terminated
+from ._common import CLIError, stop_on_signals
 from ._fit_null import _read_h5ad
 
 
@@ -31,16 +29,8 @@ def run_export(args: argparse.Namespace) -> int:
     if not tables:
         raise CLIError("nothing to export: --no-cis without --trans-key.")
 
-    def stop(signum, frame):
-        raise Terminated(signum)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
-    try:  # write_tensorqtl removes its temporary files when interrupted
+    with stop_on_signals():  # write_tensorqtl removes its temporary files when interrupted
         paths = write_tensorqtl(prefix, overwrite=args.overwrite, **tables)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if not args.quiet:
         for path in paths:
             print(path)

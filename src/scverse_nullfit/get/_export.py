@@ -52,8 +52,6 @@ TENSORQTL_TRANS = {
 }
 #: Columns of our per-gene summary carried into the tensorQTL gene table when present (gene-level p-values, FDR).
 GENE_EXTRA = ("pval_acat", "top_pval_bonf", "qval", "qval_bonf", "is_egene")
-#: Entry of a ``tl.trans_map`` result holding the kept pairs.
-TRANS_PAIRS = "associations"
 
 
 def _strings(values) -> np.ndarray:
@@ -177,7 +175,7 @@ def _trans(data, key: str) -> pd.DataFrame:
         stored = data.uns.get(key)
         if isinstance(stored, Mapping):
             frames = [v for v in stored.values() if isinstance(v, pd.DataFrame) and {"gene", "variant"} <= set(v)]
-            stored = stored.get(TRANS_PAIRS, frames[0] if len(frames) == 1 else None)
+            stored = stored.get(Key.TRANS_PAIRS, frames[0] if len(frames) == 1 else None)
         if not isinstance(stored, pd.DataFrame):
             raise KeyError(
                 f"no trans results under adata.uns[{key!r}]: keep a results table there (e.g. "

@@ -11,7 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import preview
-from ._geno_common import chrom_key, select_variants
+from ._geno_common import select_variants
 from ._genotypes import GENOTYPE_SUFFIXES, open_genotypes, reader_class
 from ._vcf import VcfGenotypes, merge_regions, parse_regions
 
@@ -64,7 +64,7 @@ def read_genotypes(
     try:
         n, m = reader.shape
         if regions is not None and cls is not VcfGenotypes:
-            parts = [variant_indices(reader, c, s, e) for c, s, e in merge_regions(parse_regions(regions))]
+            parts = [reader.variant_indices(c, s, e) for c, s, e in merge_regions(parse_regions(regions))]
             region_cols = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.intp)
         else:
             region_cols = np.arange(m)
@@ -81,13 +81,3 @@ def read_genotypes(
     finally:
         if hasattr(reader, "close"):
             reader.close()
-
-
-def variant_indices(reader, chrom, start: float = -np.inf, end: float = np.inf) -> np.ndarray:
-    """Columns of ``reader`` on ``chrom`` with ``start <= pos <= end``, through its ``variant_indices`` if it has
-    one (checking the file is sorted), else from its ``var``."""
-    if hasattr(reader, "variant_indices"):
-        return reader.variant_indices(chrom, start, end)
-    keys = np.array([chrom_key(c) for c in reader.var["chrom"].to_numpy()], dtype=object)
-    pos = reader.var["pos"].to_numpy()
-    return np.flatnonzero((keys == chrom_key(chrom)) & (pos >= start) & (pos <= end))

@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import preview
-from ._geno_common import GenotypeFile, select_variants
+from ._geno_common import GenotypeFile, make_unique, select_variants
 
 PLINK_MISSING = "reading PLINK .bed files needs the optional package bed-reader: pip install 'scverse-nullfit[plink]'"
 
@@ -83,7 +83,7 @@ class PlinkGenotypes(GenotypeFile):
         var_index = pd.Index(sid, name="variant")
         if var_index.has_duplicates:
             # keep every variant addressable: make duplicated IDs unique the way anndata does
-            var_index = pd.Index(_make_unique(sid), name="variant")
+            var_index = pd.Index(make_unique(sid), name="variant")
         # ref/alt as in the other readers: alt is the counted allele
         alt, ref = (a1, a2) if count_A1 else (a2, a1)
         self.var = pd.DataFrame(
@@ -101,12 +101,6 @@ class PlinkGenotypes(GenotypeFile):
         if len(rows) == 0 or len(cols) == 0:
             return np.zeros((len(rows), len(cols)))
         return self._bed.read(index=np.s_[rows, cols], dtype="float64", order="C")
-
-
-def _make_unique(names: np.ndarray) -> np.ndarray:
-    out = pd.Series(names)
-    counts = out.groupby(out).cumcount()
-    return np.where(counts > 0, out + "-" + counts.astype(str), out).astype(str)
 
 
 def read_plink_genotypes(

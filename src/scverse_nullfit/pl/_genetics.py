@@ -42,7 +42,7 @@ def _chrom_order(names) -> list[str]:
 
 
 def _manhattan_points(data, key: str, level: str, column: str | None, variants, chrom_key, pos_key):
-    """``(chrom, pos, p, label)`` arrays of the points of a Manhattan plot."""
+    """``(chrom, pos, p)`` arrays of the points of a Manhattan plot."""
     from anndata import AnnData
 
     from ..get import cis_df, cis_genes_df
@@ -60,7 +60,6 @@ def _manhattan_points(data, key: str, level: str, column: str | None, variants, 
                 var[ck].astype(str).to_numpy(),
                 var[pk].to_numpy(dtype=np.float64),
                 summary[column or "pval_acat"].to_numpy(dtype=np.float64),
-                summary.index.to_numpy(dtype=str),
             )
         if level != "variant":
             raise ValueError(f"level must be 'gene' or 'variant', not {level!r}.")
@@ -83,8 +82,7 @@ def _manhattan_points(data, key: str, level: str, column: str | None, variants, 
             missing = data["variant"].astype(str)[where[pk].isna().to_numpy()].unique()[:5]
             raise KeyError(f"variants has no position for {list(missing)}.")
         chrom, pos = where[ck].astype(str).to_numpy(), where[pk].to_numpy(dtype=np.float64)
-    labels = data["variant"].astype(str).to_numpy() if "variant" in data.columns else np.full(len(data), "")
-    return chrom, pos, data[column].to_numpy(dtype=np.float64), labels
+    return chrom, pos, data[column].to_numpy(dtype=np.float64)
 
 
 @doc_params(doc_ax_show=doc_ax_show, doc_plot_returns=doc_plot_returns)
@@ -135,7 +133,7 @@ def manhattan(
 
     {doc_plot_returns}
     """
-    chrom, pos, p, _ = _manhattan_points(data, key, level, column, variants, chrom_key, pos_key)
+    chrom, pos, p = _manhattan_points(data, key, level, column, variants, chrom_key, pos_key)
     keep = np.isfinite(p) & np.isfinite(pos) & (p >= 0) & (p <= 1)
     chrom, pos, p = chrom[keep], pos[keep], p[keep]
     ax = new_axes(ax, figsize=(8.0, 3.5))
