@@ -257,7 +257,8 @@ def _by_donor(Y, codes, X, offset, n_donors: int):
         order = np.argsort(group, kind="stable")
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
-        M = sparse.csc_matrix((M.data, inv[M.indices], M.indptr), shape=M.shape)
+        # a new matrix: sort_indices works in place, and M may share its arrays with the caller's Y
+        M = sparse.csc_matrix((M.data.copy(), inv[M.indices], M.indptr.copy()), shape=M.shape)
         M.sort_indices()
         codes, X, offset, group = codes[order], X[order], offset[order], group[order]
     data = M.data.astype(np.float64, copy=False)
