@@ -116,80 +116,103 @@ def group_moments(gptr, sig, s0, multi, kmax):  # pragma: no cover - compiled
     return mom
 
 
-@jit(fastmath=True)
-def _group_cells(g, a, full, gptr, sig):  # pragma: no cover - compiled
-    """The sums of :func:`_group_sums`, cell by cell."""
-    l1p = 0.0
-    sr = 0.0
-    sr2 = 0.0
-    srq = 0.0
-    sr2q = 0.0
-    sw1 = 0.0
-    for c in range(gptr[g], gptr[g + 1]):
-        z = sig[c] * a
-        q = 1.0 / (1.0 + z)
-        r = z * q
-        rq = r * q
-        sr += r
-        sr2 += r * r
-        srq += rq
-        if full:
-            sr2q += r * rq
-            sw1 += rq * (q - r)
-            l1p += math.log1p(z)
-    return l1p, sr, sr2, srq, sr2q, sw1
+_K = np.arange(SERIES_TERMS + 1, dtype=np.float64)
+_K[0] = 1.0
+#: Per term k of the series: (-1)^(k-1); the coefficients of the sums of delta^2, delta^3 and log(1 + rho)
+#: relative to that of delta; and the largest rho for which k terms suffice.
+_SIGN = np.where(np.arange(SERIES_TERMS + 1) % 2 == 1, 1.0, -1.0)
+_C2 = -(_K - 1.0)
+_C3 = 0.5 * (_K - 1.0) * (_K - 2.0)
+_CL = 1.0 / _K
+_RHO_OK = np.zeros(SERIES_TERMS + 1)
+_RHO_OK[2:] = (SERIES_EPS / (_K[2:] + 1.0) ** 2) ** (1.0 / (_K[2:] - 1.0))
 
 
 @jit()
-def _group_sums(g, a, full, grp):  # pragma: no cover - compiled
-    """Sums over the cells of group g, all taken as zeros, of log1p(z), r, r^2, r q, r^2 q and r q (q - r), where
-    z_c = s_c a (mu_c / theta), q = 1/(1 + z), r = z q (the last three and log1p only with ``full``).
+def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
+    """For every group g, sums over its cells, all taken as zeros, of r, r q, r^2 and (with ``full``) r^2 q,
+    r q (q - r) and log1p(z) (rows 0..5 of ``out``), where z_c = s_c a_g, a_g = ea[donor] Bg[g] (mu_c / theta),
+    q = 1/(1 + z), r = z q.
 
     With q0, r0 at z0 = s0 a and delta_c = r_c - r0, every sum is a polynomial in n, r0, q0 and the sums of
-    delta^1..3, which are power series in rho_c = a q0 (s_c - s0) with the group's moments of s_c - s0."""
-    gptr, sig, s0, hh, mom, midx = grp[0], grp[5], grp[6], grp[7], grp[9], grp[10]
-    n = gptr[g + 1] - gptr[g]
-    z0 = s0[g] * a
-    q0 = 1.0 / (1.0 + z0)
-    r0 = z0 * q0
-    m = midx[g]
-    d1 = 0.0
-    d2 = 0.0
-    d3 = 0.0
-    dl = 0.0
-    if m >= 0:
-        t = a * q0
-        rho = t * hh[g]
-        if not (rho <= SERIES_RHO):
-            return _group_cells(g, a, full, gptr, sig)
-        tk = 1.0
-        rk = 1.0
-        sgn = 1.0
-        for k in range(1, SERIES_TERMS + 1):
-            tk *= t
-            P = sgn * tk * mom[m, k]
-            d1 += P
-            d2 -= (k - 1) * P
+    delta^1..3, which are power series in rho_c = a q0 (s_c - s0) with the group's moments of s_c - s0
+    (summed by Horner's rule, as many terms as rho needs); past SERIES_RHO, or when the group has fewer cells
+    than terms (and ``full`` is off), cell by cell."""
+    gptr, dgptr, sig, s0, hh, mom, midx = grp[0], grp[2], grp[5], grp[6], grp[7], grp[9], grp[10]
+    for dd in range(dgptr.shape[0] - 1):
+        e = ea[dd]
+        for g in range(dgptr[dd], dgptr[dd + 1]):
+            a = e * Bg[g]
+            n = gptr[g + 1] - gptr[g]
+            z0 = s0[g] * a
+            q0 = 1.0 / (1.0 + z0)
+            r0 = z0 * q0
+            m = midx[g]
+            d1 = 0.0
+            d2 = 0.0
+            d3 = 0.0
+            dl = 0.0
+            cells = False
+            if m >= 0:
+                t = a * q0
+                rho = t * hh[g]
+                nt = 2
+                if rho <= SERIES_RHO:
+                    while nt < SERIES_TERMS and not (rho < _RHO_OK[nt]):
+                        nt += 1
+                cells = not (rho <= SERIES_RHO) or (not full and nt >= n)
+                if cells:
+                    sr = 0.0
+                    srq = 0.0
+                    sr2 = 0.0
+                    sr2q = 0.0
+                    sw1 = 0.0
+                    l1p = 0.0
+                    for c in range(gptr[g], gptr[g + 1]):
+                        z = sig[c] * a
+                        q = 1.0 / (1.0 + z)
+                        r = z * q
+                        rq = r * q
+                        sr += r
+                        sr2 += r * r
+                        srq += rq
+                        if full:
+                            sr2q += r * rq
+                            sw1 += rq * (q - r)
+                            l1p += math.log1p(z)
+                    out[0, g] = sr
+                    out[1, g] = srq
+                    out[2, g] = sr2
+                    if full:
+                        out[3, g] = sr2q
+                        out[4, g] = sw1
+                        out[5, g] = l1p
+                    continue
+                if full:
+                    for k in range(nt, 0, -1):
+                        c = _SIGN[k] * mom[m, k]
+                        d1 = d1 * t + c
+                        d2 = d2 * t + _C2[k] * c
+                        d3 = d3 * t + _C3[k] * c
+                        dl = dl * t + _CL[k] * c
+                    dl *= t
+                else:
+                    for k in range(nt, 0, -1):
+                        c = _SIGN[k] * mom[m, k]
+                        d1 = d1 * t + c
+                        d2 = d2 * t + _C2[k] * c
+                d1 *= t * q0
+                d2 *= t * q0 * q0
+                d3 *= t * q0 * q0 * q0
+            srq = n * r0 * q0 + (q0 - r0) * d1 - d2
+            out[0, g] = n * r0 + d1
+            out[1, g] = srq
+            out[2, g] = n * r0 * r0 + 2.0 * r0 * d1 + d2
             if full:
-                d3 += 0.5 * (k - 1) * (k - 2) * P
-                dl += P / k
-            if rk * (k + 1) * (k + 1) < SERIES_EPS:
-                break
-            rk *= rho
-            sgn = -sgn
-        d1 *= q0
-        d2 *= q0 * q0
-        d3 *= q0 * q0 * q0
-    sr = n * r0 + d1
-    sr2 = n * r0 * r0 + 2.0 * r0 * d1 + d2
-    srq = n * r0 * q0 + (q0 - r0) * d1 - d2
-    if not full:
-        return 0.0, sr, sr2, srq, 0.0, 0.0
-    sr2q = n * r0 * r0 * q0 + (2.0 * r0 * q0 - r0 * r0) * d1 + (q0 - 2.0 * r0) * d2 - d3
-    sdrq = r0 * q0 * d1 + (q0 - r0) * d2 - d3
-    sw1 = (q0 - r0) * srq - 2.0 * sdrq
-    l1p = n * math.log1p(z0) + dl
-    return l1p, sr, sr2, srq, sr2q, sw1
+                out[3, g] = n * r0 * r0 * q0 + (2.0 * r0 * q0 - r0 * r0) * d1 + (q0 - 2.0 * r0) * d2 - d3
+                sdrq = r0 * q0 * d1 + (q0 - r0) * d2 - d3
+                out[4, g] = (q0 - r0) * srq - 2.0 * sdrq
+                out[5, g] = n * math.log1p(z0) + dl
 
 
 @jit()
@@ -233,17 +256,15 @@ def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
 @jit()
 def _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st):  # pragma: no cover - compiled
     """Donor sums of h1 and w at eta = o + x'b + u[donor]: the zeros group by group, then the non-zeros."""
-    Bg, grp = st[0][1], st[10]
+    Bg, zs, grp = st[0][1], st[0][2:8], st[10]
     dgptr, gcell, sig = grp[2], grp[1], grp[5]
-    ith = 1.0 / theta
+    _zero_sums(eu / theta, Bg, False, grp, zs)
     for d in range(dgptr.shape[0] - 1):
-        e = eu[d] * ith
         s1 = 0.0
         s2 = 0.0
         for g in range(dgptr[d], dgptr[d + 1]):
-            _, sr, _, srq, _, _ = _group_sums(g, e * Bg[g], False, grp)
-            s1 += sr
-            s2 += srq
+            s1 += zs[0, g]
+            s2 += zs[1, g]
         sh[d] = -theta * s1
         sw[d] = theta * s2
     for k in range(yi.shape[0]):  # the non-zeros' corrections
@@ -457,84 +478,61 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
                 xh[j] += yv[k] * X[c, j]
         ll += yb
     else:
-        ith = 1.0 / theta
-        for d in range(n):  # every cell as a zero, group by group; cell-level columns only (unscaled by theta)
-            e = eu[d] * ith
-            s_r = 0.0
-            s_r2 = 0.0
-            s_r2q = 0.0
-            s_w1 = 0.0
-            s_l1p = 0.0
-            s_rq = 0.0
-            for g in range(dgptr[d], dgptr[d + 1]):
-                l1p_g, r_g, r2_g, rq_g, r2q_g, w1_g = _group_sums(g, e * Bg[g], True, grp)
-                s_l1p += l1p_g
-                s_r += r_g
-                s_r2 += r2_g
-                s_rq += rq_g
-                s_r2q += r2q_g
-                s_w1 += w1_g
-                for j in ccols:
-                    x = Xg[g, j]
-                    if x == 0.0:
-                        continue
-                    xh[j] += x * r_g
-                    xh1k[j] += x * r2_g
-                    zwx[d, j] += x * rq_g
-                    zw1x[d, j] += x * w1_g
-                    xr = x * rq_g
-                    for m2 in ccols:
-                        if m2 >= j:
-                            xwx[j, m2] += xr * Xg[g, m2]
-            lfix = -theta * s_l1p
-            ll += lfix
-            hk_sum += lfix + theta * s_r
-            hkk_sum += lfix + theta * s_r + theta * s_r2
-            sh[d] = -theta * s_r
-            sw[d] = theta * s_rq
-            a[d] = theta * s_w1
-            sh1k[d] = -theta * s_r2
-            swk[d] = 2.0 * theta * s_r2q
-            for j in ccols:
-                zwx[d, j] *= theta
-                zw1x[d, j] *= theta
-        for j in ccols:
-            xh[j] *= -theta
-            xh1k[j] *= -theta
-            for m2 in ccols:
-                if m2 >= j:
-                    xwx[j, m2] *= theta
-        for k in range(yi.shape[0]):  # corrections of the non-zero cells: term(y) - term(0) in closed form
+        zs, cz = buf[2:8], buf[8:11]
+        cz[:, :] = 0.0
+        for k in range(yi.shape[0]):  # the non-zero cells: term(y) - term(0) in closed form, summed per group
             c = yi[k]
             d = codes[c]
+            g = gcell[c]
             y = yv[k]
-            mu = eu[d] * Bg[gcell[c]] * sig[c]
+            mu = eu[d] * Bg[g] * sig[c]
             t = theta + mu
             r = mu / t
             q = 1.0 - r
             dg, tg = _gamma_diffs(y, theta)
             ll -= y * math.log1p(theta / mu)
-            dh1 = y * q
             dw = y * r * q
+            cz[0, g] += y * q
+            cz[1, g] += dw
+            cz[2, g] += dw * (q - r)
             dhk = theta * dg - y * q
-            sh[d] += dh1
-            sw[d] += dw
-            a[d] += dw * (q - r)
             hk_sum += dhk
-            sh1k[d] += dw
-            swk[d] += dw * (r - q)
             hkk_sum += dhk + theta * theta * tg + y * q * q
-            for j in ccols:
-                x = X[c, j]
-                if x == 0.0:
-                    continue
-                xh[j] += x * dh1
-                xh1k[j] += x * dw
-                zwx[d, j] += x * dw
-                zw1x[d, j] += x * dw * (q - r)
-                for m2 in ccols:
-                    if m2 >= j:
-                        xwx[j, m2] += x * dw * X[c, m2]
+        ea = eu / theta
+        _zero_sums(ea, Bg, True, grp, zs)
+        s_r = 0.0
+        s_r2 = 0.0
+        s_l1p = 0.0
+        for d in range(n):  # per group: every cell as a zero (zs), plus the non-zeros' corrections (cz)
+            for g in range(dgptr[d], dgptr[d + 1]):
+                s_r += zs[0, g]
+                s_r2 += zs[2, g]
+                s_l1p += zs[5, g]
+                h1 = cz[0, g] - theta * zs[0, g]
+                wg = theta * zs[1, g] + cz[1, g]
+                h1k = cz[1, g] - theta * zs[2, g]
+                ag = theta * zs[4, g] + cz[2, g]
+                sh[d] += h1
+                sw[d] += wg
+                a[d] += ag
+                sh1k[d] += h1k
+                swk[d] += 2.0 * theta * zs[3, g] - cz[2, g]
+                for j in ccols:
+                    x = Xg[g, j]
+                    if x == 0.0:
+                        continue
+                    xh[j] += x * h1
+                    xh1k[j] += x * h1k
+                    zwx[d, j] += x * wg
+                    zw1x[d, j] += x * ag
+                    xw = x * wg
+                    for m2 in ccols:
+                        if m2 >= j:
+                            xwx[j, m2] += xw * Xg[g, m2]
+        lfix = -theta * s_l1p
+        ll += lfix
+        hk_sum += lfix + theta * s_r
+        hkk_sum += lfix + theta * s_r + theta * s_r2
         # donor-level columns from the donor sums: x_d times the donor's sums
         for d in range(n):
             for j in dcols:
@@ -820,7 +818,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
                 if Xg[g, j] != Xd[d, j]:
                     is_donor[j] = False
     return (
-        np.empty((2, G)),
+        np.zeros((11, G)),
         np.empty(n),
         np.empty(n),
         np.empty((n, p)),
@@ -997,25 +995,29 @@ def working_sums_range(
     p = X.shape[1]
     dgptr, Xg, oref, S1, gcell, sig = grp[2], grp[3], grp[4], grp[8], grp[1], grp[5]
     G = Xg.shape[0]
+    n = dgptr.shape[0] - 1
     Bg = np.empty(G)
+    ea = np.empty(n)
+    zs = np.zeros((6, G))
     for g in range(lo, hi):
         if not (beta[g, 0] == beta[g, 0]):
             continue
         yi = indices[indptr[g] : indptr[g + 1]]
         yv = data[indptr[g] : indptr[g + 1]]
         th = theta[g]
-        for d in range(dgptr.shape[0] - 1):
+        for h in range(G):
+            xb = oref[h]
+            for j in range(p):
+                xb += Xg[h, j] * beta[g, j]
+            Bg[h] = math.exp(xb)
+        for d in range(n):
+            ea[d] = math.exp(u[g, d])
+        if fam != POISSON:
+            _zero_sums(ea / th, Bg, False, grp, zs)
+        for d in range(n):
             ud = u[g, d]
             for h in range(dgptr[d], dgptr[d + 1]):
-                xb = oref[h] + ud
-                for j in range(p):
-                    xb += Xg[h, j] * beta[g, j]
-                A = math.exp(xb)
-                Bg[h] = A
-                if fam == POISSON:
-                    W = A * S1[h]
-                else:
-                    W = th * _group_sums(h, A / th, False, grp)[1]
+                W = ea[d] * Bg[h] * S1[h] if fam == POISSON else th * zs[0, h]
                 Dw[g, d] += W
                 wr = W * (ud - 1.0)
                 ZWr[g, d] += wr
@@ -1029,7 +1031,7 @@ def working_sums_range(
             c = yi[k]
             y = yv[k]
             if fam != POISSON:
-                mu = Bg[gcell[c]] * sig[c]
+                mu = ea[codes[c]] * Bg[gcell[c]] * sig[c]
                 y *= th / (th + mu)
             ZWr[g, codes[c]] += y
             for j in range(p):
