@@ -34,6 +34,9 @@ MAX_ITER = 200
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
 DECREMENT_TOL = 1e-10
+#: A line search that needs a step shorter than this while the Newton decrement is below 1e-6 has reached the
+#: rounding floor of the log-likelihood (sums over all cells): the fit has converged.
+STALL_STEP = 1e-3
 #: Relative finite-difference step in log(sigma2_g) for the Hessian column of log(sigma2_g).
 FD_STEP = 1e-5
 
@@ -782,6 +785,8 @@ def _optimise(
             moved[j] = ph[j] - phi[j]
         _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
         L = Ln
+        if t < STALL_STEP and dec < 1e-6:  # the log-likelihood's rounding, not the model, stops the steps
+            return L, OK, it + 1
         if free[p + 1] and phi[p + 1] > next_jump and g[p + 1] > 0.0:
             next_jump = phi[p + 1] + 1.0
             ph = phi.copy()
