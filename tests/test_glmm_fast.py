@@ -84,7 +84,7 @@ def test_evaluate_grouped_equals_cell_by_cell(continuous, with_offset, level):
     phi = np.concatenate([[math.log(level), 0.1, -0.2, 0.3][: min(p, 4)], np.zeros(p - 4), [math.log(0.2), 1.0]])
     res = []
     for layout in (_glmm._by_donor(Y, codes, X, off, n), _singletons(Y, codes, X, off, n)):
-        indptr, indices, data, cs, Xs, offs, grp = layout
+        _, indices, data, cs, Xs, offs, grp = layout
         st = K._state(p, n, grp)
         out = []
         for boundary in (True, False):
@@ -108,7 +108,7 @@ def test_evaluate_grouped_equals_cell_by_cell(continuous, with_offset, level):
 def test_working_sums_grouped_equal_cells(family):
     rng = np.random.default_rng(4)
     codes, X = _design(rng)
-    N, p = X.shape
+    N = X.shape[0]
     n = codes.max() + 1
     off = rng.normal(0.0, 0.4, N)
     mu = np.exp(off + 0.5)

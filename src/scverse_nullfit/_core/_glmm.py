@@ -388,8 +388,8 @@ def fit_counts(
     def work(lo_hi):
         lo, hi = lo_hi
         K.fit_genes_range(
-            fam, lo, hi, indptr, indices, data, codes_s, off_s, X_s, grp, blocks.ptr, blocks.donors, blocks.L, blocks.loff,
-            beta, s2, theta, ll, ll0, status, iters, se, u,
+            fam, lo, hi, indptr, indices, data, codes_s, off_s, X_s, grp, blocks.ptr, blocks.donors, blocks.L,
+            blocks.loff, beta, s2, theta, ll, ll0, status, iters, se, u,
         )  # fmt: skip
 
     _run_ranges(work, genes, n_threads, max_chunk=64)

@@ -722,9 +722,7 @@ def _optimise(
             ph = phi.copy()
             ph[j0] += step
             vt[:] = v
-            _, ok2 = evaluate(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
-            )
+            _, ok2 = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if not ok2:
                 return L, FAILED, it
             for j in range(k):
@@ -770,9 +768,7 @@ def _optimise(
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
             vt[:] = v
-            Ln, okn = evaluate(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
-            )
+            Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
                 accepted = True
                 break
@@ -792,9 +788,7 @@ def _optimise(
             ph = phi.copy()
             ph[p + 1] = KAPPA_MAX
             vt[:] = v
-            Ln, okn = evaluate(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
-            )
+            Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
                 L = Ln
@@ -925,9 +919,7 @@ def fit_genes_range(
             free[p + 1] = False
         v = np.zeros(n)
         st[6][0] = 0.0
-        L0, st0, it0 = _optimise(
-            fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st
-        )
+        L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st)
         loglik0_out[gidx] = L0
         if st0 != OK:
             status_out[gidx] = FAILED
