@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import linalg, sparse, stats
 from scipy.sparse import csgraph
 from threadpoolctl import threadpool_limits
@@ -190,6 +191,20 @@ def _as_csc(Y) -> sparse.csc_matrix:
     return M
 
 
+def _row_groups(codes, X) -> np.ndarray:
+    """The group of each cell: cells sharing a donor and a design row, numbered donor-major (donor, then rows)."""
+    key = np.asarray(codes, dtype=np.int64)
+    for j in range(X.shape[1]):
+        col = X[:, j]
+        if col.size == 0 or (col == col[0]).all():
+            continue
+        cj, uniq = pd.factorize(col, sort=True)
+        if len(uniq) > 1:
+            key = key * len(uniq) + cj
+            _, key = np.unique(key, return_inverse=True)
+    return np.unique(key, return_inverse=True)[1].ravel().astype(np.int64)
+
+
 def _poisson_groups(Y, codes, X, offset):
     """Collapse the cells sharing a donor and a design row, for the Poisson family (see ``docs/model.md``).
 
@@ -198,13 +213,13 @@ def _poisson_groups(Y, codes, X, offset):
     The estimates, the mode and every donor sum are unchanged; the log-likelihood moves by a per-gene constant,
     returned to be added back. Returns None when the design leaves too few repeated rows to gain from it.
     """
-    keys = np.column_stack([codes.astype(np.float64), X])
-    _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    group = group.ravel()
-    n_groups = len(first)
+    group = _row_groups(codes, X)
     N = len(codes)
+    n_groups = int(group.max()) + 1 if N else 0
     if n_groups > N // 2:
         return None
+    first = np.full(n_groups, N, dtype=np.int64)
+    np.minimum.at(first, group, np.arange(N))
     A = sparse.csr_matrix((np.ones(N), (group, np.arange(N))), shape=(n_groups, N))
     M = _as_csc(Y)
     Yg = sparse.csc_matrix(A @ M)
@@ -229,25 +244,48 @@ def _lgamma(x):
     return gammaln(x)
 
 
-def _by_donor(Y, codes, X, offset):
-    """Counts (CSC, float64), codes, design and offset with the cells sorted by donor (the kernels' layout)."""
+def _by_donor(Y, codes, X, offset, n_donors: int):
+    """Counts (CSC, float64), codes, design and offset with the cells sorted by group (cells sharing a donor and
+    a design row, donor-major: the kernels' layout), and the groups as the tuple the kernels take: (cell
+    pointers, group of each cell, donor pointers into the groups, design rows, reference offset ``oref`` (the
+    group's largest), ``s_c = exp(o_c - oref)`` per cell, centre ``s0`` and half-range ``hh`` of the group's
+    ``s_c``, ``S1 = sum s_c``, moments ``sum (s_c - s0)^k`` of the groups with spread, and each group's row in
+    them (-1: none))."""
     M = _as_csc(Y)
-    order = np.argsort(codes, kind="stable")
-    if (np.diff(codes) < 0).any():
+    group = _row_groups(codes, X)
+    if (np.diff(group) < 0).any():
+        order = np.argsort(group, kind="stable")
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
-        M = sparse.csc_matrix((M.data, inv[M.indices], M.indptr), shape=M.shape)
+        # a new matrix: sort_indices works in place, and M may share its arrays with the caller's Y
+        M = sparse.csc_matrix((M.data.copy(), inv[M.indices], M.indptr.copy()), shape=M.shape)
         M.sort_indices()
-        codes, X, offset = codes[order], X[order], offset[order]
+        codes, X, offset, group = codes[order], X[order], offset[order], group[order]
     data = M.data.astype(np.float64, copy=False)
-    return (
-        M.indptr.astype(np.int64),
-        M.indices.astype(np.int64),
-        data,
-        np.ascontiguousarray(codes, dtype=np.int64),
-        np.ascontiguousarray(X, dtype=np.float64),
-        np.ascontiguousarray(offset, dtype=np.float64),
-    )
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    offset = np.ascontiguousarray(offset, dtype=np.float64)
+    N = len(codes)
+    sizes = np.bincount(group)
+    gptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    first = gptr[:-1]
+    gdon = codes[first]
+    dgptr = np.searchsorted(gdon, np.arange(n_donors + 1)).astype(np.int64)
+    Xg = np.ascontiguousarray(X[first])
+    if N:
+        oref = np.maximum.reduceat(offset, first)
+        sig = np.exp(offset - oref[group])
+        smin = np.minimum.reduceat(sig, first)
+        S1 = np.add.reduceat(sig, first)
+    else:
+        oref = sig = smin = S1 = np.zeros(0)
+    s0, hh = (1.0 + smin) / 2.0, (1.0 - smin) / 2.0
+    multi = np.flatnonzero((sizes > 1) & (hh > 0))
+    midx = np.full(len(sizes), -1, dtype=np.int64)
+    midx[multi] = np.arange(len(multi))
+    mom = K.group_moments(gptr, sig, s0, multi.astype(np.int64), K.SERIES_TERMS)
+    grp = (gptr, group, dgptr, Xg, oref, sig, s0, hh, S1, mom, midx)
+    return M.indptr.astype(np.int64), M.indices.astype(np.int64), data, codes, X, offset, grp
 
 
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
@@ -332,7 +370,7 @@ def fit_counts(
     grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON and collapse else None
     if grouped is not None:
         Y, codes, X, off, const = grouped
-    indptr, indices, data, codes_s, X_s, off_s = _by_donor(Y, codes, X, off)
+    indptr, indices, data, codes_s, X_s, off_s, grp = _by_donor(Y, codes, X, off, n)
     genes = len(indptr) - 1
     p = X.shape[1]
     beta = np.full((genes, p), np.nan)
@@ -350,8 +388,8 @@ def fit_counts(
     def work(lo_hi):
         lo, hi = lo_hi
         K.fit_genes_range(
-            fam, lo, hi, indptr, indices, data, codes_s, off_s, X_s, blocks.ptr, blocks.donors, blocks.L, blocks.loff,
-            beta, s2, theta, ll, ll0, status, iters, se, u,
+            fam, lo, hi, indptr, indices, data, codes_s, off_s, X_s, grp, blocks.ptr, blocks.donors, blocks.L,
+            blocks.loff, beta, s2, theta, ll, ll0, status, iters, se, u,
         )  # fmt: skip
 
     _run_ranges(work, genes, n_threads, max_chunk=64)
@@ -409,8 +447,9 @@ def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: i
     grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON else None
     if grouped is not None:
         Y, codes, X, off, _ = grouped
-    indptr, indices, data, codes, X, off = _by_donor(Y, codes, X, off)
-    genes, p, n = len(indptr) - 1, X.shape[1], fits.u.shape[1]
+    n = fits.u.shape[1]
+    indptr, indices, data, codes, X, off, grp = _by_donor(Y, codes, X, off, n)
+    genes, p = len(indptr) - 1, X.shape[1]
     out = {
         "Dw": np.zeros((genes, n)),
         "ZWX": np.zeros((genes, n, p)),
@@ -431,6 +470,7 @@ def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: i
             codes,
             off,
             X,
+            grp,
             fits.beta,
             fits.u,
             theta,

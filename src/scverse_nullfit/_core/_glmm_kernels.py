@@ -34,6 +34,9 @@ MAX_ITER = 200
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
 DECREMENT_TOL = 1e-10
+#: A line search that needs a step shorter than this while the Newton decrement is below 1e-6 has reached the
+#: rounding floor of the log-likelihood (sums over all cells): the fit has converged.
+STALL_STEP = 1e-3
 #: Relative finite-difference step in log(sigma2_g) for the Hessian column of log(sigma2_g).
 FD_STEP = 1e-5
 
@@ -93,63 +96,185 @@ def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
     return math.lgamma(y + theta) - math.lgamma(theta)
 
 
+#: The zeros of a group of cells (same donor and design row, offsets differing) are summed by a power series in
+#: rho_c = t (s_c - s0) when max |rho_c| <= SERIES_RHO, with at most SERIES_TERMS terms (see docs/model.md).
+SERIES_RHO = 0.3
+SERIES_TERMS = 44
+#: A series stops after term k once rho^(k-1) (k+1)^2 is below this (the tail relative to the group's sums).
+SERIES_EPS = 5e-18
+
+
 @jit()
-def _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccols, dcols, Xd):  # pragma: no cover
-    """base_c = o_c + x_c'b and B_c = exp(base_c); donor sums of y; for the Poisson family the donor sums of B,
-    B x and B x x' (upper triangle). Returns sum_c y_c base_c. Cells are sorted by donor (``dptr``)."""
-    p = X.shape[1]
+def group_moments(gptr, sig, s0, multi, kmax):  # pragma: no cover - compiled
+    """The moments sum_c (s_c - s0_g)^k, k = 0..kmax, of the groups ``multi`` (one row each)."""
+    mom = np.zeros((multi.shape[0], kmax + 1))
+    for m in range(multi.shape[0]):
+        g = multi[m]
+        for c in range(gptr[g], gptr[g + 1]):
+            dev = sig[c] - s0[g]
+            pw = 1.0
+            for k in range(kmax + 1):
+                mom[m, k] += pw
+                pw *= dev
+    return mom
+
+
+_K = np.arange(SERIES_TERMS + 1, dtype=np.float64)
+_K[0] = 1.0
+#: Per term k of the series: (-1)^(k-1); the coefficients of the sums of delta^2, delta^3 and log(1 + rho)
+#: relative to that of delta; and the largest rho for which k terms suffice.
+_SIGN = np.where(np.arange(SERIES_TERMS + 1) % 2 == 1, 1.0, -1.0)
+_C2 = -(_K - 1.0)
+_C3 = 0.5 * (_K - 1.0) * (_K - 2.0)
+_CL = 1.0 / _K
+_RHO_OK = np.zeros(SERIES_TERMS + 1)
+_RHO_OK[2:] = (SERIES_EPS / (_K[2:] + 1.0) ** 2) ** (1.0 / (_K[2:] - 1.0))
+
+
+@jit()
+def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
+    """For every group g, sums over its cells, all taken as zeros, of r, r q, r^2 and (with ``full``) r^2 q,
+    r q (q - r) and log1p(z) (rows 0..5 of ``out``), where z_c = s_c a_g, a_g = ea[donor] Bg[g] (mu_c / theta),
+    q = 1/(1 + z), r = z q.
+
+    With q0, r0 at z0 = s0 a and delta_c = r_c - r0, every sum is a polynomial in n, r0, q0 and the sums of
+    delta^1..3, which are power series in rho_c = a q0 (s_c - s0) with the group's moments of s_c - s0
+    (summed by Horner's rule, as many terms as rho needs); past SERIES_RHO, or when the group has fewer cells
+    than terms (and ``full`` is off), cell by cell."""
+    gptr, dgptr, sig, s0, hh, mom, midx = grp[0], grp[2], grp[5], grp[6], grp[7], grp[9], grp[10]
+    for dd in range(dgptr.shape[0] - 1):
+        e = ea[dd]
+        for g in range(dgptr[dd], dgptr[dd + 1]):
+            a = e * Bg[g]
+            n = gptr[g + 1] - gptr[g]
+            z0 = s0[g] * a
+            q0 = 1.0 / (1.0 + z0)
+            r0 = z0 * q0
+            m = midx[g]
+            d1 = 0.0
+            d2 = 0.0
+            d3 = 0.0
+            dl = 0.0
+            cells = False
+            if m >= 0:
+                t = a * q0
+                rho = t * hh[g]
+                nt = 2
+                if rho <= SERIES_RHO:
+                    while nt < SERIES_TERMS and not (rho < _RHO_OK[nt]):
+                        nt += 1
+                cells = not (rho <= SERIES_RHO) or (not full and nt >= n)
+                if cells:
+                    sr = 0.0
+                    srq = 0.0
+                    sr2 = 0.0
+                    sr2q = 0.0
+                    sw1 = 0.0
+                    l1p = 0.0
+                    for c in range(gptr[g], gptr[g + 1]):
+                        z = sig[c] * a
+                        q = 1.0 / (1.0 + z)
+                        r = z * q
+                        rq = r * q
+                        sr += r
+                        sr2 += r * r
+                        srq += rq
+                        if full:
+                            sr2q += r * rq
+                            sw1 += rq * (q - r)
+                            l1p += math.log1p(z)
+                    out[0, g] = sr
+                    out[1, g] = srq
+                    out[2, g] = sr2
+                    if full:
+                        out[3, g] = sr2q
+                        out[4, g] = sw1
+                        out[5, g] = l1p
+                    continue
+                if full:
+                    for k in range(nt, 0, -1):
+                        c = _SIGN[k] * mom[m, k]
+                        d1 = d1 * t + c
+                        d2 = d2 * t + _C2[k] * c
+                        d3 = d3 * t + _C3[k] * c
+                        dl = dl * t + _CL[k] * c
+                    dl *= t
+                else:
+                    for k in range(nt, 0, -1):
+                        c = _SIGN[k] * mom[m, k]
+                        d1 = d1 * t + c
+                        d2 = d2 * t + _C2[k] * c
+                d1 *= t * q0
+                d2 *= t * q0 * q0
+                d3 *= t * q0 * q0 * q0
+            srq = n * r0 * q0 + (q0 - r0) * d1 - d2
+            out[0, g] = n * r0 + d1
+            out[1, g] = srq
+            out[2, g] = n * r0 * r0 + 2.0 * r0 * d1 + d2
+            if full:
+                out[3, g] = n * r0 * r0 * q0 + (2.0 * r0 * q0 - r0 * r0) * d1 + (q0 - 2.0 * r0) * d2 - d3
+                sdrq = r0 * q0 * d1 + (q0 - r0) * d2 - d3
+                out[4, g] = (q0 - r0) * srq - 2.0 * sdrq
+                out[5, g] = n * math.log1p(z0) + dl
+
+
+@jit()
+def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
+    """Per group g: xb_g = x_g'b and Bg_g = exp(oref_g + xb_g) (so mu_c = s_c Bg_g exp(u_d)); donor sums of y; for
+    the Poisson family the donor sums of Bg S1, Bg S1 x and Bg S1 x x' (upper triangle), S1_g = sum_c s_c.
+    Returns sum_c y_c (o_c + x_c'b)."""
+    buf, Yd, Sd, E, F, grp = st[0], st[1], st[2], st[3], st[4], st[10]
+    dgptr, Xg, oref, S1, gcell = grp[2], grp[3], grp[4], grp[8], grp[1]
+    XB, Bg = buf[0], buf[1]
+    G, p = Xg.shape
+    for g in range(G):
+        s = 0.0
+        for j in range(p):
+            s += Xg[g, j] * beta[j]
+        XB[g] = s
+        Bg[g] = math.exp(oref[g] + s)
     Yd[:] = 0.0
-    for d in range(dptr.shape[0] - 1):
-        sd = 0.0
-        for j in dcols:
-            sd += Xd[d, j] * beta[j]
-        for c in range(dptr[d], dptr[d + 1]):
-            s = off[c] + sd
-            for j in ccols:
-                s += X[c, j] * beta[j]
-            base[c] = s
-            B[c] = math.exp(s)
     yb = 0.0
     for k in range(yi.shape[0]):
         c = yi[k]
         Yd[codes[c]] += yv[k]
-        yb += yv[k] * base[c]
+        yb += yv[k] * (off[c] + XB[gcell[c]])
     if fam == POISSON:
         E[:, :] = 0.0
         F[:, :, :] = 0.0
-        for d in range(dptr.shape[0] - 1):
+        for d in range(dgptr.shape[0] - 1):
             sd = 0.0
-            for c in range(dptr[d], dptr[d + 1]):
-                b = B[c]
+            for g in range(dgptr[d], dgptr[d + 1]):
+                b = Bg[g] * S1[g]
                 sd += b
                 for j in range(p):
-                    bx = b * X[c, j]
+                    bx = b * Xg[g, j]
                     E[d, j] += bx
                     for m in range(j, p):
-                        F[d, j, m] += bx * X[c, m]
+                        F[d, j, m] += bx * Xg[g, m]
             Sd[d] = sd
     return yb
 
 
-@jit(fastmath=True)
-def _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw):  # pragma: no cover - compiled
-    """Donor sums of h1 and w at eta = base + u[donor] (cells sorted by donor; a branch-free loop per donor)."""
-    for d in range(dptr.shape[0] - 1):
-        e = eu[d]
+@jit()
+def _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st):  # pragma: no cover - compiled
+    """Donor sums of h1 and w at eta = o + x'b + u[donor]: the zeros group by group, then the non-zeros."""
+    Bg, zs, grp = st[0][1], st[0][2:8], st[10]
+    dgptr, gcell, sig = grp[2], grp[1], grp[5]
+    _zero_sums(eu / theta, Bg, False, grp, zs)
+    for d in range(dgptr.shape[0] - 1):
         s1 = 0.0
         s2 = 0.0
-        for c in range(dptr[d], dptr[d + 1]):
-            mu = e * B[c]
-            r = mu / (theta + mu)
-            s1 += r
-            s2 += r * r
+        for g in range(dgptr[d], dgptr[d + 1]):
+            s1 += zs[0, g]
+            s2 += zs[1, g]
         sh[d] = -theta * s1
-        sw[d] = theta * (s1 - s2)
+        sw[d] = theta * s2
     for k in range(yi.shape[0]):  # the non-zeros' corrections
         c = yi[k]
         d = codes[c]
         y = yv[k]
-        mu = eu[d] * B[c]
+        mu = eu[d] * Bg[gcell[c]] * sig[c]
         q = theta / (theta + mu)
         sh[d] += y * q
         sw[d] += y * (1.0 - q) * q
@@ -221,15 +346,16 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
 
 
 @jit()
-def _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw):  # pragma: no cover - compiled
+def _inner_sums(fam, yi, yv, codes, theta, eu, sh, sw, st):  # pragma: no cover - compiled
     """The donor sums of h1 and w at the donor effects exp(u) = eu."""
     if fam == POISSON:
+        Yd, Sd = st[1], st[2]
         for d in range(Yd.shape[0]):
             m = eu[d] * Sd[d]
             sh[d] = Yd[d] - m
             sw[d] = m
     else:
-        _nb_inner_pass(yi, yv, codes, dptr, B, eu, theta, sh, sw)
+        _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st)
 
 
 @jit()
@@ -244,7 +370,7 @@ def _directional(sigma, bptr, bdon, Lflat, loff, v, sh, dv):  # pragma: no cover
 
 
 @jit()
-def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work):  # pragma: no cover
+def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st):  # pragma: no cover - compiled
     """Maximise the concave f(v) = sum_c h_c - v'v/2 over v in place; returns converged.
 
     Newton steps, halved while the derivative along the step turns clearly negative at its end (an overshoot
@@ -252,9 +378,10 @@ def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff,
     """
     n = v.shape[0]
     sigma = math.sqrt(s2)
+    work = st[5]
     u, eu, sh, sw, dv, vn = work[0], work[1], work[2], work[3], work[4], work[5]
     _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
-    _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw)
+    _inner_sums(fam, yi, yv, codes, theta, eu, sh, sw, st)
     for _ in range(INNER_MAX_ITER):
         dec = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
         if not (dec == dec):
@@ -267,7 +394,7 @@ def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff,
             for d in range(n):
                 vn[d] = v[d] + t * dv[d]
             _u_from_v(sigma, bptr, bdon, Lflat, loff, vn, u, eu)
-            _inner_sums(fam, yi, yv, codes, dptr, B, theta, Yd, Sd, eu, sh, sw)
+            _inner_sums(fam, yi, yv, codes, theta, eu, sh, sw, st)
             slope = _directional(sigma, bptr, bdon, Lflat, loff, vn, sh, dv)
             if slope == slope and slope >= -0.5 * dec:
                 accepted = True
@@ -282,7 +409,7 @@ def _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff,
 
 
 @jit()
-def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
+def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
     """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
     and the Hessian of the penalised log-likelihood at the mode in (b, kappa) (``hess``; its rho row and column
     are left 0). ``v`` (the mode) is the warm start and is updated; ``boundary``: s2 = 0 (rho unused); ``lfact``:
@@ -299,14 +426,15 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
     if fam == NEGATIVE_BINOMIAL:
         for k in range(yv.shape[0]):
             lconst += _lgamma_ratio(yv[k], theta)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd = st
-    base, B = buf[0], buf[1]
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp = st
+    Bg = buf[1]
+    dgptr, gcell, Xg, sig = grp[2], grp[1], grp[3], grp[5]
     same = key[0] == 1.0
     for j in range(p):
         if key[2 + j] != beta[j]:
             same = False
     if not same:
-        key[1] = _prepare(fam, yi, yv, codes, dptr, off, X, beta, base, B, Yd, Sd, E, F, ccols, dcols, Xd)
+        key[1] = _prepare(fam, yi, yv, codes, off, beta, st)
         key[0] = 1.0
         for j in range(p):
             key[2 + j] = beta[j]
@@ -314,7 +442,7 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
     if boundary:
         v[:] = 0.0
     else:
-        ok = _inner_mode(fam, yi, yv, codes, dptr, B, theta, s2, bptr, bdon, Lflat, loff, v, Yd, Sd, work)
+        ok = _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st)
         if not ok:
             return np.nan, False
     u, eu = work[0], work[1]
@@ -353,86 +481,61 @@ def evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, bou
                 xh[j] += yv[k] * X[c, j]
         ll += yb
     else:
-        for d in range(n):  # every cell as a zero, donor by donor; cell-level columns only (unscaled by theta)
-            e = eu[d]
-            s_r = 0.0
-            s_r2 = 0.0
-            s_r2q = 0.0
-            s_w1 = 0.0
-            s_l1p = 0.0
-            for c in range(dptr[d], dptr[d + 1]):
-                mu = e * B[c]
-                t = theta + mu
-                r = mu / t
-                q = 1.0 - r
-                s_l1p += math.log1p(mu / theta)
-                rq = r * q
-                w1 = rq * (q - r)
-                s_r += r
-                s_r2 += r * r
-                s_r2q += r * rq
-                s_w1 += w1
-                for j in ccols:
-                    x = X[c, j]
-                    if x == 0.0:
-                        continue
-                    xh[j] += x * r
-                    xh1k[j] += x * r * r
-                    zwx[d, j] += x * rq
-                    zw1x[d, j] += x * w1
-                    xr = x * rq
-                    for m2 in ccols:
-                        if m2 >= j:
-                            xwx[j, m2] += xr * X[c, m2]
-            lfix = -theta * s_l1p
-            ll += lfix
-            hk_sum += lfix + theta * s_r
-            hkk_sum += lfix + theta * s_r + theta * s_r2
-            sh[d] = -theta * s_r
-            sw[d] = theta * (s_r - s_r2)
-            a[d] = theta * s_w1
-            sh1k[d] = -theta * s_r2
-            swk[d] = 2.0 * theta * s_r2q
-            for j in ccols:
-                zwx[d, j] *= theta
-                zw1x[d, j] *= theta
-        for j in ccols:
-            xh[j] *= -theta
-            xh1k[j] *= -theta
-            for m2 in ccols:
-                if m2 >= j:
-                    xwx[j, m2] *= theta
-        for k in range(yi.shape[0]):  # corrections of the non-zero cells: term(y) - term(0) in closed form
+        zs, cz = buf[2:8], buf[8:11]
+        cz[:, :] = 0.0
+        for k in range(yi.shape[0]):  # the non-zero cells: term(y) - term(0) in closed form, summed per group
             c = yi[k]
             d = codes[c]
+            g = gcell[c]
             y = yv[k]
-            mu = eu[d] * B[c]
+            mu = eu[d] * Bg[g] * sig[c]
             t = theta + mu
             r = mu / t
             q = 1.0 - r
             dg, tg = _gamma_diffs(y, theta)
             ll -= y * math.log1p(theta / mu)
-            dh1 = y * q
             dw = y * r * q
+            cz[0, g] += y * q
+            cz[1, g] += dw
+            cz[2, g] += dw * (q - r)
             dhk = theta * dg - y * q
-            sh[d] += dh1
-            sw[d] += dw
-            a[d] += dw * (q - r)
             hk_sum += dhk
-            sh1k[d] += dw
-            swk[d] += dw * (r - q)
             hkk_sum += dhk + theta * theta * tg + y * q * q
-            for j in ccols:
-                x = X[c, j]
-                if x == 0.0:
-                    continue
-                xh[j] += x * dh1
-                xh1k[j] += x * dw
-                zwx[d, j] += x * dw
-                zw1x[d, j] += x * dw * (q - r)
-                for m2 in ccols:
-                    if m2 >= j:
-                        xwx[j, m2] += x * dw * X[c, m2]
+        ea = eu / theta
+        _zero_sums(ea, Bg, True, grp, zs)
+        s_r = 0.0
+        s_r2 = 0.0
+        s_l1p = 0.0
+        for d in range(n):  # per group: every cell as a zero (zs), plus the non-zeros' corrections (cz)
+            for g in range(dgptr[d], dgptr[d + 1]):
+                s_r += zs[0, g]
+                s_r2 += zs[2, g]
+                s_l1p += zs[5, g]
+                h1 = cz[0, g] - theta * zs[0, g]
+                wg = theta * zs[1, g] + cz[1, g]
+                h1k = cz[1, g] - theta * zs[2, g]
+                ag = theta * zs[4, g] + cz[2, g]
+                sh[d] += h1
+                sw[d] += wg
+                a[d] += ag
+                sh1k[d] += h1k
+                swk[d] += 2.0 * theta * zs[3, g] - cz[2, g]
+                for j in ccols:
+                    x = Xg[g, j]
+                    if x == 0.0:
+                        continue
+                    xh[j] += x * h1
+                    xh1k[j] += x * h1k
+                    zwx[d, j] += x * wg
+                    zw1x[d, j] += x * ag
+                    xw = x * wg
+                    for m2 in ccols:
+                        if m2 >= j:
+                            xwx[j, m2] += xw * Xg[g, m2]
+        lfix = -theta * s_l1p
+        ll += lfix
+        hk_sum += lfix + theta * s_r
+        hkk_sum += lfix + theta * s_r + theta * s_r2
         # donor-level columns from the donor sums: x_d times the donor's sums
         for d in range(n):
             for j in dcols:
@@ -586,7 +689,7 @@ def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
 
 @jit()
 def _optimise(
-    fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
+    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
 ):  # pragma: no cover
     """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
 
@@ -600,7 +703,7 @@ def _optimise(
     gt = np.empty(k)
     Ha = np.empty((k, k))
     Ht = np.empty((k, k))
-    L, ok = evaluate(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st)
+    L, ok = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st)
     if not ok:
         return np.nan, FAILED, 0
     vt = v.copy()
@@ -619,9 +722,7 @@ def _optimise(
             ph = phi.copy()
             ph[j0] += step
             vt[:] = v
-            _, ok2 = evaluate(
-                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
-            )
+            _, ok2 = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if not ok2:
                 return L, FAILED, it
             for j in range(k):
@@ -667,9 +768,7 @@ def _optimise(
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
             vt[:] = v
-            Ln, okn = evaluate(
-                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
-            )
+            Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
                 accepted = True
                 break
@@ -682,14 +781,14 @@ def _optimise(
             moved[j] = ph[j] - phi[j]
         _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
         L = Ln
+        if t < STALL_STEP and dec < 1e-6:  # the log-likelihood's rounding, not the model, stops the steps
+            return L, OK, it + 1
         if free[p + 1] and phi[p + 1] > next_jump and g[p + 1] > 0.0:
             next_jump = phi[p + 1] + 1.0
             ph = phi.copy()
             ph[p + 1] = KAPPA_MAX
             vt[:] = v
-            Ln, okn = evaluate(
-                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st
-            )
+            Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
                 L = Ln
@@ -699,25 +798,26 @@ def _optimise(
 
 
 @jit()
-def _state(X, dptr):  # pragma: no cover - compiled
-    """Per-gene scratch of :func:`evaluate`: (base and exp(base) per cell, donor sums of y, of exp(base), of
-    exp(base) x, of exp(base) x x', the inner-problem work rows, the cache key [valid, sum y base, b]), then the
-    design's split: the cell-level columns, the donor-level ones (constant within every donor) and the donor-level
-    values (donors x p). Donor-level columns need no per-cell work: their sums follow from donor sums."""
-    N, p = X.shape
-    n = dptr.shape[0] - 1
+def _state(p, n, grp):  # pragma: no cover - compiled
+    """Per-gene scratch of :func:`evaluate`: (x_g'b and exp(oref_g + x_g'b) per group, donor sums of y, of mu / e^u, of
+    mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows, the cache key [valid, sum y base, b]), then
+    the design's split: the cell-level columns, the donor-level ones (constant within every donor) and the
+    donor-level values (donors x p), and the groups ``grp`` (see ``_glmm._by_donor``). Donor-level columns need no
+    per-group work: their sums follow from donor sums."""
+    dgptr, Xg = grp[2], grp[3]
+    G = Xg.shape[0]
     Xd = np.zeros((n, p))
     is_donor = np.ones(p, dtype=np.bool_)
     for d in range(n):
-        if dptr[d + 1] > dptr[d]:
+        if dgptr[d + 1] > dgptr[d]:
             for j in range(p):
-                Xd[d, j] = X[dptr[d], j]
-        for c in range(dptr[d], dptr[d + 1]):
+                Xd[d, j] = Xg[dgptr[d], j]
+        for g in range(dgptr[d], dgptr[d + 1]):
             for j in range(p):
-                if X[c, j] != Xd[d, j]:
+                if Xg[g, j] != Xd[d, j]:
                     is_donor[j] = False
     return (
-        np.empty((2, N)),
+        np.zeros((11, G)),
         np.empty(n),
         np.empty(n),
         np.empty((n, p)),
@@ -727,20 +827,21 @@ def _state(X, dptr):  # pragma: no cover - compiled
         np.flatnonzero(~is_donor),
         np.flatnonzero(is_donor),
         Xd,
+        grp,
     )
 
 
 @jit()
-def _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
+def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
     """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
     p = X.shape[1]
     n = bdon.shape[0]
-    buf, Yd, Sd, E, F, _, key, ccols, dcols, Xd = st
+    key = st[6]
     key[0] = 0.0
-    _prepare(fam, yi, yv, codes, dptr, off, X, phi[:p], buf[0], buf[1], Yd, Sd, E, F, ccols, dcols, Xd)
+    _prepare(fam, yi, yv, codes, off, phi[:p], st)
     sh = np.zeros(n)
     sw = np.zeros(n)
-    _inner_sums(fam, yi, yv, codes, dptr, buf[1], math.exp(phi[p + 1]), Yd, Sd, np.ones(n), sh, sw)
+    _inner_sums(fam, yi, yv, codes, math.exp(phi[p + 1]), np.ones(n), sh, sw, st)
     U = 0.0
     info = 0.0
     for b in range(bptr.shape[0] - 1):
@@ -770,6 +871,7 @@ def fit_genes_range(
     codes,
     off,
     X,
+    grp,
     bptr,
     bdon,
     Lflat,
@@ -794,12 +896,7 @@ def fit_genes_range(
     k = p + 2
     H = np.zeros((k, k))
     eu = np.empty(n)
-    dptr = np.zeros(n + 1, dtype=np.int64)
-    for c in range(N):
-        dptr[codes[c] + 1] += 1
-    for d in range(n):
-        dptr[d + 1] += dptr[d]
-    st = _state(X, dptr)
+    st = _state(p, n, grp)
     sumoff = 0.0
     for c in range(N):
         sumoff += math.exp(off[c])
@@ -822,15 +919,13 @@ def fit_genes_range(
             free[p + 1] = False
         v = np.zeros(n)
         st[6][0] = 0.0
-        L0, st0, it0 = _optimise(
-            fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st
-        )
+        L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st)
         loglik0_out[gidx] = L0
         if st0 != OK:
             status_out[gidx] = FAILED
             iter_out[gidx] = it0
             continue
-        U, info = _variance_score(fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, st)
+        U, info = _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st)
         phi0 = phi.copy()
         H0 = H.copy()
         status = BOUNDARY
@@ -843,7 +938,7 @@ def fit_genes_range(
                 free[p + 1] = False
             v[:] = 0.0
             L1, st1, it1 = _optimise(
-                fam, yi, yv, codes, dptr, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st
             )
             its += it1
             if st1 == OK and L1 >= L0:
@@ -886,41 +981,58 @@ def fit_genes_range(
 
 @jit()
 def working_sums_range(
-    fam, lo, hi, indptr, indices, data, codes, off, X, beta, u, theta, Dw, ZWX, XWX, ZWr, XWr
+    fam, lo, hi, indptr, indices, data, codes, off, X, grp, beta, u, theta, Dw, ZWX, XWX, ZWr, XWr
 ):  # pragma: no cover - compiled
     """Donor sums of the working model at the fit, genes lo..hi-1: expected weights ``W`` (mu for Poisson,
     mu theta/(mu + theta) for NB2) and the working residual ``r = u_d + (y - mu)/mu`` (``y~ - Xb``):
-    ``Dw = Z'W1``, ``ZWX = Z'WX``, ``XWX = X'WX``, ``ZWr = Z'Wr``, ``XWr = X'Wr``. One pass over the cells per gene.
+    ``Dw = Z'W1``, ``ZWX = Z'WX``, ``XWX = X'WX``, ``ZWr = Z'Wr``, ``XWr = X'Wr``. ``W r = W (u_d - 1) + y q``
+    (q = theta/(mu + theta), 1 for Poisson): the zeros enter group by group through the group's sum of ``W``, then
+    the non-zeros add ``y q``.
     """
-    N, p = X.shape
+    p = X.shape[1]
+    dgptr, Xg, oref, S1, gcell, sig = grp[2], grp[3], grp[4], grp[8], grp[1], grp[5]
+    G = Xg.shape[0]
+    n = dgptr.shape[0] - 1
+    Bg = np.empty(G)
+    ea = np.empty(n)
+    zs = np.zeros((6, G))
     for g in range(lo, hi):
         if not (beta[g, 0] == beta[g, 0]):
             continue
         yi = indices[indptr[g] : indptr[g + 1]]
         yv = data[indptr[g] : indptr[g + 1]]
         th = theta[g]
-        k = 0
-        nnz = yi.shape[0]
-        for c in range(N):
-            y = 0.0
-            if k < nnz and yi[k] == c:
-                y = yv[k]
-                k += 1
-            d = codes[c]
-            eta = off[c] + u[g, d]
+        for h in range(G):
+            xb = oref[h]
             for j in range(p):
-                eta += X[c, j] * beta[g, j]
-            mu = math.exp(eta)
-            w = mu if fam == POISSON else mu * th / (mu + th)
-            wr = w * (u[g, d] + (y - mu) / mu)
-            Dw[g, d] += w
-            ZWr[g, d] += wr
+                xb += Xg[h, j] * beta[g, j]
+            Bg[h] = math.exp(xb)
+        for d in range(n):
+            ea[d] = math.exp(u[g, d])
+        if fam != POISSON:
+            _zero_sums(ea / th, Bg, False, grp, zs)
+        for d in range(n):
+            ud = u[g, d]
+            for h in range(dgptr[d], dgptr[d + 1]):
+                W = ea[d] * Bg[h] * S1[h] if fam == POISSON else th * zs[0, h]
+                Dw[g, d] += W
+                wr = W * (ud - 1.0)
+                ZWr[g, d] += wr
+                for j in range(p):
+                    xw = Xg[h, j] * W
+                    ZWX[g, d, j] += xw
+                    XWr[g, j] += Xg[h, j] * wr
+                    for m in range(j, p):
+                        XWX[g, j, m] += xw * Xg[h, m]
+        for k in range(yi.shape[0]):
+            c = yi[k]
+            y = yv[k]
+            if fam != POISSON:
+                mu = ea[codes[c]] * Bg[gcell[c]] * sig[c]
+                y *= th / (th + mu)
+            ZWr[g, codes[c]] += y
             for j in range(p):
-                xw = X[c, j] * w
-                ZWX[g, d, j] += xw
-                XWr[g, j] += X[c, j] * wr
-                for m in range(j, p):
-                    XWX[g, j, m] += xw * X[c, m]
+                XWr[g, j] += X[c, j] * y
         for j in range(p):
             for m in range(j):
                 XWX[g, j, m] = XWX[g, m, j]
