@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import linalg, special
+from scipy import special
 
 from ._compiled import jit
-from ._glmm import DonorBlocks, _split_blocks
+from ._glmm import DonorBlocks, _split_blocks, block_quad
 
 #: Target number of float64 elements of one genes x covariates x variants block (bounds the memory of a chunk).
 BLOCK_ELEMENTS = 1 << 23
@@ -198,7 +198,8 @@ class CountNull(_NullModel):
 
     The same interface as :class:`CompactNull`. For a donor-level genotype ``g`` the score is ``g' resid`` and
     its variance ``g'T D_w g - (B'g)' Ainv (B'g)`` (see the "Model and algorithm" page); ``g'T D_w g`` is
-    diagonal for unrelated donors and is rebuilt block by block from ``Dw`` otherwise (dense algebra per gene).
+    diagonal for unrelated donors and is rebuilt from ``Dw`` for blocks of related donors (batched over genes and
+    blocks of a size, :func:`~._glmm.block_quad`).
     """
 
     var_index: np.ndarray  #: (genes,) positions of the usable genes in adata.var_names
@@ -213,7 +214,7 @@ class CountNull(_NullModel):
     blocks: DonorBlocks
 
     def __post_init__(self):
-        d1, g1, self._multi = _split_blocks(self.blocks)
+        d1, g1, self._groups = _split_blocks(self.blocks)
         s2 = self.sigma2_g[:, None]
         self._quad = self.Dw.copy()  # the diagonal part of T D_w; multi-donor blocks are corrected in stats()
         self._quad[:, d1] = self.Dw[:, d1] / (1.0 + s2 * g1 * self.Dw[:, d1])
@@ -252,17 +253,10 @@ class CountNull(_NullModel):
             score = M[:k]
             v = M[k:].reshape(k, p, V)
             quad = self._quad[r] @ Gt2
-            for i, g in enumerate(r):
-                s2 = self.sigma2_g[g]
-                if s2 <= 0:
-                    continue
-                for didx, Lb in self._multi:
-                    Kb = np.eye(len(didx)) + s2 * (Lb.T * self.Dw[g, didx]) @ Lb
-                    C = linalg.cholesky(Kb, lower=True, check_finite=False)
-                    t = linalg.solve_triangular(
-                        C, Lb.T @ (self.Dw[g, didx, None] * Gt[didx]), lower=True, check_finite=False
-                    )
-                    quad[i] -= s2 * np.einsum("km,km->m", t, t)
+            related = np.flatnonzero(self.sigma2_g[r] > 0) if self._groups else np.zeros(0, dtype=np.int64)
+            if len(related):
+                rr = r[related]
+                quad[related] -= block_quad(self.Dw[rr], self.sigma2_g[rr], self._groups, Gt)
             var_h = quad - np.einsum("gpv,gpv->gv", v, np.matmul(self.Ainv[r], v))
             ok = var_h > VAR_RTOL * quad
             S[g0 : g0 + k] = np.where(ok, score, np.nan)
