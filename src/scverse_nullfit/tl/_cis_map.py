@@ -21,7 +21,7 @@ from .._constants import Key
 from .._core._conditional import condition, subset
 from .._core._fdr import METHODS as FDR_METHODS
 from .._core._fdr import qvalues
-from .._core._step2 import CompactNull, derived_statistics
+from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
 from .._utils import check_positive_int, preview, select_genes
 from ..io._genotypes import GenotypeMatrix, reader_class
@@ -331,11 +331,6 @@ def cis_map(
     _check_fdr_arguments(fdr, fdr_method, gene_pval)
     mask = None if genes is None else select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
-    if independent and stored.count is not None:
-        raise ValueError(
-            f"independent=True uses conditional score tests, available for Gaussian fits only; the fit under {key!r} "
-            f"is {stored.family}."
-        )
     loci = _Loci.of_genes(adata, chrom_key, pos_key)
     mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
     model = stored.compact(mask, spa=bool(spa))
@@ -680,7 +675,7 @@ def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: 
         Gt = np.ascontiguousarray(cache.get(cand, lo, hi))
         for rank, j, stats, pg, k in _select(subset(model, [model_row[g]]), Gt, threshold, gene_pval):
             found.append((g, rank, cand[lo + j], pg, k, *stats))
-    cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 7
+    cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 8
     gene_i = np.asarray(cols[0], dtype=np.intp)
     var_i = np.asarray(cols[2], dtype=np.intp)
     used = np.unique(var_i)
@@ -695,6 +690,7 @@ def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: 
         np.asarray(cols[6], dtype=np.float64),
         info=info,
         info_rows=var_i,
+        pval=np.asarray(cols[7], dtype=np.float64),
         rank=np.asarray(cols[1], dtype=np.int64),
         chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
         pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
@@ -720,7 +716,7 @@ def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str
             if not ok[0]:
                 return None
         S, Var = m.stats(Gt, Gt2=Gt2)
-        pval = derived_statistics(S[0], Var[0])["pval"]
+        pval = m.pvalues(Gt, S, Var)[0]
         finite = np.isfinite(pval)
         if not finite.any():
             return None
@@ -729,7 +725,7 @@ def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str
             pg = acat(pval)
         else:
             pg = min(1.0, float(pval[top]) * n_window)
-        return top, (float(S[0, top]), float(Var[0, top])), pg
+        return top, (float(S[0, top]), float(Var[0, top]), float(pval[top])), pg
 
     first = scan([])
     if first is None:
