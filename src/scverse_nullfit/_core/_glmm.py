@@ -546,7 +546,7 @@ def count_projection(sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: 
 
 def _project_chunk(Dw, ZWX, XWX, ZWr, XWr, s2, d1, g1, groups, Ainv, resid) -> None:
     """:func:`count_projection` of one chunk of genes: fills ``Ainv`` and ``resid``, turns ``ZWX`` into ``B``."""
-    k, n, p = ZWX.shape
+    p = ZWX.shape[2]
     R = np.concatenate([ZWX, ZWr[:, :, None]], axis=2)  # [Z'WX, Z'Wr]
     LKL = np.empty_like(R)  # L K^-1 L' R
     kinv = g1 / (1.0 + s2[:, None] * g1 * Dw[:, d1])

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from ._compiled import jit
 from . import _spa
+from ._compiled import jit
 from ._glmm import CHUNK_ELEMENTS, DonorBlocks, _split_blocks, block_quad, block_solve
 
 #: Target number of float64 elements of one genes x covariates x variants block (bounds the memory of a chunk).
@@ -288,7 +288,8 @@ class CountNull(_NullModel):
             return pval
         idx = np.arange(self.n_genes)[rows]
         n = self.n_donors
-        theta = np.full(self.n_genes, np.inf) if self.theta is None else np.where(np.isfinite(self.theta), self.theta, np.inf)
+        theta = np.full(self.n_genes, np.inf) if self.theta is None else self.theta
+        theta = np.where(np.isfinite(theta), theta, np.inf)
         Gt = np.ascontiguousarray(Gt, dtype=np.float64)
         step = max(1, CHUNK_ELEMENTS // (4 * n))
         for lo in range(0, len(gi), step):

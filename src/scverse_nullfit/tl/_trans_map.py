@@ -207,7 +207,14 @@ def _associations(
             values = geno.var[col].to_numpy()[vi]
             extra[col] = pd.Categorical(values.astype(str)) if col == "chrom" else values
     return step2.result_table(
-        adata.var_names[sel], np.searchsorted(sel, var_index[gi]), geno.var.index, vi, S, Var, info=info, pval=P,
+        adata.var_names[sel],
+        np.searchsorted(sel, var_index[gi]),
+        geno.var.index,
+        vi,
+        S,
+        Var,
+        info=info,
+        pval=P,
         **extra,
     )
 
