@@ -46,8 +46,13 @@ def make_adata(cells: int, donors: int, genes: int, grm: str = "identity", seed:
 
     rng = np.random.default_rng(seed)
     ids = np.array([f"D{i:05d}" for i in range(donors)])
-    dosage = _family_genotypes(rng, donors, 2 * donors + 500)
-    G = standardised_grm(dosage) if grm == "dense" else np.eye(donors)
+    n_common = 2 * donors + 500
+    if null:  # also 2,000 variants with founder allele frequency 0.005-0.05, in the same families
+        freq = np.concatenate([rng.uniform(0.05, 0.5, n_common), rng.uniform(0.005, 0.05, 2000)])
+        dosage = _family_genotypes(rng, donors, len(freq), freq)
+    else:
+        dosage = _family_genotypes(rng, donors, n_common)
+    G = standardised_grm(dosage[:, :n_common]) if grm == "dense" else np.eye(donors)
     codes = np.sort(rng.integers(0, donors, cells))
     age, sex, pcs = rng.uniform(20, 80, donors), rng.choice(["F", "M"], donors), rng.standard_normal((donors, 3))
     ctype = rng.choice(["B", "CD4T", "CD8T", "NK", "Mono"], cells)
@@ -85,10 +90,15 @@ def make_adata(cells: int, donors: int, genes: int, grm: str = "identity", seed:
     adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(genes)]))
     adata.layers["counts"] = X
     adata.uns["grm"] = pd.DataFrame(G, index=ids, columns=ids)
-    if null:
-        adata.uns["genotypes"] = pd.DataFrame(
-            dosage[:, rng.choice(dosage.shape[1], 400, replace=False)], index=ids
-        ).rename(columns=lambda k: f"v{k}")
+    if null:  # 400 random variants and up to 400 with minor allele frequency 0.01-0.05 (the tail calibration)
+        maf = dosage.mean(axis=0) / 2
+        maf = np.minimum(maf, 1 - maf)
+        rare = np.flatnonzero((maf >= 0.01) & (maf <= 0.05))
+        rare = rng.choice(rare, min(400, len(rare)), replace=False)
+        common = rng.choice(n_common, 400, replace=False)
+        adata.uns["genotypes"] = pd.DataFrame(dosage[:, np.concatenate([common, rare])], index=ids).rename(
+            columns=lambda k: f"v{k}"
+        )
     return adata
 
 
@@ -150,7 +160,8 @@ def time_r(adata) -> dict | None:
 
 
 def calibration(n_donors: int = 300, cells_per_donor: int = 15, genes: int = 300, seed: int = 1) -> dict:
-    """lambda_GC of NB and Poisson score tests on null data (related donors, overdispersed counts)."""
+    """lambda_GC of NB and Poisson score tests on null data (related donors, overdispersed counts), and the tail at
+    minor allele frequency 0.01-0.05: the fraction of p-values below 1e-3 and 1e-2, normal and saddlepoint."""
     from scipy import stats
 
     import scverse_nullfit as snf
@@ -158,27 +169,40 @@ def calibration(n_donors: int = 300, cells_per_donor: int = 15, genes: int = 300
     adata = make_adata(n_donors * cells_per_donor, n_donors, genes, grm="dense", seed=seed, null=True)
     # related donors as family blocks: the GRM sparsified at 0.1 (exact block algebra, fast)
     adata.uns["grm"] = snf.tl.sparsify_grm(adata.uns["grm"], 0.1)
-    out = {"cells": adata.n_obs, "donors": n_donors, "genes": genes, "variants": adata.uns["genotypes"].shape[1]}
+    geno = adata.uns["genotypes"]
+    maf = geno.mean(axis=0) / 2
+    maf = np.minimum(maf, 1 - maf)
+    out = {"cells": adata.n_obs, "donors": n_donors, "genes": genes, "variants": geno.shape[1]}
+    med = stats.chi2.ppf(0.5, 1)
     for family in ("negative_binomial", "poisson"):
         snf.tl.fit_null(
             adata, covariates=COVARIATES, donor_covariates=DONOR_COVARIATES, layer="counts", offset="log_lib",
             family=family, key_added=family,
         )  # fmt: skip
-        res = snf.tl.score_test(adata, adata.uns["genotypes"], key=family)
+        t0 = time.perf_counter()
+        res = snf.tl.score_test(adata, geno, key=family, spa=True)
+        wall = time.perf_counter() - t0
         z = res["z"].to_numpy()
-        z = z[np.isfinite(z)]
-        maf = adata.uns["genotypes"].mean(axis=0) / 2
-        maf = np.minimum(maf, 1 - maf)
-        rare = res["variant"].map(maf).to_numpy() < 0.05
-        zr = res["z"].to_numpy()[rare]
-        zr = zr[np.isfinite(zr)]
-        med = stats.chi2.ppf(0.5, 1)
-        out[family] = {
-            "lambda_gc": float(np.median(z**2) / med),
-            "lambda_gc_maf_below_0.05": float(np.median(zr**2) / med) if len(zr) else None,
-            "n_tests": len(z),
-            "frac_p_below_0.001": float((2 * stats.norm.sf(np.abs(z)) < 1e-3).mean()),
+        ok = np.isfinite(z)
+        vmaf = res["variant"].map(maf).to_numpy()
+        rare = ok & (vmaf < 0.05)
+        tail = ok & (vmaf >= 0.01) & (vmaf <= 0.05)
+        p_spa = res["pval"].to_numpy()
+        p_norm = 2 * stats.norm.sf(np.abs(z))
+        row = {
+            "lambda_gc": float(np.median(z[ok] ** 2) / med),
+            "lambda_gc_maf_below_0.05": float(np.median(z[rare] ** 2) / med) if rare.any() else None,
+            "n_tests": int(ok.sum()),
+            "frac_p_below_0.001": float((p_norm[ok] < 1e-3).mean()),
+            "frac_p_below_0.001_spa": float((p_spa[ok] < 1e-3).mean()),
+            "maf_0.01_0.05": {"n_tests": int(tail.sum())},
+            "score_test_wall_spa": wall,
         }
+        for level in (1e-2, 1e-3):
+            row["maf_0.01_0.05"][f"frac_p_below_{level:g}_normal"] = float((p_norm[tail] < level).mean())
+            row["maf_0.01_0.05"][f"frac_p_below_{level:g}_spa"] = float((p_spa[tail] < level).mean())
+        out[family] = row
+        print(family, json.dumps(row), flush=True)
     return out
 
 

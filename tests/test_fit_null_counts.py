@@ -177,3 +177,25 @@ def test_trans_map_takes_a_count_fit(small_adata):
     got = snf.get.trans_df(adata)
     want = snf.tl.score_test(adata, geno)
     assert len(got) == int(want["pval"].notna().sum())
+
+
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+def test_count_conditional_and_spa_through_tools(count_fits, family):
+    """score_test(condition=...) and cis_map(independent=True) accept count fits; spa changes only pval, and only
+    where |z| > 2."""
+    adata = count_fits
+    geno = adata.uns["genotypes"].iloc[:, :15]
+    spa = snf.tl.score_test(adata, geno, key=family)
+    plain = snf.tl.score_test(adata, geno, key=family, spa=False)
+    cols = ["score", "score_var", "z", "beta", "se"]
+    pd.testing.assert_frame_equal(spa[cols], plain[cols])
+    small = ~(np.abs(plain["z"]) > 2)
+    np.testing.assert_array_equal(spa["pval"][small], plain["pval"][small])
+    cond = snf.tl.score_test(adata, geno, key=family, condition=[geno.columns[0]])
+    assert cond.loc[cond["variant"] == geno.columns[0], "score_var"].isna().all()
+    assert np.isfinite(cond.loc[cond["variant"] != geno.columns[0], "pval"]).any()
+    snf.tl.cis_map(
+        adata, adata.uns["genotypes"], variants=adata.uns["variants"], key=family, key_added="cis_ind",
+        independent=True, fdr=0.99,
+    )  # fmt: skip
+    assert "independent" in adata.uns["cis_ind"]

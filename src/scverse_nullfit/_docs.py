@@ -41,6 +41,14 @@ n_threads
     expression, the gene chunks) alike. Default: scanpy's ``settings.n_jobs`` when it has been set (``-1`` for every
     CPU), else every CPU the process may use."""
 
+doc_spa = """\
+spa
+    For count fits (``family="poisson"`` or ``"negative_binomial"``): where ``|z| > 2``, ``pval`` is the saddlepoint
+    approximation of the score's distribution (as SAIGE-QTL's SPA; see "Saddlepoint p-values" on the "Model and
+    algorithm" page), better calibrated than the normal p-value for low counts and rare variants; ``score``,
+    ``score_var``, ``z``, ``beta`` and ``se`` are unchanged. ``False``: normal p-values throughout. No effect on
+    Gaussian fits."""
+
 doc_copy = """\
 copy
     Return a copy instead of writing into ``adata``."""

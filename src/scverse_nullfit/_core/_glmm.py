@@ -423,6 +423,9 @@ def fit_counts(
 # step 2: the working model at the fit (SAIGE-QTL / GMMAT), Sigma = W^-1 + s2 Z G Z', through donor sums only
 # ------------------------------------------------------------------------------------------------------------
 
+#: Float64 elements of the temporaries of one gene chunk of the projection and the block algebra (32 MB).
+CHUNK_ELEMENTS = 1 << 22
+
 
 @dataclass
 class CountProjection:
@@ -488,76 +491,139 @@ def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: i
     return out
 
 
+@dataclass
+class BlockGroup:
+    """The multi-donor blocks of a :class:`DonorBlocks` that share a size ``k``, stacked for batched algebra."""
+
+    idx: np.ndarray  #: (blocks, k) donor indices
+    L: np.ndarray  #: (blocks, k, k) factors, ``G_b = L_b L_b'``
+
+    @property
+    def size(self) -> int:
+        return self.idx.shape[1]
+
+
 def _split_blocks(blocks: DonorBlocks):
-    """Singleton donors as arrays (donor index, G_dd), and the larger blocks as a list of (donor indices, L_b)."""
+    """Singleton donors as arrays (donor index, G_dd), and the larger blocks grouped by size
+    (a list of :class:`BlockGroup`)."""
     sizes = blocks.sizes
     single = np.flatnonzero(sizes == 1)
     d1 = blocks.donors[blocks.ptr[single]]
     g1 = blocks.L[blocks.loff[single]] ** 2
-    multi = []
-    for b in np.flatnonzero(sizes > 1):
-        idx = blocks.donors[blocks.ptr[b] : blocks.ptr[b + 1]]
-        k = len(idx)
-        multi.append((idx, blocks.L[blocks.loff[b] : blocks.loff[b] + k * k].reshape(k, k)))
-    return d1, g1, multi
+    groups = []
+    for k in np.unique(sizes[sizes > 1]):
+        which = np.flatnonzero(sizes == k)
+        idx = blocks.donors[blocks.ptr[which][:, None] + np.arange(k)[None, :]]
+        L = blocks.L[blocks.loff[which][:, None] + np.arange(k * k)[None, :]].reshape(len(which), k, k)
+        groups.append(BlockGroup(idx, L))
+    return d1, g1, groups
+
+
+def _gene_step(per_gene: int) -> int:
+    """Genes per chunk so that ``per_gene`` float64 elements per gene stay near ``CHUNK_ELEMENTS``."""
+    return int(max(1, CHUNK_ELEMENTS // max(1, per_gene)))
+
+
+def block_solve(Dw: np.ndarray, s2: np.ndarray, grp: BlockGroup, H: np.ndarray) -> np.ndarray:
+    """``K_b^-1 H_b`` for every gene and block of ``grp``, ``K_b = I + s2 L_b' diag(Dw_b) L_b``.
+
+    ``Dw`` (genes, donors), ``s2`` (genes,), ``H`` (genes, blocks, k, m). One batched ``np.linalg.solve`` per
+    chunk of genes (``K_b`` is symmetric with eigenvalues >= 1, so the LU solve is as good as Cholesky). Donor
+    sums that are not finite (genes without a fit) enter ``K_b`` as 0; their ``H`` carries the NaN.
+    """
+    nb, k = grp.idx.shape
+    out = np.empty(H.shape)
+    LT = grp.L.transpose(0, 2, 1)
+    diag = np.arange(k)
+    step = _gene_step(nb * k * (2 * k + H.shape[-1]))
+    for lo in range(0, len(s2), step):
+        sl = slice(lo, lo + step)
+        D = Dw[sl][:, grp.idx]
+        D[~np.isfinite(D)] = 0.0
+        Kb = np.matmul(LT[None] * D[:, :, None, :], grp.L[None])
+        Kb *= s2[sl, None, None, None]
+        Kb[..., diag, diag] += 1.0
+        out[sl] = np.linalg.solve(Kb, H[sl])
+    return out
+
+
+def block_quad(Dw: np.ndarray, s2: np.ndarray, groups: list[BlockGroup], G: np.ndarray) -> np.ndarray:
+    """``s2 h' K_b^-1 h`` summed over the multi-donor blocks, ``h = L_b' diag(Dw_b) g_b``, for every gene
+    (``Dw`` genes x donors, ``s2`` genes) and column of ``G`` (donors x variants): the block part of
+    ``g' D_w g - g' T D_w g``. Returns genes x variants (zeros without multi-donor blocks)."""
+    genes, V = len(s2), G.shape[1]
+    out = np.zeros((genes, V))
+    for grp in groups:
+        nb, k = grp.idx.shape
+        Gb = G[grp.idx]  # (blocks, k, V)
+        LT = grp.L.transpose(0, 2, 1)[None]
+        step = _gene_step(nb * k * (2 * k + 3 * V))
+        for lo in range(0, genes, step):
+            sl = slice(lo, lo + step)
+            h = np.matmul(LT, Dw[sl][:, grp.idx, None] * Gb[None])
+            out[sl] += s2[sl, None] * np.einsum("gbkv,gbkv->gv", h, block_solve(Dw[sl], s2[sl], grp, h))
+    return out
 
 
 def count_projection(sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: DonorBlocks) -> CountProjection:
     """The compact projection from the working sums: ``T = I - s2 D_w L K^-1 L'``, ``K = I + s2 L' D_w L``.
 
-    Diagonal GRMs are handled for all genes at once; other blocks per gene and block (dense algebra).
+    Chunk by chunk of genes (bounded temporaries); singleton donors for all genes of a chunk at once, blocks of
+    related donors through :func:`block_solve`. The working sums are consumed: ``sums["ZWX"]`` becomes ``B``
+    (overwritten in place, so no second genes x donors x p array is allocated).
     """
     Dw, ZWX, XWX, ZWr, XWr = (sums[k] for k in ("Dw", "ZWX", "XWX", "ZWr", "XWr"))
-    genes, _, p = ZWX.shape
+    genes, n, p = ZWX.shape
     s2 = np.where(np.isfinite(sigma2_g), sigma2_g, 0.0)
-    # LKL = L K^-1 L' applied to ZWX and ZWr, and T applied to them
-    LKL_ZWX = np.zeros_like(ZWX)
-    LKL_ZWr = np.zeros_like(ZWr)
-    d1, g1, multi = _split_blocks(blocks)
+    d1, g1, groups = _split_blocks(blocks)
+    Ainv = np.full((genes, p, p), np.nan)
+    resid = np.empty((genes, n))
+    for lo in range(0, genes, _gene_step(3 * n * (p + 1))):
+        sl = slice(lo, min(genes, lo + _gene_step(3 * n * (p + 1))))
+        _project_chunk(Dw[sl], ZWX[sl], XWX[sl], ZWr[sl], XWr[sl], s2[sl], d1, g1, groups, Ainv[sl], resid[sl])
+    return CountProjection(sigma2_g=s2, Dw=Dw, B=ZWX, Ainv=Ainv, resid=resid)
+
+
+def _project_chunk(Dw, ZWX, XWX, ZWr, XWr, s2, d1, g1, groups, Ainv, resid) -> None:
+    """:func:`count_projection` of one chunk of genes: fills ``Ainv`` and ``resid``, turns ``ZWX`` into ``B``."""
+    p = ZWX.shape[2]
+    R = np.concatenate([ZWX, ZWr[:, :, None]], axis=2)  # [Z'WX, Z'Wr]
+    LKL = np.empty_like(R)  # L K^-1 L' R
     kinv = g1 / (1.0 + s2[:, None] * g1 * Dw[:, d1])
-    LKL_ZWX[:, d1] = kinv[:, :, None] * ZWX[:, d1]
-    LKL_ZWr[:, d1] = kinv * ZWr[:, d1]
-    for idx, Lb in multi:
-        for g in range(genes):
-            if not np.isfinite(Dw[g, idx]).all():
-                continue
-            Kb = np.eye(len(idx)) + s2[g] * (Lb.T * Dw[g, idx]) @ Lb
-            cf = linalg.cho_factor(Kb, lower=True, check_finite=False)
-            rhs = Lb.T @ np.column_stack([ZWX[g, idx], ZWr[g, idx]])
-            sol = Lb @ linalg.cho_solve(cf, rhs, check_finite=False)
-            LKL_ZWX[g, idx] = sol[:, :p]
-            LKL_ZWr[g, idx] = sol[:, p]
-    s2c = s2[:, None, None]
-    A = XWX - s2c * np.einsum("gnp,gnq->gpq", ZWX, LKL_ZWX)
-    xsr = XWr - s2[:, None] * np.einsum("gnp,gn->gp", ZWX, LKL_ZWr)
-    Ainv = np.full_like(A, np.nan)
+    LKL[:, d1] = kinv[:, :, None] * R[:, d1]
+    for grp in groups:
+        H = np.matmul(grp.L.transpose(0, 2, 1)[None], R[:, grp.idx])
+        LKL[:, grp.idx] = np.matmul(grp.L[None], block_solve(Dw, s2, grp, H))
+    M = np.matmul(ZWX.transpose(0, 2, 1), LKL)  # (k, p, p + 1): Z'WX' L K^-1 L' [Z'WX, Z'Wr]
+    A = XWX - s2[:, None, None] * M[:, :, :p]
+    xsr = XWr - s2[:, None] * M[:, :, p]
     ok = np.isfinite(A).all(axis=(1, 2))
-    Ainv[ok] = np.linalg.pinv(A[ok], hermitian=True)
-    TZWX = ZWX - s2c * Dw[:, :, None] * LKL_ZWX
-    TZWr = ZWr - s2[:, None] * Dw * LKL_ZWr
-    resid = TZWr - np.einsum("gnp,gp->gn", TZWX, np.einsum("gpq,gq->gp", Ainv, xsr))
-    return CountProjection(sigma2_g=s2, Dw=Dw, B=TZWX, Ainv=Ainv, resid=resid)
+    if ok.any():
+        Ainv[ok] = np.linalg.pinv(A[ok], hermitian=True)
+    # T R = R - s2 D_w L K^-1 L' R, in place in LKL
+    LKL *= (-s2[:, None] * Dw)[:, :, None]
+    LKL += R
+    ZWX[...] = LKL[:, :, :p]
+    resid[...] = LKL[:, :, p] - np.matmul(ZWX, np.matmul(Ainv, xsr[:, :, None]))[:, :, 0]
 
 
-def count_score(proj: CountProjection, genotypes: np.ndarray, blocks: DonorBlocks, gene: int):
-    """Score statistics of donor-level variants (donors x variants) for one gene: (score, score_var)."""
+def count_score(proj: CountProjection, genotypes: np.ndarray, blocks: DonorBlocks, gene):
+    """Score statistics of donor-level variants (donors x variants) for the gene ``gene`` (an index: returns
+    (score, score_var), each over variants) or genes (an array or slice: each genes x variants)."""
     g = np.asarray(genotypes, dtype=np.float64)
     if g.ndim == 1:
         g = g[:, None]
-    s2 = proj.sigma2_g[gene]
-    Dw = proj.Dw[gene]
-    score = proj.resid[gene] @ g
-    quad = np.einsum("nm,n,nm->m", g, Dw, g)
-    d1, g1, multi = _split_blocks(blocks) if s2 > 0 else (np.zeros(0, dtype=np.int64), np.zeros(0), [])
-    t1 = s2 * g1 * Dw[d1] ** 2 / (1.0 + s2 * g1 * Dw[d1])
-    quad -= np.einsum("nm,n,nm->m", g[d1], t1, g[d1])
-    for idx, Lb in multi:
-        Kb = np.eye(len(idx)) + s2 * (Lb.T * Dw[idx]) @ Lb
-        C = linalg.cholesky(Kb, lower=True, check_finite=False)
-        t = linalg.solve_triangular(C, Lb.T @ (Dw[idx, None] * g[idx]), lower=True, check_finite=False)
-        quad -= s2 * np.einsum("km,km->m", t, t)
-    Bg = proj.B[gene].T @ g
-    var = quad - np.einsum("pm,pq,qm->m", Bg, proj.Ainv[gene], Bg)
+    rows = np.atleast_1d(np.arange(len(proj.sigma2_g))[gene])
+    s2, Dw = proj.sigma2_g[rows], proj.Dw[rows]
+    d1, g1, groups = _split_blocks(blocks)
+    tdw = Dw.copy()  # the diagonal of T D_w on singleton donors; the blocks come from block_quad
+    tdw[:, d1] = Dw[:, d1] / (1.0 + s2[:, None] * g1 * Dw[:, d1])
+    score = proj.resid[rows] @ g
+    quad = tdw @ (g * g) - block_quad(Dw, s2, groups, g)
+    Bg = np.matmul(proj.B[rows].transpose(0, 2, 1), g[None])  # (genes, p, variants)
+    var = quad - np.einsum("gpm,gpm->gm", Bg, np.matmul(proj.Ainv[rows], Bg))
+    if np.ndim(gene) == 0 and not isinstance(gene, slice):
+        return score[0], var[0]
     return score, var
 
 

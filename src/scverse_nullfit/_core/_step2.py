@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import linalg, special
+from scipy import special
 
+from . import _spa
 from ._compiled import jit
-from ._glmm import DonorBlocks, _split_blocks
+from ._glmm import CHUNK_ELEMENTS, DonorBlocks, _split_blocks, block_quad, block_solve
 
 #: Target number of float64 elements of one genes x covariates x variants block (bounds the memory of a chunk).
 BLOCK_ELEMENTS = 1 << 23
@@ -53,6 +54,13 @@ class _NullModel:
         n, p = self.shape
         per_variant = 2 * g + 2 * min(g, self.gene_chunk()) * p + 3 * n
         return int(max(1, min(BLOCK_ELEMENTS // per_variant, 1 << 16)))
+
+    def pvalues(
+        self, Gt: np.ndarray, S: np.ndarray, Var: np.ndarray, rows: np.ndarray | slice = slice(None)
+    ) -> np.ndarray:
+        """Two-sided p-values of the statistics ``S``, ``Var`` from :meth:`stats` (same ``Gt`` and ``rows``): the
+        standard normal's (count models override this with saddlepoint p-values in the tails)."""
+        return normal_pvalues(S, Var)
 
     def rotate_dosages(self, G: np.ndarray) -> np.ndarray:
         """``rotate`` of raw dosages (donors x variants, model order, NaN where missing), after :func:`impute`."""
@@ -198,7 +206,8 @@ class CountNull(_NullModel):
 
     The same interface as :class:`CompactNull`. For a donor-level genotype ``g`` the score is ``g' resid`` and
     its variance ``g'T D_w g - (B'g)' Ainv (B'g)`` (see the "Model and algorithm" page); ``g'T D_w g`` is
-    diagonal for unrelated donors and is rebuilt block by block from ``Dw`` otherwise (dense algebra per gene).
+    diagonal for unrelated donors and is rebuilt from ``Dw`` for blocks of related donors (batched over genes and
+    blocks of a size, :func:`~._glmm.block_quad`).
     """
 
     var_index: np.ndarray  #: (genes,) positions of the usable genes in adata.var_names
@@ -211,9 +220,11 @@ class CountNull(_NullModel):
     Ainv: np.ndarray  #: (genes, p, p)
     resid: np.ndarray  #: (genes, donors)
     blocks: DonorBlocks
+    theta: np.ndarray | None = None  #: (genes,) NB2 dispersion; None or NaN: Poisson
+    spa_cutoff: float | None = None  #: |z| above which :meth:`pvalues` gives saddlepoint p-values (None: never)
 
     def __post_init__(self):
-        d1, g1, self._multi = _split_blocks(self.blocks)
+        d1, g1, self._groups = _split_blocks(self.blocks)
         s2 = self.sigma2_g[:, None]
         self._quad = self.Dw.copy()  # the diagonal part of T D_w; multi-donor blocks are corrected in stats()
         self._quad[:, d1] = self.Dw[:, d1] / (1.0 + s2 * g1 * self.Dw[:, d1])
@@ -252,22 +263,61 @@ class CountNull(_NullModel):
             score = M[:k]
             v = M[k:].reshape(k, p, V)
             quad = self._quad[r] @ Gt2
-            for i, g in enumerate(r):
-                s2 = self.sigma2_g[g]
-                if s2 <= 0:
-                    continue
-                for didx, Lb in self._multi:
-                    Kb = np.eye(len(didx)) + s2 * (Lb.T * self.Dw[g, didx]) @ Lb
-                    C = linalg.cholesky(Kb, lower=True, check_finite=False)
-                    t = linalg.solve_triangular(
-                        C, Lb.T @ (self.Dw[g, didx, None] * Gt[didx]), lower=True, check_finite=False
-                    )
-                    quad[i] -= s2 * np.einsum("km,km->m", t, t)
+            related = np.flatnonzero(self.sigma2_g[r] > 0) if self._groups else np.zeros(0, dtype=np.int64)
+            if len(related):
+                rr = r[related]
+                quad[related] -= block_quad(self.Dw[rr], self.sigma2_g[rr], self._groups, Gt)
             var_h = quad - np.einsum("gpv,gpv->gv", v, np.matmul(self.Ainv[r], v))
             ok = var_h > VAR_RTOL * quad
             S[g0 : g0 + k] = np.where(ok, score, np.nan)
             Var[g0 : g0 + k] = np.where(ok, var_h, np.nan)
         return S, Var
+
+    def pvalues(
+        self, Gt: np.ndarray, S: np.ndarray, Var: np.ndarray, rows: np.ndarray | slice = slice(None)
+    ) -> np.ndarray:
+        """Two-sided p-values of :meth:`stats`' ``S`` and ``Var`` (same ``Gt``, ``rows``): the saddlepoint
+        approximation where ``|z| > spa_cutoff`` (see :mod:`._spa`), the standard normal's elsewhere and where the
+        saddlepoint fails."""
+        pval = normal_pvalues(S, Var)
+        if self.spa_cutoff is None:
+            return pval
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gi, vi = np.nonzero(np.abs(S) > self.spa_cutoff * np.sqrt(Var))
+        if not len(gi):
+            return pval
+        idx = np.arange(self.n_genes)[rows]
+        n = self.n_donors
+        theta = np.full(self.n_genes, np.inf) if self.theta is None else self.theta
+        theta = np.where(np.isfinite(theta), theta, np.inf)
+        Gt = np.ascontiguousarray(Gt, dtype=np.float64)
+        step = max(1, CHUNK_ELEMENTS // (4 * n))
+        for lo in range(0, len(gi), step):
+            m_g, m_v = gi[lo : lo + step], vi[lo : lo + step]
+            genes = idx[m_g]
+            F = self.projected(Gt, genes, m_v)
+            out = np.empty(len(genes))
+            _spa.spa_pvalues(F, self.Dw[genes], self.counts, theta[genes], S[m_g, m_v], Var[m_g, m_v], out)
+            pval[m_g, m_v] = np.where(np.isfinite(out), out, pval[m_g, m_v])
+        return pval
+
+    def projected(self, Gt: np.ndarray, genes: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``f = Z'PZg`` (pairs x donors) of the pairs (gene ``genes[m]``, column ``cols[m]`` of ``Gt``), so that
+        ``score_var = g'f``."""
+        F = np.empty((len(genes), self.n_donors))
+        _spa.projected_genotypes(
+            np.asarray(genes, dtype=np.int64), np.asarray(cols, dtype=np.int64), self._quad, self.B, self.Ainv, Gt, F
+        )
+        s2 = self.sigma2_g[genes]
+        if self._groups and (s2 > 0).any():
+            Dw = self.Dw[genes]
+            for grp in self._groups:
+                # T D_w g on a block: D g - s2 D L K^-1 L' D g (the diagonal part D g is already in F)
+                h = Dw[:, grp.idx] * Gt[grp.idx, cols[:, None, None]]
+                H = np.matmul(grp.L.transpose(0, 2, 1)[None], h[..., None])
+                sol = np.matmul(grp.L[None], block_solve(Dw, s2, grp, H))[..., 0]
+                F[:, grp.idx] -= s2[:, None, None] * Dw[:, grp.idx] * sol
+        return F
 
 
 def usable_genes(tau: np.ndarray, s2e: np.ndarray, C: np.ndarray, R: np.ndarray) -> np.ndarray:
@@ -283,8 +333,15 @@ def usable_genes(tau: np.ndarray, s2e: np.ndarray, C: np.ndarray, R: np.ndarray)
         )
 
 
-def derived_statistics(S: np.ndarray, Var: np.ndarray) -> dict[str, np.ndarray]:
-    """``z``, two-sided normal ``pval``, ``beta = S/Var`` and ``se = 1/sqrt(Var)`` from score and variance."""
+def normal_pvalues(S: np.ndarray, Var: np.ndarray) -> np.ndarray:
+    """Two-sided standard-normal p-values of ``z = S / sqrt(Var)``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 2.0 * special.ndtr(-np.abs(S / np.sqrt(Var)))
+
+
+def derived_statistics(S: np.ndarray, Var: np.ndarray, pval: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``z``, ``pval`` (two-sided normal unless given, e.g. saddlepoint p-values), ``beta = S/Var`` and
+    ``se = 1/sqrt(Var)`` from score and variance."""
     with np.errstate(invalid="ignore", divide="ignore"):
         sd = np.sqrt(Var)
         z = S / sd
@@ -292,7 +349,7 @@ def derived_statistics(S: np.ndarray, Var: np.ndarray) -> dict[str, np.ndarray]:
             "score": S,
             "score_var": Var,
             "z": z,
-            "pval": 2.0 * special.ndtr(-np.abs(z)),
+            "pval": 2.0 * special.ndtr(-np.abs(z)) if pval is None else pval,
             "beta": S / Var,
             "se": 1.0 / sd,
         }

@@ -7,9 +7,12 @@ import pandas as pd
 from anndata import AnnData
 
 
-def _family_genotypes(rng: np.random.Generator, n_donors: int, n_snps: int) -> np.ndarray:
-    """Dosages (donors x snps) of nuclear families (two parents and their children) and unrelated singletons."""
-    freq = rng.uniform(0.05, 0.5, n_snps)
+def _family_genotypes(
+    rng: np.random.Generator, n_donors: int, n_snps: int, freq: np.ndarray | None = None
+) -> np.ndarray:
+    """Dosages (donors x snps) of nuclear families (two parents and their children) and unrelated singletons;
+    founder allele frequencies ``freq`` (default uniform on 0.05-0.5)."""
+    freq = rng.uniform(0.05, 0.5, n_snps) if freq is None else np.asarray(freq, dtype=np.float64)
 
     def founder():
         return rng.random((2, n_snps)) < freq  # two haplotypes

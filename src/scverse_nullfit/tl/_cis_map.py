@@ -21,8 +21,8 @@ from .._constants import Key
 from .._core._conditional import condition, subset
 from .._core._fdr import METHODS as FDR_METHODS
 from .._core._fdr import qvalues
-from .._core._step2 import CompactNull, derived_statistics
-from .._docs import doc_copy, doc_n_threads, doc_params
+from .._core._step2 import CompactNull
+from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
 from .._utils import check_positive_int, preview, select_genes
 from ..io._genotypes import GenotypeMatrix, reader_class
 from ..io._vcf import VcfGenotypes
@@ -183,7 +183,7 @@ class _RotationCache:
         return self.Gt[:, c0 - self.lo : c1 - self.lo]
 
 
-@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy, doc_spa=doc_spa)
 def cis_map(
     adata: AnnData,
     genotypes: AnnData | pd.DataFrame | str | os.PathLike,
@@ -203,6 +203,7 @@ def cis_map(
     gene_pval: Literal["acat", "bonf"] = "acat",
     independent: bool = False,
     chunk_size: int | None = None,
+    spa: bool = True,
     n_threads: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -283,6 +284,7 @@ def cis_map(
         Also find each eGene's independent signals (see above).
     chunk_size
         Variants per chunk (default: chosen to bound memory).
+    {doc_spa}
     {doc_n_threads}
     {doc_copy}
 
@@ -323,20 +325,15 @@ def cis_map(
         return _map_groups(adata, genotypes, groupby, key, key_added, copy, dict(
             window=window, genes=genes, variants=variants, chrom_key=chrom_key, pos_key=pos_key,
             variant_chrom_key=variant_chrom_key, variant_pos_key=variant_pos_key, fdr=fdr, fdr_method=fdr_method,
-            gene_pval=gene_pval, independent=independent, chunk_size=chunk_size, n_threads=n_threads,
+            gene_pval=gene_pval, independent=independent, chunk_size=chunk_size, spa=spa, n_threads=n_threads,
         ))  # fmt: skip
     _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads)
     _check_fdr_arguments(fdr, fdr_method, gene_pval)
     mask = None if genes is None else select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
-    if independent and stored.count is not None:
-        raise ValueError(
-            f"independent=True uses conditional score tests, available for Gaussian fits only; the fit under {key!r} "
-            f"is {stored.family}."
-        )
     loci = _Loci.of_genes(adata, chrom_key, pos_key)
     mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
-    model = stored.compact(mask)
+    model = stored.compact(mask, spa=bool(spa))
     genes_idx = np.flatnonzero(mask)
     options = {**file_options(genotypes, model.donors), **_window_regions(genotypes, loci, genes_idx, float(window))}
     geno = open_genotypes(genotypes, variants, **options)
@@ -351,8 +348,8 @@ def cis_map(
     except BaseException:
         close_genotypes(geno, genotypes)
         raise
-    gene_i, var_i, S, Var = _by_gene_and_position(found, loci.v_pos)
-    table = _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci, info)
+    gene_i, var_i, S, Var, P = _by_gene_and_position(found, loci.v_pos)
+    table = _variant_table(adata, geno, gene_i, var_i, S, Var, P, genes_idx, loci, info)
     summary = _gene_summary(adata, table, gene_i)
     fdr_params = _add_fdr(summary, fdr, fdr_method, gene_pval)
     results = {Key.CIS_VARIANTS: table}
@@ -377,6 +374,7 @@ def cis_map(
         "n_tests": len(table),
         **fdr_params,
         "independent": bool(independent),
+        "spa": bool(spa) and stored.count is not None,
     }
     target = store_derived(adata, key_added, summary, results, params, stored, copy=copy)
     logg.info(
@@ -532,7 +530,7 @@ def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, lo
                   info: VariantInfo) -> list[tuple[np.ndarray, ...]]:  # fmt: skip
     """Score statistics of every gene against the variants in its window, block by block of nearby genes.
 
-    Returns pieces ``(gene index, variant index, S, Var)`` of the (gene, variant) pairs in a window.
+    Returns pieces ``(gene index, variant index, S, Var, pval)`` of the (gene, variant) pairs in a window.
     """
     model_row = np.full(len(loci.g_chrom), -1, dtype=np.intp)
     model_row[model.var_index] = np.arange(model.n_genes)
@@ -563,25 +561,28 @@ def _test_windows(model: CompactNull, geno: GenotypeMatrix, rows: np.ndarray, lo
                 continue
             S = np.full((len(gidx), len(cols)), np.nan)
             Var = np.full((len(gidx), len(cols)), np.nan)
+            P = np.full((len(gidx), len(cols)), np.nan)
             if fitted.any():
-                S[fitted], Var[fitted] = model.stats(cache.get(cand, c0, c1), mrows[fitted])
+                Gt = cache.get(cand, c0, c1)
+                S[fitted], Var[fitted] = model.stats(Gt, mrows[fitted])
+                P[fitted] = model.pvalues(Gt, S[fitted], Var[fitted], mrows[fitted])
             gi, vi = np.nonzero(inwin)
-            pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi]))
+            pieces.append((gidx[gi], cols[vi], S[gi, vi], Var[gi, vi], P[gi, vi]))
     return pieces
 
 
 def _by_gene_and_position(pieces, v_pos: np.ndarray) -> tuple[np.ndarray, ...]:
     """The pieces concatenated and sorted by gene, then variant position (then variant index)."""
     if pieces:
-        gene_i, var_i, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
+        gene_i, var_i, S, Var, P = (np.concatenate(x) for x in zip(*pieces, strict=True))
     else:
         gene_i = var_i = np.zeros(0, dtype=np.intp)
-        S = Var = np.zeros(0)
+        S = Var = P = np.zeros(0)
     order = np.lexsort((var_i, v_pos[var_i], gene_i))
-    return gene_i[order], var_i[order], S[order], Var[order]
+    return gene_i[order], var_i[order], S[order], Var[order], P[order]
 
 
-def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci, info: VariantInfo) -> pd.DataFrame:
+def _variant_table(adata, geno, gene_i, var_i, S, Var, P, genes_idx, loci: _Loci, info: VariantInfo) -> pd.DataFrame:
     used = np.unique(var_i)
     v_pos = loci.v_pos[var_i]
     return result_table(
@@ -593,6 +594,7 @@ def _variant_table(adata, geno, gene_i, var_i, S, Var, genes_idx, loci: _Loci, i
         Var,
         info=info,
         info_rows=var_i,
+        pval=P,
         chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
         pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
         distance=v_pos - loci.g_pos[gene_i],
@@ -673,7 +675,7 @@ def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: 
         Gt = np.ascontiguousarray(cache.get(cand, lo, hi))
         for rank, j, stats, pg, k in _select(subset(model, [model_row[g]]), Gt, threshold, gene_pval):
             found.append((g, rank, cand[lo + j], pg, k, *stats))
-    cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 7
+    cols = list(zip(*found, strict=True)) if found else [np.zeros(0)] * 8
     gene_i = np.asarray(cols[0], dtype=np.intp)
     var_i = np.asarray(cols[2], dtype=np.intp)
     used = np.unique(var_i)
@@ -688,6 +690,7 @@ def _independent_signals(adata, model: CompactNull, geno: GenotypeMatrix, rows: 
         np.asarray(cols[6], dtype=np.float64),
         info=info,
         info_rows=var_i,
+        pval=np.asarray(cols[7], dtype=np.float64),
         rank=np.asarray(cols[1], dtype=np.int64),
         chrom=pd.Categorical(loci.v_chrom[var_i].astype(str)),
         pos=v_pos.astype(np.int64) if np.all(np.mod(v_pos, 1) == 0) else v_pos,
@@ -713,7 +716,7 @@ def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str
             if not ok[0]:
                 return None
         S, Var = m.stats(Gt, Gt2=Gt2)
-        pval = derived_statistics(S[0], Var[0])["pval"]
+        pval = m.pvalues(Gt, S, Var)[0]
         finite = np.isfinite(pval)
         if not finite.any():
             return None
@@ -722,7 +725,7 @@ def _select(model: CompactNull, Gt: np.ndarray, threshold: float, gene_pval: str
             pg = acat(pval)
         else:
             pg = min(1.0, float(pval[top]) * n_window)
-        return top, (float(S[0, top]), float(Var[0, top])), pg
+        return top, (float(S[0, top]), float(Var[0, top]), float(pval[top])), pg
 
     first = scan([])
     if first is None:

@@ -8,7 +8,7 @@ from scanpy import logging as logg
 
 from .._core._conditional import condition as _condition
 from .._core._conditional import redundant
-from .._core._step2 import CompactNull, impute
+from .._core._step2 import CompactNull, CountNull, impute
 from .._utils import preview
 from ..io._genotypes import GenotypeMatrix
 
@@ -39,18 +39,13 @@ def conditioning_dosages(condition, geno: GenotypeMatrix, rows: np.ndarray, dono
     return pd.DataFrame(geno.read(rows, idx), index=donors, columns=ids)
 
 
-def conditional_model(model: CompactNull, dosages: pd.DataFrame) -> CompactNull:
+def conditional_model(model: CompactNull | CountNull, dosages: pd.DataFrame) -> CompactNull | CountNull:
     """``model`` with the conditioning variants added as covariates (mean-imputed, rotated).
 
     Conditioning variants without an observed dosage, monomorphic among the fit's donors or collinear (with each
     other or the covariates) for every gene are errors naming them; genes for which they are collinear only
     numerically get NaN statistics, with a warning.
     """
-    if not isinstance(model, CompactNull):
-        raise ValueError(
-            "conditional score tests (condition=, independent=True) are available for Gaussian fits only; the fit "
-            "is a count family."
-        )
     if dosages.shape[1] == 0:
         return model
     G, poly = impute(dosages.to_numpy(dtype=np.float64))

@@ -11,7 +11,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from .._core._step2 import impute
-from .._docs import doc_n_threads, doc_params, doc_variant_columns
+from .._docs import doc_n_threads, doc_params, doc_spa, doc_variant_columns
 from .._utils import check_positive_int, select_genes
 from ._conditional import conditional_model, conditioning_dosages
 from ._step2 import StoredNull, VariantInfo, close_genotypes, file_options, open_genotypes, result_table, running
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
-@doc_params(doc_n_threads=doc_n_threads, doc_variant_columns=doc_variant_columns)
+@doc_params(doc_n_threads=doc_n_threads, doc_variant_columns=doc_variant_columns, doc_spa=doc_spa)
 def score_test(
     adata: AnnData,
     genotypes: pd.DataFrame | AnnData | str | os.PathLike,
@@ -29,6 +29,7 @@ def score_test(
     genes: Sequence[str] | np.ndarray | None = None,
     condition: Sequence[str] | pd.DataFrame | None = None,
     chunk_size: int | None = None,
+    spa: bool = True,
     n_threads: int | None = None,
 ) -> pd.DataFrame:
     """Exact score test of every variant against every gene's fitted null model.
@@ -82,6 +83,7 @@ def score_test(
         them, get NaN statistics.
     chunk_size
         Variants per chunk (default: chosen so that a chunk takes about 64 MB per array).
+    {doc_spa}
     {doc_n_threads}
 
     Returns
@@ -98,7 +100,7 @@ def score_test(
     check_positive_int(n_threads, "n_threads")
     mask = select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
-    model = stored.compact(mask)
+    model = stored.compact(mask, spa=bool(spa))
     geno = open_genotypes(genotypes, **file_options(genotypes, model.donors))
     try:
         out = _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
@@ -120,6 +122,7 @@ def _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
     n_sel, n_var = len(sel), geno.n_variants
     S_all = np.full((n_sel, n_var), np.nan)
     V_all = np.full((n_sel, n_var), np.nan)
+    P_all = np.full((n_sel, n_var), np.nan)
     step = int(chunk_size) if chunk_size is not None else model.variant_chunk()
     info = VariantInfo(geno, model.counts)
     with running(n_threads, n_var, "variant", show_above=10 * step) as bar:
@@ -129,14 +132,16 @@ def _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
             info.update(cols, raw)
             G, poly = impute(raw)
             if model.n_genes and poly.any():
-                S, Var = model.stats(model.rotate(G, poly))
+                Gt = model.rotate(G, poly)
+                S, Var = model.stats(Gt)
                 S_all[np.ix_(pos_in_sel, cols)] = S
                 V_all[np.ix_(pos_in_sel, cols)] = Var
+                P_all[np.ix_(pos_in_sel, cols)] = model.pvalues(Gt, S, Var)
             bar.update(len(cols))
 
     out = result_table(
         adata.var_names[sel], np.repeat(np.arange(n_sel), n_var), geno.var.index, np.tile(np.arange(n_var), n_sel),
-        S_all.ravel(), V_all.ravel(), info=info,
+        S_all.ravel(), V_all.ravel(), info=info, pval=P_all.ravel(),
     )  # fmt: skip
     if condition is not None:
         out.attrs["condition"] = [str(c) for c in cond.columns]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .._constants import Key
 from .._core._glmm import DonorBlocks
+from .._core._spa import SPA_CUTOFF
 from .._core._step2 import CompactNull, CountNull, allele_stats, derived_statistics, usable_genes
 from .._core._store import unpack_symmetric
 from .._provenance import CELLS, FIT_ID, SOURCE, check_cells
@@ -144,18 +145,21 @@ class StoredNull:
                 & np.isfinite(R).all(axis=1)
                 & np.isfinite(C).all(axis=(1, 2))
             )
-        count = {"sigma2_g": s2g, "Dw": Dw, "B": B, "blocks": blocks}
+        theta = adata.varm[key]["theta"].to_numpy(dtype=np.float64, na_value=np.nan) if family != "poisson" else None
+        count = {"sigma2_g": s2g, "Dw": Dw, "B": B, "blocks": blocks, "theta": theta}
         return cls(key, donors, counts, lam, U, Xrot, names, tau, s2e, C, R, usable, family, count)
 
-    def compact(self, mask: np.ndarray) -> CompactNull | CountNull:
-        """The compact null model of the usable genes in ``mask`` (a boolean mask over all genes)."""
+    def compact(self, mask: np.ndarray, spa: bool = False) -> CompactNull | CountNull:
+        """The compact null model of the usable genes in ``mask`` (a boolean mask over all genes); ``spa``: count
+        models give saddlepoint p-values where ``|z| > SPA_CUTOFF``."""
         idx = np.flatnonzero(mask & self.usable)
         if self.count is not None:
             c = self.count
             return CountNull(
                 var_index=idx, donors=self.donors, counts=self.counts, centre="intercept" in self.covariate_names,
                 sigma2_g=c["sigma2_g"][idx], Dw=c["Dw"][idx], B=c["B"][idx], Ainv=self.C[idx], resid=self.R[idx],
-                blocks=c["blocks"],
+                blocks=c["blocks"], theta=None if c["theta"] is None else c["theta"][idx],
+                spa_cutoff=SPA_CUTOFF if spa else None,
             )  # fmt: skip
         return CompactNull.from_arrays(
             idx, self.donors, self.counts, self.lam, self.U, self.Xrot, self.covariate_names,
@@ -251,11 +255,13 @@ def result_table(
     *,
     info: VariantInfo | None = None,
     info_rows: np.ndarray | None = None,
+    pval: np.ndarray | None = None,
     **extra,
 ) -> pd.DataFrame:
     """A long result table: ``gene`` and ``variant`` categoricals (codes into ``genes`` / ``variants``), the
     ``extra`` columns, the per-variant columns of ``info`` (for the genotype positions ``info_rows`` of the rows,
-    default ``variant_codes``), then the score-test statistics of ``S`` and ``Var``."""
+    default ``variant_codes``), then the score-test statistics of ``S`` and ``Var`` (with the p-values ``pval`` when
+    given, e.g. saddlepoint p-values)."""
     variant_cols = {} if info is None else info.columns(variant_codes if info_rows is None else info_rows)
     return pd.DataFrame(
         {
@@ -263,7 +269,7 @@ def result_table(
             "variant": pd.Categorical.from_codes(variant_codes, categories=pd.Index(np.asarray(variants))),
             **extra,
             **variant_cols,
-            **derived_statistics(S, Var),
+            **derived_statistics(S, Var, pval),
         }
     )
 

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from scanpy import logging as logg
-from scipy import special
 
 from .._constants import Key
 from .._core._step2 import BLOCK_ELEMENTS, impute
-from .._docs import doc_copy, doc_n_threads, doc_params
+from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
 from .._utils import check_positive_int, select_genes
 from . import _step2 as step2
 
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
 TRANS_CHUNK = 2048
 
 
-@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
+@doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy, doc_spa=doc_spa)
 def trans_map(
     adata: AnnData,
     genotypes: AnnData | pd.DataFrame | str | os.PathLike,
@@ -34,6 +33,7 @@ def trans_map(
     genes: Sequence[str] | np.ndarray | None = None,
     variants: pd.DataFrame | None = None,
     chunk_size: int | None = None,
+    spa: bool = True,
     n_threads: int | None = None,
     key_added: str = "trans",
     copy: bool = False,
@@ -68,6 +68,7 @@ def trans_map(
         to report with the associations.
     chunk_size
         Variants per chunk (default 2,048).
+    {doc_spa}
     {doc_n_threads}
     key_added
         Where to store the results.
@@ -103,7 +104,7 @@ def trans_map(
         raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
     mask = select_genes(adata.var_names, genes)
     stored = step2.StoredNull.read(adata, key)
-    model = stored.compact(mask)
+    model = stored.compact(mask, spa=bool(spa))
     options = step2.file_options(genotypes, model.donors)  # only the fit's donors are read
     geno = step2.open_genotypes(genotypes, variants, **options)
     rows = geno.align(model.donors)
@@ -133,8 +134,7 @@ def trans_map(
                 for g0 in range(0, n_genes, gstep):
                     g1 = min(n_genes, g0 + gstep)
                     S, Var = model.stats(Gt, slice(g0, g1), Gt2)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        pval = 2.0 * special.ndtr(-np.abs(S) / np.sqrt(Var))
+                    pval = model.pvalues(Gt, S, Var, slice(g0, g1))
                     pf = np.where(np.isfinite(pval), pval, np.inf)
                     j = np.argmin(pf, axis=1)
                     best = pf[np.arange(g1 - g0), j]
@@ -148,7 +148,7 @@ def trans_map(
                     var_arg[cols[better]] = g0 + i[better]
                     gi, vi = np.nonzero(pf < pval_threshold)
                     if len(gi):
-                        pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi]))
+                        pieces.append((g0 + gi, cols[vi], S[gi, vi], Var[gi, vi], pval[gi, vi]))
             bar.update(len(cols))
     step2.close_genotypes(geno, genotypes)  # a reader opened from a path (on an error, garbage collection closes it)
 
@@ -169,6 +169,7 @@ def trans_map(
     params = {
         "key": key,
         "pval_threshold": float(pval_threshold),
+        "spa": bool(spa) and stored.count is not None,
         "genotypes": geno.source,
         "n_genes_tested": int(n_genes),
         "n_variants": int(n_var),
@@ -193,12 +194,12 @@ def _associations(
 ) -> pd.DataFrame:
     """The kept pairs as a long table sorted by gene, then variant."""
     if pieces:
-        gi, vi, S, Var = (np.concatenate(x) for x in zip(*pieces, strict=True))
+        gi, vi, S, Var, P = (np.concatenate(x) for x in zip(*pieces, strict=True))
     else:
         gi = vi = np.zeros(0, dtype=np.intp)
-        S = Var = np.zeros(0)
+        S = Var = P = np.zeros(0)
     order = np.lexsort((vi, gi))
-    gi, vi, S, Var = gi[order], vi[order], S[order], Var[order]
+    gi, vi, S, Var, P = gi[order], vi[order], S[order], Var[order], P[order]
     sel = np.flatnonzero(mask)
     extra = {}
     for col in ("chrom", "pos"):
@@ -206,7 +207,15 @@ def _associations(
             values = geno.var[col].to_numpy()[vi]
             extra[col] = pd.Categorical(values.astype(str)) if col == "chrom" else values
     return step2.result_table(
-        adata.var_names[sel], np.searchsorted(sel, var_index[gi]), geno.var.index, vi, S, Var, info=info, **extra
+        adata.var_names[sel],
+        np.searchsorted(sel, var_index[gi]),
+        geno.var.index,
+        vi,
+        S,
+        Var,
+        info=info,
+        pval=P,
+        **extra,
     )
 
 
