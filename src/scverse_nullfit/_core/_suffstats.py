@@ -150,11 +150,10 @@ class Accumulator:
         if donor_cols is None:
             donor_cols = donor_level_columns(self.X, self.codes, self.n_donors)
         self.donor_cols = np.asarray(donor_cols, dtype=bool)
-        # per cell: 1, then the cell-level design columns; each gene's sums of y times these are one sparse product
-        self.ones_xc = np.hstack([np.ones((len(self.codes), 1)), self.X[:, ~self.donor_cols]])
+        self.Xc = np.ascontiguousarray(self.X[:, ~self.donor_cols])  # the cell-level columns
         self.S = np.zeros((self.n_donors, G))
         self.seen = np.zeros(self.n_donors, dtype=bool)  # donors whose rows of S hold sums already
-        self.XtYc = np.zeros((G, self.ones_xc.shape[1] - 1))
+        self.XtYc = np.zeros((G, self.Xc.shape[1]))
         # Chan-merged mean and centred sum of squares of the cells added so far
         self.mean = np.zeros(G)
         self.M2 = np.zeros(G)
@@ -231,12 +230,16 @@ class Accumulator:
         by_donor = sparse.csr_matrix((y, Yr.indices, Yr.indptr[np.searchsorted(codes, np.arange(d0, d1 + 1))]),
                                      shape=(d1 - d0, G))  # fmt: skip
         if self.seen[d0:d1].any():
-            self.S[d0:d1] += by_donor.toarray()
+            sums = by_donor.toarray()
+            self.S[d0:d1] += sums
         else:
-            by_donor.toarray(out=self.S[d0:d1])
-        out = np.empty((G, self.ones_xc.shape[1] + 1))
-        out[:, :-1] = sparse.csr_matrix((y, Yr.indices, Yr.indptr), shape=Yr.shape).T @ self.ones_xc[rows]
-        out[:, -1] = sparse.csr_matrix((y * y, Yr.indices, Yr.indptr), shape=Yr.shape).T @ np.ones(Yr.shape[0])
+            sums = by_donor.toarray(out=self.S[d0:d1])
+        out = np.empty((G, self.Xc.shape[1] + 2))
+        out[:, 0] = sums.sum(axis=0)
+        if self.Xc.shape[1]:
+            out[:, 1:-1] = sparse.csr_matrix((y, Yr.indices, Yr.indptr), shape=Yr.shape).T @ self.Xc[rows]
+        # y^2 of every cell in one row, made dense
+        out[:, -1] = sparse.csr_matrix((y * y, Yr.indices, [0, len(y)]), shape=(1, G)).toarray()[0]
         return out
 
     def _merge_raw(self, tot, sq, n_b: int, indptr, indices, data) -> None:
@@ -288,14 +291,15 @@ class Accumulator:
         cells = Y.indices[lo:hi]
         y = np.asarray(Y.data[lo:hi], dtype=np.float64)
         n = len(self.codes)
-        Yt = sparse.csr_matrix((y, cells, ptr), shape=(b - a, n))  # genes x cells
-        sums = Yt @ self.ones_xc
+        St = sparse.csr_matrix((y, self.codes[cells], ptr), shape=(b - a, self.n_donors)).toarray()
+        sums = np.empty((b - a, self.Xc.shape[1] + 1))
+        sums[:, 0] = St.sum(axis=1)
+        sums[:, 1:] = sparse.csr_matrix((y, cells, ptr), shape=(b - a, n)) @ self.Xc  # genes x cells, times X_c
         count = np.diff(ptr)
         mean = sums[:, 0] / n
         e = y - np.repeat(mean, count)
         ss = sparse.csr_matrix((e * e, cells, ptr), shape=(b - a, n)) @ np.ones(n)
         M2 = ss + (n - count) * mean * mean
-        St = sparse.csr_matrix((y, self.codes[cells], ptr), shape=(b - a, self.n_donors)).toarray()
         return sums, M2, St
 
     def close(self) -> None:
@@ -320,7 +324,7 @@ class Accumulator:
         self.S[sorted_codes[starts]] += np.add.reduceat(B[order], starts, axis=0)
         self.seen[sorted_codes[starts]] = True
         if self.XtYc.shape[1]:
-            self.XtYc += B.T @ self.ones_xc[rows, 1:]
+            self.XtYc += B.T @ self.Xc[rows]
         mean_b = B.mean(axis=0)
         B = B - mean_b  # a new array: B may be a view of the caller's data
         M2_b = np.einsum("ij,ij->j", B, B)
