@@ -85,6 +85,24 @@ def _donor_runs(sorted_codes: np.ndarray, nnz: np.ndarray, budget: int) -> list[
     return list(itertools.pairwise(bounds))
 
 
+def _raw_moments(tot: np.ndarray, sq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means and centred sums of squares over ``n`` cells from the sums of y and y^2, and the genes whose centred
+    sum lost digits to cancellation (see :data:`RAW_RATIO`): those are to be centred value by value."""
+    mean = tot / n
+    M2 = sq - tot * mean
+    return mean, M2, sq > RAW_RATIO * M2
+
+
+def _put_columns(S: np.ndarray, pos: np.ndarray, St: np.ndarray) -> None:
+    """``S[:, pos] = St.T``, by blocks of columns that stay in cache when ``pos`` is a range."""
+    if len(pos) and pos[-1] - pos[0] == len(pos) - 1 and np.all(np.diff(pos) == 1):
+        for k in range(0, len(pos), 64):
+            block = St[k : k + 64]
+            S[:, pos[0] + k : pos[0] + k + len(block)] = block.T
+    else:
+        S[:, pos] = St.T
+
+
 def _column_ranges(indptr: np.ndarray, budget: int) -> list[tuple[int, int]]:
     """Consecutive column ranges ``[a, b)`` of a CSC matrix holding about ``budget`` stored values each."""
     n = len(indptr) - 1
@@ -151,6 +169,7 @@ class Accumulator:
             donor_cols = donor_level_columns(self.X, self.codes, self.n_donors)
         self.donor_cols = np.asarray(donor_cols, dtype=bool)
         self.Xc = np.ascontiguousarray(self.X[:, ~self.donor_cols])  # the cell-level columns
+        self.cell_donor = self.codes.astype(np.int32 if self.n_donors < 2**31 else np.int64)
         self.S = np.zeros((self.n_donors, G))
         self.seen = np.zeros(self.n_donors, dtype=bool)  # donors whose rows of S hold sums already
         self.XtYc = np.zeros((G, self.Xc.shape[1]))
@@ -245,9 +264,7 @@ class Accumulator:
     def _merge_raw(self, tot, sq, n_b: int, indptr, indices, data) -> None:
         """Merge a CSR chunk's moments from its raw sums; genes where those would lose digits (see
         :data:`RAW_RATIO`) are centred value by value from the chunk's stored values."""
-        mean_b = tot / n_b
-        M2_b = sq - tot * mean_b
-        redo = sq > RAW_RATIO * M2_b
+        mean_b, M2_b, redo = _raw_moments(tot, sq, n_b)
         if redo.any():
             G = len(self.genes)
             stored = slice(int(indptr[0]), int(indptr[-1]))
@@ -273,34 +290,38 @@ class Accumulator:
         if len(pos) == 0:
             return
         ranges = _column_ranges(Y.indptr, RUN_ELEMENTS)
-        parts = self._map(lambda a, b: self._sum_columns(Y, a, b), ranges)
-        for (a, b), (sums, M2, St) in zip(ranges, parts, strict=True):
+        parts = self._map(lambda a, b: self._sum_columns(Y, pos[a:b], a, b), ranges)
+        for (a, b), (mean, M2, XtYc) in zip(ranges, parts, strict=True):
             g = pos[a:b]
-            self.S[:, g] = St.T
-            self.mean[g] = sums[:, 0] / len(self.codes)
-            self.M2[g] = M2
-            self.XtYc[g] = sums[:, 1:]
+            self.mean[g], self.M2[g], self.XtYc[g] = mean, M2, XtYc
         self.n_centred = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
         self.seen[:] = True
 
-    def _sum_columns(self, Y: sparse.csc_matrix, a: int, b: int):
-        """Columns ``[a, b)`` (genes): their sums of y and of y times the cell-level columns, centred sums of
-        squares, and donor sums (genes x donors)."""
+    def _sum_columns(self, Y: sparse.csc_matrix, pos: np.ndarray, a: int, b: int):
+        """Columns ``[a, b)`` (the genes ``pos``): writes their donor sums into S; returns their means, centred sums
+        of squares and sums of y times the cell-level columns."""
         lo, hi = Y.indptr[a], Y.indptr[b]
         ptr = Y.indptr[a : b + 1] - lo
         cells = Y.indices[lo:hi]
         y = np.asarray(Y.data[lo:hi], dtype=np.float64)
         n = len(self.codes)
-        St = sparse.csr_matrix((y, self.codes[cells], ptr), shape=(b - a, self.n_donors)).toarray()
-        sums = np.empty((b - a, self.Xc.shape[1] + 1))
-        sums[:, 0] = St.sum(axis=1)
-        sums[:, 1:] = sparse.csr_matrix((y, cells, ptr), shape=(b - a, n)) @ self.Xc  # genes x cells, times X_c
+        # genes x donors, each gene's values summed in its own row (the duplicates are summed when made dense)
+        _put_columns(self.S, pos, sparse.csr_matrix((y, self.cell_donor[cells], ptr), (b - a, self.n_donors)).toarray())
         count = np.diff(ptr)
-        mean = sums[:, 0] / n
-        e = y - np.repeat(mean, count)
-        ss = sparse.csr_matrix((e * e, cells, ptr), shape=(b - a, n)) @ np.ones(n)
-        M2 = ss + (n - count) * mean * mean
-        return sums, M2, St
+        filled = count > 0
+        starts = ptr[:-1][filled]
+        tot, sq = np.zeros(b - a), np.zeros(b - a)
+        if len(starts):  # each column's values are contiguous
+            tot[filled] = np.add.reduceat(y, starts)
+            sq[filled] = np.add.reduceat(y * y, starts)
+        mean, M2, redo = _raw_moments(tot, sq, n)
+        if redo.any():
+            e = y - np.repeat(mean, count)
+            centred = np.zeros(b - a)
+            centred[filled] = np.add.reduceat(e * e, starts)
+            M2[redo] = centred[redo] + (n - count[redo]) * mean[redo] ** 2
+        XtYc = sparse.csr_matrix((y, cells, ptr), shape=(b - a, n)) @ self.Xc  # genes x cells, times X_c
+        return mean, M2, XtYc
 
     def close(self) -> None:
         """Stop the accumulator's worker threads, if any."""
