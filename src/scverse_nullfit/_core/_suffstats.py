@@ -2,20 +2,22 @@
 
 Every statistic is a sum over cells, so the pass is a map-reduce: any set of cells gives partial sums
 (:class:`Accumulator`), and partial sums of disjoint cells add up (:meth:`SuffStats.merge`). Sparse storage is
-read by a compiled kernel straight from its ``indptr/indices/data`` arrays (no copy, no densifying); the donor
-sums ``Z'y`` of donor-level design columns come for free from ``Z'Y`` at the end.
+summed by scipy's sparse products on its own ``indptr/indices/data`` arrays (nothing to compile, never densified):
+the donor sums ``Z'Y`` as one row per donor holding all its cells' values, made dense; the per-gene sums as products
+with the cell-level design columns. The donor sums ``Z'y`` of donor-level design columns come from ``Z'Y`` at the
+end.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from scanpy import logging as logg
-from scipy import linalg
+from scipy import linalg, sparse
 
-from ._compiled import jit
 from ._design import Donors, Spectral
 from ._read import available_threads, iter_chunks
 
@@ -50,142 +52,66 @@ def merge_moments(mean: np.ndarray, M2: np.ndarray, n: int, mean_b: np.ndarray, 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# compiled kernels (float64 accumulation whatever the storage dtype)
+# the pass's building blocks (numpy and scipy.sparse: nothing to compile; float64 sums whatever the storage dtype)
 # ------------------------------------------------------------------------------------------------------------
 
 
-#: Columns of the per-gene record array R: the shift K, sum (y - K)^2, the count and the sum over stored values,
-#: then X_c'y for the cell-level design columns. One record per gene keeps a stored value's updates in one cache line.
-SHIFT, SS, COUNT, TOT, XTY0 = 0, 1, 2, 3, 4
+#: Stored values summed at a time: runs of whole donors (CSR) or of genes (CSC). A fixed split, so that the sums do
+#: not depend on the number of threads; it bounds the temporaries (a float64 copy of a run's values).
+RUN_ELEMENTS = 1 << 21
+#: A chunk's second moment of a gene comes from its raw sums of ``y`` and ``y^2`` unless ``E[y^2] / Var(y)`` (the
+#: factor by which rounding errors are magnified) exceeds this: at most ``1 / (fraction of zeros)``, so only genes
+#: with almost no zeros and a large mean are centred value by value.
+RAW_RATIO = 64.0
 
 
-@jit()
-def _csr_kernel(indptr, indices, data, order, codes, Xc, gene_pos, all_genes, S, R):  # pragma: no cover - compiled
-    """Rows ``order`` of a CSR chunk: S[code, g] += y, and the gene's record R[g] (see ``SHIFT`` ... ``XTY0``).
-
-    The second moment is shifted by each gene's first stored value K_g (R[g, SS] += (y - K_g)^2 over the R[g, COUNT]
-    stored values), so that a large mean does not cancel it away. Each row's zero covariates are skipped (one-hot
-    columns are mostly zero).
-    """
-    pc = Xc.shape[1]
-    nzc = np.empty(pc, dtype=np.int64)
-    nzv = np.empty(pc)
-    for ii in range(order.shape[0]):
-        i = order[ii]
-        d = codes[i]
-        m = 0
-        for c in range(pc):
-            if Xc[i, c] != 0.0:
-                nzc[m] = c + 4
-                nzv[m] = Xc[i, c]
-                m += 1
-        for k in range(indptr[i], indptr[i + 1]):
-            g = indices[k] if all_genes else gene_pos[indices[k]]
-            if g < 0:
-                continue
-            v = np.float64(data[k])
-            S[d, g] += v
-            if R[g, 2] == 0.0:
-                R[g, 0] = v
-            e = v - R[g, 0]
-            R[g, 1] += e * e
-            R[g, 2] += 1.0
-            R[g, 3] += v
-            for c in range(m):
-                R[g, nzc[c]] += nzv[c] * v
+def _float_values(data) -> np.ndarray:
+    """Stored values as float32 or float64 (other dtypes are converted to float64)."""
+    data = np.asarray(data)
+    return data if data.dtype in (np.float32, np.float64) else data.astype(np.float64)
 
 
-@jit()
-def _csc_kernel(indptr, indices, data, col0, codes, Xc, gene_pos, S, R):  # pragma: no cover
-    """Columns of a CSC chunk (global column ``col0 + j``), each summed over its cells in a local buffer.
-
-    The second moment is shifted by the column's mean over its stored values (two passes over the column).
-    """
-    n_donors = S.shape[0]
-    pc = Xc.shape[1]
-    buf = np.zeros(n_donors)
-    xbuf = np.zeros(pc)
-    for j in range(indptr.shape[0] - 1):
-        g = gene_pos[col0 + j]
-        if g < 0:
-            continue
-        lo = indptr[j]
-        hi = indptr[j + 1]
-        t = 0.0
-        for k in range(lo, hi):
-            i = indices[k]
-            v = np.float64(data[k])
-            buf[codes[i]] += v
-            t += v
-            for c in range(pc):
-                xbuf[c] += Xc[i, c] * v
-        K = t / (hi - lo) if hi > lo else 0.0
-        e2 = 0.0
-        for k in range(lo, hi):
-            e = np.float64(data[k]) - K
-            e2 += e * e
-        for d in range(n_donors):
-            S[d, g] += buf[d]
-            buf[d] = 0.0
-        for c in range(pc):
-            R[g, 4 + c] += xbuf[c]
-            xbuf[c] = 0.0
-        R[g, 0] = K
-        R[g, 1] = e2
-        R[g, 2] = hi - lo
-        R[g, 3] = t
+def _donor_runs(sorted_codes: np.ndarray, nnz: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive runs ``[a, b)`` of rows visited in donor order, each of whole donors holding about ``budget``
+    stored values (``nnz`` per row): a donor starts a new run when it crosses a multiple of ``budget``."""
+    n = len(sorted_codes)
+    if n == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    before = np.concatenate([[0], np.cumsum(nnz)])[starts]
+    window = before // max(1, int(budget))
+    cuts = starts[np.flatnonzero(np.diff(window)) + 1]
+    bounds = [0, *cuts.tolist(), n]
+    return list(itertools.pairwise(bounds))
 
 
-def warm_up(Y) -> None:
-    """Compile (or load from numba's cache) the pass's kernel for the storage of ``Y``, e.g. in a background thread
-    while the inputs are checked and stage 1 runs; nothing for dense or dask input."""
-    if hasattr(Y, "group") and "indices" in Y.group:  # backed CSR/CSC (anndata's sparse dataset)
-        fmt, indices, data = Y.format, Y.group["indices"], Y.group["data"]
-    elif hasattr(Y, "indices") and hasattr(Y, "format"):  # scipy sparse
-        fmt, indices, data = Y.format, Y.indices, Y.data
+def _raw_moments(tot: np.ndarray, sq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means and centred sums of squares over ``n`` cells from the sums of y and y^2, and the genes whose centred
+    sum lost digits to cancellation (see :data:`RAW_RATIO`): those are to be centred value by value."""
+    mean = tot / n
+    M2 = sq - tot * mean
+    return mean, M2, sq > RAW_RATIO * M2
+
+
+def _put_columns(S: np.ndarray, pos: np.ndarray, St: np.ndarray) -> None:
+    """``S[:, pos] = St.T``, by blocks of columns that stay in cache when ``pos`` is a range."""
+    if len(pos) and pos[-1] - pos[0] == len(pos) - 1 and np.all(np.diff(pos) == 1):
+        for k in range(0, len(pos), 64):
+            block = St[k : k + 64]
+            S[:, pos[0] + k : pos[0] + k + len(block)] = block.T
     else:
-        return
-    if fmt not in ("csr", "csc"):
-        return
-    idx, val = np.zeros(0, dtype=indices.dtype), np.zeros(0, dtype=data.dtype)
-    i64, two = np.zeros(0, dtype=np.int64), np.zeros(2, dtype=np.int64)
-    S, R, Xc = np.zeros((1, 1)), np.zeros((1, XTY0 + 1)), np.zeros((0, 1))
-    if fmt == "csr":
-        _csr_kernel(two, idx, val, i64, i64, Xc, i64, True, S, R)
-    else:
-        _csc_kernel(two, idx, val, 0, i64, Xc, np.full(1, -1, dtype=np.int64), S, R)
+        S[:, pos] = St.T
 
 
-# ------------------------------------------------------------------------------------------------------------
-# the map side
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _raw_moments(R: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and centred sum of squares over ``n`` cells from a record array of shifted sums over stored values."""
-    K, ss, count, tot = R[:, SHIFT], R[:, SS], R[:, COUNT], R[:, TOT]
-    centred_sum = tot - n * K  # sum of (y - K) over all cells, zeros included
-    M2 = ss + (n - count) * K * K - centred_sum * centred_sum / n
-    return tot / n, np.maximum(M2, 0.0)
-
-
-def _donor_runs(order: np.ndarray, codes: np.ndarray, indptr: np.ndarray, n_parts: int) -> list[np.ndarray]:
-    """Split rows visited in donor order into at most ``n_parts`` runs of whole donors with similar stored counts."""
-    if n_parts <= 1 or len(order) < 2:
-        return [order]
-    sorted_codes = codes[order]
-    nnz = np.cumsum(indptr[order + 1] - indptr[order])
-    total = nnz[-1]
-    if total == 0:
-        return [order]
-    cuts = []
-    for t in range(1, n_parts):
-        k = int(np.searchsorted(nnz, total * t / n_parts))
-        # move the cut to the start of the next donor
-        k = int(np.searchsorted(sorted_codes, sorted_codes[min(k, len(order) - 1)], side="right"))
-        if 0 < k < len(order) and (not cuts or k > cuts[-1]):
-            cuts.append(k)
-    return np.split(order, cuts)
+def _column_ranges(indptr: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive column ranges ``[a, b)`` of a CSC matrix holding about ``budget`` stored values each."""
+    n = len(indptr) - 1
+    if n == 0:
+        return []
+    window = (np.asarray(indptr[:-1], dtype=np.int64) - int(indptr[0])) // max(1, int(budget))
+    cuts = np.flatnonzero(np.diff(window)) + 1
+    bounds = [0, *cuts.tolist(), n]
+    return list(itertools.pairwise(bounds))
 
 
 def donor_level_columns(X: np.ndarray, codes: np.ndarray, n_donors: int) -> np.ndarray:
@@ -213,6 +139,8 @@ class Accumulator:
         Number of columns of the matrix.
     donor_cols
         Mask of design columns constant within donors (their ``X'y`` is taken from ``Z'y``); computed when None.
+    n_threads
+        Threads summing the runs of a chunk (the sums do not depend on it).
     """
 
     def __init__(
@@ -232,20 +160,20 @@ class Accumulator:
         self.n_donors = int(n_donors)
         self.X = np.asarray(X, dtype=np.float64)
         self.genes = np.asarray(genes, dtype=np.int64)
+        self.n_vars = int(n_vars)
         G = len(self.genes)
-        self.gene_pos = np.full(n_vars, -1, dtype=np.int64)
+        self.gene_pos = np.full(self.n_vars, -1, dtype=np.int64)
         self.gene_pos[self.genes] = np.arange(G)
-        self.all_genes = bool(G == n_vars and np.array_equal(self.genes, np.arange(n_vars)))
+        self.all_genes = bool(G == self.n_vars and np.array_equal(self.genes, np.arange(self.n_vars)))
         if donor_cols is None:
             donor_cols = donor_level_columns(self.X, self.codes, self.n_donors)
         self.donor_cols = np.asarray(donor_cols, dtype=bool)
-        self.Xc = np.ascontiguousarray(self.X[:, ~self.donor_cols])
+        self.Xc = np.ascontiguousarray(self.X[:, ~self.donor_cols])  # the cell-level columns
+        self.cell_donor = self.codes.astype(np.int32 if self.n_donors < 2**31 else np.int64)
         self.S = np.zeros((self.n_donors, G))
-        # per gene, one record array per thread: sparse chunks' shifted moments, then X_c'y; cells per thread
-        self.R = [np.zeros((G, XTY0 + self.Xc.shape[1])) for _ in range(self.n_threads)]
-        self.n_raw = [0] * self.n_threads
-        # dense chunks: centred (Welford) sums, and X_c'y
-        self.XtYc_dense = np.zeros((G, self.Xc.shape[1]))
+        self.seen = np.zeros(self.n_donors, dtype=bool)  # donors whose rows of S hold sums already
+        self.XtYc = np.zeros((G, self.Xc.shape[1]))
+        # Chan-merged mean and centred sum of squares of the cells added so far
         self.mean = np.zeros(G)
         self.M2 = np.zeros(G)
         self.n_centred = 0
@@ -255,11 +183,7 @@ class Accumulator:
         if chunk.kind == "csc":
             if rows is not None:
                 raise ValueError("a CSC chunk holds all cells; `rows` does not apply.")
-            indptr = np.asarray(chunk.indptr, dtype=np.int64)
-            _csc_kernel(
-                indptr, chunk.indices, chunk.data, chunk.start, self.codes, self.Xc, self.gene_pos, self.S, self.R[0]
-            )
-            self.n_raw[0] = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
+            self.add_csc(chunk.indptr, chunk.indices, chunk.data, chunk.start)
             return
         if rows is None:
             rows = np.arange(chunk.start, chunk.stop)
@@ -270,31 +194,134 @@ class Accumulator:
         else:
             raise ValueError(f"unknown chunk kind {chunk.kind!r}.")
 
-    def add_csr(self, indptr, indices, data, rows: np.ndarray | slice) -> None:
-        """Add CSR rows (one per cell of ``rows``), visited donor by donor for cache locality.
-
-        With ``n_threads > 1`` the donors are split into runs summed by concurrent threads: every donor's sums are
-        still accumulated by one thread in cell order, each thread keeping its own per-gene records.
-        """
-        codes = self.codes[rows]
-        Xc = np.ascontiguousarray(self.Xc[rows])
-        order = np.argsort(codes, kind="stable")
-        indptr = np.asarray(indptr, dtype=np.int64)  # one compiled variant per index/value dtype, not per indptr
-        args = (indptr, np.asarray(indices), np.asarray(data))
-        rest = (codes, Xc, self.gene_pos, self.all_genes, self.S)
-        parts = _donor_runs(order, codes, indptr, self.n_threads)
-        if len(parts) == 1:
-            _csr_kernel(*args, order, *rest, self.R[0])
-            self.n_raw[0] += len(order)
-            return
+    def _map(self, fn, items: list) -> list:
+        """``[fn(*item) for item in items]``, on the accumulator's threads when there are several."""
+        if self.n_threads == 1 or len(items) < 2:
+            return [fn(*item) for item in items]
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="snf-sum")
-        jobs = [self._pool.submit(_csr_kernel, *args, part, *rest, self.R[t]) for t, part in enumerate(parts)]
-        for t, (job, part) in enumerate(zip(jobs, parts, strict=True)):
-            job.result()
-            self.n_raw[t] += len(part)
+        return list(self._pool.map(lambda item: fn(*item), items))
+
+    def add_csr(self, indptr, indices, data, rows: np.ndarray | slice) -> None:
+        """Add CSR rows (one per cell of ``rows``), summed in runs of whole donors (on concurrent threads when the
+        accumulator has several; every sum is made in the same order whatever their number)."""
+        rows = np.arange(len(self.codes))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        n_b = len(rows)
+        if n_b == 0:
+            return
+        indptr = np.asarray(indptr)
+        indices = np.asarray(indices)
+        data = _float_values(data)
+        Y = sparse.csr_matrix((data, indices, indptr), shape=(n_b, self.n_vars))
+        codes = self.codes[rows]
+        in_order = bool(np.all(codes[1:] >= codes[:-1]))
+        order = np.arange(n_b) if in_order else np.argsort(codes, kind="stable")
+        sorted_codes = codes[order]
+        runs = _donor_runs(sorted_codes, np.diff(Y.indptr)[order], RUN_ELEMENTS)
+
+        def run(a: int, b: int):
+            if in_order:  # a view of the rows
+                lo, hi = Y.indptr[a], Y.indptr[b]
+                Yr = sparse.csr_matrix((Y.data[lo:hi], Y.indices[lo:hi], Y.indptr[a : b + 1] - lo), (b - a, Y.shape[1]))
+            else:
+                Yr = Y[order[a:b]]
+            return self._sum_rows(Yr, sorted_codes[a:b], rows[order[a:b]])
+
+        parts = self._map(run, runs)
+        sums = parts[0]
+        for part in parts[1:]:  # in run order
+            sums = sums + part
+        self.XtYc += sums[:, 1:-1]
+        self._merge_raw(sums[:, 0], sums[:, -1], n_b, indptr, indices, data)
+        self.seen[codes] = True
+
+    def _sum_rows(self, Yr: sparse.csr_matrix, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """One run of whole donors (``codes`` sorted): writes its donors' rows of S; returns each gene's sums of y,
+        of y times the cell-level columns and of y^2 (genes x (2 + cell-level columns))."""
+        if not self.all_genes:
+            Yr = Yr[:, self.genes]
+        y = np.asarray(Yr.data, dtype=np.float64)
+        G = len(self.genes)
+        d0, d1 = int(codes[0]), int(codes[-1]) + 1
+        # one row per donor holding all its cells' values: the duplicates are summed when made dense
+        by_donor = sparse.csr_matrix((y, Yr.indices, Yr.indptr[np.searchsorted(codes, np.arange(d0, d1 + 1))]),
+                                     shape=(d1 - d0, G))  # fmt: skip
+        if self.seen[d0:d1].any():
+            sums = by_donor.toarray()
+            self.S[d0:d1] += sums
+        else:
+            sums = by_donor.toarray(out=self.S[d0:d1])
+        out = np.empty((G, self.Xc.shape[1] + 2))
+        out[:, 0] = sums.sum(axis=0)
+        if self.Xc.shape[1]:
+            out[:, 1:-1] = sparse.csr_matrix((y, Yr.indices, Yr.indptr), shape=Yr.shape).T @ self.Xc[rows]
+        # y^2 of every cell in one row, made dense
+        out[:, -1] = sparse.csr_matrix((y * y, Yr.indices, [0, len(y)]), shape=(1, G)).toarray()[0]
+        return out
+
+    def _merge_raw(self, tot, sq, n_b: int, indptr, indices, data) -> None:
+        """Merge a CSR chunk's moments from its raw sums; genes where those would lose digits (see
+        :data:`RAW_RATIO`) are centred value by value from the chunk's stored values."""
+        mean_b, M2_b, redo = _raw_moments(tot, sq, n_b)
+        if redo.any():
+            G = len(self.genes)
+            stored = slice(int(indptr[0]), int(indptr[-1]))
+            column = np.zeros(self.n_vars, dtype=bool)
+            column[self.genes[redo]] = True
+            idx = np.asarray(indices[stored])
+            keep = column[idx]
+            g = self.gene_pos[idx[keep]]
+            e = np.asarray(data[stored][keep], dtype=np.float64) - mean_b[g]
+            ss = np.bincount(g, weights=e * e, minlength=G)
+            count = np.bincount(g, minlength=G)
+            M2_b[redo] = ss[redo] + (n_b - count[redo]) * mean_b[redo] ** 2
+        self.n_centred = merge_moments(self.mean, self.M2, self.n_centred, mean_b, M2_b, n_b)
+
+    def add_csc(self, indptr, indices, data, col0: int) -> None:
+        """Add CSC columns ``col0, col0 + 1, ...`` (genes over all cells), summed in runs of genes."""
+        indptr = np.asarray(indptr)
+        pos = self.gene_pos[col0 : col0 + len(indptr) - 1]
+        Y = sparse.csc_matrix((_float_values(data), np.asarray(indices), indptr), shape=(len(self.codes), len(pos)))
+        if not np.all(pos >= 0):
+            keep = np.flatnonzero(pos >= 0)
+            Y, pos = Y[:, keep], pos[keep]
+        if len(pos) == 0:
+            return
+        ranges = _column_ranges(Y.indptr, RUN_ELEMENTS)
+        parts = self._map(lambda a, b: self._sum_columns(Y, pos[a:b], a, b), ranges)
+        for (a, b), (mean, M2, XtYc) in zip(ranges, parts, strict=True):
+            g = pos[a:b]
+            self.mean[g], self.M2[g], self.XtYc[g] = mean, M2, XtYc
+        self.n_centred = len(self.codes)  # every CSC chunk holds all cells (of a range of genes)
+        self.seen[:] = True
+
+    def _sum_columns(self, Y: sparse.csc_matrix, pos: np.ndarray, a: int, b: int):
+        """Columns ``[a, b)`` (the genes ``pos``): writes their donor sums into S; returns their means, centred sums
+        of squares and sums of y times the cell-level columns."""
+        lo, hi = Y.indptr[a], Y.indptr[b]
+        ptr = Y.indptr[a : b + 1] - lo
+        cells = Y.indices[lo:hi]
+        y = np.asarray(Y.data[lo:hi], dtype=np.float64)
+        n = len(self.codes)
+        # genes x donors, each gene's values summed in its own row (the duplicates are summed when made dense)
+        _put_columns(self.S, pos, sparse.csr_matrix((y, self.cell_donor[cells], ptr), (b - a, self.n_donors)).toarray())
+        count = np.diff(ptr)
+        filled = count > 0
+        starts = ptr[:-1][filled]
+        tot, sq = np.zeros(b - a), np.zeros(b - a)
+        if len(starts):  # each column's values are contiguous
+            tot[filled] = np.add.reduceat(y, starts)
+            sq[filled] = np.add.reduceat(y * y, starts)
+        mean, M2, redo = _raw_moments(tot, sq, n)
+        if redo.any():
+            e = y - np.repeat(mean, count)
+            centred = np.zeros(b - a)
+            centred[filled] = np.add.reduceat(e * e, starts)
+            M2[redo] = centred[redo] + (n - count[redo]) * mean[redo] ** 2
+        XtYc = sparse.csr_matrix((y, cells, ptr), shape=(b - a, n)) @ self.Xc  # genes x cells, times X_c
+        return mean, M2, XtYc
 
     def close(self) -> None:
         """Stop the accumulator's worker threads, if any."""
@@ -316,8 +343,9 @@ class Accumulator:
         sorted_codes = codes[order]
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
         self.S[sorted_codes[starts]] += np.add.reduceat(B[order], starts, axis=0)
-        if self.Xc.shape[1]:
-            self.XtYc_dense += B.T @ self.Xc[rows]
+        self.seen[sorted_codes[starts]] = True
+        if self.XtYc.shape[1]:
+            self.XtYc += B.T @ self.Xc[rows]
         mean_b = B.mean(axis=0)
         B = B - mean_b  # a new array: B may be a view of the caller's data
         M2_b = np.einsum("ij,ij->j", B, B)
@@ -325,28 +353,14 @@ class Accumulator:
 
     def result(self) -> SuffStats:
         """The accumulated :class:`SuffStats` (shares the donor-sum array; the accumulator is spent)."""
-        G = self.S.shape[1]
         self.close()
-        mean, M2, n = np.zeros(G), np.zeros(G), 0
-        parts = [(R, n_t) for R, n_t in zip(self.R, self.n_raw, strict=True) if n_t]
-        parts = [(*_raw_moments(R, n_t), n_t) for R, n_t in parts]
-        if self.n_centred:
-            parts.append((self.mean, self.M2, self.n_centred))
-        for mean_t, M2_t, n_t in parts:  # pairwise merge of the threads' and the dense chunks' moments
-            if n == 0:
-                mean, M2, n = mean_t.copy(), M2_t.copy(), n_t
-            else:
-                n = merge_moments(mean, M2, n, mean_t, M2_t, n_t)
-        return SuffStats(S=self.S, XtY=self._xty(), mean=mean, M2=M2, n_cells=n)
+        return SuffStats(S=self.S, XtY=self._xty(), mean=self.mean, M2=self.M2, n_cells=self.n_centred)
 
     def _xty(self) -> np.ndarray:
         p = self.X.shape[1]
         G = self.S.shape[1]
         XtY = np.empty((p, G))
-        XtYc = self.XtYc_dense.copy()
-        for R in self.R:
-            XtYc += R[:, XTY0:]
-        XtY[~self.donor_cols] = XtYc.T
+        XtY[~self.donor_cols] = self.XtYc.T
         if self.donor_cols.any():
             XtY[self.donor_cols] = self.donor_values().T @ self.S
         return XtY

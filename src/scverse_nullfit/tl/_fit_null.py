@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +31,6 @@ from .._core._store import (
     store,
 )
 from .._core._suffstats import pre_residualise, scaled_residual_sums
-from .._core._suffstats import warm_up as warm_up_pass
 from .._docs import doc_copy, doc_n_threads, doc_params
 from .._provenance import CELLS, FIT_ID, cell_fingerprint, describe_frame, group_fingerprint, new_fit_id
 from .._utils import check_positive_int, check_unique_var_names, is_dask, resolve_threads, select_genes
@@ -184,8 +182,9 @@ def fit_null(
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
-    # the first fit in a process compiles the kernels (or loads them from numba's cache) while the inputs are checked
-    compile_ahead(partial(warm_up_pass, Y), warm_up_reml)
+    # the first fit in a process compiles the REML kernels (or loads them from numba's cache) while the inputs are
+    # checked
+    compile_ahead(warm_up_reml)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
