@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from numba.core import caching
 
-from scverse_nullfit._core import _reml, _suffstats
+from scverse_nullfit._core import _suffstats
 from scverse_nullfit._core._compiled import compile_ahead, jit
 
 
@@ -29,9 +29,6 @@ def test_warm_ups_compile_the_kernels_for_the_types_the_fit_uses():
     from scipy import sparse
 
     Y = sparse.random(5, 4, density=0.5, format="csr", dtype=np.float32)
-    compile_ahead(lambda: _suffstats.warm_up(Y), _reml.warm_up)
+    compile_ahead(lambda: _suffstats.warm_up(Y))
     _suffstats.warm_up(Y)
-    _reml.warm_up()
     assert len(_suffstats._csr_kernel.signatures) >= 1
-    for kernel in (_reml._weights_kernel, _reml._evaluate_kernel, _reml._third_kernel):
-        assert len(kernel.signatures) == 1, kernel
