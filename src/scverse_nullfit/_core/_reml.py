@@ -38,10 +38,11 @@ MAX_ITER = 100
 #: A Halley step below this relative size lands within about its cube of the maximum: the search stops there, and the
 #: results at its end point follow from the derivatives at its start (errors of about its cube, relative).
 NEAR2 = 1e-3
-#: Expansion nodes of the functions of tau: ``2 ** (i / NODES_PER_OCTAVE)``, so that ``|tau / node - 1| < 0.045``.
-NODES_PER_OCTAVE = 8
-#: Terms of each Taylor expansion: the third derivative's remainder is below ``C(17, 3) 0.045**15 < 1e-17``.
-TAYLOR_TERMS = 18
+#: Expansion nodes of the functions of tau: ``2 ** (i / NODES_PER_OCTAVE)``, so that ``|tau / node - 1| < 0.022``.
+NODES_PER_OCTAVE = 16
+#: Terms of each Taylor expansion: relative remainders below ``C(11, a) 0.022**(12 - a)``, i.e. 1.3e-20, 6e-18, 1.3e-15
+#: and 2e-13 for the function (``A``) and its first three derivatives (the third only steers Halley's steps).
+TAYLOR_TERMS = 12
 #: The nodes kept in a table (tau from about 6e-11 to 1.7e7); a tau outside is evaluated directly.
 NODE_RANGE = (-34 * NODES_PER_OCTAVE, 24 * NODES_PER_OCTAVE)
 #: Genes x donors elements per block of the per-gene pass: its few arrays stay in a core's L2 cache.
@@ -60,27 +61,30 @@ _H_BINOM = comb(_TERMS + _ORDERS[1:] - 1, _ORDERS[1:] - 1)
 class TauFunctions:
     """The gene-independent functions of tau, at a per-gene tau.
 
-    ``M_a = X~' diag(lam^a w^(a+1)) X~`` (a = 0..3, packed upper triangles; ``M_0 = A - A_w``, ``M_a`` the a-th
-    derivative of ``M_0`` over ``(-1)^a a!``), ``sum_j log(1 + tau mu_j)`` and ``h_a = sum_j (mu_j / (1 + tau mu_j))^a``
-    (a = 1..3). At a node ``c``, ``1/(1 + tau lam) = w_c / (1 + x u)`` with ``x = tau / c - 1``, ``u = c lam w_c`` in
-    [0, 1), so each is a power series in ``x`` whose coefficients are sums over donors, computed once per node (when
-    first needed) and shared by all genes. A tau outside the nodes' range (or 0) is evaluated directly.
+    ``M_a = X~' diag(lam^a w^(a+1)) X~`` (a = 0..3; ``M_0 = A - A_w``, ``M_a`` the a-th derivative of ``M_0`` over
+    ``(-1)^a a!``), ``sum_j log(1 + tau mu_j)`` and ``h_a = sum_j (mu_j / (1 + tau mu_j))^a`` (a = 1..3). At a node
+    ``c``, ``1/(1 + tau lam) = w_c / (1 + x u)`` with ``x = tau / c - 1``, ``u = c lam w_c`` in [0, 1), so each is a
+    power series in ``x`` whose coefficients are sums over donors, computed once per node (when first needed) and
+    shared by all genes. A tau outside the nodes' range (or 0) is evaluated directly.
     """
 
-    def __init__(self, lam: np.ndarray, O: np.ndarray, mu: np.ndarray):
-        self.lam, self.O, self.mu = lam, O, mu
+    def __init__(self, lam: np.ndarray, Xrot: np.ndarray, mu: np.ndarray):
+        self.lam, self.Xrot, self.mu = lam, Xrot, mu
+        n, p = Xrot.shape
+        self.p = p
+        self._O = (Xrot[:, :, None] * Xrot[:, None, :]).reshape(n, p * p)  # x~_j x~_j', whole (none to unpack)
         n_nodes = NODE_RANGE[1] - NODE_RANGE[0] + 1
-        self._T = np.zeros((n_nodes, _K, O.shape[1]))  # sum_j w_cj u_cj^k O_j
+        self._T = np.zeros((n_nodes, _K, p * p))  # sum_j w_cj u_cj^k x~_j x~_j'
         self._L = np.zeros(n_nodes)  # sum_j log(1 + c mu_j)
         self._P = np.zeros((n_nodes, _K + 3))  # sum_j v_cj^k, v = c mu / (1 + c mu)
         self._built = np.zeros(n_nodes, dtype=bool)
         self._lock = threading.Lock()
 
     def __getstate__(self):  # shipped to dask workers without the tables (rebuilt there when needed)
-        return {"lam": self.lam, "O": self.O, "mu": self.mu}
+        return {"lam": self.lam, "Xrot": self.Xrot, "mu": self.mu}
 
     def __setstate__(self, state):
-        self.__init__(state["lam"], state["O"], state["mu"])
+        self.__init__(state["lam"], state["Xrot"], state["mu"])
 
     def _build(self, idx: np.ndarray) -> None:
         missing = idx[~self._built[idx]]
@@ -97,7 +101,7 @@ class TauFunctions:
             V[:, 0] = w
             for k in range(1, _K):
                 np.multiply(V[:, k - 1], u, out=V[:, k])
-            self._T[missing] = (V.reshape(-1, len(self.lam)) @ self.O).reshape(len(missing), _K, -1)
+            self._T[missing] = (V.reshape(-1, len(self.lam)) @ self._O).reshape(len(missing), _K, -1)
             cm = c[:, None] * self.mu[None, :]
             self._L[missing] = np.log1p(cm).sum(axis=1)
             v = cm / (1.0 + cm)
@@ -110,9 +114,9 @@ class TauFunctions:
             self._built[missing] = True
 
     def at(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``M`` (genes, 4, p(p+1)/2), ``sum_j log(1 + tau mu_j)`` (genes) and ``h`` (genes, 3) at a per-gene tau."""
-        m = len(tau)
-        M = np.empty((m, 4, self.O.shape[1]))
+        """``M`` (genes, 4, p, p), ``sum_j log(1 + tau mu_j)`` (genes) and ``h`` (genes, 3) at a per-gene tau."""
+        m, p = len(tau), self.p
+        M = np.empty((m, 4, p * p))
         logdet = np.empty(m)
         h = np.empty((m, 3))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -122,14 +126,15 @@ class TauFunctions:
             idx = node[inside].astype(np.int64) - NODE_RANGE[0]
             self._build(np.unique(idx))
             c = np.exp2((idx + NODE_RANGE[0]) / NODES_PER_OCTAVE)
-            powers = np.cumprod(np.concatenate([np.ones((len(c), 1)), np.repeat(-(tau[inside] / c - 1.0)[:, None],
-                                                                                 _K, axis=1)], axis=1), axis=1)
+            powers = np.empty((len(c), _K + 1))  # (-x)^k
+            powers[:, 0] = 1.0
+            powers[:, 1:] = (1.0 - tau[inside] / c)[:, None]
+            np.cumprod(powers, axis=1, out=powers)
             inv_c = (1.0 / c)[:, None] ** np.arange(4)[None, :]
             coef = _M_BINOM[None] * powers[:, _M_POWER] * inv_c[:, :, None]  # (genes, a, k)
             M[inside] = np.matmul(coef, self._T[idx])
             P = self._P[idx]
-            k = np.arange(1, _K + 1)
-            logdet[inside] = self._L[idx] - (powers[:, 1:] / k * P[:, 1 : _K + 1]).sum(axis=1)
+            logdet[inside] = self._L[idx] - (powers[:, 1:] / np.arange(1, _K + 1) * P[:, 1 : _K + 1]).sum(axis=1)
             for a in (1, 2, 3):
                 h[inside, a - 1] = inv_c[:, a] * (_H_BINOM[a - 1] * powers[:, :_K] * P[:, a : a + _K]).sum(axis=1)
         out = np.flatnonzero(~inside)
@@ -138,13 +143,13 @@ class TauFunctions:
             w = 1.0 / (1.0 + t * self.lam[None, :])
             weights = w.copy()
             for a in range(4):
-                M[out, a] = weights @ self.O
+                M[out, a] = weights @ self._O
                 weights *= self.lam * w
             logdet[out] = np.log1p(t * self.mu[None, :]).sum(axis=1)
             mw = self.mu[None, :] / (1.0 + t * self.mu[None, :])
             for a in (1, 2, 3):
                 h[out, a - 1] = (mw**a).sum(axis=1)
-        return M, logdet, h
+        return M.reshape(m, 4, p, p), logdet, h
 
 
 @dataclass
@@ -194,7 +199,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _matvec(M: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return np.einsum("gkl,gl->gk", M, v)
+    return np.matmul(M, v[:, :, None])[:, :, 0]
 
 
 class RemlProblem:
@@ -218,7 +223,7 @@ class RemlProblem:
         self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
         self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
         self.mu = restricted_spectrum(spectral) if mu is None else mu
-        self.functions = TauFunctions(self.lam, self.O, self.mu)
+        self.functions = TauFunctions(self.lam, self.Xrot, self.mu)
         self._Ainv0 = _spd_inverse((self.Aw + self.Xrot.T @ self.Xrot)[None])[0]  # (X'X)^-1, as at tau = 0
         self._grid_setup(TAU_GRID)
 
@@ -305,7 +310,7 @@ class RemlProblem:
             w *= self.lam  # lam w
             for k in (1, 2, 3):
                 np.multiply(w, wr[k - 1], out=wr[k])
-            s[:, a : a + g] = np.einsum("agn,gn->ag", wr, r)
+            s[:, a : a + g] = np.matmul(wr[:, :, None, :], r[:, :, None])[:, :, 0, 0]
             u[:, a : a + g] = (self.XT @ a_buf[: 4 * g].T).reshape(p, 4, g).transpose(1, 2, 0)
         return s, u
 
@@ -320,8 +325,7 @@ class RemlProblem:
         if len(tau) and not tau.any():
             return self._evaluate_at_zero(rows, Rt, W)
         s, u = self._gene_sums(tau, rows, Rt)
-        Mp, logdet, h = self.functions.at(tau)
-        M = self._unpack(Mp)  # (genes, 4, p, p)
+        M, logdet, h = self.functions.at(tau)  # (genes, 4, p, p)
         Ainv = _spd_inverse(M[:, 0] + self.Aw)
         b = u[0] - XR[rows]
         beta = _matvec(Ainv, b)
