@@ -17,7 +17,7 @@ needed, and nothing is compiled.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scanpy import logging as logg
@@ -137,19 +137,25 @@ class TauFunctions:
             logdet[inside] = self._L[idx] - (powers[:, 1:] / np.arange(1, _K + 1) * P[:, 1 : _K + 1]).sum(axis=1)
             for a in (1, 2, 3):
                 h[inside, a - 1] = inv_c[:, a] * (_H_BINOM[a - 1] * powers[:, :_K] * P[:, a : a + _K]).sum(axis=1)
+        M = M.reshape(m, 4, p, p)
         out = np.flatnonzero(~inside)
         if len(out):
-            t = tau[out][:, None]
-            w = 1.0 / (1.0 + t * self.lam[None, :])
-            weights = w.copy()
-            for a in range(4):
-                M[out, a] = weights @ self._O
-                weights *= self.lam * w
-            logdet[out] = np.log1p(t * self.mu[None, :]).sum(axis=1)
-            mw = self.mu[None, :] / (1.0 + t * self.mu[None, :])
-            for a in (1, 2, 3):
-                h[out, a - 1] = (mw**a).sum(axis=1)
-        return M.reshape(m, 4, p, p), logdet, h
+            M[out], logdet[out], h[out] = self.direct(tau[out])
+        return M, logdet, h
+
+    def direct(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`at` by direct sums over the donors (for a few values of tau)."""
+        t = np.asarray(tau, dtype=np.float64)[:, None]
+        w = 1.0 / (1.0 + t * self.lam[None, :])
+        weights = np.empty((len(t), 4, len(self.lam)))
+        weights[:, 0] = w
+        for a in (1, 2, 3):
+            np.multiply(weights[:, a - 1], self.lam * w, out=weights[:, a])
+        M = (weights @ self._O).reshape(len(t), 4, self.p, self.p)
+        logdet = np.log1p(t * self.mu[None, :]).sum(axis=1)
+        mw = self.mu[None, :] / (1.0 + t * self.mu[None, :])
+        h = np.stack([(mw**a).sum(axis=1) for a in (1, 2, 3)], axis=1)
+        return M, logdet, h
 
 
 @dataclass
@@ -171,6 +177,10 @@ class Evaluation:
     beta2: np.ndarray | None = None
     M1: np.ndarray | None = None
     M2: np.ndarray | None = None
+
+    def take(self, sel) -> Evaluation:
+        """The evaluation of the genes ``sel``."""
+        return Evaluation(**{f.name: None if (v := getattr(self, f.name)) is None else v[sel] for f in fields(self)})
 
     def moved(self, sel, delta: np.ndarray, problem: RemlProblem, tau: np.ndarray) -> Evaluation:
         """The genes ``sel`` at ``tau + delta`` (``tau`` the evaluated one), from the derivatives at ``tau``: q to third
@@ -224,7 +234,6 @@ class RemlProblem:
         self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
         self.mu = restricted_spectrum(spectral) if mu is None else mu
         self.functions = TauFunctions(self.lam, self.Xrot, self.mu)
-        self._Ainv0 = _spd_inverse((self.Aw + self.Xrot.T @ self.Xrot)[None])[0]  # (X'X)^-1, as at tau = 0
         self._grid_setup(TAU_GRID)
 
     def _grid_setup(self, taus: np.ndarray) -> None:
@@ -239,6 +248,11 @@ class RemlProblem:
         self._grid_w = np.ascontiguousarray(w)
         self._grid_M = np.ascontiguousarray(M)
         self._grid_logdet = np.log1p(pos[:, None] * self.mu[None, :]).sum(axis=1)
+        self._grid_functions = self._functions_at(self.grid_taus)
+        self._weights_cache = {}
+
+    def __getstate__(self):  # shipped to dask workers without the grid's weights (recomputed there when needed)
+        return {**self.__dict__, "_weights_cache": {}}
 
     def _unpack(self, packed: np.ndarray) -> np.ndarray:
         p = self.p
@@ -252,15 +266,14 @@ class RemlProblem:
 
     # -- the REML on (r~, W) -----------------------------------------------------------------------------------
 
-    def grid(self, Rt: np.ndarray, W: np.ndarray) -> np.ndarray:
-        """REML log-likelihood of every gene at every grid tau: (len(grid), genes)."""
+    def grid(self, Rt: np.ndarray, W: np.ndarray, R2: np.ndarray | None = None) -> np.ndarray:
+        """REML log-likelihood of every gene at every grid tau: (len(grid), genes). ``R2 = Rt**2`` if computed."""
         G = Rt.shape[0]
         T = len(self._grid_logdet)
         out = np.empty((T + 1, G))
-        R2 = Rt * Rt
+        R2 = Rt * Rt if R2 is None else R2
         q0 = W + R2.sum(axis=1)
         q = (R2 @ self._grid_w).T  # (taus, genes)
-        del R2
         q += W
         B = (Rt @ self._grid_M).reshape(G, T, self.p)
         q -= np.einsum("gtk,gtk->tg", B, B)
@@ -270,24 +283,46 @@ class RemlProblem:
             out[1:] = self._loglik(np.where(q > 0, q, np.nan), self._grid_logdet[:, None])
         return out
 
-    def _evaluate_at_zero(self, rows, Rt, W) -> Evaluation:
-        """:meth:`evaluate` at tau = 0, where H = I: ``A = X'X``, the GLS fit of r is 0 and every sum is a GEMM."""
-        m = len(rows)
-        R = Rt[rows]
-        R2 = R * R
-        sums = R2 @ np.stack([np.ones_like(self.lam), self.lam, self.lam * self.lam], axis=1)
-        c = R @ (self.lam[:, None] * self.Xrot)
-        Ainv = np.broadcast_to(self._Ainv0, (m, self.p, self.p))
-        q = W[rows] + sums[:, 0]
-        dq = -sums[:, 1]
-        d2q = 2.0 * (sums[:, 2] - np.einsum("gk,kl,gl->g", c, self._Ainv0, c))
-        h1, h2 = self.mu.sum(), (self.mu * self.mu).sum()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            loglik = self._loglik(np.where(q > 0, q, np.nan), 0.0)
-            r = dq / q
-            dl = -0.5 * (self.df * r + h1)
-            d2l = -0.5 * (self.df * (d2q / q - r * r) - h2)
-        return Evaluation(loglik, dl, d2l, q, np.zeros((m, self.p)), Ainv)
+    def evaluate_shared(self, taus: np.ndarray, which: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray,
+                        R2: np.ndarray | None = None) -> Evaluation:  # fmt: skip
+        """Exact REML quantities of every gene of ``Rt`` at ``taus[which]``, a few distinct values (the grid, or a fixed
+        tau): within each group of genes at the same tau the weights are shared, so the per-gene sums are GEMMs and
+        ``A^-1`` is one inverse. ``R2 = Rt**2`` if already computed."""
+        G, p = Rt.shape[0], self.p
+        taus = np.asarray(taus, dtype=np.float64)
+        grid = taus is self.grid_taus
+        R2 = Rt * Rt if R2 is None else R2
+        s = np.empty((4, G))
+        u = np.empty((4, G, p))
+        M, logdet, h, Ainv = self._grid_functions if grid else self._functions_at(taus)
+        for t in np.unique(which):
+            sel = np.flatnonzero(which == t)
+            omega, XW = self._shared_weights(taus[t], t if grid else None)
+            rows = slice(sel[0], sel[-1] + 1) if len(sel) == sel[-1] - sel[0] + 1 else sel
+            s[:, sel] = omega @ R2[rows].T
+            u[:, sel] = (XW @ Rt[rows].T).reshape(4, p, len(sel)).transpose(0, 2, 1)
+            if taus[t] == 0:
+                u[0, sel] = XR[sel]  # b = 0 exactly: the GLS fit of r at tau = 0 is the OLS one
+        return self._combine(s, u, XR, W, M[which], Ainv[which], logdet[which], h[which])
+
+    def _functions_at(self, taus: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``M``, the log-determinant, ``h`` and ``A^-1`` at a few values of tau, directly."""
+        M, logdet, h = self.functions.direct(taus)
+        return M, logdet, h, _spd_inverse(M[:, 0] + self.Aw)
+
+    def _shared_weights(self, tau: float, key: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """``omega_a = lam^a w^(a+1)`` (4, donors) at one tau, and the rows ``omega_a x~_k`` (4 p, donors); the grid's
+        are kept once computed."""
+        if key is not None and key in self._weights_cache:
+            return self._weights_cache[key]
+        omega = np.empty((4, len(self.lam)))
+        omega[0] = 1.0 / (1.0 + tau * self.lam)
+        for k in (1, 2, 3):
+            omega[k] = omega[k - 1] * self.lam * omega[0]
+        XW = (omega[:, None, :] * self.XT[None, :, :]).reshape(4 * self.p, -1)
+        if key is not None:
+            self._weights_cache[key] = (omega, XW)
+        return omega, XW
 
     def _gene_sums(self, tau: np.ndarray, rows: np.ndarray, Rt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per gene at its tau, with ``omega_a = lam^a w^(a+1)`` (a = 0..3): ``s[a] = sum_j omega_a r~_j^2`` (4,
@@ -322,14 +357,17 @@ class RemlProblem:
         """
         tau = np.ascontiguousarray(tau, dtype=np.float64)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        if len(tau) and not tau.any():
-            return self._evaluate_at_zero(rows, Rt, W)
         s, u = self._gene_sums(tau, rows, Rt)
         M, logdet, h = self.functions.at(tau)  # (genes, 4, p, p)
         Ainv = _spd_inverse(M[:, 0] + self.Aw)
-        b = u[0] - XR[rows]
+        return self._combine(s, u, XR[rows], W[rows], M, Ainv, logdet, h)
+
+    def _combine(self, s, u, XR, W, M, Ainv, logdet, h) -> Evaluation:
+        """The REML quantities from the per-gene sums ``s``, ``u`` and the functions of tau ``M``, ``A^-1``, the
+        log-determinant and ``h`` (arrays over the same genes)."""
+        b = u[0] - XR
         beta = _matvec(Ainv, b)
-        q = W[rows] + s[0] - _dot(b, beta)
+        q = W + s[0] - _dot(b, beta)
         M1b = _matvec(M[:, 1], beta)
         M2b = _matvec(M[:, 2], beta)
         c = u[1] - M1b  # X~'(omega_1 d)
@@ -337,14 +375,15 @@ class RemlProblem:
         dq = -(s[1] - 2.0 * _dot(beta, u[1]) + _dot(beta, M1b))
         d2q = 2.0 * (s[2] - 2.0 * _dot(beta, u[2]) + _dot(beta, M2b) - _dot(c, gamma))
         s3 = s[3] - 2.0 * _dot(beta, u[3]) + _dot(beta, _matvec(M[:, 3], beta))
-        d3q = -6.0 * (s3 - 2.0 * _dot(gamma, u[2] - M2b) + _dot(gamma, _matvec(M[:, 1], gamma)))
+        M1g = _matvec(M[:, 1], gamma)
+        d3q = -6.0 * (s3 - 2.0 * _dot(gamma, u[2] - M2b) + _dot(gamma, M1g))
         with np.errstate(invalid="ignore", divide="ignore"):
             loglik = self._loglik(np.where(q > 0, q, np.nan), logdet)
             r = dq / q
             dl = -0.5 * (self.df * r + h[:, 0])
             d2l = -0.5 * (self.df * (d2q / q - r * r) - h[:, 1])
             d3l = -0.5 * (self.df * (d3q / q - 3.0 * r * d2q / q + 2.0 * r**3) + 2.0 * h[:, 2])
-        beta2 = 2.0 * _matvec(Ainv, u[2] - M2b - _matvec(M[:, 1], gamma))
+        beta2 = 2.0 * _matvec(Ainv, u[2] - M2b - M1g)
         return Evaluation(loglik, dl, d2l, q, beta, Ainv, d3l, dq, d2q, d3q, gamma, beta2, M[:, 1], M[:, 2])
 
     def residuals(self, rows: np.ndarray, Rt: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
@@ -417,23 +456,6 @@ def _inverse_factor(A: np.ndarray) -> np.ndarray:
     return Q * inv_sqrt[..., None, :]
 
 
-def _parabola_start(grid: np.ndarray, ll: np.ndarray, best: np.ndarray) -> np.ndarray:
-    """The vertex of the parabola in log tau through each gene's best grid point and its two neighbours (the
-    grid is geometric above 0); the best grid point itself where that is not defined."""
-    tau = grid[best].copy()
-    inner = np.flatnonzero((best >= 2) & (best <= len(grid) - 2))
-    if len(inner):
-        b = best[inner]
-        y0, y1, y2 = ll[b - 1, inner], ll[b, inner], ll[b + 1, inner]
-        curv = y0 - 2.0 * y1 + y2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            step = 0.5 * (y0 - y2) / curv  # in grid steps, within (-1/2, 1/2] for a concave triple
-        ok = np.isfinite(step) & (curv < 0)
-        h = np.log(grid[3] / grid[2])
-        tau[inner[ok]] *= np.exp(np.clip(step[ok], -0.5, 0.5) * h)
-    return tau
-
-
 def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarray, out: GeneFits) -> None:
     """Maximise the REML log-likelihood over tau >= 0 for every gene of ``Rt`` (genes x donors).
 
@@ -448,13 +470,14 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
     grid = problem.grid_taus
     G = Rt.shape[0]
     XR = Rt @ problem.Xrot
-    ll = problem.grid(Rt, W)
+    R2 = Rt * Rt
+    ll = problem.grid(Rt, W, R2)
     best = np.argmax(np.where(np.isfinite(ll), ll, -np.inf), axis=0)
-    tau = _parabola_start(grid, ll, best)
+    tau = grid[best]
     lo = grid[np.maximum(best - 1, 0)]
     hi = grid[np.minimum(best + 1, len(grid) - 1)]
     converged = np.zeros(G, dtype=bool)
-    n_iter = np.zeros(G, dtype=np.int64)
+    n_iter = np.ones(G, dtype=np.int64)
 
     def finish(idx, ev, sel=slice(None)):
         out.tau[idx] = tau[idx]
@@ -467,24 +490,17 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
         with np.errstate(invalid="ignore", divide="ignore"):
             out.tau_se[idx] = np.where(d2l < 0, np.sqrt(-1.0 / d2l), np.nan)
 
-    # maxima on the grid's ends: a boundary solution when the slope points outwards
-    ends = np.flatnonzero((best == 0) | (best == len(grid) - 1))
-    if len(ends):
-        ev = problem.evaluate(tau[ends], ends, Rt, W, XR)
-        at_zero = best[ends] == 0
-        outward = np.where(at_zero, ev.dloglik <= 0, ev.dloglik >= 0)
-        converged[ends[outward]] = True
-        finish(ends[outward], ev, outward)
-        start = ends[at_zero & ~outward]
-        tau[start] = 0.5 * grid[1]
-        lo[start] = 0.0
+    # the first evaluation at each gene's best grid point (shared weights: GEMMs); a maximum on the grid's ends is a
+    # boundary solution when the slope there points outwards
+    ev = problem.evaluate_shared(grid, best, Rt, W, XR, R2)
+    del R2
+    at_end = ((best == 0) & (ev.dloglik <= 0)) | ((best == len(grid) - 1) & (ev.dloglik >= 0))
+    converged[at_end] = True
+    finish(np.flatnonzero(at_end), ev, at_end)
 
-    active = np.flatnonzero(~converged)
-    for it in range(1, MAX_ITER + 1):
-        if not len(active):
-            break
+    def advance(active, ev, it):
+        """A safeguarded Halley step from ``ev``, the evaluation of the genes ``active``; returns those still searching."""
         t = tau[active]
-        ev = problem.evaluate(t, active, Rt, W, XR)
         dl, d2l = ev.dloglik, ev.d2loglik
         up = dl > 0
         lo[active] = np.where(up, t, lo[active])
@@ -509,7 +525,13 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
         tau[active[~done]] = new[~done]
         if near.any():  # the step's end point, within about the step's cube (Halley) or square (Newton) of the maximum
             finish(active[near], ev.moved(near, (new - t)[near], problem, t[near]))
-        active = active[~done & ~near]
+        return active[~done & ~near]
+
+    active = advance(np.flatnonzero(~at_end), ev.take(~at_end), 1)
+    for it in range(2, MAX_ITER + 1):
+        if not len(active):
+            break
+        active = advance(active, problem.evaluate(tau[active], active, Rt, W, XR), it)
     if len(active):  # not converged: the last step's tau
         finish(active, problem.evaluate(tau[active], active, Rt, W, XR))
     out.converged[:] = converged
@@ -641,9 +663,8 @@ def fit_chunk(
             search(problem, Rt, W, resid, local)
     else:
         with timer("fixed tau"):
-            rows = np.arange(G)
-            ev = problem.evaluate(np.full(G, float(tau)), rows, Rt, W, Rt @ problem.Xrot)
-            problem.residuals(rows, Rt, ev.beta, resid)
+            ev = problem.evaluate_shared(np.array([float(tau)]), np.zeros(G, dtype=np.int64), Rt, W, Rt @ problem.Xrot)
+            problem.residuals(np.arange(G), Rt, ev.beta, resid)
             local.tau[:] = float(tau)
             local.loglik[:] = ev.loglik
             local.sigma2_e[:] = ev.q / problem.df
