@@ -113,8 +113,9 @@ class TauFunctions:
             self._P[missing] = P
             self._built[missing] = True
 
-    def at(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``M`` (genes, 4, p, p), ``sum_j log(1 + tau mu_j)`` (genes) and ``h`` (genes, 3) at a per-gene tau."""
+    def at(self, tau: np.ndarray, matrices: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """``M`` (genes, 4, p, p; None unless ``matrices``), ``sum_j log(1 + tau mu_j)`` (genes) and ``h`` (genes, 3)
+        at a per-gene tau."""
         m, p = len(tau), self.p
         M = np.empty((m, 4, p * p))
         logdet = np.empty(m)
@@ -132,7 +133,8 @@ class TauFunctions:
             np.cumprod(powers, axis=1, out=powers)
             inv_c = (1.0 / c)[:, None] ** np.arange(4)[None, :]
             coef = _M_BINOM[None] * powers[:, _M_POWER] * inv_c[:, :, None]  # (genes, a, k)
-            M[inside] = np.matmul(coef, self._T[idx])
+            if matrices:
+                M[inside] = np.matmul(coef, self._T[idx])
             P = self._P[idx]
             logdet[inside] = self._L[idx] - (powers[:, 1:] / np.arange(1, _K + 1) * P[:, 1 : _K + 1]).sum(axis=1)
             for a in (1, 2, 3):
@@ -141,7 +143,7 @@ class TauFunctions:
         out = np.flatnonzero(~inside)
         if len(out):
             M[out], logdet[out], h[out] = self.direct(tau[out])
-        return M, logdet, h
+        return M if matrices else None, logdet, h
 
     def direct(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`at` by direct sums over the donors (for a few values of tau)."""
@@ -197,7 +199,7 @@ class Evaluation:
         Ainv2 = Ainv + dA * d[:, :, None] + d2A * (d * d)[:, :, None]
         Ainv2 = 0.5 * (Ainv2 + np.swapaxes(Ainv2, 1, 2))
         q = self.q[sel] + delta * (self.dq[sel] + delta * (0.5 * self.d2q[sel] + delta * self.d3q[sel] / 6.0))
-        _, logdet, _ = problem.functions.at(tau + delta)
+        _, logdet, _ = problem.functions.at(tau + delta, matrices=False)
         with np.errstate(invalid="ignore", divide="ignore"):
             loglik = problem._loglik(np.where(q > 0, q, np.nan), logdet)
         d2l = self.d2loglik[sel] + self.d3loglik[sel] * delta
