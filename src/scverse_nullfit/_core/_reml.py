@@ -248,7 +248,7 @@ class RemlProblem:
         f = 1.0 - w
         M = np.einsum("jk,jt,tkl->jtl", self.Xrot, f, K).reshape(len(self.lam), -1)
         self._grid_w = np.ascontiguousarray(w)
-        self._grid_M = np.ascontiguousarray(M)
+        self._grid_M = np.ascontiguousarray(np.hstack([M, self.Xrot]))  # and X~: Rt X~ from the same GEMM
         self._grid_logdet = np.log1p(pos[:, None] * self.mu[None, :]).sum(axis=1)
         self._grid_functions = self._functions_at(self.grid_taus)
         self._weights_cache = {}
@@ -268,8 +268,9 @@ class RemlProblem:
 
     # -- the REML on (r~, W) -----------------------------------------------------------------------------------
 
-    def grid(self, Rt: np.ndarray, W: np.ndarray, R2: np.ndarray | None = None) -> np.ndarray:
-        """REML log-likelihood of every gene at every grid tau: (len(grid), genes). ``R2 = Rt**2`` if computed."""
+    def grid(self, Rt: np.ndarray, W: np.ndarray, R2: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """REML log-likelihood of every gene at every grid tau (len(grid), genes), and ``Rt X~``. ``R2 = Rt**2`` if
+        already computed."""
         G = Rt.shape[0]
         T = len(self._grid_logdet)
         out = np.empty((T + 1, G))
@@ -277,13 +278,15 @@ class RemlProblem:
         q0 = W + R2.sum(axis=1)
         q = (R2 @ self._grid_w).T  # (taus, genes)
         q += W
-        B = (Rt @ self._grid_M).reshape(G, T, self.p)
+        B = Rt @ self._grid_M
+        XR = np.ascontiguousarray(B[:, T * self.p :])
+        B = B[:, : T * self.p].reshape(G, T, self.p)
         q -= np.einsum("gtk,gtk->tg", B, B)
         del B
         with np.errstate(invalid="ignore", divide="ignore"):
             out[0] = self._loglik(np.where(q0 > 0, q0, np.nan), 0.0)
             out[1:] = self._loglik(np.where(q > 0, q, np.nan), self._grid_logdet[:, None])
-        return out
+        return out, XR
 
     def evaluate_shared(self, taus: np.ndarray, which: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray,
                         R2: np.ndarray | None = None) -> Evaluation:  # fmt: skip
@@ -471,9 +474,8 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
     """
     grid = problem.grid_taus
     G = Rt.shape[0]
-    XR = Rt @ problem.Xrot
     R2 = Rt * Rt
-    ll = problem.grid(Rt, W, R2)
+    ll, XR = problem.grid(Rt, W, R2)
     best = np.argmax(np.where(np.isfinite(ll), ll, -np.inf), axis=0)
     tau = grid[best]
     lo = grid[np.maximum(best - 1, 0)]
