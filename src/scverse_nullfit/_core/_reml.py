@@ -503,7 +503,7 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
     finish(np.flatnonzero(at_end), ev, at_end)
 
     def advance(active, ev, it):
-        """A safeguarded Halley step from ``ev``, the evaluation of the genes ``active``; returns those still searching."""
+        """A safeguarded Halley step from ``ev``, the evaluation of the genes ``active``; returns those still going."""
         t = tau[active]
         dl, d2l = ev.dloglik, ev.d2loglik
         up = dl > 0
