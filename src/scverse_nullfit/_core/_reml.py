@@ -101,7 +101,8 @@ class TauFunctions:
             V[:, 0] = w
             for k in range(1, _K):
                 np.multiply(V[:, k - 1], u, out=V[:, k])
-            self._T[missing] = (V.reshape(-1, len(self.lam)) @ self._O).reshape(len(missing), _K, -1)
+            for i, node in enumerate(missing):  # one product per node: its table whatever else is built with it
+                self._T[node] = V[i] @ self._O
             cm = c[:, None] * self.mu[None, :]
             self._L[missing] = np.log1p(cm).sum(axis=1)
             v = cm / (1.0 + cm)
