@@ -40,9 +40,10 @@ MAX_ITER = 100
 NEAR2 = 1e-3
 #: Expansion nodes of the functions of tau: ``2 ** (i / NODES_PER_OCTAVE)``, so that ``|tau / node - 1| < 0.022``.
 NODES_PER_OCTAVE = 16
-#: Terms of each Taylor expansion: relative remainders below ``C(11, a) 0.022**(12 - a)``, i.e. 1.3e-20, 6e-18, 1.3e-15
-#: and 2e-13 for the function (``A``) and its first three derivatives (the third only steers Halley's steps).
-TAYLOR_TERMS = 12
+#: Terms of each Taylor expansion: relative remainders below ``C(9, a) 0.022**(10 - a)``, i.e. 3e-17, 1e-14, 2e-12
+#: and 2e-10 for ``A`` and its first three derivatives (the second and third only steer the steps and, multiplied by
+#: the last step's square and cube, move the results to its end point).
+TAYLOR_TERMS = 10
 #: The nodes kept in a table (tau from about 6e-11 to 1.7e7); a tau outside is evaluated directly.
 NODE_RANGE = (-34 * NODES_PER_OCTAVE, 24 * NODES_PER_OCTAVE)
 #: Genes x donors elements per block of the per-gene pass: its few arrays stay in a core's L2 cache.
@@ -392,12 +393,11 @@ class RemlProblem:
         beta2 = 2.0 * _matvec(Ainv, u[2] - M2b - M1g)
         return Evaluation(loglik, dl, d2l, q, beta, Ainv, d3l, dq, d2q, d3q, gamma, beta2, M[:, 1], M[:, 2])
 
-    def residuals(self, rows: np.ndarray, Rt: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
-        """The rotated GLS residuals ``r~ - X~ beta`` of the genes ``rows`` into ``out[rows]``."""
+    def residuals(self, Rt: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
+        """The rotated GLS residuals ``r~ - X~ beta`` into ``out`` (in blocks of genes)."""
         size = max(1, 4 * BLOCK_ELEMENTS // max(len(self.lam), 1))
-        for a in range(0, len(rows), size):
-            sel = rows[a : a + size]
-            out[sel] = Rt[sel] - beta[a : a + size] @ self.XT
+        for a in range(0, len(Rt), size):
+            np.subtract(Rt[a : a + size], beta[a : a + size] @ self.XT, out=out[a : a + size])
 
 
 def restricted_spectrum(spectral: Spectral) -> np.ndarray:
@@ -490,7 +490,6 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
         out.sigma2_e[idx] = ev.q[sel] / problem.df
         out.beta[idx] = ev.beta[sel]
         out.Ainv[idx] = ev.Ainv[sel]
-        problem.residuals(idx, Rt, out.beta[idx], resid)
         d2l = ev.d2loglik[sel]
         with np.errstate(invalid="ignore", divide="ignore"):
             out.tau_se[idx] = np.where(d2l < 0, np.sqrt(-1.0 / d2l), np.nan)
@@ -539,6 +538,7 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
         active = advance(active, problem.evaluate(tau[active], active, Rt, W, XR), it)
     if len(active):  # not converged: the last step's tau
         finish(active, problem.evaluate(tau[active], active, Rt, W, XR))
+    problem.residuals(Rt, out.beta, resid)
     out.converged[:] = converged
     out.n_iter[:] = n_iter
 
@@ -669,7 +669,7 @@ def fit_chunk(
     else:
         with timer("fixed tau"):
             ev = problem.evaluate_shared(np.array([float(tau)]), np.zeros(G, dtype=np.int64), Rt, W, Rt @ problem.Xrot)
-            problem.residuals(np.arange(G), Rt, ev.beta, resid)
+            problem.residuals(Rt, ev.beta, resid)
             local.tau[:] = float(tau)
             local.loglik[:] = ev.loglik
             local.sigma2_e[:] = ev.q / problem.df
