@@ -30,7 +30,7 @@ from ._suffstats import scaled_cholesky
 
 #: The shared tau grid: the boundary 0, then 2 points per decade over [1e-6, 1e6].
 TAU_GRID = np.concatenate([[0.0], np.logspace(-6, 6, 25)])
-#: Relative step in tau at which the Newton search stops.
+#: Relative step in tau at which the search stops (the evaluated tau is the answer).
 XTOL = 1e-10
 #: A Newton step below this relative size lands within about its square of the maximum: the search stops there.
 NEAR = 1e-5
@@ -465,13 +465,14 @@ def _inverse_factor(A: np.ndarray) -> np.ndarray:
 def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarray, out: GeneFits) -> None:
     """Maximise the REML log-likelihood over tau >= 0 for every gene of ``Rt`` (genes x donors).
 
-    A shared grid brackets each gene's maximum (started at the parabola through the best three grid values); a
-    safeguarded Halley iteration (Newton's step when Halley's leaves the bracket, bisection when Newton's does too
-    or the curvature is not negative) refines it, all genes at once, until the step is below ``XTOL`` relative (the
-    evaluated tau is the answer), or a Halley step below ``NEAR2`` (a Newton step below ``NEAR``) relative, whose end
-    point is exact to about the step's cube (square) and is the answer: its results follow from the last evaluation's
-    derivatives (:meth:`Evaluation.moved`). ``out`` receives tau, loglik, converged, n_iter (evaluations), tau_se,
-    beta, Ainv and sigma2_e; ``resid`` the rotated GLS residuals.
+    A shared grid brackets each gene's maximum; the first evaluation is at the best grid point (shared weights), a
+    boundary solution when that is an end of the grid and the slope points outwards; otherwise a safeguarded Halley
+    iteration (Newton's step when Halley's leaves the bracket, bisection when Newton's does too or the curvature is
+    not negative) refines it, all genes at once, until the step is below ``XTOL`` relative (the evaluated tau is the
+    answer), or a Halley step below ``NEAR2`` (a Newton step below ``NEAR``) relative, whose end point is exact to
+    about the step's cube (square) and is the answer: its results follow from the last evaluation's derivatives
+    (:meth:`Evaluation.moved`). ``out`` receives tau, loglik, converged, n_iter (evaluations), tau_se, beta, Ainv and
+    sigma2_e; ``resid`` the rotated GLS residuals.
     """
     grid = problem.grid_taus
     G = Rt.shape[0]
