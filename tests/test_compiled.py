@@ -1,4 +1,4 @@
-"""Compiled kernels without a writable cache directory, and compiling them ahead of use."""
+"""Compiled kernels without a writable cache directory; the Gaussian fit compiles nothing."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numba
 import pytest
 from numba.core import caching
 
-from scverse_nullfit._core import _reml
-from scverse_nullfit._core._compiled import compile_ahead, jit
+from scverse_nullfit._core import _reml, _suffstats
+from scverse_nullfit._core._compiled import jit
 
 
 def _add_one(x):
@@ -24,8 +24,8 @@ def test_jit_without_a_writable_cache_dir(monkeypatch):
     assert f._cache is None or isinstance(f._cache, caching.NullCache)  # no cache behind it
 
 
-def test_warm_ups_compile_the_kernels_for_the_types_the_fit_uses():
-    compile_ahead(_reml.warm_up)
-    _reml.warm_up()
-    for kernel in (_reml._weights_kernel, _reml._evaluate_kernel, _reml._third_kernel):
-        assert len(kernel.signatures) == 1, kernel
+def test_the_gaussian_path_has_no_compiled_kernels():
+    """The pass and the REML are numpy/scipy code: a first Gaussian fit waits for no compiler (issue 13)."""
+    for module in (_suffstats, _reml):
+        kernels = [k for k, v in vars(module).items() if isinstance(v, numba.core.registry.CPUDispatcher)]
+        assert not kernels, (module.__name__, kernels)

@@ -280,6 +280,14 @@ def test_gene_chunks_and_threads(sparse_adata, pieces, chunk_size, n_threads):
     _assert_same_fits(other, ref, f"chunk_size={chunk_size}, n_threads={n_threads}")
 
 
+def test_reml_bit_identical_across_threads(sparse_adata, pieces):
+    """The same chunks on 1 or 3 threads give the same bits (each chunk's arithmetic does not depend on the others)."""
+    one = _gene_fits(sparse_adata, pieces, chunk_size=4, n_threads=1)
+    many = _gene_fits(sparse_adata, pieces, chunk_size=4, n_threads=3)
+    for name in ("tau", "sigma2_e", "loglik", "tau_se", "beta", "Ainv", "resid", "n_iter", "converged"):
+        np.testing.assert_array_equal(getattr(many, name), getattr(one, name), err_msg=name)
+
+
 def test_restricted_spectrum_alongside_stage1(sparse_adata, pieces):
     """The restricted eigenvalues computed without the GRM's eigenvectors (alongside them) are the same."""
     donors, design, spectral = pieces

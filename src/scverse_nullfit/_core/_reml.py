@@ -7,142 +7,213 @@ squares ``W``; with ``w_j = 1/(1 + tau lam_j)`` (see ``docs/model.md``)
     log|H| + log|X'H^-1 X| = sum_j log(1 + tau mu_j) + log|X'X|
 
 where ``mu`` are the eigenvalues of the donor-level ``E = Lam^1/2 (I - X~ (X'X)^-1 X~') Lam^1/2`` (eigenvalues only:
-one tridiagonalisation, shared by all genes). An evaluation at a per-gene tau costs one ``genes x donors`` by
-``donors x p(p+1)/2`` GEMM (the packed outer products of the rotated covariates) and O(donors p) per gene; the
-shared grid is one GEMM for all genes. No second rotation of the genes is needed. The last evaluation of the search
-is each gene's result (fixed effects, ``(X'H^-1X)^-1``, rotated GLS residuals).
+one tridiagonalisation, shared by all genes). The parts that depend on tau only (``X~' diag(lam^a w^(a+1)) X~`` and
+the sums over ``mu``) come from Taylor expansions at geometric nodes in tau, shared by all genes; the per-gene part
+of an evaluation at a per-gene tau is one pass over the gene's donors (weights and four weighted copies of ``r~``)
+and one narrow GEMM with ``X~``. The shared grid is one GEMM for all genes. No second rotation of the genes is
+needed, and nothing is compiled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scanpy import logging as logg
 from scipy import linalg
+from scipy.special import comb
 
-from ._compiled import jit
 from ._design import Donors, Spectral, donor_sums
 from ._read import available_threads
 from ._suffstats import scaled_cholesky
 
-#: The shared tau grid: the boundary 0, then 3 points per decade over [1e-6, 1e6].
+#: The shared tau grid: the boundary 0, then 2 points per decade over [1e-6, 1e6].
 TAU_GRID = np.concatenate([[0.0], np.logspace(-6, 6, 25)])
-#: Relative step in tau at which the Newton search stops.
+#: Relative step in tau at which the search stops (the evaluated tau is the answer).
 XTOL = 1e-10
 #: A Newton step below this relative size lands within about its square of the maximum: the search stops there.
 NEAR = 1e-5
 MAX_ITER = 100
-#: Columns of the per-gene sums returned by :func:`_evaluate_kernel`.
-_DQ, _WV2, _H1, _H2, _H3 = range(5)
+#: A Halley step below this relative size lands within about its cube of the maximum: the search stops there, and the
+#: results at its end point follow from the derivatives at its start (errors of about its cube, relative).
+NEAR2 = 1e-3
+#: Expansion nodes of the functions of tau: ``2 ** (i / NODES_PER_OCTAVE)``, so that ``|tau / node - 1| < 0.022``.
+NODES_PER_OCTAVE = 16
+#: Terms of each Taylor expansion: relative remainders below ``C(9, a) 0.022**(10 - a)``, i.e. 3e-17, 1e-14, 2e-12
+#: and 2e-10 for ``A`` and its first three derivatives (the second and third only steer the steps and, multiplied by
+#: the last step's square and cube, move the results to its end point).
+TAYLOR_TERMS = 10
+#: The nodes kept in a table (tau from about 6e-11 to 1.7e7); a tau outside is evaluated directly.
+NODE_RANGE = (-34 * NODES_PER_OCTAVE, 24 * NODES_PER_OCTAVE)
+#: Genes x donors elements per block of the per-gene pass: its few arrays stay in a core's L2 cache.
+BLOCK_ELEMENTS = 1 << 15
+
+_K = TAYLOR_TERMS
+_ORDERS = np.arange(4)[:, None]
+_TERMS = np.arange(_K)[None, :]
+#: Coefficient of term k in the a-th derivative's expansion (``C(k, a)``, 0 for k < a) and the power of ``-x`` it takes.
+_M_BINOM = comb(_TERMS, _ORDERS)
+_M_POWER = np.maximum(_TERMS - _ORDERS, 0)
+#: ``h_a`` (a = 1, 2, 3): term k takes ``C(k + a - 1, a - 1) (-x)^k P_{k + a}``.
+_H_BINOM = comb(_TERMS + _ORDERS[1:] - 1, _ORDERS[1:] - 1)
 
 
-_FAST = {"reassoc", "contract"}  # sums may be vectorised (the same order for a gene whatever the chunk or thread)
+class TauFunctions:
+    """The gene-independent functions of tau, at a per-gene tau.
 
-
-@jit(fastmath=_FAST)
-def _weights_kernel(tau, rows, Rt, lam, XT, XR, w_out, b_out, wr2_out):  # pragma: no cover - compiled
-    """Per gene i (row ``rows[i]`` of ``Rt``): w = 1/(1 + tau_i lam), b = X~'((w - 1) r~) (``XR = Rt X~``) and
-    sum w r~^2."""
-    p, n = XT.shape
-    wr = np.empty(n)
-    for i in range(tau.shape[0]):
-        t = tau[i]
-        g = rows[i]
-        s = 0.0
-        for j in range(n):
-            w = 1.0 / (1.0 + t * lam[j])
-            r = Rt[g, j]
-            w_out[i, j] = w
-            wr[j] = w * r
-            s += w * r * r
-        wr2_out[i] = s
-        for k in range(p):
-            acc = 0.0
-            for j in range(n):
-                acc += wr[j] * XT[k, j]
-            b_out[i, k] = acc - XR[g, k]
-
-
-@jit(fastmath=_FAST)
-def _evaluate_kernel(tau, rows, Rt, lam, mu, XT, w, beta, resid_out, c_out, sums):  # pragma: no cover - compiled
-    """Per gene i at tau_i with GLS coefficients ``beta[i]``: the rotated GLS residuals d = r~ - X~ beta (written to
-    ``resid_out[rows[i]]``), e = w d, v = lam e, ``c_out[i] = X~'(w v)`` and
-    ``sums[i] = (sum lam e^2, sum w v^2, sum mu u, sum (mu u)^2, sum (mu u)^3)`` with u = 1/(1 + tau mu).
+    ``M_a = X~' diag(lam^a w^(a+1)) X~`` (a = 0..3; ``M_0 = A - A_w``, ``M_a`` the a-th derivative of ``M_0`` over
+    ``(-1)^a a!``), ``sum_j log(1 + tau mu_j)`` and ``h_a = sum_j (mu_j / (1 + tau mu_j))^a`` (a = 1..3). At a node
+    ``c``, ``1/(1 + tau lam) = w_c / (1 + x u)`` with ``x = tau / c - 1``, ``u = c lam w_c`` in [0, 1), so each is a
+    power series in ``x`` whose coefficients are sums over donors, computed once per node (when first needed) and
+    shared by all genes. A tau outside the nodes' range (or 0) is evaluated directly.
     """
-    p, n = XT.shape
-    m = mu.shape[0]
-    wv = np.empty(n)
-    for i in range(tau.shape[0]):
-        t = tau[i]
-        g = rows[i]
-        d = resid_out[g]
-        for j in range(n):
-            d[j] = Rt[g, j]
-        for k in range(p):
-            bk = beta[i, k]
-            for j in range(n):
-                d[j] -= XT[k, j] * bk
-        dq = 0.0
-        wv2 = 0.0
-        for j in range(n):
-            e = w[i, j] * d[j]
-            v = lam[j] * e
-            dq += v * e
-            x = w[i, j] * v
-            wv[j] = x
-            wv2 += x * v
-        for k in range(p):
-            acc = 0.0
-            for j in range(n):
-                acc += wv[j] * XT[k, j]
-            c_out[i, k] = acc
-        h1 = 0.0
-        h2 = 0.0
-        h3 = 0.0
-        for k in range(m):
-            mu_u = mu[k] / (1.0 + t * mu[k])
-            h1 += mu_u
-            h2 += mu_u * mu_u
-            h3 += mu_u * mu_u * mu_u
-        sums[i, 0] = dq
-        sums[i, 1] = wv2
-        sums[i, 2] = h1
-        sums[i, 3] = h2
-        sums[i, 4] = h3
 
+    def __init__(self, lam: np.ndarray, Xrot: np.ndarray, mu: np.ndarray):
+        self.lam, self.Xrot, self.mu = lam, Xrot, mu
+        n, p = Xrot.shape
+        self.p = p
+        self._O = (Xrot[:, :, None] * Xrot[:, None, :]).reshape(n, p * p)  # x~_j x~_j', whole (none to unpack)
+        n_nodes = NODE_RANGE[1] - NODE_RANGE[0] + 1
+        self._T = np.zeros((n_nodes, _K, p * p))  # sum_j w_cj u_cj^k x~_j x~_j'
+        self._L = np.zeros(n_nodes)  # sum_j log(1 + c mu_j)
+        self._P = np.zeros((n_nodes, _K + 3))  # sum_j v_cj^k, v = c mu / (1 + c mu)
+        self._built = np.zeros(n_nodes, dtype=bool)
+        self._lock = threading.Lock()
 
-@jit(fastmath=_FAST)
-def _third_kernel(rows, lam, XT, w, resid, gamma, out):  # pragma: no cover - compiled
-    """Per gene i: out[i] = sum lam z^2 with z = w (v - X~ gamma), v = lam w d, d = ``resid[rows[i]]``."""
-    p, n = XT.shape
-    z = np.empty(n)
-    for i in range(rows.shape[0]):
-        g = rows[i]
-        for j in range(n):
-            z[j] = lam[j] * w[i, j] * resid[g, j]
-        for k in range(p):
-            gk = gamma[i, k]
-            for j in range(n):
-                z[j] -= XT[k, j] * gk
-        s = 0.0
-        for j in range(n):
-            x = w[i, j] * z[j]
-            s += lam[j] * x * x
-        out[i] = s
+    def __getstate__(self):  # shipped to dask workers without the tables (rebuilt there when needed)
+        return {"lam": self.lam, "Xrot": self.Xrot, "mu": self.mu}
+
+    def __setstate__(self, state):
+        self.__init__(state["lam"], state["Xrot"], state["mu"])
+
+    def _build(self, idx: np.ndarray) -> None:
+        missing = idx[~self._built[idx]]
+        if not len(missing):
+            return
+        with self._lock:
+            missing = missing[~self._built[missing]]
+            if not len(missing):
+                return
+            c = np.exp2((missing + NODE_RANGE[0]) / NODES_PER_OCTAVE)
+            w = 1.0 / (1.0 + c[:, None] * self.lam[None, :])
+            u = c[:, None] * self.lam[None, :] * w
+            V = np.empty((len(missing), _K, len(self.lam)))
+            V[:, 0] = w
+            for k in range(1, _K):
+                np.multiply(V[:, k - 1], u, out=V[:, k])
+            for i, node in enumerate(missing):  # one product per node: its table whatever else is built with it
+                self._T[node] = V[i] @ self._O
+            cm = c[:, None] * self.mu[None, :]
+            self._L[missing] = np.log1p(cm).sum(axis=1)
+            v = cm / (1.0 + cm)
+            P = np.empty((len(missing), _K + 3))
+            vk = np.ones_like(v)
+            for k in range(_K + 3):
+                P[:, k] = vk.sum(axis=1)
+                vk *= v
+            self._P[missing] = P
+            self._built[missing] = True
+
+    def at(self, tau: np.ndarray, matrices: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """``M`` (genes, 4, p, p; None unless ``matrices``), ``sum_j log(1 + tau mu_j)`` (genes) and ``h`` (genes, 3)
+        at a per-gene tau."""
+        m, p = len(tau), self.p
+        M = np.empty((m, 4, p * p))
+        logdet = np.empty(m)
+        h = np.empty((m, 3))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            node = np.rint(np.log2(tau) * NODES_PER_OCTAVE)
+        inside = (tau > 0) & (node >= NODE_RANGE[0]) & (node <= NODE_RANGE[1])
+        if inside.any():
+            idx = node[inside].astype(np.int64) - NODE_RANGE[0]
+            self._build(np.unique(idx))
+            c = np.exp2((idx + NODE_RANGE[0]) / NODES_PER_OCTAVE)
+            powers = np.empty((len(c), _K + 1))  # (-x)^k
+            powers[:, 0] = 1.0
+            powers[:, 1:] = (1.0 - tau[inside] / c)[:, None]
+            np.cumprod(powers, axis=1, out=powers)
+            inv_c = (1.0 / c)[:, None] ** np.arange(4)[None, :]
+            coef = _M_BINOM[None] * powers[:, _M_POWER] * inv_c[:, :, None]  # (genes, a, k)
+            if matrices:
+                M[inside] = np.matmul(coef, self._T[idx])
+            P = self._P[idx]
+            logdet[inside] = self._L[idx] - (powers[:, 1:] / np.arange(1, _K + 1) * P[:, 1 : _K + 1]).sum(axis=1)
+            for a in (1, 2, 3):
+                h[inside, a - 1] = inv_c[:, a] * (_H_BINOM[a - 1] * powers[:, :_K] * P[:, a : a + _K]).sum(axis=1)
+        M = M.reshape(m, 4, p, p)
+        out = np.flatnonzero(~inside)
+        if len(out):
+            M[out], logdet[out], h[out] = self.direct(tau[out])
+        return M if matrices else None, logdet, h
+
+    def direct(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`at` by direct sums over the donors (for a few values of tau)."""
+        t = np.asarray(tau, dtype=np.float64)[:, None]
+        w = 1.0 / (1.0 + t * self.lam[None, :])
+        weights = np.empty((len(t), 4, len(self.lam)))
+        weights[:, 0] = w
+        for a in (1, 2, 3):
+            np.multiply(weights[:, a - 1], self.lam * w, out=weights[:, a])
+        M = (weights @ self._O).reshape(len(t), 4, self.p, self.p)
+        logdet = np.log1p(t * self.mu[None, :]).sum(axis=1)
+        mw = self.mu[None, :] / (1.0 + t * self.mu[None, :])
+        h = np.stack([(mw**a).sum(axis=1) for a in (1, 2, 3)], axis=1)
+        return M, logdet, h
 
 
 @dataclass
 class Evaluation:
-    """REML quantities at one tau per gene (arrays over genes first); the GLS residuals are written in place."""
+    """REML quantities at one tau per gene (arrays over genes first)."""
 
-    loglik: np.ndarray | None
+    loglik: np.ndarray
     dloglik: np.ndarray
     d2loglik: np.ndarray
     q: np.ndarray  #: r'P_H r
     beta: np.ndarray  #: (genes, p) GLS coefficients of r
     Ainv: np.ndarray  #: (genes, p, p) (X'H^-1 X)^-1
     d3loglik: np.ndarray | None = None
+    #: The tau-derivatives of q and of beta (``-gamma``, ``beta2``) and ``M_1``, ``M_2``: what :meth:`moved` needs.
+    dq: np.ndarray | None = None
+    d2q: np.ndarray | None = None
+    d3q: np.ndarray | None = None
+    gamma: np.ndarray | None = None
+    beta2: np.ndarray | None = None
+    M1: np.ndarray | None = None
+    M2: np.ndarray | None = None
+
+    def take(self, sel) -> Evaluation:
+        """The evaluation of the genes ``sel``."""
+        return Evaluation(**{f.name: None if (v := getattr(self, f.name)) is None else v[sel] for f in fields(self)})
+
+    def moved(self, sel, delta: np.ndarray, problem: RemlProblem, tau: np.ndarray) -> Evaluation:
+        """The genes ``sel`` at ``tau + delta`` (``tau`` the evaluated one), from the derivatives at ``tau``: q to third
+        order, beta and ``(X'H^-1X)^-1`` to second, the curvature to first; the log-likelihood from q exactly.
+
+        For a step ``|delta| <= NEAR2 tau`` the error is below about ``(delta / tau)^3`` relative.
+        """
+        d = delta[:, None]
+        Ainv, M1, M2 = self.Ainv[sel], self.M1[sel], self.M2[sel]
+        beta = self.beta[sel] - self.gamma[sel] * d + 0.5 * self.beta2[sel] * d * d
+        P1 = Ainv @ M1  # A^-1 M_1
+        dA = P1 @ Ainv
+        d2A = P1 @ dA - Ainv @ M2 @ Ainv  # half the second derivative of A^-1
+        Ainv2 = Ainv + dA * d[:, :, None] + d2A * (d * d)[:, :, None]
+        Ainv2 = 0.5 * (Ainv2 + np.swapaxes(Ainv2, 1, 2))
+        q = self.q[sel] + delta * (self.dq[sel] + delta * (0.5 * self.d2q[sel] + delta * self.d3q[sel] / 6.0))
+        _, logdet, _ = problem.functions.at(tau + delta, matrices=False)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loglik = problem._loglik(np.where(q > 0, q, np.nan), logdet)
+        d2l = self.d2loglik[sel] + self.d3loglik[sel] * delta
+        return Evaluation(loglik, np.zeros_like(delta), d2l, q, beta, Ainv2)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("gk,gk->g", a, b)
+
+
+def _matvec(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.matmul(M, v[:, :, None])[:, :, 0]
 
 
 class RemlProblem:
@@ -160,14 +231,13 @@ class RemlProblem:
             raise ValueError(f"the design has {self.p} columns but there are only {self.N} cells.")
         p = self.p
         self._iu = np.triu_indices(p)
-        # packed outer products x~_k x~_k' (upper triangle), so all genes' X'H^-1X come from one GEMM
+        # packed outer products x~_k x~_k' (upper triangle): X~' diag(v) X~ = v' O for any weights v
         self.O = np.ascontiguousarray(self.Xrot[:, self._iu[0]] * self.Xrot[:, self._iu[1]])
         L, scale = scaled_cholesky(spectral.XtX)
         self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
         self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
         self.mu = restricted_spectrum(spectral) if mu is None else mu
-        self._mu8 = np.concatenate([self.mu, np.zeros(-len(self.mu) % 8)]).reshape(-1, 8)  # zeros add log(1) = 0
-        self._Ainv0 = _spd_inverse((self.Aw + self.Xrot.T @ self.Xrot)[None])[0]  # (X'X)^-1, as at tau = 0
+        self.functions = TauFunctions(self.lam, self.Xrot, self.mu)
         self._grid_setup(TAU_GRID)
 
     def _grid_setup(self, taus: np.ndarray) -> None:
@@ -180,14 +250,19 @@ class RemlProblem:
         f = 1.0 - w
         M = np.einsum("jk,jt,tkl->jtl", self.Xrot, f, K).reshape(len(self.lam), -1)
         self._grid_w = np.ascontiguousarray(w)
-        self._grid_M = np.ascontiguousarray(M)
+        self._grid_M = np.ascontiguousarray(np.hstack([M, self.Xrot]))  # and X~: Rt X~ from the same GEMM
         self._grid_logdet = np.log1p(pos[:, None] * self.mu[None, :]).sum(axis=1)
+        self._grid_functions = self._functions_at(self.grid_taus)
+        self._weights_cache = {}
+
+    def __getstate__(self):  # shipped to dask workers without the grid's weights (recomputed there when needed)
+        return {**self.__dict__, "_weights_cache": {}}
 
     def _unpack(self, packed: np.ndarray) -> np.ndarray:
         p = self.p
-        out = np.empty((packed.shape[0], p, p))
-        out[:, self._iu[0], self._iu[1]] = packed
-        out[:, self._iu[1], self._iu[0]] = packed
+        out = np.empty((*packed.shape[:-1], p, p))
+        out[..., self._iu[0], self._iu[1]] = packed
+        out[..., self._iu[1], self._iu[0]] = packed
         return out
 
     def _loglik(self, q, logdet):
@@ -195,97 +270,134 @@ class RemlProblem:
 
     # -- the REML on (r~, W) -----------------------------------------------------------------------------------
 
-    def grid(self, Rt: np.ndarray, W: np.ndarray) -> np.ndarray:
-        """REML log-likelihood of every gene at every grid tau: (len(grid), genes)."""
+    def grid(self, Rt: np.ndarray, W: np.ndarray, R2: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """REML log-likelihood of every gene at every grid tau (len(grid), genes), and ``Rt X~``. ``R2 = Rt**2`` if
+        already computed."""
         G = Rt.shape[0]
         T = len(self._grid_logdet)
         out = np.empty((T + 1, G))
-        R2 = Rt * Rt
+        R2 = Rt * Rt if R2 is None else R2
         q0 = W + R2.sum(axis=1)
         q = (R2 @ self._grid_w).T  # (taus, genes)
-        del R2
         q += W
-        B = (Rt @ self._grid_M).reshape(G, T, self.p)
+        B = Rt @ self._grid_M
+        XR = np.ascontiguousarray(B[:, T * self.p :])
+        B = B[:, : T * self.p].reshape(G, T, self.p)
         q -= np.einsum("gtk,gtk->tg", B, B)
         del B
         with np.errstate(invalid="ignore", divide="ignore"):
             out[0] = self._loglik(np.where(q0 > 0, q0, np.nan), 0.0)
             out[1:] = self._loglik(np.where(q > 0, q, np.nan), self._grid_logdet[:, None])
-        return out
+        return out, XR
 
-    def _evaluate_at_zero(self, rows, Rt, W, resid, *, with_loglik: bool) -> Evaluation:
-        """:meth:`evaluate` at tau = 0, where H = I: ``A = X'X``, the GLS fit of r is 0 and every sum is a GEMM."""
-        m = len(rows)
-        R = Rt[rows]
-        resid[rows] = R
-        R2 = R * R
-        sums = R2 @ np.stack([np.ones_like(self.lam), self.lam, self.lam * self.lam], axis=1)
-        c = R @ (self.lam[:, None] * self.Xrot)
-        Ainv = np.broadcast_to(self._Ainv0, (m, self.p, self.p))
-        q = W[rows] + sums[:, 0]
-        dq = -sums[:, 1]
-        d2q = 2.0 * (sums[:, 2] - np.einsum("gk,kl,gl->g", c, self._Ainv0, c))
-        h1, h2 = self.mu.sum(), (self.mu * self.mu).sum()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            loglik = self._loglik(np.where(q > 0, q, np.nan), 0.0) if with_loglik else None
-            r = dq / q
-            dl = -0.5 * (self.df * r + h1)
-            d2l = -0.5 * (self.df * (d2q / q - r * r) - h2)
-        return Evaluation(loglik, dl, d2l, q, np.zeros((m, self.p)), Ainv)
+    def evaluate_shared(self, taus: np.ndarray, which: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray,
+                        R2: np.ndarray | None = None) -> Evaluation:  # fmt: skip
+        """Exact REML quantities of every gene of ``Rt`` at ``taus[which]``, a few distinct values (the grid, or a fixed
+        tau): within each group of genes at the same tau the weights are shared, so the per-gene sums are GEMMs and
+        ``A^-1`` is one inverse. ``R2 = Rt**2`` if already computed."""
+        G, p = Rt.shape[0], self.p
+        taus = np.asarray(taus, dtype=np.float64)
+        grid = taus is self.grid_taus
+        R2 = Rt * Rt if R2 is None else R2
+        s = np.empty((4, G))
+        u = np.empty((4, G, p))
+        M, logdet, h, Ainv = self._grid_functions if grid else self._functions_at(taus)
+        for t in np.unique(which):
+            sel = np.flatnonzero(which == t)
+            omega, XW = self._shared_weights(taus[t], t if grid else None)
+            rows = slice(sel[0], sel[-1] + 1) if len(sel) == sel[-1] - sel[0] + 1 else sel
+            s[:, sel] = omega @ R2[rows].T
+            u[:, sel] = (XW @ Rt[rows].T).reshape(4, p, len(sel)).transpose(0, 2, 1)
+            if taus[t] == 0:
+                u[0, sel] = XR[sel]  # b = 0 exactly: the GLS fit of r at tau = 0 is the OLS one
+        return self._combine(s, u, XR, W, M[which], Ainv[which], logdet[which], h[which])
 
-    def logdet(self, tau: np.ndarray) -> np.ndarray:
-        """``log|K'HK| = sum_j log(1 + tau mu_j)`` at a per-gene ``tau``: one log per 8 factors (whose product cannot
-        overflow), one log each for the rare genes with a factor above 1e30."""
-        tau = np.asarray(tau, dtype=np.float64)
-        out = np.empty(len(tau))
-        for a in range(0, len(tau), 256):  # blocks of genes: temporaries of a few MB
-            t = tau[a : a + 256]
-            f = np.multiply.outer(t, self._mu8)
-            big = (f > 1e30).any(axis=(1, 2))
-            f += 1.0
-            out[a : a + 256] = np.log(f.prod(axis=2)).sum(axis=1)
-            if big.any():
-                out[a : a + 256][big] = np.log1p(np.multiply.outer(t[big], self.mu)).sum(axis=1)
-        return out
+    def _functions_at(self, taus: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``M``, the log-determinant, ``h`` and ``A^-1`` at a few values of tau, directly."""
+        M, logdet, h = self.functions.direct(taus)
+        return M, logdet, h, _spd_inverse(M[:, 0] + self.Aw)
 
-    def evaluate(self, tau: np.ndarray, rows: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray,
-                 resid: np.ndarray, *, with_loglik: bool = True) -> Evaluation:  # fmt: skip
+    def _shared_weights(self, tau: float, key: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """``omega_a = lam^a w^(a+1)`` (4, donors) at one tau, and the rows ``omega_a x~_k`` (4 p, donors); the grid's
+        are kept once computed."""
+        if key is not None and key in self._weights_cache:
+            return self._weights_cache[key]
+        omega = np.empty((4, len(self.lam)))
+        omega[0] = 1.0 / (1.0 + tau * self.lam)
+        for k in (1, 2, 3):
+            omega[k] = omega[k - 1] * self.lam * omega[0]
+        XW = (omega[:, None, :] * self.XT[None, :, :]).reshape(4 * self.p, -1)
+        if key is not None:
+            self._weights_cache[key] = (omega, XW)
+        return omega, XW
+
+    def _gene_sums(self, tau: np.ndarray, rows: np.ndarray, Rt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per gene at its tau, with ``omega_a = lam^a w^(a+1)`` (a = 0..3): ``s[a] = sum_j omega_a r~_j^2`` (4,
+        genes) and ``u[a] = X~'(omega_a r~)`` (4, genes, p); one pass over each gene's donors, in blocks of genes."""
+        m, n, p = len(rows), len(self.lam), self.p
+        s = np.empty((4, m))
+        u = np.empty((4, m, p))
+        size = max(1, BLOCK_ELEMENTS // max(n, 1))
+        r_buf = np.empty((min(size, m), n))
+        w_buf = np.empty((min(size, m), n))
+        a_buf = np.empty((4 * min(size, m), n))
+        for a in range(0, m, size):
+            g = min(size, m - a)
+            r = np.take(Rt, rows[a : a + g], axis=0, out=r_buf[:g])
+            w = np.multiply.outer(tau[a : a + g], self.lam, out=w_buf[:g])
+            w += 1.0
+            np.reciprocal(w, out=w)
+            wr = a_buf[: 4 * g].reshape(4, g, n)  # omega_a r~
+            np.multiply(w, r, out=wr[0])
+            w *= self.lam  # lam w
+            for k in (1, 2, 3):
+                np.multiply(w, wr[k - 1], out=wr[k])
+            s[:, a : a + g] = np.matmul(wr[:, :, None, :], r[:, :, None])[:, :, 0, 0]
+            u[:, a : a + g] = (self.XT @ a_buf[: 4 * g].T).reshape(p, 4, g).transpose(1, 2, 0)
+        return s, u
+
+    def evaluate(self, tau: np.ndarray, rows: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray) -> Evaluation:
         """Exact REML quantities of the genes ``rows`` (of ``Rt``, ``W``, ``XR = Rt X~``) at a per-gene ``tau``.
 
-        The rotated GLS residuals are written into ``resid[rows]``; the log-likelihood itself (not needed by the
-        Newton steps) only ``with_loglik``.
+        With ``d = r~ - X~ beta``, the sums of ``omega_a d^2`` and ``X~'(omega_a d)`` in the derivatives (see
+        ``docs/model.md``) are expanded in the per-gene sums of :meth:`_gene_sums` and the shared ``M_a``.
         """
         tau = np.ascontiguousarray(tau, dtype=np.float64)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        if len(tau) and not tau.any():
-            return self._evaluate_at_zero(rows, Rt, W, resid, with_loglik=with_loglik)
-        m, n, p = len(tau), len(self.lam), self.p
-        w = np.empty((m, n))
-        b = np.empty((m, p))
-        wr2 = np.empty(m)
-        _weights_kernel(tau, rows, Rt, self.lam, self.XT, XR, w, b, wr2)
-        A = self._unpack(w @ self.O)
-        A += self.Aw
-        Ainv = _spd_inverse(A)
-        beta = np.einsum("gkl,gl->gk", Ainv, b)
-        sums = np.empty((m, 5))
-        c = np.empty((m, p))
-        _evaluate_kernel(tau, rows, Rt, self.lam, self.mu, self.XT, w, beta, resid, c, sums)
-        gamma = np.einsum("gkl,gl->gk", Ainv, c)
-        d3 = np.empty(m)
-        _third_kernel(rows, self.lam, self.XT, w, resid, gamma, d3)  # the between part of P V P y: w (v - X~ gamma)
-        d3q = -6.0 * d3
-        del w
-        q = W[rows] + wr2 - np.einsum("gk,gk->g", b, beta)
-        dq = -sums[:, _DQ]
-        d2q = 2.0 * (sums[:, _WV2] - np.einsum("gk,gk->g", c, gamma))
+        s, u = self._gene_sums(tau, rows, Rt)
+        M, logdet, h = self.functions.at(tau)  # (genes, 4, p, p)
+        Ainv = _spd_inverse(M[:, 0] + self.Aw)
+        return self._combine(s, u, XR[rows], W[rows], M, Ainv, logdet, h)
+
+    def _combine(self, s, u, XR, W, M, Ainv, logdet, h) -> Evaluation:
+        """The REML quantities from the per-gene sums ``s``, ``u`` and the functions of tau ``M``, ``A^-1``, the
+        log-determinant and ``h`` (arrays over the same genes)."""
+        b = u[0] - XR
+        beta = _matvec(Ainv, b)
+        q = W + s[0] - _dot(b, beta)
+        M1b = _matvec(M[:, 1], beta)
+        M2b = _matvec(M[:, 2], beta)
+        c = u[1] - M1b  # X~'(omega_1 d)
+        gamma = _matvec(Ainv, c)
+        dq = -(s[1] - 2.0 * _dot(beta, u[1]) + _dot(beta, M1b))
+        d2q = 2.0 * (s[2] - 2.0 * _dot(beta, u[2]) + _dot(beta, M2b) - _dot(c, gamma))
+        s3 = s[3] - 2.0 * _dot(beta, u[3]) + _dot(beta, _matvec(M[:, 3], beta))
+        M1g = _matvec(M[:, 1], gamma)
+        d3q = -6.0 * (s3 - 2.0 * _dot(gamma, u[2] - M2b) + _dot(gamma, M1g))
         with np.errstate(invalid="ignore", divide="ignore"):
-            loglik = self._loglik(np.where(q > 0, q, np.nan), self.logdet(tau)) if with_loglik else None
+            loglik = self._loglik(np.where(q > 0, q, np.nan), logdet)
             r = dq / q
-            dl = -0.5 * (self.df * r + sums[:, _H1])
-            d2l = -0.5 * (self.df * (d2q / q - r * r) - sums[:, _H2])
-            d3l = -0.5 * (self.df * (d3q / q - 3.0 * r * d2q / q + 2.0 * r**3) + 2.0 * sums[:, _H3])
-        return Evaluation(loglik, dl, d2l, q, beta, Ainv, d3l)
+            dl = -0.5 * (self.df * r + h[:, 0])
+            d2l = -0.5 * (self.df * (d2q / q - r * r) - h[:, 1])
+            d3l = -0.5 * (self.df * (d3q / q - 3.0 * r * d2q / q + 2.0 * r**3) + 2.0 * h[:, 2])
+        beta2 = 2.0 * _matvec(Ainv, u[2] - M2b - M1g)
+        return Evaluation(loglik, dl, d2l, q, beta, Ainv, d3l, dq, d2q, d3q, gamma, beta2, M[:, 1], M[:, 2])
+
+    def residuals(self, Rt: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
+        """The rotated GLS residuals ``r~ - X~ beta`` into ``out`` (in blocks of genes)."""
+        size = max(1, 4 * BLOCK_ELEMENTS // max(len(self.lam), 1))
+        for a in range(0, len(Rt), size):
+            np.subtract(Rt[a : a + size], beta[a : a + size] @ self.XT, out=out[a : a + size])
 
 
 def restricted_spectrum(spectral: Spectral) -> np.ndarray:
@@ -350,66 +462,32 @@ def _inverse_factor(A: np.ndarray) -> np.ndarray:
     return Q * inv_sqrt[..., None, :]
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) this module's kernels, for the argument types the fit uses.
-
-    Called in the background while stage 1 and the pass over the expression run, so that the first fit in a
-    process does not wait for the compiler when it reaches the REML.
-    """
-    n, p = 2, 1
-    one, rows, lam = np.ones(1), np.zeros(1, dtype=np.int64), np.ones(n)
-    M, P = np.ones((1, n)), np.ones((1, p))
-    _weights_kernel(one, rows, M, lam, M.copy(), P, np.empty((1, n)), np.empty((1, p)), np.empty(1))
-    _evaluate_kernel(one, rows, M, lam, lam, M.copy(), M, P, np.empty((1, n)), np.empty((1, p)), np.empty((1, 5)))
-    _third_kernel(rows, lam, M.copy(), M, M, P, np.empty(1))
-
-
-def _parabola_start(grid: np.ndarray, ll: np.ndarray, best: np.ndarray) -> np.ndarray:
-    """The vertex of the parabola in log tau through each gene's best grid point and its two neighbours (the
-    grid is geometric above 0); the best grid point itself where that is not defined."""
-    tau = grid[best].copy()
-    inner = np.flatnonzero((best >= 2) & (best <= len(grid) - 2))
-    if len(inner):
-        b = best[inner]
-        y0, y1, y2 = ll[b - 1, inner], ll[b, inner], ll[b + 1, inner]
-        curv = y0 - 2.0 * y1 + y2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            step = 0.5 * (y0 - y2) / curv  # in grid steps, within (-1/2, 1/2] for a concave triple
-        ok = np.isfinite(step) & (curv < 0)
-        h = np.log(grid[3] / grid[2])
-        tau[inner[ok]] *= np.exp(np.clip(step[ok], -0.5, 0.5) * h)
-    return tau
-
-
 def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarray, out: GeneFits) -> None:
     """Maximise the REML log-likelihood over tau >= 0 for every gene of ``Rt`` (genes x donors).
 
-    A shared grid brackets each gene's maximum (started at the parabola through the best three grid values); a
-    safeguarded Newton iteration (bisection when a step leaves the bracket or the curvature is not negative)
-    refines it, all genes at once, until the step is below ``XTOL`` relative (the evaluated tau is the answer), or a
-    Newton step below ``NEAR`` relative, whose end point is then exact to about ``NEAR**2`` and evaluated once more.
-    Each gene's result is its last evaluation: ``out`` receives tau, loglik, converged, n_iter, tau_se, beta, Ainv
-    and sigma2_e; ``resid`` the rotated GLS residuals.
+    A shared grid brackets each gene's maximum; the first evaluation is at the best grid point (shared weights), a
+    boundary solution when that is an end of the grid and the slope points outwards; otherwise a safeguarded Halley
+    iteration (Newton's step when Halley's leaves the bracket, bisection when Newton's does too or the curvature is
+    not negative) refines it, all genes at once, until the step is below ``XTOL`` relative (the evaluated tau is the
+    answer), or a Halley step below ``NEAR2`` (a Newton step below ``NEAR``) relative, whose end point is exact to
+    about the step's cube (square) and is the answer: its results follow from the last evaluation's derivatives
+    (:meth:`Evaluation.moved`). ``out`` receives tau, loglik, converged, n_iter (evaluations), tau_se, beta, Ainv and
+    sigma2_e; ``resid`` the rotated GLS residuals.
     """
     grid = problem.grid_taus
     G = Rt.shape[0]
-    XR = Rt @ problem.Xrot
-    ll = problem.grid(Rt, W)
+    R2 = Rt * Rt
+    ll, XR = problem.grid(Rt, W, R2)
     best = np.argmax(np.where(np.isfinite(ll), ll, -np.inf), axis=0)
-    tau = _parabola_start(grid, ll, best)
+    tau = grid[best]
     lo = grid[np.maximum(best - 1, 0)]
     hi = grid[np.minimum(best + 1, len(grid) - 1)]
     converged = np.zeros(G, dtype=bool)
-    n_iter = np.zeros(G, dtype=np.int64)
+    n_iter = np.ones(G, dtype=np.int64)
 
     def finish(idx, ev, sel=slice(None)):
         out.tau[idx] = tau[idx]
-        loglik = ev.loglik[sel] if ev.loglik is not None else None
-        if loglik is None:
-            q = ev.q[sel]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                loglik = problem._loglik(np.where(q > 0, q, np.nan), problem.logdet(tau[idx]))
-        out.loglik[idx] = loglik
+        out.loglik[idx] = ev.loglik[sel]
         out.sigma2_e[idx] = ev.q[sel] / problem.df
         out.beta[idx] = ev.beta[sel]
         out.Ainv[idx] = ev.Ainv[sel]
@@ -417,25 +495,17 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
         with np.errstate(invalid="ignore", divide="ignore"):
             out.tau_se[idx] = np.where(d2l < 0, np.sqrt(-1.0 / d2l), np.nan)
 
-    # maxima on the grid's ends: a boundary solution when the slope points outwards
-    ends = np.flatnonzero((best == 0) | (best == len(grid) - 1))
-    if len(ends):
-        ev = problem.evaluate(tau[ends], ends, Rt, W, XR, resid, with_loglik=False)
-        at_zero = best[ends] == 0
-        outward = np.where(at_zero, ev.dloglik <= 0, ev.dloglik >= 0)
-        converged[ends[outward]] = True
-        finish(ends[outward], ev, outward)
-        start = ends[at_zero & ~outward]
-        tau[start] = 0.5 * grid[1]
-        lo[start] = 0.0
+    # the first evaluation at each gene's best grid point (shared weights: GEMMs); a maximum on the grid's ends is a
+    # boundary solution when the slope there points outwards
+    ev = problem.evaluate_shared(grid, best, Rt, W, XR, R2)
+    del R2
+    at_end = ((best == 0) & (ev.dloglik <= 0)) | ((best == len(grid) - 1) & (ev.dloglik >= 0))
+    converged[at_end] = True
+    finish(np.flatnonzero(at_end), ev, at_end)
 
-    active = np.flatnonzero(~converged)
-    last = np.zeros(0, dtype=np.int64)  # genes whose last Newton step lands within NEAR**2 of the maximum
-    for it in range(1, MAX_ITER + 1):
-        if not len(active):
-            break
+    def advance(active, ev, it):
+        """A safeguarded Halley step from ``ev``, the evaluation of the genes ``active``; returns those still going."""
         t = tau[active]
-        ev = problem.evaluate(t, active, Rt, W, XR, resid, with_loglik=False)
         dl, d2l = ev.dloglik, ev.d2loglik
         up = dl > 0
         lo[active] = np.where(up, t, lo[active])
@@ -443,28 +513,33 @@ def search(problem: RemlProblem, Rt: np.ndarray, W: np.ndarray, resid: np.ndarra
         lo_a, hi_a = lo[active], hi[active]
         with np.errstate(divide="ignore", invalid="ignore"):
             newton = t - dl / d2l
-            if ev.d3loglik is not None:  # Halley's step (cubic convergence) where it stays in the bracket
-                halley = t - 2.0 * dl * d2l / (2.0 * d2l * d2l - dl * ev.d3loglik)
-                closer = np.abs(halley - newton) < np.abs(newton - t)  # a refinement of Newton's step, not a jump
-                use = np.isfinite(halley) & (halley > lo_a) & (halley < hi_a) & closer
-                newton = np.where(use, halley, newton)
+            # Halley's step (cubic convergence) where it stays in the bracket
+            halley = t - 2.0 * dl * d2l / (2.0 * d2l * d2l - dl * ev.d3loglik)
+            closer = np.abs(halley - newton) < np.abs(newton - t)  # a refinement of Newton's step, not a jump
+            use = np.isfinite(halley) & (halley > lo_a) & (halley < hi_a) & closer
+            newton = np.where(use, halley, newton)
         good = (d2l < 0) & (newton > lo_a) & (newton < hi_a)
         mid = np.where(lo_a > 0, np.sqrt(lo_a * hi_a), 0.5 * (lo_a + hi_a))
         new = np.where(dl == 0, t, np.where(good, newton, mid))  # a zero slope is the answer itself
         step = np.abs(new - t)
         done = (step <= XTOL * np.maximum(t, 1e-300)) | (hi_a - lo_a <= XTOL * hi_a) | (dl == 0)
-        near = ~done & good & (step <= NEAR * t)
+        near = ~done & good & (step <= np.where(use, NEAR2, NEAR) * t)
         n_iter[active] = it
-        converged[active[done]] = True
+        converged[active[done | near]] = True
         finish(active[done], ev, done)  # the evaluated tau, within XTOL of the next step
         tau[active[~done]] = new[~done]
-        last = np.concatenate([last, active[near]])
-        n_iter[active[near]] = it + 1
-        active = active[~done & ~near]
-    converged[last] = True
-    rest = np.concatenate([last, active])  # the last step's tau (not converged: the last one reached)
-    if len(rest):
-        finish(rest, problem.evaluate(tau[rest], rest, Rt, W, XR, resid))
+        if near.any():  # the step's end point, within about the step's cube (Halley) or square (Newton) of the maximum
+            finish(active[near], ev.moved(near, (new - t)[near], problem, t[near]))
+        return active[~done & ~near]
+
+    active = advance(np.flatnonzero(~at_end), ev.take(~at_end), 1)
+    for it in range(2, MAX_ITER + 1):
+        if not len(active):
+            break
+        active = advance(active, problem.evaluate(tau[active], active, Rt, W, XR), it)
+    if len(active):  # not converged: the last step's tau
+        finish(active, problem.evaluate(tau[active], active, Rt, W, XR))
+    problem.residuals(Rt, out.beta, resid)
     out.converged[:] = converged
     out.n_iter[:] = n_iter
 
@@ -594,8 +669,8 @@ def fit_chunk(
             search(problem, Rt, W, resid, local)
     else:
         with timer("fixed tau"):
-            rows = np.arange(G)
-            ev = problem.evaluate(np.full(G, float(tau)), rows, Rt, W, Rt @ problem.Xrot, resid)
+            ev = problem.evaluate_shared(np.array([float(tau)]), np.zeros(G, dtype=np.int64), Rt, W, Rt @ problem.Xrot)
+            problem.residuals(Rt, ev.beta, resid)
             local.tau[:] = float(tau)
             local.loglik[:] = ev.loglik
             local.sigma2_e[:] = ev.q / problem.df

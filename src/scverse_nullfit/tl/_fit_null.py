@@ -16,11 +16,9 @@ from tqdm import tqdm
 
 from .._constants import Key
 from .._core import _glmm
-from .._core._compiled import compile_ahead
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, read_columns
 from .._core._reml import Rotation, problem_from_stage1, restricted_spectrum_from_grm
-from .._core._reml import warm_up as warm_up_reml
 from .._core._store import (
     blocks_part,
     count_results_frame,
@@ -182,9 +180,6 @@ def fit_null(
 
     start = logg.info(f"fitting null models (key_added={key_added!r})")
     Y = get_expression(adata, layer)
-    # the first fit in a process compiles the REML kernels (or loads them from numba's cache) while the inputs are
-    # checked
-    compile_ahead(warm_up_reml)
     labels = donor_labels(adata.obs, donor_key)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
