@@ -306,3 +306,28 @@ def test_cis_map_command_tensorqtl_with_independent_signals(step2, tmp_path, cap
     got = pd.read_csv(tmp_path / "ind.cis_independent_qtl.txt.gz", sep="\t")
     assert list(got.columns[:3]) == ["phenotype_id", "variant_id", "start_distance"] and "rank" in got.columns
     assert len(got) == len(_read(tmp_path / "sig.tsv"))
+
+
+def test_score_test_on_a_count_fit_spa_and_no_spa(step2, tmp_path, capsys):
+    """A count fit's score-test gives saddlepoint p-values where |z| > 2 by default and normal ones with --no-spa."""
+    from scipy import stats
+
+    adata = snf.datasets.simulate(n_donors=40, cells_per_donor=8.0, n_genes=6, seed=3)
+    for k in ("genotypes", "variants"):
+        adata.uns.pop(k, None)
+    snf.tl.fit_null(adata, family="poisson", layer="counts", offset="log_counts", donor_covariates=["age", "sex"])
+    fitted = tmp_path / "counts.h5ad"
+    adata.write_h5ad(fitted)
+    tables = {}
+    for flag in ([], ["--no-spa"]):
+        out = tmp_path / f"res{len(flag)}.tsv"
+        rc, _, err = run(capsys, "score-test", fitted, step2["h5ad"], "-o", out, *flag)
+        assert rc == 0, err
+        tables[bool(flag)] = _read(out)
+    spa, normal = tables[False], tables[True]
+    np.testing.assert_allclose(spa["z"], normal["z"], rtol=1e-12)
+    np.testing.assert_allclose(normal["pval"], 2 * stats.norm.sf(np.abs(normal["z"])), rtol=1e-9)
+    small = np.abs(spa["z"]) <= 2
+    np.testing.assert_allclose(spa["pval"][small], normal["pval"][small], rtol=1e-12)
+    want = snf.tl.score_test(adata, step2["df"], spa=False)
+    np.testing.assert_allclose(normal["pval"], want["pval"], rtol=1e-9)

@@ -149,6 +149,12 @@ def add_step2_commands(sub, common: argparse.ArgumentParser) -> None:
         p.add_argument("--genes", metavar="FILE_OR_LIST", help="Genes to test: a file (one per line) or a comma list.")
         p.add_argument("--chunk-size", type=int, metavar="N", help="Variants per chunk (default: bounded memory).")
         p.add_argument("--n-threads", type=int, metavar="N", help="Limit on BLAS threads.")
+        p.add_argument(
+            "--no-spa",
+            dest="spa",
+            action="store_false",
+            help="Count fits: normal p-values everywhere (default: saddlepoint p-values where |z| > 2).",
+        )
     for p in (cis, trans):
         p.add_argument(
             "--variant-positions",

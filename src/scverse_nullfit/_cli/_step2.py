@@ -186,6 +186,7 @@ def run_score_test(args: argparse.Namespace) -> int:
             condition=read_id_list(args.condition, "--condition"),
             chunk_size=args.chunk_size,
             n_threads=args.n_threads,
+            spa=args.spa,
         )
     finally:
         _close(genotypes)
@@ -220,6 +221,7 @@ def _read_inputs(args: argparse.Namespace, fitted: Path):
         "variants": read_variant_positions(args.variant_positions),
         "chunk_size": args.chunk_size,
         "n_threads": args.n_threads,
+        "spa": args.spa,
     }
     return read_fitted(fitted, args.key), genotype_source(args.genotypes), common
 
