@@ -13,10 +13,14 @@ are ``exp(u_d)`` times donor sums fixed by ``b``.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from ._compiled import jit
+
+#: Debug builds only (set with a separate NUMBA_CACHE_DIR): ``n_iter`` reports evaluations * 1000 + inner passes.
+COUNT_EVALS = os.environ.get("SNF_COUNT_EVALS") == "1"
 
 POISSON = 0
 NEGATIVE_BINOMIAL = 1
@@ -348,6 +352,7 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
 @jit()
 def _inner_sums(fam, yi, yv, codes, theta, eu, sh, sw, st):  # pragma: no cover - compiled
     """The donor sums of h1 and w at the donor effects exp(u) = eu."""
+    st[11][1] += 1
     if fam == POISSON:
         Yd, Sd = st[1], st[2]
         for d in range(Yd.shape[0]):
@@ -426,7 +431,8 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
     if fam == NEGATIVE_BINOMIAL:
         for k in range(yv.shape[0]):
             lconst += _lgamma_ratio(yv[k], theta)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp = st
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, cnt = st
+    cnt[0] += 1
     Bg = buf[1]
     dgptr, gcell, Xg, sig = grp[2], grp[1], grp[3], grp[5]
     same = key[0] == 1.0
@@ -828,6 +834,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.flatnonzero(is_donor),
         Xd,
         grp,
+        np.zeros(2, dtype=np.int64),
     )
 
 
@@ -901,6 +908,7 @@ def fit_genes_range(
     for c in range(N):
         sumoff += math.exp(off[c])
     for gidx in range(lo, hi):
+        st[11][:] = 0
         yi = indices[indptr[gidx] : indptr[gidx + 1]]
         yv = data[indptr[gidx] : indptr[gidx + 1]]
         lfact = 0.0
@@ -952,6 +960,8 @@ def fit_genes_range(
             v[:] = 0.0
         status_out[gidx] = status
         iter_out[gidx] = its
+        if COUNT_EVALS:
+            iter_out[gidx] = st[11][0] * 1000 + st[11][1]
         loglik_out[gidx] = L
         for j in range(p):
             beta_out[gidx, j] = phi[j]
