@@ -352,7 +352,7 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
 @jit()
 def _inner_sums(fam, yi, yv, codes, theta, eu, sh, sw, st):  # pragma: no cover - compiled
     """The donor sums of h1 and w at the donor effects exp(u) = eu."""
-    st[11][1] += 1
+    st[11][1] += 1.0
     if fam == POISSON:
         Yd, Sd = st[1], st[2]
         for d in range(Yd.shape[0]):
@@ -391,7 +391,9 @@ def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st): 
         dec = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
         if not (dec == dec):
             return False
-        if dec < 1e-22:
+        if dec < 1e-12:  # quadratic convergence: the Newton step leaves an error ~dec^2, below rounding
+            for d in range(n):
+                v[d] += dv[d]
             return True
         t = 1.0
         accepted = False
@@ -408,18 +410,23 @@ def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st): 
         if not accepted:
             return dec < 1e-10
         v[:] = vn
-        if t == 1.0 and dec < 1e-12:  # quadratic convergence: the mode is now exact to ~dec^2
-            return True
     return False
 
 
 @jit()
 def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
+    """See :func:`_evaluate` (with the log-likelihood)."""  # pragma: no cover - compiled
+    return _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, True)
+
+
+@jit()
+def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, need_ll):
     """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
     and the Hessian of the penalised log-likelihood at the mode in (b, kappa) (``hess``; its rho row and column
     are left 0). ``v`` (the mode) is the warm start and is updated; ``boundary``: s2 = 0 (rho unused); ``lfact``:
     sum_c lgamma(y_c + 1); ``st``: per-gene state (see :func:`_state`), which caches the per-cell
-    quantities of the last b. Returns (loglik, ok).
+    quantities of the last b. Returns (loglik, ok); without ``need_ll`` (a finite-difference evaluation, which needs
+    the gradient only) the log-likelihood is not computed and NaN is returned in its place.
     """  # pragma: no cover - compiled
     p = X.shape[1]
     n = v.shape[0]
@@ -427,12 +434,18 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux = st
+    aux[0] += 1.0
     lconst = -lfact
-    if fam == NEGATIVE_BINOMIAL:
-        for k in range(yv.shape[0]):
-            lconst += _lgamma_ratio(yv[k], theta)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, cnt = st
-    cnt[0] += 1
+    if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
+        if aux[2] != 1.0 or aux[3] != theta:
+            acc = 0.0
+            for k in range(yv.shape[0]):
+                acc += _lgamma_ratio(yv[k], theta)
+            aux[2] = 1.0
+            aux[3] = theta
+            aux[4] = acc
+        lconst += aux[4]
     Bg = buf[1]
     dgptr, gcell, Xg, sig = grp[2], grp[1], grp[3], grp[5]
     same = key[0] == 1.0
@@ -499,7 +512,8 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
             r = mu / t
             q = 1.0 - r
             dg, tg = _gamma_diffs(y, theta)
-            ll -= y * math.log1p(theta / mu)
+            if need_ll:
+                ll -= y * math.log1p(theta / mu)
             dw = y * r * q
             cz[0, g] += y * q
             cz[1, g] += dw
@@ -590,7 +604,8 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
             d = bdon[s]
             lo_ = Lflat[o]
             h = 1.0 + s2 * lo_ * lo_ * sw[d]
-            logdet += math.log(h)
+            if need_ll:
+                logdet += math.log(h)
             md = lo_ * lo_ / h
             mdiag[d] = md
             LHv[d] = lo_ * v[d] / h
@@ -605,9 +620,10 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
         H = s2 * (A.T @ A)
         for i in range(kk):
             H[i, i] += 1.0
-        C = np.linalg.cholesky(H)
-        for i in range(kk):
-            logdet += 2.0 * math.log(C[i, i])
+        if need_ll:
+            C = np.linalg.cholesky(H)
+            for i in range(kk):
+                logdet += 2.0 * math.log(C[i, i])
         Hinv = np.linalg.inv(H)
         Mb = Lb @ (Hinv @ Lb.T)
         vb = np.empty(kk)
@@ -632,7 +648,7 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
         for j in range(p + 1):
             for m2 in range(j, p + 1):
                 Q[j, m2] += Qb[j, m2]
-    lap = ll + lconst - 0.5 * vv - 0.5 * logdet
+    lap = ll + lconst - 0.5 * vv - 0.5 * logdet if need_ll else np.nan
     for j in range(p):
         acc = 0.0
         for d in range(n):
@@ -728,7 +744,9 @@ def _optimise(
             ph = phi.copy()
             ph[j0] += step
             vt[:] = v
-            _, ok2 = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            _, ok2 = _evaluate(
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, False
+            )
             if not ok2:
                 return L, FAILED, it
             for j in range(k):
@@ -834,7 +852,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.flatnonzero(is_donor),
         Xd,
         grp,
-        np.zeros(2, dtype=np.int64),
+        np.zeros(5),
     )
 
 
@@ -908,7 +926,8 @@ def fit_genes_range(
     for c in range(N):
         sumoff += math.exp(off[c])
     for gidx in range(lo, hi):
-        st[11][:] = 0
+        st[11][:2] = 0.0
+        st[11][2] = 0.0
         yi = indices[indptr[gidx] : indptr[gidx + 1]]
         yv = data[indptr[gidx] : indptr[gidx + 1]]
         lfact = 0.0
@@ -961,7 +980,7 @@ def fit_genes_range(
         status_out[gidx] = status
         iter_out[gidx] = its
         if COUNT_EVALS:
-            iter_out[gidx] = st[11][0] * 1000 + st[11][1]
+            iter_out[gidx] = int(st[11][0]) * 1000 + int(st[11][1])
         loglik_out[gidx] = L
         for j in range(p):
             beta_out[gidx, j] = phi[j]
