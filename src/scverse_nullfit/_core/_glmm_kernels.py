@@ -744,6 +744,7 @@ def _optimise(
             ph = phi.copy()
             ph[j0] += step
             vt[:] = v
+            st[11][5] += 1.0
             _, ok2 = _evaluate(
                 fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, False
             )
@@ -852,7 +853,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.flatnonzero(is_donor),
         Xd,
         grp,
-        np.zeros(5),
+        np.zeros(7),
     )
 
 
@@ -925,8 +926,13 @@ def fit_genes_range(
     sumoff = 0.0
     for c in range(N):
         sumoff += math.exp(off[c])
+    intercept = p > 0
+    for c in range(N):
+        if p > 0 and X[c, 0] != 1.0:
+            intercept = False
     for gidx in range(lo, hi):
         st[11][:2] = 0.0
+        st[11][5:] = 0.0
         st[11][2] = 0.0
         yi = indices[indptr[gidx] : indptr[gidx + 1]]
         yv = data[indptr[gidx] : indptr[gidx + 1]]
@@ -948,6 +954,7 @@ def fit_genes_range(
         st[6][0] = 0.0
         L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st)
         loglik0_out[gidx] = L0
+        st[11][6] = st[11][0]
         if st0 != OK:
             status_out[gidx] = FAILED
             iter_out[gidx] = it0
@@ -959,7 +966,14 @@ def fit_genes_range(
         L = L0
         its = it0
         if U > 0.0 and info > 0.0:
-            phi[p] = math.log(min(max(U / info, 1e-3), 10.0))
+            s2i = min(max(U / info, 1e-3), 10.0)
+            phi[p] = math.log(s2i)
+            if fam == NEGATIVE_BINOMIAL:  # the boundary fit's overdispersion, less the donor effects' share
+                ib = math.exp(-phi[p + 1])
+                ii = max(ib - math.expm1(s2i), 0.25 * ib) * math.exp(-s2i)
+                phi[p + 1] = min(max(-math.log(ii), KAPPA_MIN), KAPPA_MAX)
+            if intercept:  # E exp(u) = exp(s2 / 2)
+                phi[0] -= 0.5 * s2i
             free[:] = True
             if fam == POISSON:
                 free[p + 1] = False
@@ -980,7 +994,7 @@ def fit_genes_range(
         status_out[gidx] = status
         iter_out[gidx] = its
         if COUNT_EVALS:
-            iter_out[gidx] = int(st[11][0]) * 1000 + int(st[11][1])
+            iter_out[gidx] = ((int(st[11][0]) * 100 + int(st[11][5])) * 100 + int(st[11][6])) * 1000 + int(st[11][1])
         loglik_out[gidx] = L
         for j in range(p):
             beta_out[gidx, j] = phi[j]
