@@ -434,7 +434,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux = st
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd = st
     aux[0] += 1.0
     lconst = -lfact
     if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
@@ -607,6 +607,10 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             if need_ll:
                 logdet += math.log(h)
             md = lo_ * lo_ / h
+            for j in range(p):  # the mode's derivatives in phi (implicit function; the mode condition used)
+                dvd[d, j] = -sigma * lo_ * zwx[d, j] / h
+            dvd[d, p] = 0.5 * v[d] * (1.0 - s2 * lo_ * lo_ * sw[d]) / h
+            dvd[d, p + 1] = sigma * lo_ * sh1k[d] / h
             mdiag[d] = md
             LHv[d] = lo_ * v[d] / h
             Maq[d] = md * a[d] * s2 * md
@@ -635,6 +639,23 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                 Zb[i, j] = zwx[d, j]
             Zb[i, p] = sh1k[d]
         lhv = Lb @ (Hinv @ vb)
+        Rb = np.empty((kk, p + 2))
+        wlv = Lb @ vb
+        for i in range(kk):
+            d = bdon[s + i]
+            wlv[i] *= sw[d]
+            for j in range(p):
+                Rb[i, j] = -sigma * Zb[i, j]
+            Rb[i, p] = 0.0
+            Rb[i, p + 1] = sigma * Zb[i, p]
+        Rb = Lb.T @ Rb
+        Lw = Lb.T @ wlv
+        for i in range(kk):
+            Rb[i, p] = 0.5 * (vb[i] - s2 * Lw[i])
+        Db = Hinv @ Rb
+        for i in range(kk):
+            for j in range(p + 2):
+                dvd[bdon[s + i], j] = Db[i, j]
         aq = np.empty(kk)
         for i in range(kk):
             d = bdon[s + i]
@@ -729,6 +750,7 @@ def _optimise(
     if not ok:
         return np.nan, FAILED, 0
     vt = v.copy()
+    dva = st[12].copy()  # the mode's derivatives in phi at phi: warm starts extrapolated along a step
     # rows/columns of the Hessian taken from finite differences of the gradient: log(s2), and log(theta) in the
     # interior (the log-determinant's share of their curvature is not small); refreshed while they still move
     fd = np.zeros(k, dtype=np.bool_)
@@ -743,7 +765,8 @@ def _optimise(
             step = FD_STEP * max(1.0, abs(phi[j0]))
             ph = phi.copy()
             ph[j0] += step
-            vt[:] = v
+            for dd in range(vt.shape[0]):
+                vt[dd] = v[dd] + step * dva[dd, j0]
             st[11][5] += 1.0
             _, ok2 = _evaluate(
                 fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, False
@@ -793,6 +816,12 @@ def _optimise(
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
             vt[:] = v
+            if not boundary:
+                for a_ in range(k):
+                    dp = ph[a_] - phi[a_]
+                    if dp != 0.0:
+                        for dd in range(vt.shape[0]):
+                            vt[dd] += dp * dva[dd, a_]
             Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
                 accepted = True
@@ -805,6 +834,7 @@ def _optimise(
         for j in range(p, k):
             moved[j] = ph[j] - phi[j]
         _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
+        dva[:, :] = st[12]
         L = Ln
         if t < STALL_STEP and dec < 1e-6:  # the log-likelihood's rounding, not the model, stops the steps
             return L, OK, it + 1
@@ -816,6 +846,7 @@ def _optimise(
             Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
+                dva[:, :] = st[12]
                 L = Ln
         if not boundary and phi[p] < RHO_MIN:
             return L, BOUNDARY, it + 1
@@ -854,6 +885,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         Xd,
         grp,
         np.zeros(7),
+        np.zeros((n, p + 2)),
     )
 
 
