@@ -175,7 +175,7 @@ def test_mode_derivatives_match_finite_differences(family, related):
     def mode(ph):
         st = K._state(p, n, grp)
         g, H, v = np.zeros(p + 2), np.zeros((p + 2, p + 2)), np.zeros(n)
-        ll, ok = K.evaluate(
+        _, ok = K.evaluate(
             fam, indices, data, cs, offs, Xs, blocks.ptr, blocks.donors, blocks.L, blocks.loff, ph, False, v, lfact,
             g, H, st,
         )  # fmt: skip
