@@ -858,7 +858,10 @@ def _state(p, n, grp):  # pragma: no cover - compiled
     """Per-gene scratch of :func:`evaluate`: (x_g'b and exp(oref_g + x_g'b) per group, donor sums of y, of mu / e^u, of
     mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows, the cache key [valid, sum y base, b]), then
     the design's split: the cell-level columns, the donor-level ones (constant within every donor) and the
-    donor-level values (donors x p), and the groups ``grp`` (see ``_glmm._by_donor``). Donor-level columns need no
+    donor-level values (donors x p), the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner
+    passes, valid, theta, sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations,
+    boundary-fit evaluations] and the mode's derivatives in phi at the last evaluation (donors x (p + 2)). The
+    caches (key, aux) belong to one gene: reset key[0] and aux[2] before the next. Donor-level columns need no
     per-group work: their sums follow from donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
