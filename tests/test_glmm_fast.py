@@ -146,3 +146,46 @@ def test_row_groups_and_input_untouched():
     before = Y.copy()
     _glmm.fit_counts(Y, codes, X, family="negative_binomial", offset=rng.normal(0, 0.3, len(codes)))
     assert (Y != before).nnz == 0 and (Y.indices == before.indices).all()
+
+
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+@pytest.mark.parametrize("related", [False, True])
+def test_mode_derivatives_match_finite_differences(family, related):
+    """The mode's derivatives in phi that extrapolate the inner warm starts (state row 12) are those of the mode."""
+    rng = np.random.default_rng(7)
+    codes, X = _design(rng, n_donors=24, per_donor=15)
+    N, p = X.shape
+    n = codes.max() + 1
+    G = None
+    if related:  # blocks of 1, 2 and 3 related donors
+        G = np.eye(n)
+        for a in range(0, n - 3, 6):
+            G[a, a + 1] = G[a + 1, a] = 0.4
+            G[a + 3, a + 4] = G[a + 4, a + 3] = G[a + 3, a + 5] = G[a + 5, a + 3] = 0.25
+    off = rng.normal(0.0, 0.3, N)
+    mu = 0.8 * np.exp(off + 0.5 * rng.standard_normal(n)[codes])
+    y = rng.negative_binomial(3.0, 3.0 / (3.0 + mu)).astype(float)
+    Y = sparse.csc_matrix(y[:, None])
+    fam = K.POISSON if family == "poisson" else K.NEGATIVE_BINOMIAL
+    blocks = _glmm.donor_blocks(G, n)
+    _, indices, data, cs, Xs, offs, grp = _glmm._by_donor(Y, codes, X, off, n)
+    lfact = float(sum(math.lgamma(v + 1) for v in y))
+    phi = np.concatenate([[math.log(0.8), 0.1, -0.2, 0.3], [math.log(0.3), 1.0]])
+
+    def mode(ph):
+        st = K._state(p, n, grp)
+        g, H, v = np.zeros(p + 2), np.zeros((p + 2, p + 2)), np.zeros(n)
+        _, ok = K.evaluate(
+            fam, indices, data, cs, offs, Xs, blocks.ptr, blocks.donors, blocks.L, blocks.loff, ph, False, v, lfact,
+            g, H, st,
+        )  # fmt: skip
+        assert ok
+        return v, st[12].copy()
+
+    v0, D = mode(phi)
+    h = 1e-6
+    for j in range(p + 2 if fam == K.NEGATIVE_BINOMIAL else p + 1):
+        ph = phi.copy()
+        ph[j] += h
+        fd = (mode(ph)[0] - v0) / h
+        np.testing.assert_allclose(D[:, j], fd, rtol=1e-4, atol=1e-5 * np.abs(fd).max() + 1e-9, err_msg=str(j))

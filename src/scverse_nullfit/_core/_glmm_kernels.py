@@ -13,10 +13,14 @@ are ``exp(u_d)`` times donor sums fixed by ``b``.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from ._compiled import jit
+
+#: Debug builds only (set with a separate NUMBA_CACHE_DIR): ``n_iter`` reports evaluations * 1000 + inner passes.
+COUNT_EVALS = os.environ.get("SNF_COUNT_EVALS") == "1"
 
 POISSON = 0
 NEGATIVE_BINOMIAL = 1
@@ -348,6 +352,7 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
 @jit()
 def _inner_sums(fam, yi, yv, codes, theta, eu, sh, sw, st):  # pragma: no cover - compiled
     """The donor sums of h1 and w at the donor effects exp(u) = eu."""
+    st[11][1] += 1.0
     if fam == POISSON:
         Yd, Sd = st[1], st[2]
         for d in range(Yd.shape[0]):
@@ -386,7 +391,9 @@ def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st): 
         dec = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
         if not (dec == dec):
             return False
-        if dec < 1e-22:
+        if dec < 1e-12:  # quadratic convergence: the Newton step leaves an error ~dec^2, below rounding
+            for d in range(n):
+                v[d] += dv[d]
             return True
         t = 1.0
         accepted = False
@@ -403,18 +410,23 @@ def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st): 
         if not accepted:
             return dec < 1e-10
         v[:] = vn
-        if t == 1.0 and dec < 1e-12:  # quadratic convergence: the mode is now exact to ~dec^2
-            return True
     return False
 
 
 @jit()
 def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
+    """See :func:`_evaluate` (with the log-likelihood)."""  # pragma: no cover - compiled
+    return _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, True)
+
+
+@jit()
+def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, need_ll):
     """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
     and the Hessian of the penalised log-likelihood at the mode in (b, kappa) (``hess``; its rho row and column
     are left 0). ``v`` (the mode) is the warm start and is updated; ``boundary``: s2 = 0 (rho unused); ``lfact``:
     sum_c lgamma(y_c + 1); ``st``: per-gene state (see :func:`_state`), which caches the per-cell
-    quantities of the last b. Returns (loglik, ok).
+    quantities of the last b. Returns (loglik, ok); without ``need_ll`` (a finite-difference evaluation, which needs
+    the gradient only) the log-likelihood is not computed and NaN is returned in its place.
     """  # pragma: no cover - compiled
     p = X.shape[1]
     n = v.shape[0]
@@ -422,11 +434,18 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd = st
+    aux[0] += 1.0
     lconst = -lfact
-    if fam == NEGATIVE_BINOMIAL:
-        for k in range(yv.shape[0]):
-            lconst += _lgamma_ratio(yv[k], theta)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp = st
+    if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
+        if aux[2] != 1.0 or aux[3] != theta:
+            acc = 0.0
+            for k in range(yv.shape[0]):
+                acc += _lgamma_ratio(yv[k], theta)
+            aux[2] = 1.0
+            aux[3] = theta
+            aux[4] = acc
+        lconst += aux[4]
     Bg = buf[1]
     dgptr, gcell, Xg, sig = grp[2], grp[1], grp[3], grp[5]
     same = key[0] == 1.0
@@ -493,7 +512,8 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
             r = mu / t
             q = 1.0 - r
             dg, tg = _gamma_diffs(y, theta)
-            ll -= y * math.log1p(theta / mu)
+            if need_ll:
+                ll -= y * math.log1p(theta / mu)
             dw = y * r * q
             cz[0, g] += y * q
             cz[1, g] += dw
@@ -584,8 +604,13 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
             d = bdon[s]
             lo_ = Lflat[o]
             h = 1.0 + s2 * lo_ * lo_ * sw[d]
-            logdet += math.log(h)
+            if need_ll:
+                logdet += math.log(h)
             md = lo_ * lo_ / h
+            for j in range(p):  # the mode's derivatives in phi (implicit function; the mode condition used)
+                dvd[d, j] = -sigma * lo_ * zwx[d, j] / h
+            dvd[d, p] = 0.5 * v[d] * (1.0 - s2 * lo_ * lo_ * sw[d]) / h
+            dvd[d, p + 1] = sigma * lo_ * sh1k[d] / h
             mdiag[d] = md
             LHv[d] = lo_ * v[d] / h
             Maq[d] = md * a[d] * s2 * md
@@ -599,9 +624,10 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
         H = s2 * (A.T @ A)
         for i in range(kk):
             H[i, i] += 1.0
-        C = np.linalg.cholesky(H)
-        for i in range(kk):
-            logdet += 2.0 * math.log(C[i, i])
+        if need_ll:
+            C = np.linalg.cholesky(H)
+            for i in range(kk):
+                logdet += 2.0 * math.log(C[i, i])
         Hinv = np.linalg.inv(H)
         Mb = Lb @ (Hinv @ Lb.T)
         vb = np.empty(kk)
@@ -613,6 +639,23 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
                 Zb[i, j] = zwx[d, j]
             Zb[i, p] = sh1k[d]
         lhv = Lb @ (Hinv @ vb)
+        Rb = np.empty((kk, p + 2))
+        wlv = Lb @ vb
+        for i in range(kk):
+            d = bdon[s + i]
+            wlv[i] *= sw[d]
+            for j in range(p):
+                Rb[i, j] = -sigma * Zb[i, j]
+            Rb[i, p] = 0.0
+            Rb[i, p + 1] = sigma * Zb[i, p]
+        Rb = Lb.T @ Rb
+        Lw = Lb.T @ wlv
+        for i in range(kk):
+            Rb[i, p] = 0.5 * (vb[i] - s2 * Lw[i])
+        Db = Hinv @ Rb
+        for i in range(kk):
+            for j in range(p + 2):
+                dvd[bdon[s + i], j] = Db[i, j]
         aq = np.empty(kk)
         for i in range(kk):
             d = bdon[s + i]
@@ -626,7 +669,7 @@ def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary,
         for j in range(p + 1):
             for m2 in range(j, p + 1):
                 Q[j, m2] += Qb[j, m2]
-    lap = ll + lconst - 0.5 * vv - 0.5 * logdet
+    lap = ll + lconst - 0.5 * vv - 0.5 * logdet if need_ll else np.nan
     for j in range(p):
         acc = 0.0
         for d in range(n):
@@ -707,6 +750,7 @@ def _optimise(
     if not ok:
         return np.nan, FAILED, 0
     vt = v.copy()
+    dva = st[12].copy()  # the mode's derivatives in phi at phi: warm starts extrapolated along a step
     # rows/columns of the Hessian taken from finite differences of the gradient: log(s2), and log(theta) in the
     # interior (the log-determinant's share of their curvature is not small); refreshed while they still move
     fd = np.zeros(k, dtype=np.bool_)
@@ -721,8 +765,12 @@ def _optimise(
             step = FD_STEP * max(1.0, abs(phi[j0]))
             ph = phi.copy()
             ph[j0] += step
-            vt[:] = v
-            _, ok2 = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            for dd in range(vt.shape[0]):
+                vt[dd] = v[dd] + step * dva[dd, j0]
+            st[11][5] += 1.0
+            _, ok2 = _evaluate(
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, False
+            )
             if not ok2:
                 return L, FAILED, it
             for j in range(k):
@@ -768,6 +816,12 @@ def _optimise(
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
             vt[:] = v
+            if not boundary:
+                for a_ in range(k):
+                    dp = ph[a_] - phi[a_]
+                    if dp != 0.0:
+                        for dd in range(vt.shape[0]):
+                            vt[dd] += dp * dva[dd, a_]
             Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
                 accepted = True
@@ -780,6 +834,7 @@ def _optimise(
         for j in range(p, k):
             moved[j] = ph[j] - phi[j]
         _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
+        dva[:, :] = st[12]
         L = Ln
         if t < STALL_STEP and dec < 1e-6:  # the log-likelihood's rounding, not the model, stops the steps
             return L, OK, it + 1
@@ -791,6 +846,7 @@ def _optimise(
             Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
+                dva[:, :] = st[12]
                 L = Ln
         if not boundary and phi[p] < RHO_MIN:
             return L, BOUNDARY, it + 1
@@ -802,7 +858,10 @@ def _state(p, n, grp):  # pragma: no cover - compiled
     """Per-gene scratch of :func:`evaluate`: (x_g'b and exp(oref_g + x_g'b) per group, donor sums of y, of mu / e^u, of
     mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows, the cache key [valid, sum y base, b]), then
     the design's split: the cell-level columns, the donor-level ones (constant within every donor) and the
-    donor-level values (donors x p), and the groups ``grp`` (see ``_glmm._by_donor``). Donor-level columns need no
+    donor-level values (donors x p), the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner
+    passes, valid, theta, sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations,
+    boundary-fit evaluations] and the mode's derivatives in phi at the last evaluation (donors x (p + 2)). The
+    caches (key, aux) belong to one gene: reset key[0] and aux[2] before the next. Donor-level columns need no
     per-group work: their sums follow from donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
@@ -828,6 +887,8 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.flatnonzero(is_donor),
         Xd,
         grp,
+        np.zeros(7),
+        np.zeros((n, p + 2)),
     )
 
 
@@ -900,7 +961,14 @@ def fit_genes_range(
     sumoff = 0.0
     for c in range(N):
         sumoff += math.exp(off[c])
+    intercept = p > 0
+    for c in range(N):
+        if p > 0 and X[c, 0] != 1.0:
+            intercept = False
     for gidx in range(lo, hi):
+        st[11][:2] = 0.0
+        st[11][5:] = 0.0
+        st[11][2] = 0.0
         yi = indices[indptr[gidx] : indptr[gidx + 1]]
         yv = data[indptr[gidx] : indptr[gidx + 1]]
         lfact = 0.0
@@ -921,6 +989,7 @@ def fit_genes_range(
         st[6][0] = 0.0
         L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st)
         loglik0_out[gidx] = L0
+        st[11][6] = st[11][0]
         if st0 != OK:
             status_out[gidx] = FAILED
             iter_out[gidx] = it0
@@ -932,7 +1001,14 @@ def fit_genes_range(
         L = L0
         its = it0
         if U > 0.0 and info > 0.0:
-            phi[p] = math.log(min(max(U / info, 1e-3), 10.0))
+            s2i = min(max(U / info, 1e-3), 10.0)
+            phi[p] = math.log(s2i)
+            if fam == NEGATIVE_BINOMIAL:  # the boundary fit's overdispersion, less the donor effects' share
+                ib = math.exp(-phi[p + 1])
+                ii = max(ib - math.expm1(s2i), 0.25 * ib) * math.exp(-s2i)
+                phi[p + 1] = min(max(-math.log(ii), KAPPA_MIN), KAPPA_MAX)
+            if intercept:  # E exp(u) = exp(s2 / 2)
+                phi[0] -= 0.5 * s2i
             free[:] = True
             if fam == POISSON:
                 free[p + 1] = False
@@ -952,6 +1028,8 @@ def fit_genes_range(
             v[:] = 0.0
         status_out[gidx] = status
         iter_out[gidx] = its
+        if COUNT_EVALS:
+            iter_out[gidx] = ((int(st[11][0]) * 100 + int(st[11][5])) * 100 + int(st[11][6])) * 1000 + int(st[11][1])
         loglik_out[gidx] = L
         for j in range(p):
             beta_out[gidx, j] = phi[j]
