@@ -11,6 +11,8 @@ from scverse_nullfit._core._design import Donors
 from scverse_nullfit._core._read import Chunk
 from scverse_nullfit._core._suffstats import Accumulator, sufficient_stats
 
+from .test_scale import _naive_stats
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -31,14 +33,6 @@ def data():
     return Y.astype(np.float32), X, donors
 
 
-def _naive(Y, genes, donors, X):
-    Y = np.asarray(Y, dtype=np.float64)[:, genes]
-    Z = np.zeros((len(donors.codes), len(donors.ids)))
-    Z[np.arange(len(donors.codes)), donors.codes] = 1.0
-    mean = Y.mean(axis=0)
-    return Z.T @ Y, X.T @ Y, mean, ((Y - mean) ** 2).sum(axis=0)
-
-
 GENES = {"all": np.arange(150), "range": np.arange(5, 140), "scattered": np.array([149, 12, 3, 30, 77, 11, 100])}
 
 
@@ -56,7 +50,7 @@ def test_runs_and_threads(monkeypatch, data, form, genes):
     M = {"csr": sparse.csr_matrix, "csr_by_donor": sparse.csr_matrix, "csc": sparse.csc_matrix, "dense": np.asarray}
     idx = GENES[genes]
     one, three = (sufficient_stats(M[form](Y), idx, donors, X, n_threads=t) for t in (1, 3))
-    S, XtY, mean, M2 = _naive(Y, idx, donors, X)
+    S, XtY, mean, M2 = _naive_stats(Y, idx, donors, X)
     np.testing.assert_allclose(one.S, S, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(one.XtY, XtY, rtol=1e-12, atol=1e-8)
     np.testing.assert_allclose(one.mean, mean, rtol=1e-13, atol=1e-14)
@@ -79,7 +73,7 @@ def test_chunks_of_cells_add_up(monkeypatch, data):
             B = sparse.csr_matrix(block)
             acc.add(Chunk("csr", a, a + len(block), B.indptr, B.indices, B.data))
     stats = acc.result()
-    S, XtY, mean, M2 = _naive(Y, genes, donors, X)
+    S, XtY, mean, M2 = _naive_stats(Y, genes, donors, X)
     np.testing.assert_allclose(stats.S, S, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(stats.XtY, XtY, rtol=1e-12, atol=1e-8)
     np.testing.assert_allclose(stats.mean, mean, rtol=1e-13)
@@ -93,7 +87,7 @@ def test_integer_and_float64_values(data):
     ref = sufficient_stats(sparse.csr_matrix(Y), genes, donors, X)
     for values in (np.rint(Y).astype(np.int64), Y.astype(np.float64)):
         stats = sufficient_stats(sparse.csr_matrix(values), genes, donors, X)
-        S, _, _, M2 = _naive(values, genes, donors, X)
+        S, _, _, M2 = _naive_stats(values, genes, donors, X)
         np.testing.assert_allclose(stats.S, S, rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose(stats.M2, M2, rtol=1e-9, atol=1e-10)
     np.testing.assert_array_equal(sufficient_stats(sparse.csr_matrix(Y.astype(np.float64)), genes, donors, X).S, ref.S)
