@@ -288,6 +288,32 @@ def _by_donor(Y, codes, X, offset, n_donors: int):
     return M.indptr.astype(np.int64), M.indices.astype(np.int64), data, codes, X, offset, grp
 
 
+@dataclass
+class CountLayout:
+    """The counts of a batch of genes in the kernels' layout (see :func:`count_layout`)."""
+
+    arrays: tuple  #: (indptr, indices, data, codes, X, offset, groups) from :func:`_by_donor`
+    const: np.ndarray | float  #: per-gene log-likelihood constant of the Poisson grouping (0 otherwise)
+    n_nonzero: np.ndarray  #: (genes,) non-zero cells of each gene
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.n_nonzero)
+
+
+def count_layout(Y, codes, X, offset, family: str, n_donors: int, *, collapse: bool = True) -> CountLayout:
+    """Counts, codes, design and offset in the kernels' layout, once for :func:`fit_counts` and
+    :func:`working_sums` of the same batch (inputs already checked). ``collapse``: for the Poisson family, cells
+    sharing a donor and a design row as one group (exact; see :func:`_poisson_groups`)."""
+    M = _as_csc(Y)
+    n_nonzero = np.diff(M.indptr)
+    const = 0.0
+    grouped = _poisson_groups(M, codes, X, offset) if FAMILIES[family] == K.POISSON and collapse else None
+    if grouped is not None:
+        M, codes, X, offset, const = grouped
+    return CountLayout(_by_donor(M, codes, X, offset, n_donors), const, n_nonzero)
+
+
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
     """Run ``work((lo, hi))`` over ranges of genes in ``n_threads`` threads (the kernels release the GIL), with
     BLAS itself single-threaded: the kernels' small dense algebra is far slower with threaded BLAS."""
@@ -315,6 +341,7 @@ def fit_counts(
     gene_names=None,
     cell_names=None,
     collapse: bool = True,
+    layout: CountLayout | None = None,
 ) -> CountFits:
     """Fit the count GLMM of every column of ``Y`` (cells x genes: counts, dense or scipy sparse).
 
@@ -342,6 +369,8 @@ def fit_counts(
     collapse
         For the Poisson family, fit cells that share a donor and a design row as one group (exact; see
         :func:`_poisson_groups`).
+    layout
+        The batch's :func:`count_layout`, when the caller has it (it is built here otherwise).
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {list(FAMILIES)} for count models, not {family!r}.")
@@ -364,14 +393,10 @@ def fit_counts(
     n = blocks.n_donors
     if N and (codes.min() < 0 or codes.max() >= n):
         raise ValueError(f"donor codes must lie in 0..{n - 1}.")
-    Y = _as_csc(Y)
-    n_nonzero = np.diff(Y.indptr)
-    const = 0.0
-    grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON and collapse else None
-    if grouped is not None:
-        Y, codes, X, off, const = grouped
-    indptr, indices, data, codes_s, X_s, off_s, grp = _by_donor(Y, codes, X, off, n)
-    genes = len(indptr) - 1
+    if layout is None:
+        layout = count_layout(Y, codes, X, off, family, n, collapse=collapse)
+    indptr, indices, data, codes_s, X_s, off_s, grp = layout.arrays
+    genes = layout.n_genes
     p = X.shape[1]
     beta = np.full((genes, p), np.nan)
     s2 = np.full(genes, np.nan)
@@ -383,7 +408,7 @@ def fit_counts(
     se = np.full((genes, p + 2), np.nan)
     u = np.full((genes, n), np.nan)
     # genes with fewer than two non-zero cells have no estimable model: they stay NaN
-    nnz = n_nonzero
+    nnz = layout.n_nonzero
 
     def work(lo_hi):
         lo, hi = lo_hi
@@ -401,8 +426,8 @@ def fit_counts(
         arr[bad] = np.nan
     if fam == K.POISSON:
         theta[:] = np.nan
-    ll += const
-    ll0 += const
+    ll += layout.const
+    ll0 += layout.const
     s2_se = s2 * se[:, p]
     return CountFits(
         beta=beta,
@@ -442,16 +467,18 @@ class CountProjection:
     resid: np.ndarray  #: (genes, donors) T (Z'Wr - Z'WX Ainv X'Sigma^-1 r): the donor sums of P y~
 
 
-def working_sums(Y, codes, X, offset, fits: CountFits, family: str, n_threads: int = 1) -> dict[str, np.ndarray]:
-    """Donor-level sums of the working model at the fits (see :func:`_glmm_kernels.working_sums_range`)."""
+def working_sums(
+    Y, codes, X, offset, fits: CountFits, family: str, n_threads: int = 1, *, layout: CountLayout | None = None
+) -> dict[str, np.ndarray]:
+    """Donor-level sums of the working model at the fits (see :func:`_glmm_kernels.working_sums_range`);
+    ``layout``: the batch's :func:`count_layout`, as given to :func:`fit_counts` (built here otherwise)."""
     fam = FAMILIES[family]
-    off = check_offset(offset, X.shape[0])
-    codes, X = np.asarray(codes), np.asarray(X, dtype=np.float64)
-    grouped = _poisson_groups(Y, codes, X, off) if fam == K.POISSON else None
-    if grouped is not None:
-        Y, codes, X, off, _ = grouped
     n = fits.u.shape[1]
-    indptr, indices, data, codes, X, off, grp = _by_donor(Y, codes, X, off, n)
+    if layout is None:
+        off = check_offset(offset, X.shape[0])
+        codes, X = np.asarray(codes), np.asarray(X, dtype=np.float64)
+        layout = count_layout(Y, codes, X, off, family, n)
+    indptr, indices, data, codes, X, off, grp = layout.arrays
     genes, p = len(indptr) - 1, X.shape[1]
     out = {
         "Dw": np.zeros((genes, n)),

@@ -368,7 +368,6 @@ def _fit_counts(
     design = build_design(adata.obs, covariates, donor_covariates, donors)
     fitted_idx = np.flatnonzero(mask)
     with threadpool_limits(limits=n_threads, user_api="blas"):
-        threads = n_threads
         spectral = spectral_precompute(G, donors, design.X)
         blocks = _glmm.donor_blocks(G, name=f"GRM from {grm_source}")
         logg.debug(f"    {len(donors.ids)} donors, GRM {blocks.kind} ({len(blocks.ptr) - 1} blocks)")
@@ -389,12 +388,16 @@ def _fit_counts(
         with tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar:
             for batch in _gene_batches(Y, fitted_idx):
                 counts = read_columns(Y, batch)
+                # the batch in the kernels' layout once, for the fit (which checks the counts) and the working sums
+                layout = _glmm.count_layout(counts, donors.codes, design.X, off, family, n)
                 fits = _glmm.fit_counts(
-                    counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=threads,
-                    gene_names=adata.var_names[batch], cell_names=adata.obs_names,
+                    counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=n_threads,
+                    gene_names=adata.var_names[batch], cell_names=adata.obs_names, layout=layout,
                 )  # fmt: skip
-                sums = _glmm.working_sums(counts, donors.codes, design.X, off, fits, family, n_threads=threads)
-                del counts
+                sums = _glmm.working_sums(
+                    counts, donors.codes, design.X, off, fits, family, n_threads=n_threads, layout=layout
+                )
+                del counts, layout
                 proj = _glmm.count_projection(sums, fits.sigma2_g, blocks)
                 del sums
                 arrays[Key.beta(key_added)][batch] = fits.beta
