@@ -84,3 +84,22 @@ def resolve_threads(n_threads: int | None) -> int:
 def is_dask(Y) -> bool:
     """Whether ``Y`` is a dask array (checked without importing dask)."""
     return type(Y).__module__.startswith("dask.")
+
+
+def normalise_chrom(values) -> np.ndarray:
+    """Chromosome names as strings without a leading ``chr`` (any case); missing values become ``""``.
+
+    Integer-valued numbers (``1``, ``1.0``) become ``"1"``, so numeric and string columns match.
+    """
+    s = pd.Series(np.asarray(values, dtype=object))
+    missing = s.isna().to_numpy()
+    out = np.empty(len(s), dtype=object)
+    for i, v in enumerate(s.to_numpy()):
+        if missing[i]:
+            out[i] = ""
+            continue
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            v = int(v)
+        text = str(v).strip()
+        out[i] = text[3:] if text[:3].lower() == "chr" else text
+    return out

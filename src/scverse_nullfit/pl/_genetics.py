@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_ax_show, doc_params, doc_plot_returns
+from .._utils import normalise_chrom
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -17,15 +18,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 _TINY = np.finfo(np.float64).tiny
-
-
-def _bare_chrom(value) -> str:
-    """A chromosome name without ``chr`` (``1.0`` -> ``"1"``), ``""`` if missing."""
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return ""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    return re.sub(r"^chr", "", str(value).strip(), flags=re.IGNORECASE)
 
 
 def _chrom_order(names) -> list[str]:
@@ -285,7 +277,7 @@ def draw_gene_bodies(ax, adata: AnnData, gene: str, chrom_key: str, start_key: s
     if chrom_key not in var.columns or start_key not in var.columns:
         return
     lo, hi = ax.get_xlim()
-    chrom = np.asarray([_bare_chrom(c) for c in var[chrom_key]], dtype=object)
+    chrom = normalise_chrom(var[chrom_key])
     start = var[start_key].to_numpy(dtype=np.float64) / 1e6
     end = var[end_key].to_numpy(dtype=np.float64) / 1e6 if end_key and end_key in var.columns else start.copy()
     end = np.where(np.isfinite(end), end, start)

@@ -23,7 +23,7 @@ from .._core._fdr import METHODS as FDR_METHODS
 from .._core._fdr import qvalues
 from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
-from .._utils import check_positive_int, preview, select_genes
+from .._utils import check_positive_int, normalise_chrom, preview, select_genes
 from ..io._genotypes import GenotypeMatrix, reader_class
 from ..io._vcf import VcfGenotypes
 from ._groups import group_key, groups_of
@@ -46,25 +46,6 @@ CACHE_ELEMENTS = 1 << 24
 MAX_SIGNALS = 64
 #: Gene-level p-values ``cis_map`` can use for eGenes and independent signals -> their per-gene column.
 GENE_PVALS = {"acat": "pval_acat", "bonf": "top_pval_bonf"}
-
-
-def normalise_chrom(values) -> np.ndarray:
-    """Chromosome names as strings without a leading ``chr`` (any case); missing values become ``""``.
-
-    Integer-valued numbers (``1``, ``1.0``) become ``"1"``, so numeric and string columns match.
-    """
-    s = pd.Series(np.asarray(values, dtype=object))
-    missing = s.isna().to_numpy()
-    out = np.empty(len(s), dtype=object)
-    for i, v in enumerate(s.to_numpy()):
-        if missing[i]:
-            out[i] = ""
-            continue
-        if isinstance(v, (float, np.floating)) and float(v).is_integer():
-            v = int(v)
-        text = str(v).strip()
-        out[i] = text[3:] if text[:3].lower() == "chr" else text
-    return out
 
 
 def _positions(values: pd.Series, what: str) -> np.ndarray:
@@ -619,8 +600,6 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
         out[tg] = values[top]
         return out
 
-    top_codes = np.full(n, -1, dtype=np.int64)
-    top_codes[tg] = table["variant"].cat.codes.to_numpy()[top]
     top_pval = col(pval)
 
     def categorical(name):
@@ -633,7 +612,7 @@ def _gene_summary(adata, table: pd.DataFrame, gene_i: np.ndarray) -> pd.DataFram
         {
             "n_variants": n_var,
             "pval_acat": combined,
-            "top_variant": pd.Categorical.from_codes(top_codes, categories=table["variant"].cat.categories),
+            "top_variant": categorical("variant"),
             "top_pos": col(table["pos"].to_numpy(dtype=np.float64)),
             "top_distance": col(table["distance"].to_numpy(dtype=np.float64)),
             "top_ref": categorical("ref"),
