@@ -301,10 +301,14 @@ class CountLayout:
         return len(self.n_nonzero)
 
 
-def count_layout(Y, codes, X, offset, family: str, n_donors: int, *, collapse: bool = True) -> CountLayout:
+def count_layout(
+    Y, codes, X, offset, family: str, n_donors: int, *, collapse: bool = True, gene_names=None, cell_names=None
+) -> CountLayout:
     """Counts, codes, design and offset in the kernels' layout, once for :func:`fit_counts` and
-    :func:`working_sums` of the same batch (inputs already checked). ``collapse``: for the Poisson family, cells
-    sharing a donor and a design row as one group (exact; see :func:`_poisson_groups`)."""
+    :func:`working_sums` of the same batch; the counts are checked first (:func:`check_counts`, naming a gene and a
+    cell). ``collapse``: for the Poisson family, cells sharing a donor and a design row as one group (exact; see
+    :func:`_poisson_groups`)."""
+    check_counts(Y, gene_names, cell_names)
     M = _as_csc(Y)
     n_nonzero = np.diff(M.indptr)
     const = 0.0
@@ -370,7 +374,7 @@ def fit_counts(
         For the Poisson family, fit cells that share a donor and a design row as one group (exact; see
         :func:`_poisson_groups`).
     layout
-        The batch's :func:`count_layout`, when the caller has it (it is built here otherwise).
+        The batch's :func:`count_layout` (which checks the counts), when the caller has it; built here otherwise.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {list(FAMILIES)} for count models, not {family!r}.")
@@ -383,7 +387,6 @@ def fit_counts(
     if Y.shape[0] != N:
         raise ValueError(f"counts have {Y.shape[0]} cells, the donor codes {N}.")
     off = check_offset(offset, N, cell_names=cell_names)
-    check_counts(Y, gene_names, cell_names)
     if isinstance(G, DonorBlocks):
         blocks = G
     else:
@@ -394,7 +397,9 @@ def fit_counts(
     if N and (codes.min() < 0 or codes.max() >= n):
         raise ValueError(f"donor codes must lie in 0..{n - 1}.")
     if layout is None:
-        layout = count_layout(Y, codes, X, off, family, n, collapse=collapse)
+        layout = count_layout(
+            Y, codes, X, off, family, n, collapse=collapse, gene_names=gene_names, cell_names=cell_names
+        )
     indptr, indices, data, codes_s, X_s, off_s, grp = layout.arrays
     genes = layout.n_genes
     p = X.shape[1]

@@ -129,7 +129,7 @@ def _dense_chunks(Y, step_elements: int) -> Iterator[Chunk]:
         yield Chunk("dense", a, b, array=np.asarray(block))
 
 
-def _major_ranges(indptr: np.ndarray, step_elements: int) -> Iterator[tuple[int, int]]:
+def major_ranges(indptr: np.ndarray, step_elements: int) -> Iterator[tuple[int, int]]:
     """Consecutive ranges of the major axis holding about ``step_elements`` stored entries each."""
     n_major = len(indptr) - 1
     a = 0
@@ -145,7 +145,7 @@ def _backed_sparse_chunks(Y, step_elements: int, reuse_buffers: bool = False) ->
     group = Y.group
     indptr = np.asarray(group["indptr"][:], dtype=np.int64)
     data, indices = group["data"], group["indices"]
-    ranges = list(_major_ranges(indptr, step_elements))
+    ranges = list(major_ranges(indptr, step_elements))
     direct = reuse_buffers and hasattr(data, "read_direct") and hasattr(indices, "read_direct")  # h5py
     if direct:
         size = max((int(indptr[b] - indptr[a]) for a, b in ranges), default=0)

@@ -657,7 +657,7 @@ def fit_chunk(
     Returns the fits, or writes them into ``out[sl]`` (and returns None).
     """
     timer = StageTimer() if timer is None else timer
-    Rt = np.ascontiguousarray(Rt, dtype=np.float64)  # one compiled variant of the kernels
+    Rt = np.ascontiguousarray(Rt, dtype=np.float64)  # float64, C order for the GEMMs
     G, n = Rt.shape
     fits = GeneFits.empty(G, n, problem.p) if out is None else None
     resid = fits.resid if out is None else out.resid[sl]

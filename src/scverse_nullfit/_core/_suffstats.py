@@ -19,7 +19,7 @@ from scanpy import logging as logg
 from scipy import linalg, sparse
 
 from ._design import Donors, Spectral
-from ._read import available_threads, iter_chunks
+from ._read import available_threads, iter_chunks, major_ranges
 
 
 @dataclass
@@ -101,17 +101,6 @@ def _put_columns(S: np.ndarray, pos: np.ndarray, St: np.ndarray) -> None:
             S[:, pos[0] + k : pos[0] + k + len(block)] = block.T
     else:
         S[:, pos] = St.T
-
-
-def _column_ranges(indptr: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Consecutive column ranges ``[a, b)`` of a CSC matrix holding about ``budget`` stored values each."""
-    n = len(indptr) - 1
-    if n == 0:
-        return []
-    window = (np.asarray(indptr[:-1], dtype=np.int64) - int(indptr[0])) // max(1, int(budget))
-    cuts = np.flatnonzero(np.diff(window)) + 1
-    bounds = [0, *cuts.tolist(), n]
-    return list(itertools.pairwise(bounds))
 
 
 def donor_level_columns(X: np.ndarray, codes: np.ndarray, n_donors: int) -> np.ndarray:
@@ -289,7 +278,7 @@ class Accumulator:
             Y, pos = Y[:, keep], pos[keep]
         if len(pos) == 0:
             return
-        ranges = _column_ranges(Y.indptr, RUN_ELEMENTS)
+        ranges = list(major_ranges(Y.indptr, RUN_ELEMENTS))
         parts = self._map(lambda a, b: self._sum_columns(Y, pos[a:b], a, b), ranges)
         for (a, b), (mean, M2, XtYc) in zip(ranges, parts, strict=True):
             g = pos[a:b]

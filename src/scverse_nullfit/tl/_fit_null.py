@@ -275,7 +275,7 @@ def _params(
         "version": __version__,
         "key_added": key_added,
         "donor_key": donor_key,
-        "grm": checksum if isinstance(grm, pd.DataFrame) else grm_param(grm, grm_df),
+        "grm": grm_param(grm, checksum),
         "grm_checksum": checksum,
         "covariates": as_list(covariates),
         "donor_covariates": as_list(donor_covariates),
@@ -388,8 +388,11 @@ def _fit_counts(
         with tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar:
             for batch in _gene_batches(Y, fitted_idx):
                 counts = read_columns(Y, batch)
-                # the batch in the kernels' layout once, for the fit (which checks the counts) and the working sums
-                layout = _glmm.count_layout(counts, donors.codes, design.X, off, family, n)
+                # the batch in the kernels' layout once (the counts checked), for the fit and the working sums
+                layout = _glmm.count_layout(
+                    counts, donors.codes, design.X, off, family, n,
+                    gene_names=adata.var_names[batch], cell_names=adata.obs_names,
+                )  # fmt: skip
                 fits = _glmm.fit_counts(
                     counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=n_threads,
                     gene_names=adata.var_names[batch], cell_names=adata.obs_names, layout=layout,

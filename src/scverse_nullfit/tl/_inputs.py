@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._provenance import describe_frame
 from ..io._grm import grm_prefix_exists, read_grm
 
 if TYPE_CHECKING:
@@ -41,9 +40,9 @@ def resolve_grm(adata: AnnData, grm) -> tuple[pd.DataFrame, str]:
     raise ValueError(f"grm must be a key of adata.uns, a DataFrame or a path, not {type(grm).__name__}.")
 
 
-def grm_param(grm, grm_df: pd.DataFrame) -> str:
-    """How the ``grm`` argument is recorded in ``params``: a key of ``uns`` or a path as given; a DataFrame by its
-    shape, first donor IDs and a checksum of its IDs and values (see also ``params["grm_checksum"]``)."""
+def grm_param(grm, checksum: str) -> str:
+    """How the ``grm`` argument is recorded in ``params``: a key of ``uns`` or a path as given; a DataFrame by
+    ``checksum``, its :func:`~scverse_nullfit._provenance.describe_frame` (also ``params["grm_checksum"]``)."""
     if isinstance(grm, pd.DataFrame):
-        return describe_frame(grm_df)
+        return checksum
     return os.fspath(grm) if isinstance(grm, os.PathLike) else str(grm)
