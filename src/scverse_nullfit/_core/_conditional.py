@@ -20,6 +20,19 @@ from ._glmm import block_solve
 from ._step2 import VAR_RTOL, CompactNull, CountNull
 
 
+def _bordered_inverse(Ainv: np.ndarray, AV: np.ndarray, Sinv: np.ndarray) -> np.ndarray:
+    """Per gene, the inverse of ``[[A, V], [V', T]]`` from ``A^-1``, ``A^-1 V`` and the Schur complement's inverse
+    ``S^-1 = (T - V'A^-1 V)^-1`` (genes first)."""
+    AVS = np.matmul(AV, Sinv)
+    p, k = Ainv.shape[1], Sinv.shape[1]
+    out = np.empty((Ainv.shape[0], p + k, p + k))
+    out[:, :p, :p] = Ainv + np.matmul(AVS, AV.transpose(0, 2, 1))
+    out[:, :p, p:] = -AVS
+    out[:, p:, :p] = -AVS.transpose(0, 2, 1)
+    out[:, p:, p:] = Sinv
+    return out
+
+
 def condition(model: CompactNull | CountNull, Ct: np.ndarray) -> tuple[CompactNull | CountNull, np.ndarray]:
     """The model of every gene of ``model`` with the rotated variants ``Ct`` (donors x k, from
     :meth:`~._step2.CompactNull.rotate`, none of them zero) added to its covariates.
@@ -46,13 +59,7 @@ def condition(model: CompactNull | CountNull, Ct: np.ndarray) -> tuple[CompactNu
     Sch = T - np.matmul(Vc.transpose(0, 2, 1), CVc)
     Sinv, ok = _schur_inverse(T, Sch)
     # bordered inverse of X*'H^-1 X* = [[A, Vc], [Vc', T]] with A^-1 = C
-    CVcS = np.matmul(CVc, Sinv)
-    p = C.shape[1]
-    Cnew = np.empty((model.n_genes, p + k, p + k))
-    Cnew[:, :p, :p] = C + np.matmul(CVcS, CVc.transpose(0, 2, 1))
-    Cnew[:, :p, p:] = -CVcS
-    Cnew[:, p:, :p] = -CVcS.transpose(0, 2, 1)
-    Cnew[:, p:, p:] = Sinv
+    Cnew = _bordered_inverse(C, CVc, Sinv)
     # GLS residuals of the augmented model: e*~ = e~ + X~ C Vc gamma - C~ gamma, gamma = S^-1 C~'(w*e~)
     gamma = np.einsum("gij,gj->gi", Sinv, t)
     R = model.WR / W + np.einsum("gpk,gk->gp", CVc, gamma) @ model.Xrot.T - gamma @ Ct.T
@@ -83,7 +90,6 @@ def _condition_counts(model: CountNull, C: np.ndarray) -> tuple[CountNull, np.nd
     ``S = C'TDC - Vc' A^-1 Vc`` (``C'Z'PZC``): ``B* = [B, TDC]``, ``A*^-1`` the bordered inverse, and
     ``resid* = resid - F S^-1 C'resid`` with ``F = TDC - B A^-1 Vc`` (``Z'PZC``), i.e. the donor sums of ``P* y~``.
     """
-    k = C.shape[1]
     Dw, s2 = model.Dw, model.sigma2_g
     TDC = model._quad[:, :, None] * C[None]
     for grp in model._groups:
@@ -96,13 +102,7 @@ def _condition_counts(model: CountNull, C: np.ndarray) -> tuple[CountNull, np.nd
     T = (T + T.transpose(0, 2, 1)) / 2
     AVc = np.matmul(model.Ainv, Vc)
     Sinv, ok = _schur_inverse(T, T - np.matmul(Vc.transpose(0, 2, 1), AVc))
-    AVcS = np.matmul(AVc, Sinv)
-    p = model.Ainv.shape[1]
-    Anew = np.empty((model.n_genes, p + k, p + k))
-    Anew[:, :p, :p] = model.Ainv + np.matmul(AVcS, AVc.transpose(0, 2, 1))
-    Anew[:, :p, p:] = -AVcS
-    Anew[:, p:, :p] = -AVcS.transpose(0, 2, 1)
-    Anew[:, p:, p:] = Sinv
+    Anew = _bordered_inverse(model.Ainv, AVc, Sinv)
     F = TDC - np.matmul(model.B, AVc)
     gamma = np.einsum("gkl,gl->gk", Sinv, model.resid @ C)
     resid = model.resid - np.einsum("gnk,gk->gn", F, gamma)

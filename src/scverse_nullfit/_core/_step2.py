@@ -349,7 +349,7 @@ def derived_statistics(S: np.ndarray, Var: np.ndarray, pval: np.ndarray | None =
             "score": S,
             "score_var": Var,
             "z": z,
-            "pval": 2.0 * special.ndtr(-np.abs(z)) if pval is None else pval,
+            "pval": normal_pvalues(S, Var) if pval is None else pval,
             "beta": S / Var,
             "se": 1.0 / sd,
         }
