@@ -294,11 +294,10 @@ class CountLayout:
 
     arrays: tuple  #: (indptr, indices, data, codes, X, offset, groups) from :func:`_by_donor`
     const: np.ndarray | float  #: per-gene log-likelihood constant of the Poisson grouping (0 otherwise)
-    n_nonzero: np.ndarray  #: (genes,) non-zero cells of each gene
 
     @property
     def n_genes(self) -> int:
-        return len(self.n_nonzero)
+        return len(self.arrays[0]) - 1
 
 
 def count_layout(
@@ -310,12 +309,11 @@ def count_layout(
     :func:`_poisson_groups`)."""
     check_counts(Y, gene_names, cell_names)
     M = _as_csc(Y)
-    n_nonzero = np.diff(M.indptr)
     const = 0.0
     grouped = _poisson_groups(M, codes, X, offset) if FAMILIES[family] == K.POISSON and collapse else None
     if grouped is not None:
         M, codes, X, offset, const = grouped
-    return CountLayout(_by_donor(M, codes, X, offset, n_donors), const, n_nonzero)
+    return CountLayout(_by_donor(M, codes, X, offset, n_donors), const)
 
 
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
@@ -412,8 +410,6 @@ def fit_counts(
     iters = np.zeros(genes, dtype=np.int64)
     se = np.full((genes, p + 2), np.nan)
     u = np.full((genes, n), np.nan)
-    # genes with fewer than two non-zero cells have no estimable model: they stay NaN
-    nnz = layout.n_nonzero
 
     def work(lo_hi):
         lo, hi = lo_hi
@@ -423,7 +419,7 @@ def fit_counts(
         )  # fmt: skip
 
     _run_ranges(work, genes, n_threads, max_chunk=64)
-    bad = (status == K.FAILED) | (nnz < 2)
+    bad = status == K.FAILED  # failed fits, and genes with fewer than two non-zero cells (or groups)
     converged = ~bad
     for arr in (beta, se, u):
         arr[bad] = np.nan
