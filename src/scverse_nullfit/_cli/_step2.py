@@ -230,12 +230,12 @@ def _open_for_score_test(adata: AnnData, genotypes, key: str):
     """A genotype file opened once (only the fit's donors), so that its size can be checked before the tests."""
     if not isinstance(genotypes, str):
         return genotypes
-    from ..io._genotypes import resolve_reader
+    import pandas as pd
 
-    cls = resolve_reader(genotypes)
-    donors = [str(d) for d in np.asarray(adata.uns[key].get("donors", []))]
-    options = {"samples": donors} if getattr(cls, "takes_samples", False) and donors else {}
-    return cls(Path(genotypes), **options)
+    from ..tl._step2 import file_options, open_genotypes
+
+    donors = pd.Index([str(d) for d in np.asarray(adata.uns[key]["donors"])])
+    return open_genotypes(genotypes, **file_options(genotypes, donors))
 
 
 def _check_size(adata: AnnData, genotypes, genes: list[str] | None, max_tests: int | None) -> None:
