@@ -338,11 +338,14 @@ def ld(
     if names.has_duplicates:
         raise ValueError(f"variants are duplicated: {list(names[names.duplicated()].unique()[:5])}.")
     geno = GenotypeMatrix(genotypes)
-    rows = geno.align(donors)
-    cols = geno.var.index.get_indexer(names)
-    if (cols < 0).any():
-        raise KeyError(f"variants not in the genotypes: {list(names[cols < 0][:5])}.")
-    G = geno.read(rows, cols)
+    try:  # a reader opened here from a path is closed here
+        rows = geno.align(donors)
+        cols = geno.var.index.get_indexer(names)
+        if (cols < 0).any():
+            raise KeyError(f"variants not in the genotypes: {list(names[cols < 0][:5])}.")
+        G = geno.read(rows, cols)
+    finally:
+        geno.close()
     observed = ~np.isnan(G)
     if not observed.any(axis=0).all():
         raise ValueError(

@@ -214,11 +214,14 @@ def expression_by_genotype(
         if col is not None and col not in adata.obs.columns:
             raise KeyError(f"{col!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
     geno = GenotypeMatrix(genotypes)
-    col = geno.var.index.get_indexer([str(variant)])
-    if col[0] < 0:
-        raise KeyError(f"variant {variant!r} is not in the genotypes.")
-    dosage = pd.Series(geno.read(np.arange(len(geno.donors)), col)[:, 0], index=geno.donors)
-    ref, alt = (c[col[0]] for c in allele_columns(geno.var))
+    try:  # a reader opened here from a path is closed here
+        col = geno.var.index.get_indexer([str(variant)])
+        if col[0] < 0:
+            raise KeyError(f"variant {variant!r} is not in the genotypes.")
+        dosage = pd.Series(geno.read(np.arange(len(geno.donors)), col)[:, 0], index=geno.donors)
+        ref, alt = (c[col[0]] for c in allele_columns(geno.var))
+    finally:
+        geno.close()
 
     X = adata.layers[layer] if layer is not None else adata.X
     x = X[:, adata.var_names.get_loc(gene)]
