@@ -23,13 +23,14 @@ from .._core._fdr import METHODS as FDR_METHODS
 from .._core._fdr import qvalues
 from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
-from .._utils import check_positive_int, normalise_chrom, preview, select_genes
+from .._utils import normalise_chrom, preview, select_genes
 from ..io._genotypes import GenotypeMatrix, reader_class
 from ..io._vcf import VcfGenotypes
 from ._groups import group_key, groups_of
 from ._step2 import (
     StoredNull,
     VariantInfo,
+    check_mapping_arguments,
     close_genotypes,
     file_options,
     open_genotypes,
@@ -432,10 +433,7 @@ def _check_chromosomes(geno: GenotypeMatrix, loci: _Loci, genes_idx: np.ndarray)
 def _check_arguments(adata, window, key, key_added, chrom_key, pos_key, chunk_size, n_threads) -> None:
     if not (np.isscalar(window) and np.isfinite(window) and window >= 0):
         raise ValueError(f"window must be a number of base pairs >= 0, not {window!r}.")
-    check_positive_int(chunk_size, "chunk_size")
-    check_positive_int(n_threads, "n_threads")
-    if key_added in Key.null_varm(key):
-        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
+    check_mapping_arguments(key, key_added, chunk_size, n_threads)
     for col in (chrom_key, pos_key):
         if col not in adata.var.columns:
             raise KeyError(f"{col!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")

@@ -25,7 +25,7 @@ from .._core._spa import SPA_CUTOFF
 from .._core._step2 import CompactNull, CountNull, allele_stats, derived_statistics, usable_genes
 from .._core._store import unpack_symmetric
 from .._provenance import CELLS, FIT_ID, SOURCE, check_cells
-from .._utils import resolve_threads
+from .._utils import check_positive_int, resolve_threads
 from ..io._genotypes import GenotypeMatrix, resolve_reader
 
 if TYPE_CHECKING:
@@ -165,6 +165,15 @@ class StoredNull:
             idx, self.donors, self.counts, self.lam, self.U, self.Xrot, self.covariate_names,
             self.tau[idx], self.s2e[idx], self.C[idx], self.R[idx],
         )  # fmt: skip
+
+
+def check_mapping_arguments(key: str, key_added: str, chunk_size, n_threads) -> None:
+    """The arguments every mapping tool (cis, trans) takes: positive counts, and a ``key_added`` that does not
+    overwrite the null-model fit under ``key``."""
+    check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(n_threads, "n_threads")
+    if key_added in Key.null_varm(key):
+        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
 
 
 def open_genotypes(genotypes, variants: pd.DataFrame | None = None, **reader_options) -> GenotypeMatrix:

@@ -13,7 +13,7 @@ from scanpy import logging as logg
 from .._constants import Key
 from .._core._step2 import BLOCK_ELEMENTS, impute
 from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
-from .._utils import check_positive_int, select_genes
+from .._utils import select_genes
 from . import _step2 as step2
 
 if TYPE_CHECKING:
@@ -98,10 +98,7 @@ def trans_map(
     """
     if not (np.isscalar(pval_threshold) and 0 < pval_threshold <= 1):
         raise ValueError(f"pval_threshold must be a number in (0, 1], not {pval_threshold!r}.")
-    check_positive_int(chunk_size, "chunk_size")
-    check_positive_int(n_threads, "n_threads")
-    if key_added in Key.null_varm(key):
-        raise ValueError(f"key_added={key_added!r} would overwrite the null-model fit stored under key={key!r}.")
+    step2.check_mapping_arguments(key, key_added, chunk_size, n_threads)
     mask = select_genes(adata.var_names, genes)
     stored = step2.StoredNull.read(adata, key)
     model = stored.compact(mask, spa=bool(spa))
