@@ -205,14 +205,9 @@ def _row_groups(codes, X) -> np.ndarray:
     return np.unique(key, return_inverse=True)[1].ravel().astype(np.int64)
 
 
-def _poisson_groups(Y, codes, X, offset):
-    """Collapse the cells sharing a donor and a design row, for the Poisson family (see ``docs/model.md``).
-
-    ``mu_c = exp(o_c) exp(x_c'b + u_d)``, so the cells of a (donor, design row) group enter the log-likelihood
-    only through their summed counts and ``S_g = sum exp(o_c)``: the group is one "cell" with offset ``log S_g``.
-    The estimates, the mode and every donor sum are unchanged; the log-likelihood moves by a per-gene constant,
-    returned to be added back. Returns None when the design leaves too few repeated rows to gain from it.
-    """
+def _poisson_collapse(codes, X, offset):
+    """The gene-independent part of :func:`_poisson_groups`: each cell's group, each group's first cell and
+    ``log S_g``; None when the design leaves too few repeated rows to gain from it."""
     group = _row_groups(codes, X)
     N = len(codes)
     n_groups = int(group.max()) + 1 if N else 0
@@ -220,48 +215,47 @@ def _poisson_groups(Y, codes, X, offset):
         return None
     first = np.full(n_groups, N, dtype=np.int64)
     np.minimum.at(first, group, np.arange(N))
-    A = sparse.csr_matrix((np.ones(N), (group, np.arange(N))), shape=(n_groups, N))
-    M = _as_csc(Y)
-    Yg = sparse.csc_matrix(A @ M)
-    Yg.sum_duplicates()
     shift = offset.max() if N else 0.0
-    logS = np.log(A @ np.exp(offset - shift)) + shift
-    data = M.data.astype(np.float64)
-    col = np.repeat(np.arange(M.shape[1]), np.diff(M.indptr))
-    yo = np.bincount(col, weights=data * offset[M.indices], minlength=M.shape[1])
-    lf = np.bincount(col, weights=_lgamma(data + 1.0), minlength=M.shape[1])
-    gdata = Yg.data.astype(np.float64)
-    gcol = np.repeat(np.arange(Yg.shape[1]), np.diff(Yg.indptr))
-    ygo = np.bincount(gcol, weights=gdata * logS[Yg.indices], minlength=M.shape[1])
-    lfg = np.bincount(gcol, weights=_lgamma(gdata + 1.0), minlength=M.shape[1])
-    const = yo - ygo - lf + lfg
+    logS = np.log(np.bincount(group, weights=np.exp(offset - shift), minlength=n_groups)) + shift
+    return group, first, logS
+
+
+def _poisson_groups(Y, codes, X, offset, collapse=None):
+    """Collapse the cells sharing a donor and a design row, for the Poisson family (see ``docs/model.md``).
+
+    ``mu_c = exp(o_c) exp(x_c'b + u_d)``, so the cells of a (donor, design row) group enter the log-likelihood
+    only through their summed counts and ``S_g = sum exp(o_c)``: the group is one "cell" with offset ``log S_g``.
+    The estimates, the mode and every donor sum are unchanged; the log-likelihood moves by a per-gene constant,
+    returned to be added back. Returns None when the design leaves too few repeated rows to gain from it.
+    ``collapse``: the gene-independent part (:func:`_poisson_collapse`), when the caller has it.
+    """
+    if collapse is None:
+        collapse = _poisson_collapse(codes, X, offset)
+        if collapse is None:
+            return None
+    group, first, logS = collapse
+    M = _as_csc(Y)
+    off = np.ascontiguousarray(offset, dtype=np.float64)
+    gptr, gidx, gdat, const = K.collapse_counts(
+        M.indptr.astype(np.int64), M.indices, M.data, group, len(first), off,
+        logS,
+    )  # fmt: skip
+    Yg = sparse.csc_matrix((gdat, gidx, gptr), shape=(len(first), M.shape[1]))
     return Yg, codes[first], X[first], logS, const
 
 
-def _lgamma(x):
-    from scipy.special import gammaln
-
-    return gammaln(x)
-
-
-def _by_donor(Y, codes, X, offset, n_donors: int):
-    """Counts (CSC, float64), codes, design and offset with the cells sorted by group (cells sharing a donor and
-    a design row, donor-major: the kernels' layout), and the groups as the tuple the kernels take: (cell
-    pointers, group of each cell, donor pointers into the groups, design rows, reference offset ``oref`` (the
-    group's largest), ``s_c = exp(o_c - oref)`` per cell, centre ``s0`` and half-range ``hh`` of the group's
-    ``s_c``, ``S1 = sum s_c``, moments ``sum (s_c - s0)^k`` of the groups with spread, and each group's row in
-    them (-1: none))."""
-    M = _as_csc(Y)
+def _cell_layout(codes, X, offset, n_donors: int):
+    """The gene-independent part of :func:`_by_donor`: the position of each cell in the group order (None: the
+    cells are in it already) and each cell's group, then codes, design, offset and the groups' tuple in that
+    order."""
     group = _row_groups(codes, X)
+    inv = None
+    ogroup = group
     if (np.diff(group) < 0).any():
         order = np.argsort(group, kind="stable")
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
-        # a new matrix: sort_indices works in place, and M may share its arrays with the caller's Y
-        M = sparse.csc_matrix((M.data.copy(), inv[M.indices], M.indptr.copy()), shape=M.shape)
-        M.sort_indices()
         codes, X, offset, group = codes[order], X[order], offset[order], group[order]
-    data = M.data.astype(np.float64, copy=False)
     codes = np.ascontiguousarray(codes, dtype=np.int64)
     X = np.ascontiguousarray(X, dtype=np.float64)
     offset = np.ascontiguousarray(offset, dtype=np.float64)
@@ -284,8 +278,48 @@ def _by_donor(Y, codes, X, offset, n_donors: int):
     midx = np.full(len(sizes), -1, dtype=np.int64)
     midx[multi] = np.arange(len(multi))
     mom = K.group_moments(gptr, sig, s0, multi.astype(np.int64), K.SERIES_TERMS)
-    grp = (gptr, group, dgptr, Xg, oref, sig, s0, hh, S1, mom, midx)
-    return M.indptr.astype(np.int64), M.indices.astype(np.int64), data, codes, X, offset, grp
+    grp = (gptr, group.astype(np.int64), dgptr, Xg, oref, sig, s0, hh, S1, mom, midx)
+    return inv, ogroup, codes, X, offset, grp
+
+
+def _by_donor(Y, codes, X, offset, n_donors: int, cells=None):
+    """Counts (CSC, float64), codes, design and offset with the cells sorted by group (cells sharing a donor and
+    a design row, donor-major: the kernels' layout), and the groups as the tuple the kernels take: (cell
+    pointers, group of each cell, donor pointers into the groups, design rows, reference offset ``oref`` (the
+    group's largest), ``s_c = exp(o_c - oref)`` per cell, centre ``s0`` and half-range ``hh`` of the group's
+    ``s_c``, ``S1 = sum s_c``, moments ``sum (s_c - s0)^k`` of the groups with spread, and each group's row in
+    them (-1: none)). ``cells``: the gene-independent part (:func:`_cell_layout`), when the caller has it."""
+    M = _as_csc(Y)
+    if cells is None:
+        cells = _cell_layout(codes, X, offset, n_donors)
+    inv, ogroup, codes, X, offset, grp = cells
+    indptr = M.indptr.astype(np.int64)
+    if inv is None:
+        indices, data = M.indices.astype(np.int64), M.data.astype(np.float64, copy=False)
+    else:  # new arrays: the caller's Y is left untouched
+        indices, data = K.regroup_columns(indptr, M.indices, M.data, inv, ogroup, len(grp[0]) - 1)
+    return indptr, indices, data, codes, X, offset, grp
+
+
+@dataclass
+class CountGroups:
+    """The gene-independent part of the kernels' layout of a fit (see :func:`count_groups`)."""
+
+    collapse: tuple | None  #: the Poisson grouping (:func:`_poisson_collapse`), or None
+    cells: tuple  #: the (collapsed) cells' layout (:func:`_cell_layout`)
+
+
+def count_groups(codes, X, offset, family: str, n_donors: int, *, collapse: bool = True) -> CountGroups:
+    """The cells' grouping, order and group sums, which depend on the design and the offset only: built once per
+    fit and given to :func:`count_layout` for every batch of genes."""
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    offset = np.ascontiguousarray(offset, dtype=np.float64)
+    col = _poisson_collapse(codes, X, offset) if FAMILIES[family] == K.POISSON and collapse else None
+    if col is not None:
+        _, first, logS = col
+        codes, X, offset = codes[first], X[first], logS
+    return CountGroups(col, _cell_layout(codes, X, offset, n_donors))
 
 
 @dataclass
@@ -301,19 +335,30 @@ class CountLayout:
 
 
 def count_layout(
-    Y, codes, X, offset, family: str, n_donors: int, *, collapse: bool = True, gene_names=None, cell_names=None
+    Y,
+    codes,
+    X,
+    offset,
+    family: str,
+    n_donors: int,
+    *,
+    collapse: bool = True,
+    gene_names=None,
+    cell_names=None,
+    groups: CountGroups | None = None,
 ) -> CountLayout:
     """Counts, codes, design and offset in the kernels' layout, once for :func:`fit_counts` and
     :func:`working_sums` of the same batch; the counts are checked first (:func:`check_counts`, naming a gene and a
     cell). ``collapse``: for the Poisson family, cells sharing a donor and a design row as one group (exact; see
-    :func:`_poisson_groups`)."""
+    :func:`_poisson_groups`). ``groups``: the fit's :func:`count_groups` (built here otherwise)."""
     check_counts(Y, gene_names, cell_names)
+    if groups is None:
+        groups = count_groups(codes, X, offset, family, n_donors, collapse=collapse)
     M = _as_csc(Y)
     const = 0.0
-    grouped = _poisson_groups(M, codes, X, offset) if FAMILIES[family] == K.POISSON and collapse else None
-    if grouped is not None:
-        M, codes, X, offset, const = grouped
-    return CountLayout(_by_donor(M, codes, X, offset, n_donors), const)
+    if groups.collapse is not None:
+        M, _, _, _, const = _poisson_groups(M, codes, X, offset, groups.collapse)
+    return CountLayout(_by_donor(M, None, None, None, n_donors, groups.cells), const)
 
 
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:

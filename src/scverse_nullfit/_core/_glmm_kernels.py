@@ -123,6 +123,79 @@ def group_moments(gptr, sig, s0, multi, kmax):  # pragma: no cover - compiled
     return mom
 
 
+#: lgamma(y + 1) of the counts below this is looked up in a table.
+LFACT_TABLE = 4096
+
+
+@jit()
+def _lfact(y, table):  # pragma: no cover - compiled
+    """lgamma(y + 1) of a count y, from ``table`` when it holds it."""
+    if y < table.shape[0]:
+        return table[int(y)]
+    return math.lgamma(y + 1.0)
+
+
+@jit()
+def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no cover - compiled
+    """CSC columns with each cell c moved to row inv[c], rows sorted in every column: a counting sort of the
+    column's cells by their group ``group[c]`` (inv is increasing within a group). Returns (rows, values)."""
+    nnz = indptr[indptr.shape[0] - 1]
+    oi = np.empty(nnz, dtype=np.int64)
+    od = np.empty(nnz)
+    cnt = np.zeros(n_groups + 1, dtype=np.int64)
+    for j in range(indptr.shape[0] - 1):
+        a, b = indptr[j], indptr[j + 1]
+        for k in range(a, b):
+            cnt[group[indices[k]] + 1] += 1
+        for g in range(n_groups):
+            cnt[g + 1] += cnt[g]
+        for k in range(a, b):
+            c = indices[k]
+            g = group[c]
+            pos = a + cnt[g]
+            cnt[g] += 1
+            oi[pos] = inv[c]
+            od[pos] = data[k]
+        cnt[:] = 0
+    return oi, od
+
+
+@jit()
+def collapse_counts(indptr, indices, data, group, n_groups, offset, logS):  # pragma: no cover - compiled
+    """The Poisson grouping of CSC counts (see ``_glmm._poisson_groups``): each column's counts summed by group
+    (zero sums dropped, groups in order) and the per-gene log-likelihood constant ``sum_c y_c o_c - lgamma(y_c + 1)
+    - sum_g (Y_g log S_g - lgamma(Y_g + 1))``. Returns (pointers, groups, sums, constants)."""
+    genes = indptr.shape[0] - 1
+    nnz = indptr[genes]
+    optr = np.zeros(genes + 1, dtype=np.int64)
+    oidx = np.empty(nnz, dtype=np.int64)
+    odat = np.empty(nnz)
+    const = np.zeros(genes)
+    acc = np.zeros(n_groups)
+    lf = np.empty(LFACT_TABLE)
+    for y in range(LFACT_TABLE):
+        lf[y] = math.lgamma(y + 1.0)
+    pos = 0
+    for j in range(genes):
+        cst = 0.0
+        for k in range(indptr[j], indptr[j + 1]):
+            y = data[k]
+            c = indices[k]
+            cst += y * offset[c] - _lfact(y, lf)
+            acc[group[c]] += y
+        for g in range(n_groups):  # in group order, which a scan of all groups costs less than sorting them
+            yg = acc[g]
+            if yg != 0.0:
+                oidx[pos] = g
+                odat[pos] = yg
+                pos += 1
+                cst += _lfact(yg, lf) - yg * logS[g]
+                acc[g] = 0.0
+        optr[j + 1] = pos
+        const[j] = cst
+    return optr, oidx[:pos].copy(), odat[:pos].copy(), const
+
+
 _K = np.arange(SERIES_TERMS + 1, dtype=np.float64)
 _K[0] = 1.0
 #: Per term k of the series: (-1)^(k-1); the coefficients of the sums of delta^2, delta^3 and log(1 + rho)
@@ -909,6 +982,12 @@ def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st
         s, e = bptr[b], bptr[b + 1]
         kk = e - s
         o = loff[b]
+        if kk == 1:
+            d = bdon[s]
+            gdd = Lflat[o] * Lflat[o]
+            U += gdd * (sh[d] * sh[d] - sw[d])
+            info += gdd * gdd * sw[d] * sw[d]
+            continue
         Lb, _, shb = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
         Ls = Lb.T @ shb
         U += np.dot(Ls, Ls)

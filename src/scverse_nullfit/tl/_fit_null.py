@@ -363,6 +363,8 @@ def _fit_counts(
     Y = get_expression(adata, layer)
     labels = donor_labels(adata.obs, donor_key)
     off = _offset_values(adata.obs, offset)
+    if off is None:
+        off = np.zeros(adata.n_obs)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
     design = build_design(adata.obs, covariates, donor_covariates, donors)
@@ -383,6 +385,8 @@ def _fit_counts(
         }
         parts = []
         show = settings.verbosity >= 2 and len(fitted_idx) > 200
+        # the cells' grouping and order depend on the design and the offset only: once for all batches
+        groups = _glmm.count_groups(donors.codes, design.X, off, family, n)
         # each batch is read from the matrix as stored (a column selection of an in-memory CSR matrix scans its
         # stored values once per batch, ~0.2 s per 50 million; a CSC copy of the whole matrix would cost its size)
         with tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar:
@@ -391,7 +395,7 @@ def _fit_counts(
                 # the batch in the kernels' layout once (the counts checked), for the fit and the working sums
                 layout = _glmm.count_layout(
                     counts, donors.codes, design.X, off, family, n,
-                    gene_names=adata.var_names[batch], cell_names=adata.obs_names,
+                    gene_names=adata.var_names[batch], cell_names=adata.obs_names, groups=groups,
                 )  # fmt: skip
                 fits = _glmm.fit_counts(
                     counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=n_threads,
