@@ -90,9 +90,8 @@ def compare(ref_path: str, new_path: str) -> None:
             print(f"{name}, relative: max {worst:.2e}, 99% {np.nanquantile(rel, 0.99) if rel.size else np.nan:.2e}")
         for name in ("loglik", "loglik0"):
             d = np.abs(ref[name][ok] - new[name][ok])
-            print(
-                f"{name}, absolute: max {np.nanmax(d):.2e}; new lower by > 1e-8: {(new[name][ok] < ref[name][ok] - 1e-8).sum()}"
-            )
+            lower = (new[name][ok] < ref[name][ok] - 1e-8).sum()
+            print(f"{name}, absolute: max {np.nanmax(d):.2e}; new lower by > 1e-8: {lower}")
     if ref["n_iter"].max() > 1000:
         for lab, arr in (("reference", ref["n_iter"]), ("new", new["n_iter"])):
             a = arr[ok]
