@@ -31,7 +31,8 @@ def _reference_sums(grp, ea, codes):
     z = sig * a
     q = 1.0 / (1.0 + z)
     r = z * q
-    rows = [r, r * q, r * r, r * r * q, r * q * (q - r), np.log1p(z)]
+    rows = [r, r * q, r * r, r * r * q, r * q * (q - r), np.log1p(z), r * q * (q * q - 4 * r * q + r * r)]
+    rows.append(r * r * q * (2 * q - r))
     return Bg, np.stack([np.add.reduceat(x, gptr[:-1]) for x in rows])
 
 
@@ -49,9 +50,9 @@ def test_series_equals_cell_sums(scale, offset_sd, full):
         assert (grp[10] >= 0).any()
     ea = scale * np.exp(rng.normal(0, 0.5, n)) / np.exp(grp[4]).mean()
     Bg, ref = _reference_sums(grp, ea, codes_s)
-    out = np.zeros((6, len(Bg)))
-    K._zero_sums(ea, Bg, full, grp, out)
-    rows = range(6) if full else range(3)
+    out = np.zeros((8, len(Bg)))
+    K._zero_sums(ea, Bg, full, grp, out, full)
+    rows = range(8) if full else range(3)
     for k in rows:
         np.testing.assert_allclose(out[k], ref[k], rtol=1e-12, atol=1e-300, err_msg=f"row {k}")
 
@@ -189,3 +190,45 @@ def test_mode_derivatives_match_finite_differences(family, related):
         ph[j] += h
         fd = (mode(ph)[0] - v0) / h
         np.testing.assert_allclose(D[:, j], fd, rtol=1e-4, atol=1e-5 * np.abs(fd).max() + 1e-9, err_msg=str(j))
+
+
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("level", [0.05, 0.8, 30.0])
+def test_analytic_hessian_rows_match_finite_differences(family, diagonal, level):
+    """With singleton donors the Hessian rows of log(s2) and log(theta) (mode and log-determinant included) are
+    analytic: they equal central differences of the analytic gradient."""
+    rng = np.random.default_rng(8)
+    codes, X = _design(rng, n_donors=24, per_donor=15)
+    N, p = X.shape
+    n = codes.max() + 1
+    G = np.diag(rng.uniform(0.5, 2.0, n)) if diagonal else None
+    off = rng.normal(0.0, 0.3, N)
+    mu = level * np.exp(off + 0.5 * rng.standard_normal(n)[codes])
+    y = rng.negative_binomial(3.0, 3.0 / (3.0 + mu)).astype(float)
+    Y = sparse.csc_matrix(y[:, None])
+    fam = K.POISSON if family == "poisson" else K.NEGATIVE_BINOMIAL
+    blocks = _glmm.donor_blocks(G, n)
+    _, indices, data, cs, Xs, offs, grp = _glmm._by_donor(Y, codes, X, off, n)
+    phi = np.concatenate([[math.log(level), 0.1, -0.2, 0.3], [math.log(0.3), 1.0]])
+
+    def grad_hess(ph):
+        st = K._state(p, n, grp)
+        g, H, v = np.zeros(p + 2), np.zeros((p + 2, p + 2)), np.zeros(n)
+        _, ok = K.evaluate(
+            fam, indices, data, cs, offs, Xs, blocks.ptr, blocks.donors, blocks.L, blocks.loff, ph, False, v, 0.0,
+            g, H, st,
+        )  # fmt: skip
+        assert ok
+        return g, H
+
+    _, H = grad_hess(phi)
+    k = p + 2 if fam == K.NEGATIVE_BINOMIAL else p + 1
+    h = 1e-5
+    for j in range(p, k):
+        a, b = phi.copy(), phi.copy()
+        a[j] += h
+        b[j] -= h
+        fd = (grad_hess(a)[0] - grad_hess(b)[0]) / (2 * h)
+        np.testing.assert_allclose(H[j, :k], fd[:k], rtol=1e-6, atol=1e-7 * np.abs(fd[:k]).max(), err_msg=str(j))
+        np.testing.assert_allclose(H[:k, j], H[j, :k], rtol=1e-14)

@@ -198,20 +198,22 @@ def collapse_counts(indptr, indices, data, group, n_groups, offset, logS):  # pr
 
 _K = np.arange(SERIES_TERMS + 1, dtype=np.float64)
 _K[0] = 1.0
-#: Per term k of the series: (-1)^(k-1); the coefficients of the sums of delta^2, delta^3 and log(1 + rho)
+#: Per term k of the series: (-1)^(k-1); the coefficients of the sums of delta^2, delta^3, delta^4 and log(1 + rho)
 #: relative to that of delta; and the largest rho for which k terms suffice.
 _SIGN = np.where(np.arange(SERIES_TERMS + 1) % 2 == 1, 1.0, -1.0)
 _C2 = -(_K - 1.0)
 _C3 = 0.5 * (_K - 1.0) * (_K - 2.0)
+_C4 = -(_K - 1.0) * (_K - 2.0) * (_K - 3.0) / 6.0
 _CL = 1.0 / _K
 _RHO_OK = np.zeros(SERIES_TERMS + 1)
 _RHO_OK[2:] = (SERIES_EPS / (_K[2:] + 1.0) ** 2) ** (1.0 / (_K[2:] - 1.0))
 
 
 @jit()
-def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
+def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compiled
     """For every group g, sums over its cells, all taken as zeros, of r, r q, r^2 and (with ``full``) r^2 q,
-    r q (q - r) and log1p(z) (rows 0..5 of ``out``), where z_c = s_c a_g, a_g = ea[donor] Bg[g] (mu_c / theta),
+    r q (q - r) and log1p(z) (rows 0..5 of ``out``), and with ``hess`` (and ``full``) r q (q^2 - 4 r q + r^2) and
+    r^2 q (2 q - r) (rows 6, 7: the analytic Hessian's), where z_c = s_c a_g, a_g = ea[donor] Bg[g] (mu_c / theta),
     q = 1/(1 + z), r = z q.
 
     With q0, r0 at z0 = s0 a and delta_c = r_c - r0, every sum is a polynomial in n, r0, q0 and the sums of
@@ -231,6 +233,7 @@ def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
             d1 = 0.0
             d2 = 0.0
             d3 = 0.0
+            d4 = 0.0
             dl = 0.0
             cells = False
             if m >= 0:
@@ -248,6 +251,8 @@ def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
                     sr2q = 0.0
                     sw1 = 0.0
                     l1p = 0.0
+                    s6 = 0.0
+                    s7 = 0.0
                     for c in range(gptr[g], gptr[g + 1]):
                         z = sig[c] * a
                         q = 1.0 / (1.0 + z)
@@ -260,6 +265,9 @@ def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
                             sr2q += r * rq
                             sw1 += rq * (q - r)
                             l1p += math.log1p(z)
+                            if hess:
+                                s6 += rq * (q * q - 4.0 * rq + r * r)
+                                s7 += r * rq * (2.0 * q - r)
                     out[0, g] = sr
                     out[1, g] = srq
                     out[2, g] = sr2
@@ -267,8 +275,20 @@ def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
                         out[3, g] = sr2q
                         out[4, g] = sw1
                         out[5, g] = l1p
+                        if hess:
+                            out[6, g] = s6
+                            out[7, g] = s7
                     continue
-                if full:
+                if full and hess:
+                    for k in range(nt, 0, -1):
+                        c = _SIGN[k] * mom[m, k]
+                        d1 = d1 * t + c
+                        d2 = d2 * t + _C2[k] * c
+                        d3 = d3 * t + _C3[k] * c
+                        d4 = d4 * t + _C4[k] * c
+                        dl = dl * t + _CL[k] * c
+                    dl *= t
+                elif full:
                     for k in range(nt, 0, -1):
                         c = _SIGN[k] * mom[m, k]
                         d1 = d1 * t + c
@@ -284,6 +304,7 @@ def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
                 d1 *= t * q0
                 d2 *= t * q0 * q0
                 d3 *= t * q0 * q0 * q0
+                d4 *= t * q0 * q0 * q0 * q0
             srq = n * r0 * q0 + (q0 - r0) * d1 - d2
             out[0, g] = n * r0 + d1
             out[1, g] = srq
@@ -293,6 +314,22 @@ def _zero_sums(ea, Bg, full, grp, out):  # pragma: no cover - compiled
                 sdrq = r0 * q0 * d1 + (q0 - r0) * d2 - d3
                 out[4, g] = (q0 - r0) * srq - 2.0 * sdrq
                 out[5, g] = n * math.log1p(z0) + dl
+                if hess:  # Taylor in delta around r0 of the quartics in r (the value at r0 in factored form)
+                    r2 = r0 * r0
+                    out[6, g] = (
+                        n * r0 * q0 * (q0 * q0 - 4.0 * r0 * q0 + r2)
+                        + (1.0 - 14.0 * r0 + 36.0 * r2 - 24.0 * r2 * r0) * d1
+                        + (-7.0 + 36.0 * r0 - 36.0 * r2) * d2
+                        + (12.0 - 24.0 * r0) * d3
+                        - 6.0 * d4
+                    )
+                    out[7, g] = (
+                        n * r2 * q0 * (2.0 * q0 - r0)
+                        + (4.0 * r0 - 15.0 * r2 + 12.0 * r2 * r0) * d1
+                        + (2.0 - 15.0 * r0 + 18.0 * r2) * d2
+                        + (-5.0 + 12.0 * r0) * d3
+                        + 3.0 * d4
+                    )
 
 
 @jit()
@@ -336,7 +373,7 @@ def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
 @jit()
 def _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st):  # pragma: no cover - compiled
     """Donor sums of h1 and w at eta = o + x'b + u[donor]: the zeros group by group, then the non-zeros."""
-    Bg, zs, grp = st[0][1], st[0][2:8], st[10]
+    Bg, zs, grp = st[0][1], st[0][2:10], st[10]
     dgptr, gcell, sig = grp[2], grp[1], grp[5]
     _zero_sums(eu / theta, Bg, False, grp, zs)
     for d in range(dgptr.shape[0] - 1):
@@ -554,6 +591,17 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     hk_sum = 0.0
     hkk_sum = 0.0
     ll = 0.0
+    # the analytic Hessian rows of (log s2, log theta) need third and fourth derivatives' donor sums (singleton
+    # donors only; otherwise those rows come from finite differences in _optimise)
+    hrows = (not boundary) and bptr.shape[0] - 1 == n
+    nh = n if hrows else 0
+    w2d = np.zeros(nh)
+    w1kd = np.zeros(nh)
+    wkkd = np.zeros(nh)
+    s1kkd = np.zeros(nh)
+    w2x = np.zeros((nh, p))
+    w1kx = np.zeros((nh, p))
+    wkx = np.zeros((nh, p))
     if fam == POISSON:
         for d in range(n):
             m = eu[d] * Sd[d]
@@ -573,7 +621,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                 xh[j] += yv[k] * X[c, j]
         ll += yb
     else:
-        zs, cz = buf[2:8], buf[8:11]
+        zs, cz = buf[2:10], buf[10:14]
         cz[:, :] = 0.0
         for k in range(yi.shape[0]):  # the non-zero cells: term(y) - term(0) in closed form, summed per group
             c = yi[k]
@@ -591,11 +639,13 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             cz[0, g] += y * q
             cz[1, g] += dw
             cz[2, g] += dw * (q - r)
+            if hrows:
+                cz[3, g] += dw * (q * q - 4.0 * r * q + r * r)
             dhk = theta * dg - y * q
             hk_sum += dhk
             hkk_sum += dhk + theta * theta * tg + y * q * q
         ea = eu / theta
-        _zero_sums(ea, Bg, True, grp, zs)
+        _zero_sums(ea, Bg, True, grp, zs, hrows)
         s_r = 0.0
         s_r2 = 0.0
         s_l1p = 0.0
@@ -612,7 +662,22 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                 sw[d] += wg
                 a[d] += ag
                 sh1k[d] += h1k
-                swk[d] += 2.0 * theta * zs[3, g] - cz[2, g]
+                wkg = 2.0 * theta * zs[3, g] - cz[2, g]
+                swk[d] += wkg
+                if hrows:  # w2, w1k, wkk and h1kk (see the docs' analytic Hessian)
+                    w2g = theta * zs[6, g] + cz[3, g]
+                    w1kg = 2.0 * theta * zs[7, g] - cz[3, g]
+                    w2d[d] += w2g
+                    w1kd[d] += w1kg
+                    wkkd[d] += 2.0 * theta * (zs[3, g] - zs[7, g]) + cz[3, g]
+                    s1kkd[d] += theta * (2.0 * zs[3, g] - zs[2, g]) - cz[2, g]
+                    for j in ccols:
+                        x = Xg[g, j]
+                        if x == 0.0:
+                            continue
+                        w2x[d, j] += x * w2g
+                        w1kx[d, j] += x * w1kg
+                        wkx[d, j] += x * wkg
                 for j in ccols:
                     x = Xg[g, j]
                     if x == 0.0:
@@ -637,6 +702,10 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                 zw1x[d, j] = xd * a[d]
                 xh[j] += xd * sh[d]
                 xh1k[j] += xd * sh1k[d]
+                if hrows:
+                    w2x[d, j] = xd * w2d[d]
+                    w1kx[d, j] = xd * w1kd[d]
+                    wkx[d, j] = xd * swk[d]
         for j in dcols:
             for m2 in range(p):
                 acc = 0.0
@@ -764,7 +833,87 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
         hess[j, p + 1] -= s2 * Q[j, p]
         hess[p + 1, j] = hess[j, p + 1]
     hess[p + 1, p + 1] += s2 * Q[p, p]
+    if hrows:
+        _rho_kappa_rows(fam, s2, bdon, Lflat, loff, u, sw, a, swk, sh1k, zwx, zw1x, w2d, w1kd, wkkd, s1kkd, w2x,
+                        w1kx, wkx, hess)  # fmt: skip
+        for j in range(p + 2):
+            hess[j, p] = hess[p, j]
+        for j in range(p):
+            hess[j, p + 1] = hess[p + 1, j]
     return lap, True
+
+
+@jit()
+def _rho_kappa_rows(
+    fam, s2, bdon, Lflat, loff, u, sw, a, swk, sh1k, zwx, zw1x, w2d, w1kd, wkkd, s1kkd, w2x, w1kx, wkx, hess
+):  # pragma: no cover - compiled
+    """The rows of log(s2) and log(theta) of the Laplace log-likelihood's Hessian (singleton donors), with the mode's
+    first and second derivatives in phi and the log-determinant's: ``hess[p]`` is set, ``hess[p + 1]`` gets the
+    log-determinant's share added to the penalised part already there (columns b and log(theta); the caller makes
+    them symmetric). Per donor: tau = s2 G_dd, H = 1 + tau W; see docs/model.md."""
+    n = u.shape[0]
+    p = zwx.shape[1]
+    nb = fam == NEGATIVE_BINOMIAL
+    hr = np.zeros(p + 2)
+    hq = np.zeros(p + 2)
+    for b in range(n):
+        d = bdon[b]
+        tau = s2 * Lflat[loff[b]] * Lflat[loff[b]]
+        if not (tau > 0.0):
+            continue
+        W = sw[d]
+        W1 = a[d]
+        if nb:
+            W2 = w2d[d]
+            Wk, W1k, Wkk, S1k, S1kk = swk[d], w1kd[d], wkkd[d], sh1k[d], s1kkd[d]
+        else:
+            W2 = W
+            Wk = W1k = Wkk = S1k = S1kk = 0.0
+        ud = u[d]
+        h = 1.0 + tau * W
+        ih = 1.0 / h
+        cc = tau * ih
+        ut = ud / tau
+        # the mode's derivatives in log(s2) and log(theta), then the log-determinant's derivatives (H_a, H_ab)
+        ur = ud * ih
+        uk = cc * S1k
+        Dr = W1 * ur
+        Dk = W1 * uk + Wk
+        Hr = tau * (W + Dr)
+        Hk = tau * Dk
+        urr = cc * (-W1 * ur * ur + 2.0 * ur / tau - ut)
+        urk = cc * (-W1 * ur * uk + uk / tau - Wk * ur)
+        ukk = cc * (-W1 * uk * uk - 2.0 * Wk * uk + S1kk)
+        Drr = W2 * ur * ur + W1 * urr
+        Drk = (W2 * uk + W1k) * ur + W1 * urk
+        Dkk = (W2 * uk + 2.0 * W1k) * uk + W1 * ukk + Wkk
+        Hrr = tau * (W + 2.0 * Dr + Drr)
+        Hrk = tau * (Dk + Drk)
+        Hkk = tau * Dkk
+        hr[p] += ud * ut * (ih - 0.5) - 0.5 * (Hrr - Hr * Hr * ih) * ih
+        hr[p + 1] += ud * S1k * ih - 0.5 * (Hrk - Hr * Hk * ih) * ih
+        hq[p + 1] -= 0.5 * (Hkk - Hk * Hk * ih) * ih
+        for j in range(p):
+            Wx = zwx[d, j]
+            W1x = zw1x[d, j]
+            if nb:
+                W2x, W1kx, Wkx = w2x[d, j], w1kx[d, j], wkx[d, j]
+            else:
+                W2x, W1kx, Wkx = Wx, 0.0, 0.0
+            uj = -cc * Wx
+            Dj = W1 * uj + W1x
+            Hj = tau * Dj
+            urj = cc * (-W1 * ur * uj + uj / tau - W1x * ur)
+            ukj = cc * (-W1 * uk * uj - Wk * uj - W1x * uk - Wkx)
+            Drj = (W2 * uj + W2x) * ur + W1 * urj
+            Dkj = (W2 * uj + W2x) * uk + W1 * ukj + W1k * uj + W1kx
+            hr[j] += -ud * Wx * ih - 0.5 * (tau * (Dj + Drj) - Hr * Hj * ih) * ih
+            hq[j] -= 0.5 * (tau * Dkj - Hk * Hj * ih) * ih
+    for j in range(p + 2):
+        hess[p, j] = hr[j]
+    for j in range(p):
+        hess[p + 1, j] += hq[j]
+    hess[p + 1, p + 1] += hq[p + 1]
 
 
 @jit()
@@ -809,9 +958,10 @@ def _optimise(
 ):  # pragma: no cover
     """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
 
-    The Hessian: the penalised-likelihood Hessian in (b, kappa), and the log(sigma2_g) row and column by a
-    finite difference of the analytic gradient (the log-determinant matters most there). Returns (loglik,
-    status, iterations); ``Hout`` gets that Hessian over all of phi (zero rows for fixed entries).
+    The Hessian: the penalised-likelihood Hessian in b, and the rows and columns of log(sigma2_g) and log(theta)
+    of the Laplace log-likelihood's (the log-determinant matters most there): analytic with singleton donors,
+    else by finite differences of the analytic gradient. Returns (loglik, status, iterations); ``Hout`` gets that
+    Hessian over all of phi (zero rows for fixed entries).
     """
     p = X.shape[1]
     k = p + 2
@@ -826,9 +976,10 @@ def _optimise(
     dva = st[12].copy()  # the mode's derivatives in phi at phi: warm starts extrapolated along a step
     # rows/columns of the Hessian taken from finite differences of the gradient: log(s2), and log(theta) in the
     # interior (the log-determinant's share of their curvature is not small); refreshed while they still move
+    # (singleton donors: evaluate's Hessian has them analytically)
     fd = np.zeros(k, dtype=np.bool_)
-    fd[p] = not boundary
-    fd[p + 1] = (not boundary) and fam == NEGATIVE_BINOMIAL
+    fd[p] = not boundary and bptr.shape[0] - 1 != v.shape[0]
+    fd[p + 1] = fd[p] and fam == NEGATIVE_BINOMIAL
     moved = np.full(k, np.inf)
     next_jump = KAPPA_TRY
     for it in range(MAX_ITER):
@@ -949,7 +1100,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
                 if Xg[g, j] != Xd[d, j]:
                     is_donor[j] = False
     return (
-        np.zeros((11, G)),
+        np.zeros((14, G)),
         np.empty(n),
         np.empty(n),
         np.empty((n, p)),
