@@ -353,20 +353,34 @@ def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
         c = yi[k]
         Yd[codes[c]] += yv[k]
         yb += yv[k] * (off[c] + XB[gcell[c]])
-    if fam == POISSON:
-        E[:, :] = 0.0
-        F[:, :, :] = 0.0
+    if fam == POISSON:  # per group only the cell-level columns; the donor-level ones from the donor's sums
+        ccols, dcols, Xd = st[7], st[8], st[9]
         for d in range(dgptr.shape[0] - 1):
             sd = 0.0
+            for j in ccols:
+                E[d, j] = 0.0
+                for m in ccols:
+                    F[d, j, m] = 0.0
             for g in range(dgptr[d], dgptr[d + 1]):
                 b = Bg[g] * S1[g]
                 sd += b
-                for j in range(p):
+                for j in ccols:
                     bx = b * Xg[g, j]
+                    if bx == 0.0:
+                        continue
                     E[d, j] += bx
-                    for m in range(j, p):
-                        F[d, j, m] += bx * Xg[g, m]
+                    for m in ccols:
+                        if m >= j:
+                            F[d, j, m] += bx * Xg[g, m]
             Sd[d] = sd
+            for j in dcols:
+                E[d, j] = Xd[d, j] * sd
+            for j in dcols:
+                for m in range(p):
+                    if m >= j:
+                        F[d, j, m] = Xd[d, j] * E[d, m]
+                    else:
+                        F[d, m, j] = Xd[d, j] * E[d, m]
     return yb
 
 
@@ -1117,6 +1131,120 @@ def _state(p, n, grp):  # pragma: no cover - compiled
 
 
 @jit()
+def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gr, Hm):  # pragma: no cover - compiled
+    """The Poisson GLM of the groups' summed counts ``Yg`` at ``b``: returns sum_g Yg x_g'b - mu_g (the
+    log-likelihood less a constant), with ``gr`` = -sum_g mu_g x_g and ``Hm`` = -sum_g mu_g x_g x_g' (donor-level
+    columns through donor sums, so a group costs only its cell-level columns)."""
+    dgptr, Xg, oref, S1 = grp[2], grp[3], grp[4], grp[8]
+    p = Xg.shape[1]
+    n = dgptr.shape[0] - 1
+    gr[:] = 0.0
+    Hm[:, :] = 0.0
+    mcd = np.zeros(p)
+    ll = 0.0
+    for d in range(n):
+        md = 0.0
+        for j in ccols:
+            mcd[j] = 0.0
+        for g in range(dgptr[d], dgptr[d + 1]):
+            xb = 0.0
+            for j in range(p):
+                xb += Xg[g, j] * b[j]
+            mu = math.exp(oref[g] + xb) * S1[g]
+            ll += Yg[g] * xb - mu
+            md += mu
+            for j in ccols:
+                x = Xg[g, j]
+                if x == 0.0:
+                    continue
+                mcd[j] += mu * x
+                for m in ccols:
+                    Hm[j, m] -= mu * x * Xg[g, m]
+        for j in dcols:
+            xd = Xd[d, j]
+            gr[j] -= xd * md
+            for m in dcols:
+                Hm[j, m] -= xd * Xd[d, m] * md
+            for m in ccols:
+                Hm[j, m] -= xd * mcd[m]
+                Hm[m, j] -= xd * mcd[m]
+        for j in ccols:
+            gr[j] -= mcd[j]
+    return ll
+
+
+@jit()
+def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
+    """Starting values of the s2 = 0 fit: b of the Poisson GLM of the groups' summed counts (Newton's method with
+    step halving, passes over the groups only, none over the cells), then for the negative binomial the moment
+    estimate 1/theta = sum_c ((y_c - mu_c)^2 - y_c) / sum_c mu_c^2 at it (``S2``: the groups' sums of s_c^2).
+    ``phi`` is left as it is when a step fails to be finite."""
+    grp, ccols, dcols, Xd = st[10], st[7], st[8], st[9]
+    gcell, Xg, oref, sig = grp[1], grp[3], grp[4], grp[5]
+    G, p = Xg.shape
+    Yg = np.zeros(G)
+    for k in range(yi.shape[0]):
+        Yg[gcell[yi[k]]] += yv[k]
+    xy = np.zeros(p)
+    for g in range(G):
+        for j in range(p):
+            xy[j] += Xg[g, j] * Yg[g]
+    b = phi[:p].copy()
+    gr = np.empty(p)
+    Hm = np.empty((p, p))
+    gt = np.empty(p)
+    Ht = np.empty((p, p))
+    ll = _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gr, Hm)
+    if not (ll == ll) or abs(ll) == np.inf:
+        return
+    for _ in range(30):
+        for j in range(p):
+            gr[j] += xy[j]
+        d = _ascent_direction(Hm, gr)
+        dec = np.dot(gr, d)
+        if not (dec == dec) or dec < 1e-8:
+            break
+        t = 1.0
+        for j in range(p):
+            if abs(d[j]) * t > 3.0:
+                t = 3.0 / abs(d[j])
+        ok = False
+        for _h in range(30):
+            bt = b + t * d
+            lt = _group_glm_pass(bt, Yg, grp, ccols, dcols, Xd, gt, Ht)
+            if lt == lt and lt >= ll + 1e-4 * t * dec:
+                ok = True
+                break
+            t *= 0.5
+        if not ok:
+            break
+        b[:] = bt
+        ll = lt
+        gr[:] = gt
+        Hm[:, :] = Ht
+    for j in range(p):
+        phi[j] = b[j]
+    if fam == NEGATIVE_BINOMIAL:
+        s_mu2 = 0.0
+        Bg = np.empty(G)
+        for g in range(G):
+            xb = 0.0
+            for j in range(p):
+                xb += Xg[g, j] * b[j]
+            Bg[g] = math.exp(oref[g] + xb)
+            s_mu2 += Bg[g] * Bg[g] * S2[g]
+        num = s_mu2
+        for k in range(yi.shape[0]):
+            c = yi[k]
+            y = yv[k]
+            num += y * (y - 1.0 - 2.0 * Bg[gcell[c]] * sig[c])
+        inv = num / s_mu2
+        if inv == inv and s_mu2 > 0.0:
+            inv = max(inv, 1e-3)
+            phi[p + 1] = min(max(-math.log(inv), KAPPA_MIN), KAPPA_MAX)
+
+
+@jit()
 def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
     """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
     p = X.shape[1]
@@ -1195,6 +1323,9 @@ def fit_genes_range(
     for c in range(N):
         if p > 0 and X[c, 0] != 1.0:
             intercept = False
+    S2 = np.zeros(grp[0].shape[0] - 1)
+    for c in range(N):
+        S2[grp[1][c]] += grp[5][c] * grp[5][c]
     for gidx in range(lo, hi):
         st[11][:2] = 0.0
         st[11][5:] = 0.0
@@ -1216,6 +1347,7 @@ def fit_genes_range(
         if fam == POISSON:
             free[p + 1] = False
         v = np.zeros(n)
+        _glm_start(fam, yi, yv, phi, S2, st)
         st[6][0] = 0.0
         L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st)
         loglik0_out[gidx] = L0
