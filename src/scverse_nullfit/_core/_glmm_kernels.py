@@ -19,6 +19,9 @@ import numpy as np
 
 from ._compiled import jit
 
+#: Counts below this enter the terms in (y, theta) alone (digamma, trigamma, lgamma differences) through the gene's
+#: histogram of counts.
+YHIST = 64
 #: Debug builds only (set with a separate NUMBA_CACHE_DIR): ``n_iter`` reports evaluations * 1000 + inner passes.
 COUNT_EVALS = os.environ.get("SNF_COUNT_EVALS") == "1"
 
@@ -558,14 +561,24 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd = st
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist = st
     aux[0] += 1.0
     lconst = -lfact
+    if fam == NEGATIVE_BINOMIAL and aux[7] != 1.0:  # the terms in (y, theta) alone go by distinct small counts
+        yhist[:] = 0.0
+        for k in range(yv.shape[0]):
+            if yv[k] < YHIST:
+                yhist[int(yv[k])] += 1.0
+        aux[7] = 1.0
     if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
         if aux[2] != 1.0 or aux[3] != theta:
             acc = 0.0
+            for yy in range(1, YHIST):
+                if yhist[yy] > 0.0:
+                    acc += yhist[yy] * _lgamma_ratio(float(yy), theta)
             for k in range(yv.shape[0]):
-                acc += _lgamma_ratio(yv[k], theta)
+                if yv[k] >= YHIST:
+                    acc += _lgamma_ratio(yv[k], theta)
             aux[2] = 1.0
             aux[3] = theta
             aux[4] = acc
@@ -646,7 +659,10 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             t = theta + mu
             r = mu / t
             q = 1.0 - r
-            dg, tg = _gamma_diffs(y, theta)
+            if y >= YHIST:
+                dg, tg = _gamma_diffs(y, theta)
+                hk_sum += theta * dg
+                hkk_sum += theta * dg + theta * theta * tg
             if need_ll:
                 ll -= y * math.log1p(theta / mu)
             dw = y * r * q
@@ -655,9 +671,13 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             cz[2, g] += dw * (q - r)
             if hrows:
                 cz[3, g] += dw * (q * q - 4.0 * r * q + r * r)
-            dhk = theta * dg - y * q
-            hk_sum += dhk
-            hkk_sum += dhk + theta * theta * tg + y * q * q
+            hk_sum -= y * q
+            hkk_sum += y * q * (q - 1.0)
+        for yy in range(1, YHIST):
+            if yhist[yy] > 0.0:
+                dg, tg = _gamma_diffs(float(yy), theta)
+                hk_sum += yhist[yy] * theta * dg
+                hkk_sum += yhist[yy] * (theta * dg + theta * theta * tg)
         ea = eu / theta
         _zero_sums(ea, Bg, True, grp, zs, hrows)
         s_r = 0.0
@@ -1098,9 +1118,10 @@ def _state(p, n, grp):  # pragma: no cover - compiled
     the design's split: the cell-level columns, the donor-level ones (constant within every donor) and the
     donor-level values (donors x p), the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner
     passes, valid, theta, sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations,
-    boundary-fit evaluations] and the mode's derivatives in phi at the last evaluation (donors x (p + 2)). The
-    caches (key, aux) belong to one gene: reset key[0] and aux[2] before the next. Donor-level columns need no
-    per-group work: their sums follow from donor sums."""
+    boundary-fit evaluations, histogram valid], the mode's derivatives in phi at the last evaluation (donors x
+    (p + 2)) and the histogram of the gene's counts below YHIST. The caches (key, aux) belong to one gene: reset
+    key[0], aux[2] and aux[7] before the next. Donor-level columns need no per-group work: their sums follow from
+    donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
     Xd = np.zeros((n, p))
@@ -1125,8 +1146,9 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.flatnonzero(is_donor),
         Xd,
         grp,
-        np.zeros(7),
+        np.zeros(8),
         np.zeros((n, p + 2)),
+        np.zeros(YHIST),
     )
 
 
