@@ -88,6 +88,8 @@ def compare(ref_path: str, new_path: str) -> None:
             rel = rel[np.isfinite(rel)]
             worst = np.nanmax(rel) if rel.size else np.nan
             print(f"{name}, relative: max {worst:.2e}, 99% {np.nanquantile(rel, 0.99) if rel.size else np.nan:.2e}")
+        z = np.abs(ref["sigma2_g"][ok] - new["sigma2_g"][ok]) / ref["sigma2_g_se"][ok]
+        print(f"sigma2_g, difference / its standard error: max {np.nanmax(z):.2e}")
         for name in ("loglik", "loglik0"):
             d = np.abs(ref[name][ok] - new[name][ok])
             lower = (new[name][ok] < ref[name][ok] - 1e-8).sum()

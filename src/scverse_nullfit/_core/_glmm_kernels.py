@@ -1267,15 +1267,14 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
 
 
 @jit()
-def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st):  # pragma: no cover - compiled
-    """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2."""
+def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st, sh, sw):  # pragma: no cover
+    """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2;
+    ``sh`` and ``sw`` get the donor sums of h1 and w there."""
     p = X.shape[1]
     n = bdon.shape[0]
     key = st[6]
     key[0] = 0.0
     _prepare(fam, yi, yv, codes, off, phi[:p], st)
-    sh = np.zeros(n)
-    sw = np.zeros(n)
     _inner_sums(fam, yi, yv, codes, math.exp(phi[p + 1]), np.ones(n), sh, sw, st)
     U = 0.0
     info = 0.0
@@ -1299,6 +1298,33 @@ def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st
             for j in range(kk):
                 info += Gb[i, j] * Gb[i, j] * swi * sw[bdon[s + j]]
     return 0.5 * U, 0.5 * info
+
+
+@jit()
+def _mode_start(s2, shift, sh, sw, bptr, bdon, Lflat, loff, v):  # pragma: no cover - compiled
+    """A warm start of the interior fit's first mode, singleton donors only (v = 0 elsewhere): each donor's
+    u_d = tau_d (sh_d + sw_d (1 - e^(u_d + shift))), tau_d = s2 G_dd, solved by Newton's method, from the donor sums
+    ``sh``, ``sw`` of h1 and w at u = 0 (exact for the Poisson family with ``shift`` the change of the linear
+    predictor; for the negative binomial its Poisson approximation)."""
+    sigma = math.sqrt(s2)
+    v[:] = 0.0
+    for b in range(bptr.shape[0] - 1):
+        if bptr[b + 1] - bptr[b] != 1:
+            continue
+        d = bdon[bptr[b]]
+        lo_ = Lflat[loff[b]]
+        tau = s2 * lo_ * lo_
+        if not (tau > 0.0) or not (sw[d] >= 0.0):
+            continue
+        u = 0.0
+        for _ in range(30):
+            e = sw[d] * math.exp(u + shift)
+            du = (sh[d] + sw[d] - e - u / tau) / (e + 1.0 / tau)
+            u += du
+            if not (abs(du) > 1e-12 * (1.0 + abs(u))):
+                break
+        if u == u:
+            v[d] = u / (sigma * lo_)
 
 
 @jit()
@@ -1345,6 +1371,8 @@ def fit_genes_range(
     for c in range(N):
         if p > 0 and X[c, 0] != 1.0:
             intercept = False
+    sh0 = np.zeros(n)
+    sw0 = np.zeros(n)
     S2 = np.zeros(grp[0].shape[0] - 1)
     for c in range(N):
         S2[grp[1][c]] += grp[5][c] * grp[5][c]
@@ -1378,7 +1406,7 @@ def fit_genes_range(
             status_out[gidx] = FAILED
             iter_out[gidx] = it0
             continue
-        U, info = _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st)
+        U, info = _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st, sh0, sw0)
         phi0 = phi.copy()
         H0 = H.copy()
         status = BOUNDARY
@@ -1391,12 +1419,14 @@ def fit_genes_range(
                 ib = math.exp(-phi[p + 1])
                 ii = max(ib - math.expm1(s2i), 0.25 * ib) * math.exp(-s2i)
                 phi[p + 1] = min(max(-math.log(ii), KAPPA_MIN), KAPPA_MAX)
+            shift = 0.0
             if intercept:  # E exp(u) = exp(s2 / 2)
                 phi[0] -= 0.5 * s2i
+                shift = -0.5 * s2i
             free[:] = True
             if fam == POISSON:
                 free[p + 1] = False
-            v[:] = 0.0
+            _mode_start(s2i, shift, sh0, sw0, bptr, bdon, Lflat, loff, v)
             L1, st1, it1 = _optimise(
                 fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st
             )
