@@ -1485,6 +1485,8 @@ def working_sums_range(
     dgptr, Xg, oref, S1, gcell, sig = grp[2], grp[3], grp[4], grp[8], grp[1], grp[5]
     G = Xg.shape[0]
     n = dgptr.shape[0] - 1
+    st = _state(p, n, grp)
+    ccols, dcols, Xd = st[7], st[8], st[9]
     Bg = np.empty(G)
     ea = np.empty(n)
     zs = np.zeros((6, G))
@@ -1503,19 +1505,38 @@ def working_sums_range(
             ea[d] = math.exp(u[g, d])
         if fam != POISSON:
             _zero_sums(ea / th, Bg, False, grp, zs)
-        for d in range(n):
+        for d in range(n):  # per group only the cell-level columns; the donor-level ones from the donor's sums
             ud = u[g, d]
+            wd = 0.0
             for h in range(dgptr[d], dgptr[d + 1]):
                 W = ea[d] * Bg[h] * S1[h] if fam == POISSON else th * zs[0, h]
-                Dw[g, d] += W
+                wd += W
                 wr = W * (ud - 1.0)
-                ZWr[g, d] += wr
-                for j in range(p):
-                    xw = Xg[h, j] * W
+                for j in ccols:
+                    x = Xg[h, j]
+                    if x == 0.0:
+                        continue
+                    xw = x * W
                     ZWX[g, d, j] += xw
-                    XWr[g, j] += Xg[h, j] * wr
-                    for m in range(j, p):
-                        XWX[g, j, m] += xw * Xg[h, m]
+                    XWr[g, j] += x * wr
+                    for m in ccols:
+                        if m >= j:
+                            XWX[g, j, m] += xw * Xg[h, m]
+            Dw[g, d] += wd
+            wrd = wd * (ud - 1.0)
+            ZWr[g, d] += wrd
+            for j in dcols:
+                xd = Xd[d, j]
+                ZWX[g, d, j] += xd * wd
+                XWr[g, j] += xd * wrd
+                for m in ccols:
+                    if m >= j:
+                        XWX[g, j, m] += xd * ZWX[g, d, m]
+                    else:
+                        XWX[g, m, j] += xd * ZWX[g, d, m]
+                for m in dcols:
+                    if m >= j:
+                        XWX[g, j, m] += xd * Xd[d, m] * wd
         for k in range(yi.shape[0]):
             c = yi[k]
             y = yv[k]
