@@ -663,8 +663,8 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                 dg, tg = _gamma_diffs(y, theta)
                 hk_sum += theta * dg
                 hkk_sum += theta * dg + theta * theta * tg
-            if need_ll:
-                ll -= y * math.log1p(theta / mu)
+            if need_ll:  # -y log(1 + theta/mu) = y log(mu) - y log(theta + mu); the first summed below
+                ll -= y * math.log(t)
             dw = y * r * q
             cz[0, g] += y * q
             cz[1, g] += dw
@@ -726,6 +726,10 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                             xwx[j, m2] += xw * Xg[g, m2]
         lfix = -theta * s_l1p
         ll += lfix
+        if need_ll:  # sum_c y_c log(mu_c) = sum_c y_c (o_c + x_c'b) + sum_d y_d u_d
+            ll += yb
+            for d in range(n):
+                ll += Yd[d] * u[d]
         hk_sum += lfix + theta * s_r
         hkk_sum += lfix + theta * s_r + theta * s_r2
         # donor-level columns from the donor sums: x_d times the donor's sums
