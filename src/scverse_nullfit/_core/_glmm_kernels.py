@@ -41,6 +41,9 @@ MAX_ITER = 200
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
 DECREMENT_TOL = 1e-10
+#: Below this Newton decrement the full step's gain (half the decrement) is within the rounding of the
+#: log-likelihood (a sum over all cells), so the step is taken unless the log-likelihood clearly drops.
+ROUNDING_DEC = 1e-6
 #: A line search that needs a step shorter than this while the Newton decrement is below 1e-6 has reached the
 #: rounding floor of the log-likelihood (sums over all cells): the fit has converged.
 STALL_STEP = 1e-3
@@ -1085,7 +1088,9 @@ def _optimise(
                         for dd in range(vt.shape[0]):
                             vt[dd] += dp * dva[dd, a_]
             Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
-            if okn and Ln == Ln and Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L):
+            if okn and Ln == Ln and (
+                Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L) or (t == 1.0 and dec < ROUNDING_DEC and Ln >= L - 1e-12 * abs(L))
+            ):
                 accepted = True
                 break
             t *= 0.5
