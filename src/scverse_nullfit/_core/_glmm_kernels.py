@@ -1088,9 +1088,9 @@ def _optimise(
                         for dd in range(vt.shape[0]):
                             vt[dd] += dp * dva[dd, a_]
             Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
-            if okn and Ln == Ln and (
-                Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L) or (t == 1.0 and dec < ROUNDING_DEC and Ln >= L - 1e-12 * abs(L))
-            ):
+            armijo = Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L)
+            rounding = t == 1.0 and dec < ROUNDING_DEC and Ln >= L - 1e-12 * abs(L)
+            if okn and Ln == Ln and (armijo or rounding):
                 accepted = True
                 break
             t *= 0.5
