@@ -463,7 +463,7 @@ def fit_counts(
             blocks.loff, beta, s2, theta, ll, ll0, status, iters, se, u,
         )  # fmt: skip
 
-    _run_ranges(work, genes, n_threads, max_chunk=64)
+    _run_ranges(work, genes, n_threads, max_chunk=8)  # small ranges: the threads finish a batch together
     bad = status == K.FAILED  # failed fits, and genes with fewer than two non-zero cells (or groups)
     converged = ~bad
     for arr in (beta, se, u):
