@@ -40,8 +40,11 @@ def test_tau_functions_taylor_equal_direct(problem_and_sums):
     for a, rtol in enumerate((1e-14, 1e-12, 1e-10, 1e-8)):
         scale = np.abs(M0[:, a]).max(axis=(1, 2))[:, None, None]
         np.testing.assert_allclose(M[:, a] / scale, M0[:, a] / scale, rtol=0, atol=rtol, err_msg=f"M_{a}")
-    np.testing.assert_allclose(logdet, logdet0, rtol=1e-13, atol=1e-12)
-    np.testing.assert_allclose(h, h0, rtol=1e-11)
+    # beyond tau = 100, log|A| (A losing the directions of donor-level covariates like 1/tau) carries rounding of
+    # about eps cond(A) either way; so do the eigenvalues of the restricted matrix (see test_scale)
+    for part, rtol in ((tau <= 100, 1.0), (tau > 100, 1e4)):
+        np.testing.assert_allclose(logdet[part], logdet0[part], rtol=1e-13 * rtol, atol=1e-12, err_msg=str(rtol))
+        np.testing.assert_allclose(h[part], h0[part], rtol=1e-11 * rtol, err_msg=str(rtol))
 
 
 def test_shared_tau_equals_per_gene(problem_and_sums):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +17,7 @@ from .._constants import Key
 from .._core import _glmm
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, read_columns
-from .._core._reml import Rotation, problem_from_stage1, restricted_spectrum_from_grm
+from .._core._reml import RemlProblem, Rotation
 from .._core._store import (
     blocks_part,
     count_results_frame,
@@ -39,12 +38,6 @@ from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-
-def _spectral(G: np.ndarray, donors, X: np.ndarray, t1):
-    spectral = spectral_precompute(G, donors, X)
-    logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
-    return spectral
 
 
 @doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
@@ -185,23 +178,16 @@ def fit_null(
     G, donors = align_grm(grm_df, labels, grm_source)
     design = build_design(adata.obs, covariates, donor_covariates, donors)
 
-    with threadpool_limits(limits=n_threads, user_api="blas"), ThreadPoolExecutor(2, "snf-stage1") as pool:
-        # the pass over the expression first, on every thread; then stage 1's two donor-level eigendecompositions
-        # (independent) side by side, each on one BLAS thread (a multi-threaded BLAS call whose threads wait for busy
-        # cores stalls them all). Run alongside each other, the pass and the eigendecompositions slowed each other
-        # down by more than they overlapped.
+    with threadpool_limits(limits=n_threads, user_api="blas"):
+        # the pass over the expression first, then stage 1's one donor-level eigendecomposition, each on every thread
+        # (run alongside each other, they slowed each other down by more than they overlapped)
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
         stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=n_threads)
-        t1 = logg.debug("    stage 1: donor-level eigendecompositions")
-        if n_threads > 1:
-            with threadpool_limits(limits=1, user_api="blas"):
-                spectral_f = pool.submit(_spectral, G, donors, design.X, t1)
-                mu_f = pool.submit(restricted_spectrum_from_grm, G, donors, design.X)
-                spectral, mu = spectral_f.result(), mu_f.result()
-        else:  # one thread: one thing at a time
-            spectral, mu = _spectral(G, donors, design.X, t1), restricted_spectrum_from_grm(G, donors, design.X)
-        problem = problem_from_stage1(spectral, mu)
+        t1 = logg.debug("    stage 1: donor-level eigendecomposition")
+        spectral = spectral_precompute(G, donors, design.X)
+        problem = RemlProblem(spectral)
+        logg.debug(f"    stage 1: {len(donors.ids)} donors, {design.X.shape[1]} design columns", time=t1)
         pre = pre_residualise(stats, donors, spectral)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
