@@ -41,7 +41,8 @@ def dump(out: str, data: str) -> None:
     def grab(problem, rotate, W, **kwargs):
         fits = fit_all(problem, rotate, W, **kwargs)
         inputs = {
-            "lam": problem.lam, "Xrot": problem.Xrot, "Aw": problem.Aw, "n_cells": problem.N, "XtX": problem.functions.XtX,
+            "lam": problem.lam, "Xrot": problem.Xrot, "Aw": problem.Aw, "n_cells": problem.N,
+            "XtX": problem.functions.XtX,
             "Rt": rotate(slice(None)), "W": W, "fits": {name: getattr(fits, name) for name in FIELDS},
         }  # fmt: skip
         with open(out, "wb") as f:

@@ -189,17 +189,11 @@ class TauFunctions:
         lw = weights[:, 1] / weights[:, 0]  # lam w
         S1, S2, S3 = S[:, 0], S[:, 1], S[:, 2]
         S11 = S1 @ S1
-        h = np.stack(
-            [
-                (lw**a).sum(axis=1) + corr
-                for a, corr in (
-                    (1, -np.trace(S1, axis1=1, axis2=2)),
-                    (2, np.trace(S11, axis1=1, axis2=2) - 2.0 * np.trace(S2, axis1=1, axis2=2)),
-                    (3, -_trace_of_product(S11, S1) + 3.0 * _trace_of_product(S1, S2) - 3.0 * np.trace(S3, axis1=1, axis2=2)),
-                )
-            ],
-            axis=1,
-        )
+        tr1, tr2, tr3 = (np.trace(Sa, axis1=1, axis2=2) for Sa in (S1, S2, S3))
+        h = np.stack([(lw**a).sum(axis=1) for a in (1, 2, 3)], axis=1)  # the derivatives of sum_j log(1 + tau lam_j)
+        h[:, 0] -= tr1  # and those of log|A|: A' = -M_1, M_a' = -(a + 1) M_(a+1)
+        h[:, 1] += np.trace(S11, axis1=1, axis2=2) - 2.0 * tr2
+        h[:, 2] += -_trace_of_product(S11, S1) + 3.0 * _trace_of_product(S1, S2) - 3.0 * tr3
         return M, logdet, h
 
 
