@@ -70,7 +70,7 @@ def compare(ref_path: str, n_threads: int) -> None:
     problem = _reml.RemlProblem(spectral)
     t0, c0 = time.perf_counter(), time.process_time()
     with threadpool_limits(1, "blas"):
-        fits = _reml.fit_genes(problem, lambda sl: Rt[sl], W, n_threads=n_threads)
+        fits = _reml.fit_genes(problem, lambda sl, out: np.copyto(out, Rt[sl]) or out, W, n_threads=n_threads)
     print(f"{len(W)} genes: search {time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU")
     zero = ref["tau"] == 0
     print(f"tau = 0: reference {zero.sum()}, new {(fits.tau == 0).sum()}, both {(zero & (fits.tau == 0)).sum()}")

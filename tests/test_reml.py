@@ -27,7 +27,7 @@ def problem_and_sums():
     stats = sufficient_stats(np.asarray(adata.X), np.arange(adata.n_vars), donors, design.X)
     pre = pre_residualise(stats, donors, spectral)
     ok = np.flatnonzero(pre.ok)
-    Rt = np.ascontiguousarray((spectral.U.T @ scaled_residual_sums(pre, donors, ok)).T)
+    Rt = np.ascontiguousarray((spectral.U.T @ scaled_residual_sums(pre, ok)).T)
     return RemlProblem(spectral), Rt, pre.W[ok]
 
 

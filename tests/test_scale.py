@@ -251,8 +251,8 @@ def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=N
     stats = sufficient_stats(X, genes, donors, design.X, block_elements=block)
     pre = pre_residualise(stats, donors, spectral)
     ok = np.flatnonzero(pre.ok)
-    Tt = scaled_residual_sums(pre, donors, ok)
-    rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl: (spectral.U.T @ Tt[:, sl]).T)
+    Tt = scaled_residual_sums(pre, ok)
+    rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl, out: np.copyto(out, (spectral.U.T @ Tt[:, sl]).T) or out)
     fits = fit_all_genes(
         RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads,
         distributed=distributed,

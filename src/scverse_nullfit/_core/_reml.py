@@ -705,7 +705,8 @@ def fit_genes(
     progress=None,
     n_threads: int | None = None,
 ) -> GeneFits:
-    """Fit every gene, in chunks of genes; ``rotate(sl)`` returns the rotated residual donor sums of a slice.
+    """Fit every gene, in chunks of genes; ``rotate(sl, out)`` writes the rotated residual donor sums of a slice of
+    genes into ``out`` (where their residuals go in the end) and returns it.
 
     Chunks are fitted by ``n_threads`` concurrent threads (default: the BLAS thread limit in effect), each
     with single-threaded BLAS; every gene's result is the same whatever the thread count or chunk size. The
@@ -720,7 +721,7 @@ def fit_genes(
 
     def work(sl: slice) -> slice:
         with timer("rotation"):
-            Rt = rotate(sl)
+            Rt = rotate(sl, out.resid[sl])
         fit_chunk(problem, Rt, W[sl], tau=tau, timer=timer, out=out, sl=sl)
         return sl
 
@@ -758,5 +759,5 @@ class Rotation:
         self.U = U
         self.Tt = Tt
 
-    def __call__(self, sl: slice) -> np.ndarray:
-        return self.Tt[:, sl].T @ self.U
+    def __call__(self, sl: slice, out: np.ndarray | None = None) -> np.ndarray:
+        return np.matmul(self.Tt[:, sl].T, self.U, out=out)

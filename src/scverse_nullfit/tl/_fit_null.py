@@ -188,7 +188,7 @@ def fit_null(
         spectral = spectral_precompute(G, donors, design.X)
         problem = RemlProblem(spectral)
         logg.debug(f"    stage 1: {len(donors.ids)} donors, {design.X.shape[1]} design columns", time=t1)
-        pre = pre_residualise(stats, donors, spectral)
+        pre = pre_residualise(stats, donors, spectral, n_threads=n_threads)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
 
@@ -198,7 +198,7 @@ def fit_null(
                 f"{len(fitted_idx) - len(ok_idx)} genes are constant, non-finite or fully explained by the covariates; "
                 "their results are NaN"
             )
-        rotate = Rotation(spectral.U, scaled_residual_sums(pre, donors, ok_idx))
+        rotate = Rotation(spectral.U, scaled_residual_sums(pre, ok_idx))
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
