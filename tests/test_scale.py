@@ -252,7 +252,12 @@ def _gene_fits(sparse_adata, pieces, *, block=None, chunk_size=None, n_threads=N
     pre = pre_residualise(stats, donors, spectral)
     ok = np.flatnonzero(pre.ok)
     Tt = scaled_residual_sums(pre, ok)
-    rotate = Rotation(spectral.U, Tt) if rotation else (lambda sl, out: np.copyto(out, (spectral.U.T @ Tt[:, sl]).T) or out)
+
+    def plain(sl, out):  # a rotation that is not a Rotation (not shipped to workers)
+        np.copyto(out, (spectral.U.T @ Tt[:, sl]).T)
+        return out
+
+    rotate = Rotation(spectral.U, Tt) if rotation else plain
     fits = fit_all_genes(
         RemlProblem(spectral), rotate, pre.W[ok], tau=None, chunk_size=chunk_size, n_threads=n_threads,
         distributed=distributed,
