@@ -4,14 +4,13 @@ Every gene enters through its rotated OLS residual donor sums ``r~`` (donors) an
 squares ``W``; with ``w_j = 1/(1 + tau lam_j)`` (see ``docs/model.md``)
 
     y'P_H y = W + sum_j w_j r~_j^2 - b'A^-1 b,    A = X'H^-1X = A_w + X~' diag(w) X~,    b = X~'((w - 1) r~)
-    log|H| + log|X'H^-1 X| = sum_j log(1 + tau mu_j) + log|X'X|
+    log|H| + log|X'H^-1 X| = sum_j log(1 + tau lam_j) + log|A|
 
-where ``mu`` are the eigenvalues of the donor-level ``E = Lam^1/2 (I - X~ (X'X)^-1 X~') Lam^1/2`` (eigenvalues only:
-one tridiagonalisation, shared by all genes). The parts that depend on tau only (``X~' diag(lam^a w^(a+1)) X~`` and
-the sums over ``mu``) come from Taylor expansions at geometric nodes in tau, shared by all genes; the per-gene part
-of an evaluation at a per-gene tau is one pass over the gene's donors (weights and four weighted copies of ``r~``)
-and one narrow GEMM with ``X~``. The shared grid is one GEMM for all genes. No second rotation of the genes is
-needed, and nothing is compiled.
+(one eigendecomposition, shared by all genes; no restricted eigenvalues). The parts that depend on tau only
+(``X~' diag(lam^a w^(a+1)) X~`` and ``log|A|``) come from Taylor expansions at geometric nodes in tau, shared by all
+genes; the per-gene part of an evaluation at a per-gene tau is one pass over the gene's donors (weights and four
+weighted copies of ``r~``) and one narrow GEMM with ``X~``. The shared grid is one GEMM for all genes. No second
+rotation of the genes is needed, and nothing is compiled.
 """
 
 from __future__ import annotations
