@@ -66,7 +66,8 @@ class TauFunctions:
     1..3; ``h_1`` the first, ``-h_2`` the second, ``2 h_3`` the third). At a node ``c``, ``1/(1 + tau lam) = w_c /
     (1 + x u)`` with ``x = tau / c - 1``, ``u = c lam w_c`` in [0, 1), so ``A`` is a power series in ``x`` and so is
     ``log|A|`` (from the series of ``A`` by the recursion of a matrix inverse); their coefficients are computed once
-    per node (when first needed) and shared by all genes. A tau outside the nodes' range (or 0) is evaluated directly.
+    per node (an octave of nodes at a time, when first needed) and shared by all genes. A tau outside the nodes' range
+    (or 0) is evaluated directly.
     """
 
     def __init__(self, lam: np.ndarray, Xrot: np.ndarray, Aw: np.ndarray, XtX: np.ndarray):
@@ -77,7 +78,9 @@ class TauFunctions:
         self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
         self._C = linalg.solve_triangular(L, np.diag(scale), lower=True, check_finite=False)  # C X'X C' = I
         self._O = (Xrot[:, :, None] * Xrot[:, None, :]).reshape(n, p * p)  # x~_j x~_j', whole (none to unpack)
-        n_nodes = NODE_RANGE[1] - NODE_RANGE[0] + 1
+        self._iu = np.triu_indices(p)
+        self._Op = np.ascontiguousarray(Xrot[:, self._iu[0]] * Xrot[:, self._iu[1]])  # the upper triangle
+        n_nodes = -(-(NODE_RANGE[1] - NODE_RANGE[0] + 1) // NODES_PER_OCTAVE) * NODES_PER_OCTAVE  # whole octaves
         self._T = np.zeros((n_nodes, _K, p * p))  # sum_j w_cj u_cj^k x~_j x~_j'
         self._L = np.zeros(n_nodes)  # the restricted log-determinant at c
         self._P = np.zeros((n_nodes, _K + 3))  # minus k times its coefficient of (-x)^k (sum_j v_cj^k, v = c mu w)
@@ -90,57 +93,73 @@ class TauFunctions:
     def __setstate__(self, state):
         self.__init__(state["lam"], state["Xrot"], state["Aw"], state["XtX"])
 
-    def _log_det_ratio(self, tau: np.ndarray, logdet_A: np.ndarray) -> np.ndarray:
-        """``log|A| - log|X'X|`` at each tau, given ``log|A|``: where ``tau max(lam) <= 1`` from the eigenvalues
-        ``s`` (in [0, 1/2]) of ``C (X'X - A) C'`` as ``sum log(1 - s)``, which keeps its digits when ``A`` is close to
-        ``X'X``."""
+    def _log_det_ratio(self, tau: np.ndarray, logdet_A: np.ndarray, N: np.ndarray | None = None) -> np.ndarray:
+        """``log|A| - log|X'X|`` at each tau, given ``log|A|``: where ``tau max(lam) <= 1`` from the eigenvalues ``s``
+        (in [0, 1/2]) of ``C N C'``, ``N = X~' diag(1 - w) X~`` (computed here unless given), as ``sum log(1 - s)``,
+        which keeps its digits when ``A`` is close to ``X'X``."""
         out = logdet_A - self.logdet_XtX
         small = np.flatnonzero(tau * self.lam.max(initial=0.0) <= 1.0)
         if len(small):
-            lw = tau[small, None] * self.lam[None, :]
-            N = ((lw / (1.0 + lw)) @ self._O).reshape(len(small), self.p, self.p)  # X~' diag(1 - w) X~
+            if N is None:
+                lw = tau[small, None] * self.lam[None, :]
+                N = ((lw / (1.0 + lw)) @ self._O).reshape(len(small), self.p, self.p)
+            else:
+                N = N[small]
             S = self._C @ N @ self._C.T
             out[small] = np.log1p(-np.linalg.eigvalsh((S + np.swapaxes(S, 1, 2)) / 2)).sum(axis=1)
         return out
 
     def _build(self, idx: np.ndarray) -> None:
-        missing = idx[~self._built[idx]]
-        if not len(missing):
+        """Build the tables of the nodes ``idx`` and of the rest of their octaves: an octave is built whole, by one
+        product over the donors, so every node's table is the same whichever were needed first."""
+        octaves = np.unique(idx // NODES_PER_OCTAVE)
+        octaves = octaves[~self._built[octaves * NODES_PER_OCTAVE]]
+        if not len(octaves):
             return
         with self._lock:
-            missing = missing[~self._built[missing]]
-            if not len(missing):
+            octaves = octaves[~self._built[octaves * NODES_PER_OCTAVE]]
+            if not len(octaves):
                 return
-            m, p, terms = len(missing), self.p, _K + 3
-            c = np.exp2((missing + NODE_RANGE[0]) / NODES_PER_OCTAVE)
-            w = 1.0 / (1.0 + c[:, None] * self.lam[None, :])
-            u = c[:, None] * self.lam[None, :] * w
-            V = np.empty((m, terms, len(self.lam)))
-            V[:, 0] = w
-            for k in range(1, terms):
-                np.multiply(V[:, k - 1], u, out=V[:, k])
-            T = np.empty((m, terms, p * p))
-            for i in range(m):  # one product per node: its table whatever else is built with it
-                T[i] = V[i] @ self._O
-            self._T[missing] = T[:, :_K]
-            T = T.reshape(m, terms, p, p)
-            # A = A_c + sum_k (-x)^k T_k; with B_k = A_c^-1 T_k and R the series of (I + sum_k (-x)^k B_k)^-1, the
-            # coefficient of (-x)^k in log|A| is alpha_k = sum_i i tr(R_(k-i) B_i) / k
-            Ac = T[:, 0] + self.Aw
-            logdet_A, B = _logdet_and_solve(Ac, T[:, 1:])
-            R = [np.broadcast_to(np.eye(p), (m, p, p))]
-            k_alpha = np.zeros((m, terms))
-            for k in range(1, terms):
-                k_alpha[:, k] = sum(i * _trace_of_product(R[k - i], B[:, i - 1]) for i in range(1, k + 1))
-                R.append(-sum(B[:, i - 1] @ R[k - i] for i in range(1, k + 1)))
-            P = np.empty((m, terms))
-            vk = np.ones_like(u)
-            for k in range(terms):
-                P[:, k] = vk.sum(axis=1) - k_alpha[:, k]
-                vk *= u
-            self._P[missing] = P
-            self._L[missing] = np.log1p(c[:, None] * self.lam[None, :]).sum(axis=1) + self._log_det_ratio(c, logdet_A)
-            self._built[missing] = True
+            for octave in octaves:
+                self._build_nodes(np.arange(octave * NODES_PER_OCTAVE, (octave + 1) * NODES_PER_OCTAVE))
+
+    def _build_nodes(self, missing: np.ndarray) -> None:
+        """The tables of the nodes ``missing`` (one product over the donors for all)."""
+        m, p, terms = len(missing), self.p, _K + 3
+        c = np.exp2((missing + NODE_RANGE[0]) / NODES_PER_OCTAVE)
+        w = 1.0 / (1.0 + c[:, None] * self.lam[None, :])
+        u = c[:, None] * self.lam[None, :] * w  # = 1 - w
+        V = np.empty((m, terms + 1, len(self.lam)))  # w u^k (k < terms), then u
+        V[:, 0] = w
+        for k in range(1, terms):
+            np.multiply(V[:, k - 1], u, out=V[:, k])
+        V[:, terms] = u
+        packed = (V.reshape(m * (terms + 1), -1) @ self._Op).reshape(m, terms + 1, -1)
+        T = np.empty((m, terms + 1, p, p))
+        T[..., self._iu[0], self._iu[1]] = packed
+        T[..., self._iu[1], self._iu[0]] = packed
+        self._T[missing] = T[:, :_K].reshape(m, _K, p * p)
+        # A = A_c + sum_k (-x)^k T_k; with B_k = A_c^-1 T_k and R_k the coefficients of (I + sum_k (-x)^k B_k)^-1,
+        # the coefficient of (-x)^k in log|A| is alpha_k = sum_(i <= k) i tr(R_(k-i) B_i) / k
+        logdet_A, B = _logdet_and_solve(T[:, 0] + self.Aw, T[:, 1:terms])
+        B = np.moveaxis(B, 1, 0)  # (terms - 1, m, p, p): B_1, B_2, ...
+        iB = B * np.arange(1, terms)[:, None, None, None]
+        R = np.empty((terms, m, p, p))
+        R[0] = np.eye(p)
+        k_alpha = np.zeros((m, terms))
+        for k in range(1, terms):
+            back = R[k - 1 :: -1]  # R_(k-1), ..., R_0
+            k_alpha[:, k] = np.einsum("imab,imba->m", back, iB[:k])
+            R[k] = -np.matmul(B[:k], back).sum(axis=0)
+        P = np.empty((m, terms))
+        vk = np.ones_like(u)
+        for k in range(terms):
+            P[:, k] = vk.sum(axis=1) - k_alpha[:, k]
+            vk *= u
+        self._P[missing] = P
+        ratio = self._log_det_ratio(c, logdet_A, T[:, terms])
+        self._L[missing] = np.log1p(c[:, None] * self.lam[None, :]).sum(axis=1) + ratio
+        self._built[missing] = True
 
     def at(self, tau: np.ndarray, matrices: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """``M`` (genes, 4, p, p; None unless ``matrices``), the restricted log-determinant (genes) and ``h`` (genes,
