@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,6 +39,26 @@ from ._inputs import grm_param, resolve_grm
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+
+def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray, n_threads: int):
+    """The pass over the expression and stage 1's eigendecomposition (independent), side by side: the
+    eigendecomposition on one BLAS thread, the pass on the others. A multi-threaded eigendecomposition waits on each
+    of its threads thousands of times, so it stalls whenever another process holds a core; on one thread it does
+    not."""
+    t1 = logg.debug("    stage 1: donor-level eigendecomposition, alongside the pass")
+
+    def stage1():
+        spectral = spectral_precompute(G, donors, X)
+        logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
+        return spectral
+
+    if n_threads <= 1:
+        return compute_sufficient_stats(Y, genes, donors, X, n_threads=1), stage1()
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
+        spectral = pool.submit(stage1)
+        stats = compute_sufficient_stats(Y, genes, donors, X, n_threads=n_threads - 1)
+        return stats, spectral.result()
 
 
 @doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
@@ -179,15 +200,10 @@ def fit_null(
     design = build_design(adata.obs, covariates, donor_covariates, donors)
 
     with threadpool_limits(limits=n_threads, user_api="blas"):
-        # the pass over the expression first, then stage 1's one donor-level eigendecomposition, each on every thread
-        # (run alongside each other, they slowed each other down by more than they overlapped)
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=n_threads)
-        t1 = logg.debug("    stage 1: donor-level eigendecomposition")
-        spectral = spectral_precompute(G, donors, design.X)
+        stats, spectral = _pass_and_stage1(Y, fitted_idx, donors, design.X, G, n_threads)
         problem = RemlProblem(spectral)
-        logg.debug(f"    stage 1: {len(donors.ids)} donors, {design.X.shape[1]} design columns", time=t1)
         pre = pre_residualise(stats, donors, spectral, n_threads=n_threads)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
