@@ -334,9 +334,9 @@ def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer,
 COUNT_BATCH_NNZ = 1 << 21
 
 
-def _offset_values(obs: pd.DataFrame, offset: str | None) -> np.ndarray | None:
+def _offset_values(obs: pd.DataFrame, offset: str | None) -> np.ndarray:
     if offset is None:
-        return None
+        return np.zeros(len(obs))
     if not isinstance(offset, str):
         raise ValueError(f"offset names a column of adata.obs (a string), not {type(offset).__name__}.")
     if offset not in obs.columns:
