@@ -80,3 +80,16 @@ def test_moved_equals_evaluation_at_the_end_point(problem_and_sums, step):
         np.testing.assert_allclose(a / scale, b / scale, rtol=0, atol=10 * tol, err_msg=name)
     d2 = np.abs(end.d2loglik)
     np.testing.assert_allclose(moved.d2loglik, end.d2loglik, rtol=0, atol=10 * step**2 * d2.max() + 1e-12 * d2.max())
+
+
+def test_tau_tables_do_not_depend_on_the_order_they_are_built(problem_and_sums):
+    """A node's table is the same bits whichever nodes were asked for first (octaves are built whole)."""
+    problem, _, _ = problem_and_sums
+    tau = np.geomspace(1e-4, 1e3, 40)
+    a = type(problem.functions)(problem.lam, problem.Xrot, problem.Aw, problem.functions.XtX)
+    b = type(problem.functions)(problem.lam, problem.Xrot, problem.Aw, problem.functions.XtX)
+    a.at(tau[::-1])
+    b.at(tau[::7])
+    b.at(tau)
+    for x, y in zip(a.at(tau), b.at(tau), strict=True):
+        np.testing.assert_array_equal(x, y)
