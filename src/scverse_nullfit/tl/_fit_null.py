@@ -43,9 +43,9 @@ if TYPE_CHECKING:
 
 def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray, n_threads: int):
     """The pass over the expression and stage 1's eigendecomposition (independent), side by side: the
-    eigendecomposition on one BLAS thread up to 3 threads in all (a multi-threaded one waits on each of its threads
-    thousands of times, so on a small machine it stalls whenever another process holds a core), on half of them
-    beyond; the pass on the others."""
+    eigendecomposition on one BLAS thread, the pass on the others. One thread keeps its bits the same whatever
+    ``n_threads`` (the results are bit-identical across thread counts), and a multi-threaded eigendecomposition waits on
+    each of its threads thousands of times, so on a small machine it stalls whenever another process holds a core."""
     t1 = logg.debug("    stage 1: donor-level eigendecomposition, alongside the pass")
 
     def stage1():
@@ -55,10 +55,9 @@ def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray,
 
     if n_threads <= 1:
         return compute_sufficient_stats(Y, genes, donors, X, n_threads=1), stage1()
-    eig_threads = 1 if n_threads <= 3 else n_threads // 2
-    with threadpool_limits(limits=eig_threads, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
         spectral = pool.submit(stage1)
-        stats = compute_sufficient_stats(Y, genes, donors, X, n_threads=n_threads - eig_threads)
+        stats = compute_sufficient_stats(Y, genes, donors, X, n_threads=n_threads - 1)
         return stats, spectral.result()
 
 
