@@ -126,11 +126,8 @@ def task_fit(path: str, mode: str, extra: dict) -> dict:
     nnz = nnz_of(Y)
     stages: dict[str, float] = {}
     for name, stage in [
-        ("spectral_precompute", "stage 1"),
+        ("spectral_precompute", "stage 1"),  # alongside the pass (the two overlap)
         ("RemlProblem", "stage 1"),
-        ("restricted_spectrum_from_grm", "stage 1"),  # alongside spectral_precompute and the pass (overlapping)
-        ("problem_from_stage1", "stage 1"),
-        ("_spectral", "stage 1"),
         ("sufficient_stats", "sufficient statistics"),
         ("compute_sufficient_stats", "sufficient statistics"),
         ("pre_residualise", "sufficient statistics"),

@@ -41,7 +41,8 @@ def dump(out: str, data: str) -> None:
     def grab(problem, rotate, W, **kwargs):
         fits = fit_all(problem, rotate, W, **kwargs)
         inputs = {
-            "lam": problem.lam, "Xrot": problem.Xrot, "Aw": problem.Aw, "n_cells": problem.N, "mu": problem.mu,
+            "lam": problem.lam, "Xrot": problem.Xrot, "Aw": problem.Aw, "n_cells": problem.N,
+            "XtX": problem.functions.XtX,
             "Rt": rotate(slice(None)), "W": W, "fits": {name: getattr(fits, name) for name in FIELDS},
         }  # fmt: skip
         with open(out, "wb") as f:
@@ -64,12 +65,12 @@ def compare(ref_path: str, n_threads: int) -> None:
     with open(ref_path, "rb") as f:
         d = pickle.load(f)
     Rt, W, ref = d["Rt"], d["W"], d["fits"]
-    XtX = d["Aw"] + d["Xrot"].T @ d["Xrot"]
+    XtX = d["XtX"] if "XtX" in d else d["Aw"] + d["Xrot"].T @ d["Xrot"]
     spectral = Spectral(lam=d["lam"], U=None, ZtX=None, Xrot=d["Xrot"], XtX=XtX, Aw=d["Aw"], n_cells=d["n_cells"])
-    problem = _reml.RemlProblem(spectral, mu=d["mu"])
+    problem = _reml.RemlProblem(spectral)
     t0, c0 = time.perf_counter(), time.process_time()
     with threadpool_limits(1, "blas"):
-        fits = _reml.fit_genes(problem, lambda sl: Rt[sl], W, n_threads=n_threads)
+        fits = _reml.fit_genes(problem, lambda sl, out: np.copyto(out, Rt[sl]) or out, W, n_threads=n_threads)
     print(f"{len(W)} genes: search {time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU")
     zero = ref["tau"] == 0
     print(f"tau = 0: reference {zero.sum()}, new {(fits.tau == 0).sum()}, both {(zero & (fits.tau == 0)).sum()}")

@@ -199,3 +199,17 @@ def test_count_conditional_and_spa_through_tools(count_fits, family):
         independent=True, fdr=0.99,
     )  # fmt: skip
     assert "independent" in adata.uns["cis_ind"]
+
+
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+def test_no_offset_is_offset_zero(small_adata, family):
+    """Without ``offset`` the model has none: the same fit as an offset column of zeros."""
+    adata = small_adata.copy()
+    adata.obs["zero"] = 0.0
+    kw = {k: v for k, v in KW.items() if k != "offset"}
+    snf.tl.fit_null(adata, family=family, key_added="none", **kw)
+    snf.tl.fit_null(adata, family=family, key_added="zero", offset="zero", **kw)
+    a, b = snf.get.nullfit_df(adata, key="none"), snf.get.nullfit_df(adata, key="zero")
+    assert a["converged"].all()
+    pd.testing.assert_frame_equal(a, b)
+    assert adata.uns["none"]["params"]["offset"] is None

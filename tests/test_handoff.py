@@ -459,3 +459,26 @@ def test_independent_signals_in_tensorqtl_shape(tmp_path):
     assert [p.name for p in paths] == ["s.cis_qtl.txt.gz", "s.cis_independent_qtl.txt.gz"]
     back = pd.read_csv(paths[1], sep="\t", index_col=0)
     assert back.index.name == "phenotype_id" and len(back) == len(out)
+
+
+def test_ld_from_a_file_reads_only_the_fits_donors(mapped, tmp_path, monkeypatch):
+    """From a PGEN with more samples than the fit's donors, ``get.ld`` asks the reader for the fit's donors only and
+    gives the same LD as from the DataFrame."""
+    pytest.importorskip("pgenlib")
+    from scverse_nullfit.io import _genotypes
+
+    from .test_genotype_formats import write_pgen
+
+    gene = snf.get.cis_genes_df(mapped, tested_only=True).index[1]
+    order = list(snf.get.ld(mapped, mapped.uns["genotypes"], gene=gene)[0].index)
+    df = mapped.uns["genotypes"][order].astype(float)
+    extra = pd.DataFrame(np.ones((3, len(order))), index=["X1", "X2", "X3"], columns=order)
+    wide = pd.concat([df, extra])
+    meta = pd.DataFrame({"chrom": "1", "pos": np.arange(1, len(order) + 1) * 10, "id": order, "ref": "A", "alt": "G"})
+    prefix = write_pgen(tmp_path / "g", wide, meta)
+    asked = []
+    opener = _genotypes.open_genotypes
+    monkeypatch.setattr(_genotypes, "open_genotypes", lambda path, **kw: asked.append(kw) or opener(path, **kw))
+    R, _ = snf.get.ld(mapped, f"{prefix}.pgen", order)
+    assert asked == [{"samples": list(mapped.uns["nullfit"]["donors"])}]
+    np.testing.assert_allclose(R.to_numpy(), snf.get.ld(mapped, df, order)[0].to_numpy(), atol=1e-12)

@@ -27,7 +27,7 @@ def problem_and_sums():
     stats = sufficient_stats(np.asarray(adata.X), np.arange(adata.n_vars), donors, design.X)
     pre = pre_residualise(stats, donors, spectral)
     ok = np.flatnonzero(pre.ok)
-    Rt = np.ascontiguousarray((spectral.U.T @ scaled_residual_sums(pre, donors, ok)).T)
+    Rt = np.ascontiguousarray((spectral.U.T @ scaled_residual_sums(pre, ok)).T)
     return RemlProblem(spectral), Rt, pre.W[ok]
 
 
@@ -40,8 +40,11 @@ def test_tau_functions_taylor_equal_direct(problem_and_sums):
     for a, rtol in enumerate((1e-14, 1e-12, 1e-10, 1e-8)):
         scale = np.abs(M0[:, a]).max(axis=(1, 2))[:, None, None]
         np.testing.assert_allclose(M[:, a] / scale, M0[:, a] / scale, rtol=0, atol=rtol, err_msg=f"M_{a}")
-    np.testing.assert_allclose(logdet, logdet0, rtol=1e-13, atol=1e-12)
-    np.testing.assert_allclose(h, h0, rtol=1e-11)
+    # beyond tau = 100, log|A| (A losing the directions of donor-level covariates like 1/tau) carries rounding of
+    # about eps cond(A) either way; so do the eigenvalues of the restricted matrix (see test_scale)
+    for part, rtol in ((tau <= 100, 1.0), (tau > 100, 1e4)):
+        np.testing.assert_allclose(logdet[part], logdet0[part], rtol=1e-13 * rtol, atol=1e-12, err_msg=str(rtol))
+        np.testing.assert_allclose(h[part], h0[part], rtol=1e-11 * rtol, err_msg=str(rtol))
 
 
 def test_shared_tau_equals_per_gene(problem_and_sums):
@@ -77,3 +80,16 @@ def test_moved_equals_evaluation_at_the_end_point(problem_and_sums, step):
         np.testing.assert_allclose(a / scale, b / scale, rtol=0, atol=10 * tol, err_msg=name)
     d2 = np.abs(end.d2loglik)
     np.testing.assert_allclose(moved.d2loglik, end.d2loglik, rtol=0, atol=10 * step**2 * d2.max() + 1e-12 * d2.max())
+
+
+def test_tau_tables_do_not_depend_on_the_order_they_are_built(problem_and_sums):
+    """A node's table is the same bits whichever nodes were asked for first (octaves are built whole)."""
+    problem, _, _ = problem_and_sums
+    tau = np.geomspace(1e-4, 1e3, 40)
+    a = type(problem.functions)(problem.lam, problem.Xrot, problem.Aw, problem.functions.XtX)
+    b = type(problem.functions)(problem.lam, problem.Xrot, problem.Aw, problem.functions.XtX)
+    a.at(tau[::-1])
+    b.at(tau[::7])
+    b.at(tau)
+    for x, y in zip(a.at(tau), b.at(tau), strict=True):
+        np.testing.assert_array_equal(x, y)

@@ -232,10 +232,11 @@ def _open_for_score_test(adata: AnnData, genotypes, key: str):
         return genotypes
     import pandas as pd
 
-    from ..tl._step2 import file_options, open_genotypes
+    from ..io._genotypes import sample_options
+    from ..tl._step2 import open_genotypes
 
     donors = pd.Index([str(d) for d in np.asarray(adata.uns[key]["donors"])])
-    return open_genotypes(genotypes, **file_options(genotypes, donors))
+    return open_genotypes(genotypes, **sample_options(genotypes, donors))
 
 
 def _check_size(adata: AnnData, genotypes, genes: list[str] | None, max_tests: int | None) -> None:

@@ -4,14 +4,13 @@ Every gene enters through its rotated OLS residual donor sums ``r~`` (donors) an
 squares ``W``; with ``w_j = 1/(1 + tau lam_j)`` (see ``docs/model.md``)
 
     y'P_H y = W + sum_j w_j r~_j^2 - b'A^-1 b,    A = X'H^-1X = A_w + X~' diag(w) X~,    b = X~'((w - 1) r~)
-    log|H| + log|X'H^-1 X| = sum_j log(1 + tau mu_j) + log|X'X|
+    log|H| + log|X'H^-1 X| = sum_j log(1 + tau lam_j) + log|A|
 
-where ``mu`` are the eigenvalues of the donor-level ``E = Lam^1/2 (I - X~ (X'X)^-1 X~') Lam^1/2`` (eigenvalues only:
-one tridiagonalisation, shared by all genes). The parts that depend on tau only (``X~' diag(lam^a w^(a+1)) X~`` and
-the sums over ``mu``) come from Taylor expansions at geometric nodes in tau, shared by all genes; the per-gene part
-of an evaluation at a per-gene tau is one pass over the gene's donors (weights and four weighted copies of ``r~``)
-and one narrow GEMM with ``X~``. The shared grid is one GEMM for all genes. No second rotation of the genes is
-needed, and nothing is compiled.
+(one eigendecomposition, shared by all genes; no restricted eigenvalues). The parts that depend on tau only
+(``X~' diag(lam^a w^(a+1)) X~`` and ``log|A|``) come from Taylor expansions at geometric nodes in tau, shared by all
+genes; the per-gene part of an evaluation at a per-gene tau is one pass over the gene's donors (weights and four
+weighted copies of ``r~``) and one narrow GEMM with ``X~``. The shared grid is one GEMM for all genes. No second
+rotation of the genes is needed, and nothing is compiled.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from scanpy import logging as logg
 from scipy import linalg
 from scipy.special import comb
 
-from ._design import Donors, Spectral, donor_sums
+from ._design import Spectral
 from ._read import available_threads
 from ._suffstats import scaled_cholesky
 
@@ -63,61 +62,108 @@ class TauFunctions:
     """The gene-independent functions of tau, at a per-gene tau.
 
     ``M_a = X~' diag(lam^a w^(a+1)) X~`` (a = 0..3; ``M_0 = A - A_w``, ``M_a`` the a-th derivative of ``M_0`` over
-    ``(-1)^a a!``), ``sum_j log(1 + tau mu_j)`` and ``h_a = sum_j (mu_j / (1 + tau mu_j))^a`` (a = 1..3). At a node
-    ``c``, ``1/(1 + tau lam) = w_c / (1 + x u)`` with ``x = tau / c - 1``, ``u = c lam w_c`` in [0, 1), so each is a
-    power series in ``x`` whose coefficients are sums over donors, computed once per node (when first needed) and
-    shared by all genes. A tau outside the nodes' range (or 0) is evaluated directly.
+    ``(-1)^a a!``), the restricted log-determinant ``log|H| + log|A| - log|X'X|`` and its derivatives ``h_a`` (a =
+    1..3; ``h_1`` the first, ``-h_2`` the second, ``2 h_3`` the third). At a node ``c``, ``1/(1 + tau lam) = w_c /
+    (1 + x u)`` with ``x = tau / c - 1``, ``u = c lam w_c`` in [0, 1), so ``A`` is a power series in ``x`` and so is
+    ``log|A|`` (from the series of ``A`` by the recursion of a matrix inverse); their coefficients are computed once
+    per node (an octave of nodes at a time, when first needed) and shared by all genes. A tau outside the nodes' range
+    (or 0) is evaluated directly.
     """
 
-    def __init__(self, lam: np.ndarray, Xrot: np.ndarray, mu: np.ndarray):
-        self.lam, self.Xrot, self.mu = lam, Xrot, mu
+    def __init__(self, lam: np.ndarray, Xrot: np.ndarray, Aw: np.ndarray, XtX: np.ndarray):
+        self.lam, self.Xrot, self.Aw, self.XtX = lam, Xrot, Aw, XtX
         n, p = Xrot.shape
         self.p = p
+        L, scale = scaled_cholesky(XtX)
+        self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
+        self._C = linalg.solve_triangular(L, np.diag(scale), lower=True, check_finite=False)  # C X'X C' = I
         self._O = (Xrot[:, :, None] * Xrot[:, None, :]).reshape(n, p * p)  # x~_j x~_j', whole (none to unpack)
-        n_nodes = NODE_RANGE[1] - NODE_RANGE[0] + 1
+        self._iu = np.triu_indices(p)
+        self._Op = np.ascontiguousarray(Xrot[:, self._iu[0]] * Xrot[:, self._iu[1]])  # the upper triangle
+        n_nodes = -(-(NODE_RANGE[1] - NODE_RANGE[0] + 1) // NODES_PER_OCTAVE) * NODES_PER_OCTAVE  # whole octaves
         self._T = np.zeros((n_nodes, _K, p * p))  # sum_j w_cj u_cj^k x~_j x~_j'
-        self._L = np.zeros(n_nodes)  # sum_j log(1 + c mu_j)
-        self._P = np.zeros((n_nodes, _K + 3))  # sum_j v_cj^k, v = c mu / (1 + c mu)
+        self._L = np.zeros(n_nodes)  # the restricted log-determinant at c
+        self._P = np.zeros((n_nodes, _K + 3))  # minus k times its coefficient of (-x)^k (sum_j v_cj^k, v = c mu w)
         self._built = np.zeros(n_nodes, dtype=bool)
         self._lock = threading.Lock()
 
     def __getstate__(self):  # shipped to dask workers without the tables (rebuilt there when needed)
-        return {"lam": self.lam, "Xrot": self.Xrot, "mu": self.mu}
+        return {"lam": self.lam, "Xrot": self.Xrot, "Aw": self.Aw, "XtX": self.XtX}
 
     def __setstate__(self, state):
-        self.__init__(state["lam"], state["Xrot"], state["mu"])
+        self.__init__(state["lam"], state["Xrot"], state["Aw"], state["XtX"])
+
+    def _log_det_ratio(self, tau: np.ndarray, logdet_A: np.ndarray, N: np.ndarray | None = None) -> np.ndarray:
+        """``log|A| - log|X'X|`` at each tau, given ``log|A|``: where ``tau max(lam) <= 1`` from the eigenvalues ``s``
+        (in [0, 1/2]) of ``C N C'``, ``N = X~' diag(1 - w) X~`` (computed here unless given), as ``sum log(1 - s)``,
+        which keeps its digits when ``A`` is close to ``X'X``."""
+        out = logdet_A - self.logdet_XtX
+        small = np.flatnonzero(tau * self.lam.max(initial=0.0) <= 1.0)
+        if len(small):
+            if N is None:
+                lw = tau[small, None] * self.lam[None, :]
+                N = ((lw / (1.0 + lw)) @ self._O).reshape(len(small), self.p, self.p)
+            else:
+                N = N[small]
+            S = self._C @ N @ self._C.T
+            out[small] = np.log1p(-np.linalg.eigvalsh((S + np.swapaxes(S, 1, 2)) / 2)).sum(axis=1)
+        return out
 
     def _build(self, idx: np.ndarray) -> None:
-        missing = idx[~self._built[idx]]
-        if not len(missing):
+        """Build the tables of the nodes ``idx`` and of the rest of their octaves: an octave is built whole, by one
+        product over the donors, so every node's table is the same whichever were needed first."""
+        octaves = np.unique(idx // NODES_PER_OCTAVE)
+        octaves = octaves[~self._built[octaves * NODES_PER_OCTAVE]]
+        if not len(octaves):
             return
         with self._lock:
-            missing = missing[~self._built[missing]]
-            if not len(missing):
+            octaves = octaves[~self._built[octaves * NODES_PER_OCTAVE]]
+            if not len(octaves):
                 return
-            c = np.exp2((missing + NODE_RANGE[0]) / NODES_PER_OCTAVE)
-            w = 1.0 / (1.0 + c[:, None] * self.lam[None, :])
-            u = c[:, None] * self.lam[None, :] * w
-            V = np.empty((len(missing), _K, len(self.lam)))
-            V[:, 0] = w
-            for k in range(1, _K):
-                np.multiply(V[:, k - 1], u, out=V[:, k])
-            for i, node in enumerate(missing):  # one product per node: its table whatever else is built with it
-                self._T[node] = V[i] @ self._O
-            cm = c[:, None] * self.mu[None, :]
-            self._L[missing] = np.log1p(cm).sum(axis=1)
-            v = cm / (1.0 + cm)
-            P = np.empty((len(missing), _K + 3))
-            vk = np.ones_like(v)
-            for k in range(_K + 3):
-                P[:, k] = vk.sum(axis=1)
-                vk *= v
-            self._P[missing] = P
-            self._built[missing] = True
+            for octave in octaves:
+                self._build_nodes(np.arange(octave * NODES_PER_OCTAVE, (octave + 1) * NODES_PER_OCTAVE))
+
+    def _build_nodes(self, missing: np.ndarray) -> None:
+        """The tables of the nodes ``missing`` (one product over the donors for all)."""
+        m, p, terms = len(missing), self.p, _K + 3
+        c = np.exp2((missing + NODE_RANGE[0]) / NODES_PER_OCTAVE)
+        w = 1.0 / (1.0 + c[:, None] * self.lam[None, :])
+        u = c[:, None] * self.lam[None, :] * w  # = 1 - w
+        V = np.empty((m, terms + 1, len(self.lam)))  # w u^k (k < terms), then u
+        V[:, 0] = w
+        for k in range(1, terms):
+            np.multiply(V[:, k - 1], u, out=V[:, k])
+        V[:, terms] = u
+        packed = (V.reshape(m * (terms + 1), -1) @ self._Op).reshape(m, terms + 1, -1)
+        T = np.empty((m, terms + 1, p, p))
+        T[..., self._iu[0], self._iu[1]] = packed
+        T[..., self._iu[1], self._iu[0]] = packed
+        self._T[missing] = T[:, :_K].reshape(m, _K, p * p)
+        # A = A_c + sum_k (-x)^k T_k; with B_k = A_c^-1 T_k and R_k the coefficients of (I + sum_k (-x)^k B_k)^-1,
+        # the coefficient of (-x)^k in log|A| is alpha_k = sum_(i <= k) i tr(R_(k-i) B_i) / k
+        logdet_A, B = _logdet_and_solve(T[:, 0] + self.Aw, T[:, 1:terms])
+        B = np.moveaxis(B, 1, 0)  # (terms - 1, m, p, p): B_1, B_2, ...
+        iB = B * np.arange(1, terms)[:, None, None, None]
+        R = np.empty((terms, m, p, p))
+        R[0] = np.eye(p)
+        k_alpha = np.zeros((m, terms))
+        for k in range(1, terms):
+            back = R[k - 1 :: -1]  # R_(k-1), ..., R_0
+            k_alpha[:, k] = np.einsum("imab,imba->m", back, iB[:k])
+            R[k] = -np.matmul(B[:k], back).sum(axis=0)
+        P = np.empty((m, terms))
+        vk = np.ones_like(u)
+        for k in range(terms):
+            P[:, k] = vk.sum(axis=1) - k_alpha[:, k]
+            vk *= u
+        self._P[missing] = P
+        ratio = self._log_det_ratio(c, logdet_A, T[:, terms])
+        self._L[missing] = np.log1p(c[:, None] * self.lam[None, :]).sum(axis=1) + ratio
+        self._built[missing] = True
 
     def at(self, tau: np.ndarray, matrices: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """``M`` (genes, 4, p, p; None unless ``matrices``), ``sum_j log(1 + tau mu_j)`` (genes) and ``h`` (genes, 3)
-        at a per-gene tau."""
+        """``M`` (genes, 4, p, p; None unless ``matrices``), the restricted log-determinant (genes) and ``h`` (genes,
+        3) at a per-gene tau."""
         m, p = len(tau), self.p
         M = np.empty((m, 4, p * p))
         logdet = np.empty(m)
@@ -156,10 +202,44 @@ class TauFunctions:
         for a in (1, 2, 3):
             np.multiply(weights[:, a - 1], self.lam * w, out=weights[:, a])
         M = (weights @ self._O).reshape(len(t), 4, self.p, self.p)
-        logdet = np.log1p(t * self.mu[None, :]).sum(axis=1)
-        mw = self.mu[None, :] / (1.0 + t * self.mu[None, :])
-        h = np.stack([(mw**a).sum(axis=1) for a in (1, 2, 3)], axis=1)
+        logdet_A, S = _logdet_and_solve(M[:, 0] + self.Aw, M[:, 1:])  # S_a = A^-1 M_a
+        logdet = np.log1p(t * self.lam[None, :]).sum(axis=1) + self._log_det_ratio(t[:, 0], logdet_A)
+        lw = weights[:, 1] / weights[:, 0]  # lam w
+        S1, S2, S3 = S[:, 0], S[:, 1], S[:, 2]
+        S11 = S1 @ S1
+        tr1, tr2, tr3 = (np.trace(Sa, axis1=1, axis2=2) for Sa in (S1, S2, S3))
+        h = np.stack([(lw**a).sum(axis=1) for a in (1, 2, 3)], axis=1)  # the derivatives of sum_j log(1 + tau lam_j)
+        h[:, 0] -= tr1  # and those of log|A|: A' = -M_1, M_a' = -(a + 1) M_(a+1)
+        h[:, 1] += np.trace(S11, axis1=1, axis2=2) - 2.0 * tr2
+        h[:, 2] += -_trace_of_product(S11, S1) + 3.0 * _trace_of_product(S1, S2) - 3.0 * tr3
         return M, logdet, h
+
+
+def _trace_of_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``tr(A B)`` for stacks of square matrices."""
+    return np.einsum("...ij,...ji->...", A, B)
+
+
+def _logdet_and_solve(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``log|A|`` and ``A^-1 B_k`` for a stack of symmetric positive definite ``A`` (m, p, p) and ``B`` (m, k, p, p),
+    after scaling ``A`` to a unit diagonal (covariates on different scales lose no digits); the log
+    pseudo-determinant and the pseudo-inverse where ``A`` is numerically singular."""
+    d = np.sqrt(np.abs(np.diagonal(A, axis1=-2, axis2=-1)))
+    scale = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 1.0)
+    As = A * scale[:, :, None] * scale[:, None, :]
+    try:
+        sign, logdet = np.linalg.slogdet(As)
+        Asinv = np.linalg.inv(As) if np.all(sign > 0) else None
+    except np.linalg.LinAlgError:
+        Asinv = None
+    if Asinv is None:
+        s, Q = np.linalg.eigh(As)
+        top = np.max(np.abs(s), axis=-1, keepdims=True)
+        keep = s > top * A.shape[-1] * np.finfo(float).eps
+        logdet = np.where(keep, np.log(np.where(keep, s, 1.0)), 0.0).sum(axis=-1)
+        Asinv = (Q * np.where(keep, 1.0 / np.where(keep, s, 1.0), 0.0)[..., None, :]) @ np.swapaxes(Q, -1, -2)
+    Ainv = Asinv * scale[:, :, None] * scale[:, None, :]
+    return logdet - 2.0 * np.log(scale).sum(axis=-1), Ainv[:, None] @ B
 
 
 @dataclass
@@ -219,7 +299,7 @@ def _matvec(M: np.ndarray, v: np.ndarray) -> np.ndarray:
 class RemlProblem:
     """The parts of the REML shared by all genes, with vectorised evaluation and search."""
 
-    def __init__(self, spectral: Spectral, mu: np.ndarray | None = None):
+    def __init__(self, spectral: Spectral):
         self.lam = np.ascontiguousarray(spectral.lam)
         self.Xrot = np.ascontiguousarray(spectral.Xrot)
         self.XT = np.ascontiguousarray(self.Xrot.T)
@@ -233,26 +313,24 @@ class RemlProblem:
         self._iu = np.triu_indices(p)
         # packed outer products x~_k x~_k' (upper triangle): X~' diag(v) X~ = v' O for any weights v
         self.O = np.ascontiguousarray(self.Xrot[:, self._iu[0]] * self.Xrot[:, self._iu[1]])
-        L, scale = scaled_cholesky(spectral.XtX)
-        self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
+        self.functions = TauFunctions(self.lam, self.Xrot, self.Aw, spectral.XtX)
+        self.logdet_XtX = self.functions.logdet_XtX
         self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
-        self.mu = restricted_spectrum(spectral) if mu is None else mu
-        self.functions = TauFunctions(self.lam, self.Xrot, self.mu)
         self._grid_setup(TAU_GRID)
 
     def _grid_setup(self, taus: np.ndarray) -> None:
         """Per grid point: the weights w, and M_t with b'A^-1b = ||r~' M_t||^2 (the same for every gene)."""
         self.grid_taus = np.asarray(taus, dtype=np.float64)
-        pos = self.grid_taus[self.grid_taus > 0]
-        w = 1.0 / (1.0 + pos[None, :] * self.lam[:, None])  # (donors, taus)
-        A = self._unpack(w.T @ self.O) + self.Aw
-        K = _inverse_factor(A)  # A_t^-1 = K_t K_t'
+        positive = self.grid_taus > 0
+        w = 1.0 / (1.0 + self.grid_taus[positive][None, :] * self.lam[:, None])  # (donors, taus)
+        self._grid_functions = self._functions_at(self.grid_taus)
+        M0, logdet = self._grid_functions[0][positive, 0], self._grid_functions[1][positive]
+        K = _inverse_factor(M0 + self.Aw)  # A_t^-1 = K_t K_t'
         f = 1.0 - w
         M = np.einsum("jk,jt,tkl->jtl", self.Xrot, f, K).reshape(len(self.lam), -1)
         self._grid_w = np.ascontiguousarray(w)
         self._grid_M = np.ascontiguousarray(np.hstack([M, self.Xrot]))  # and X~: Rt X~ from the same GEMM
-        self._grid_logdet = np.log1p(pos[:, None] * self.mu[None, :]).sum(axis=1)
-        self._grid_functions = self._functions_at(self.grid_taus)
+        self._grid_logdet = logdet
         self._weights_cache = {}
 
     def __getstate__(self):  # shipped to dask workers without the grid's weights (recomputed there when needed)
@@ -398,58 +476,6 @@ class RemlProblem:
         size = max(1, 4 * BLOCK_ELEMENTS // max(len(self.lam), 1))
         for a in range(0, len(Rt), size):
             np.subtract(Rt[a : a + size], beta[a : a + size] @ self.XT, out=out[a : a + size])
-
-
-def restricted_spectrum(spectral: Spectral) -> np.ndarray:
-    """Eigenvalues ``mu`` (clipped at 0) of ``E = Lam^1/2 (I - X~ (X'X)^-1 X~') Lam^1/2``; no eigenvectors."""
-    L, scale = scaled_cholesky(spectral.XtX)  # diag(scale) X'X diag(scale) = L L'
-    Qx = linalg.solve_triangular(L, (spectral.Xrot * scale).T, lower=True, check_finite=False).T  # X~ (X'X)^-1/2
-    B = np.sqrt(spectral.lam)[:, None] * Qx
-    E = -(B @ B.T)
-    E[np.diag_indices_from(E)] += spectral.lam
-    return _eigenvalues(E)
-
-
-def restricted_spectrum_from_grm(G: np.ndarray, donors: Donors, X: np.ndarray) -> tuple[np.ndarray, float]:
-    """:func:`restricted_spectrum` without the eigenvectors of ``M = D^1/2 G D^1/2``, so that it can run alongside
-    their computation: ``E`` has the eigenvalues of ``S M S`` with ``S = (I - B B')^1/2``, ``B = D^-1/2 Z'X (X'X)^-1/2``
-    (``I - B B'`` is positive semi-definite because ``X'X`` includes the between-donor ``X~'X~``).
-
-    Returns ``mu`` and the trace of ``M``: ``M`` is not clipped at 0 here, so where its eigenvalues were (their sum
-    exceeds the trace), :func:`problem_from_stage1` uses :func:`restricted_spectrum` instead.
-    """
-    counts = donors.counts
-    ZtX = donor_sums(X, donors)
-    L, scale = scaled_cholesky(X.T @ X)
-    sqrt_c = np.sqrt(counts)
-    B = linalg.solve_triangular(L, (ZtX / sqrt_c[:, None] * scale).T, lower=True, check_finite=False).T
-    s, Vc = np.linalg.eigh(B.T @ B)  # eigenvalues in [0, 1]
-    s = np.clip(s, 0.0, 1.0)
-    K = B @ (Vc * np.sqrt(1.0 / (1.0 + np.sqrt(1.0 - s))))  # S = I - K K'
-    M = G * sqrt_c[:, None] * sqrt_c[None, :]
-    P = M @ K
-    SMS = M - K @ P.T - P @ K.T + K @ (K.T @ P) @ K.T
-    return _eigenvalues((SMS + SMS.T) / 2), float(np.trace(M))
-
-
-def problem_from_stage1(spectral: Spectral, mu_and_trace: tuple[np.ndarray, float]) -> RemlProblem:
-    """The :class:`RemlProblem` from stage 1's two parts, computed independently (see
-    :func:`restricted_spectrum_from_grm`)."""
-    mu, trace = mu_and_trace
-    clipped = spectral.lam.sum() - trace  # the eigenvalues of M set to 0
-    exact = clipped <= 1e-10 * len(spectral.lam) * max(spectral.lam.max(initial=0.0), 1e-300)
-    return RemlProblem(spectral, mu=mu if exact else None)
-
-
-def _eigenvalues(E: np.ndarray) -> np.ndarray:
-    try:
-        mu = linalg.eigh(E, eigvals_only=True, check_finite=False, overwrite_a=True, driver="evd")
-    except (np.linalg.LinAlgError, ValueError) as err:
-        raise ValueError(
-            f"the eigendecomposition of the covariate-restricted donor matrix failed ({err}); check the GRM for "
-            "extreme values."
-        ) from err
-    return np.ascontiguousarray(np.clip(mu, 0.0, None))
 
 
 def _inverse_factor(A: np.ndarray) -> np.ndarray:
@@ -697,7 +723,8 @@ def fit_genes(
     progress=None,
     n_threads: int | None = None,
 ) -> GeneFits:
-    """Fit every gene, in chunks of genes; ``rotate(sl)`` returns the rotated residual donor sums of a slice.
+    """Fit every gene, in chunks of genes; ``rotate(sl, out)`` writes the rotated residual donor sums of a slice of
+    genes into ``out`` (where their residuals go in the end) and returns it.
 
     Chunks are fitted by ``n_threads`` concurrent threads (default: the BLAS thread limit in effect), each
     with single-threaded BLAS; every gene's result is the same whatever the thread count or chunk size. The
@@ -712,7 +739,7 @@ def fit_genes(
 
     def work(sl: slice) -> slice:
         with timer("rotation"):
-            Rt = rotate(sl)
+            Rt = rotate(sl, out.resid[sl])
         fit_chunk(problem, Rt, W[sl], tau=tau, timer=timer, out=out, sl=sl)
         return sl
 
@@ -750,5 +777,5 @@ class Rotation:
         self.U = U
         self.Tt = Tt
 
-    def __call__(self, sl: slice) -> np.ndarray:
-        return self.Tt[:, sl].T @ self.U
+    def __call__(self, sl: slice, out: np.ndarray | None = None) -> np.ndarray:
+        return np.matmul(self.Tt[:, sl].T, self.U, out=out)

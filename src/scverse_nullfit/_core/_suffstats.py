@@ -440,15 +440,22 @@ class PreResiduals:
     mean: np.ndarray  #: (genes,) mean over cells
     b0: np.ndarray  #: (genes, p) OLS coefficients of the centred gene (intercept excluded from the mean)
     rr: np.ndarray  #: (genes,) r'r
-    T: np.ndarray  #: (donors, genes) donor sums Z'r
+    T: np.ndarray  #: (donors, genes) scaled donor sums D^-1/2 Z'r
     W: np.ndarray  #: (genes,) within-donor sum of squares of r
     ok: np.ndarray  #: (genes,) finite, with residual variance left to fit
 
 
-def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral) -> PreResiduals:
-    """OLS residuals' sufficient statistics from the raw ones; genes with nothing to fit are flagged.
+#: Donors per row block of :func:`pre_residualise` (a block is the unit of work of its threads).
+ROW_BLOCK = 64
 
-    Works in place: ``T`` reuses the memory of ``stats.S``, which must not be used afterwards.
+
+def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral, n_threads: int | None = None) -> PreResiduals:
+    """OLS residuals' sufficient statistics from the raw ones, their donor sums scaled to ``D^-1/2 Z'r``; genes with
+    nothing to fit are flagged.
+
+    Works in place: ``T`` reuses the memory of ``stats.S``, which must not be used afterwards. Row blocks of ``T`` run
+    on ``n_threads`` threads; each block's share of the between-donor sum of squares is kept and the shares are added
+    in block order, so the result does not depend on the thread count.
     """
     c = donors.counts
     ZtX = spectral.ZtX
@@ -461,14 +468,31 @@ def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral) -> Pre
     rr = stats.M2 - np.einsum("pg,pg->g", Xyc, b0)
     T = stats.S
     stats.S = None
-    between = np.zeros(T.shape[1])  # sum_d T_dg^2 / c_d
     fitted_by = np.hstack([c[:, None], ZtX])  # T = S - [c, Z'X] [mean; b0]: one GEMM per block
     coef = np.vstack([stats.mean[None, :], b0])
-    for a in range(0, T.shape[0], 64):  # row blocks: no temporary of T's size, one pass while in cache
-        blk = T[a : a + 64]
-        blk -= fitted_by[a : a + 64] @ coef
-        between += np.einsum("dg,dg,d->g", blk, blk, 1.0 / c[a : a + 64])
-    W = rr - between
+    inv_sqrt_c = 1.0 / np.sqrt(c)
+    starts = range(0, T.shape[0], ROW_BLOCK)
+    between = np.empty((len(starts), T.shape[1]))  # per block: sum_d (T_dg / sqrt(c_d))^2
+
+    def block(i: int) -> None:  # no temporary of T's size, one pass while in cache
+        rows = slice(starts[i], starts[i] + ROW_BLOCK)
+        blk = T[rows]
+        blk -= fitted_by[rows] @ coef
+        blk *= inv_sqrt_c[rows, None]
+        np.einsum("dg,dg->g", blk, blk, out=between[i])
+
+    n_threads = min(available_threads() if n_threads is None else max(1, int(n_threads)), len(starts))
+    if n_threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n_threads, "snf-resid") as pool:
+            list(pool.map(block, range(len(starts))))
+    else:
+        for i in range(len(starts)):
+            block(i)
+    W = rr - between.sum(axis=0)
     if np.all(c == 1):
         W = np.zeros_like(W)
     W = np.maximum(W, 0.0)
@@ -479,14 +503,11 @@ def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral) -> Pre
     return PreResiduals(mean=stats.mean, b0=b0.T.copy(), rr=rr, T=T, W=W, ok=ok)
 
 
-def scaled_residual_sums(pre: PreResiduals, donors: Donors, ok_idx: np.ndarray) -> np.ndarray:
+def scaled_residual_sums(pre: PreResiduals, ok_idx: np.ndarray) -> np.ndarray:
     """``D^-1/2 Z'r`` of the genes ``ok_idx`` (donors x genes), releasing ``pre.T``.
 
     In place (no copy) when every gene is kept; otherwise one copy of the kept columns.
     """
     T = pre.T
     pre.T = None
-    if len(ok_idx) != T.shape[1]:
-        T = T[:, ok_idx]
-    T /= np.sqrt(donors.counts)[:, None]
-    return T
+    return T if len(ok_idx) == T.shape[1] else T[:, ok_idx]

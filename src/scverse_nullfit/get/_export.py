@@ -319,7 +319,7 @@ def ld(
     ``(R, z)``: ``R`` a variants x variants DataFrame, ``z`` a Series of the gene's z-scores indexed like ``R``
     (NaN for a variant the gene was not tested with), or None without ``gene``.
     """
-    from ..io._genotypes import GenotypeMatrix
+    from ..io._genotypes import GenotypeMatrix, sample_options
 
     fit_key = _fit_key(adata, key)
     donors = _fit_donors(adata, fit_key)
@@ -337,7 +337,7 @@ def ld(
     names = pd.Index(_strings(np.atleast_1d(np.asarray(variants, dtype=object))), name="variant")
     if names.has_duplicates:
         raise ValueError(f"variants are duplicated: {list(names[names.duplicated()].unique()[:5])}.")
-    geno = GenotypeMatrix(genotypes)
+    geno = GenotypeMatrix(genotypes, reader_options=sample_options(genotypes, donors))  # only the fit's donors
     try:  # a reader opened here from a path is closed here
         rows = geno.align(donors)
         cols = geno.var.index.get_indexer(names)

@@ -87,6 +87,15 @@ def resolve_reader(path: str | os.PathLike) -> Callable[..., GenotypeReader]:
     return cls
 
 
+def sample_options(genotypes, donors) -> dict:
+    """Reader options that read only ``donors`` from a genotype file path (htslib and pgenlib then skip the other
+    samples' data, which matters when the file has many more samples than the fit has donors); ``{}`` for other
+    sources and readers."""
+    if not isinstance(genotypes, (str, os.PathLike)):
+        return {}
+    return {"samples": list(donors)} if getattr(resolve_reader(genotypes), "takes_samples", False) else {}
+
+
 def open_genotypes(path: str | os.PathLike, **kwargs) -> GenotypeReader:
     """The reader of a genotype file, chosen by its suffix (:data:`READERS`); other paths are PLINK prefixes
     (PLINK 2 if ``PATH.pgen`` exists, else PLINK 1). ``kwargs`` go to the reader (e.g. ``regions`` for a VCF,

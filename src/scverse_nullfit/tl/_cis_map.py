@@ -24,7 +24,7 @@ from .._core._fdr import qvalues
 from .._core._step2 import CompactNull
 from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
 from .._utils import normalise_chrom, preview, select_genes
-from ..io._genotypes import GenotypeMatrix, reader_class
+from ..io._genotypes import GenotypeMatrix, reader_class, sample_options
 from ..io._vcf import VcfGenotypes
 from ._groups import group_key, groups_of
 from ._step2 import (
@@ -32,7 +32,6 @@ from ._step2 import (
     VariantInfo,
     check_mapping_arguments,
     close_genotypes,
-    file_options,
     open_genotypes,
     result_table,
     running,
@@ -317,7 +316,7 @@ def cis_map(
     mask = (stored.usable.copy() if mask is None else mask) & loci.gene_ok
     model = stored.compact(mask, spa=bool(spa))
     genes_idx = np.flatnonzero(mask)
-    options = {**file_options(genotypes, model.donors), **_window_regions(genotypes, loci, genes_idx, float(window))}
+    options = {**sample_options(genotypes, model.donors), **_window_regions(genotypes, loci, genes_idx, float(window))}
     geno = open_genotypes(genotypes, variants, **options)
     try:
         loci.add_variants(geno, variant_chrom_key, variant_pos_key, from_dataframe=isinstance(genotypes, pd.DataFrame))

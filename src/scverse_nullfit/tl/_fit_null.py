@@ -18,7 +18,7 @@ from .._constants import Key
 from .._core import _glmm
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
 from .._core._read import describe_matrix, get_expression, read_columns
-from .._core._reml import Rotation, problem_from_stage1, restricted_spectrum_from_grm
+from .._core._reml import RemlProblem, Rotation
 from .._core._store import (
     blocks_part,
     count_results_frame,
@@ -41,10 +41,25 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
-def _spectral(G: np.ndarray, donors, X: np.ndarray, t1):
-    spectral = spectral_precompute(G, donors, X)
-    logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
-    return spectral
+def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray, n_threads: int):
+    """The pass over the expression (on ``n_threads`` threads) and stage 1's eigendecomposition (independent), side by
+    side: the eigendecomposition on one more thread, with one BLAS thread. One thread keeps its bits the same whatever
+    ``n_threads`` (the results are bit-identical across thread counts), and a multi-threaded eigendecomposition waits on
+    each of its threads thousands of times, so on a small machine it stalls whenever another process holds a core
+    (measured here: 7-16 s instead of 0.6 s in 4 of 10 runs beside another job; side by side, 1.0-1.8 s)."""
+    t1 = logg.debug("    stage 1: donor-level eigendecomposition, alongside the pass")
+
+    def stage1():
+        spectral = spectral_precompute(G, donors, X)
+        logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
+        return spectral
+
+    if n_threads <= 1:
+        return compute_sufficient_stats(Y, genes, donors, X, n_threads=1), stage1()
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
+        spectral = pool.submit(stage1)
+        stats = compute_sufficient_stats(Y, genes, donors, X, n_threads=n_threads)
+        return stats, spectral.result()
 
 
 @doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
@@ -185,24 +200,12 @@ def fit_null(
     G, donors = align_grm(grm_df, labels, grm_source)
     design = build_design(adata.obs, covariates, donor_covariates, donors)
 
-    with threadpool_limits(limits=n_threads, user_api="blas"), ThreadPoolExecutor(2, "snf-stage1") as pool:
-        # the pass over the expression first, on every thread; then stage 1's two donor-level eigendecompositions
-        # (independent) side by side, each on one BLAS thread (a multi-threaded BLAS call whose threads wait for busy
-        # cores stalls them all). Run alongside each other, the pass and the eigendecompositions slowed each other
-        # down by more than they overlapped.
+    with threadpool_limits(limits=n_threads, user_api="blas"):
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats = compute_sufficient_stats(Y, fitted_idx, donors, design.X, n_threads=n_threads)
-        t1 = logg.debug("    stage 1: donor-level eigendecompositions")
-        if n_threads > 1:
-            with threadpool_limits(limits=1, user_api="blas"):
-                spectral_f = pool.submit(_spectral, G, donors, design.X, t1)
-                mu_f = pool.submit(restricted_spectrum_from_grm, G, donors, design.X)
-                spectral, mu = spectral_f.result(), mu_f.result()
-        else:  # one thread: one thing at a time
-            spectral, mu = _spectral(G, donors, design.X, t1), restricted_spectrum_from_grm(G, donors, design.X)
-        problem = problem_from_stage1(spectral, mu)
-        pre = pre_residualise(stats, donors, spectral)
+        stats, spectral = _pass_and_stage1(Y, fitted_idx, donors, design.X, G, n_threads)
+        problem = RemlProblem(spectral)
+        pre = pre_residualise(stats, donors, spectral, n_threads=n_threads)
         del stats
         logg.debug("    stage 2: sufficient statistics done", time=t2)
 
@@ -212,7 +215,7 @@ def fit_null(
                 f"{len(fitted_idx) - len(ok_idx)} genes are constant, non-finite or fully explained by the covariates; "
                 "their results are NaN"
             )
-        rotate = Rotation(spectral.U, scaled_residual_sums(pre, donors, ok_idx))
+        rotate = Rotation(spectral.U, scaled_residual_sums(pre, ok_idx))
         t3 = logg.debug("    stage 2: REML")
         show = settings.verbosity >= 2 and len(ok_idx) > 2000
         with tqdm(total=len(ok_idx), desc="genes", unit="gene", disable=not show) as bar:
@@ -332,9 +335,9 @@ def _fit_groups(adata: AnnData, groupby: str, key_added: str, copy: bool, layer,
 COUNT_BATCH_NNZ = 1 << 21
 
 
-def _offset_values(obs: pd.DataFrame, offset: str | None) -> np.ndarray | None:
+def _offset_values(obs: pd.DataFrame, offset: str | None) -> np.ndarray:
     if offset is None:
-        return None
+        return np.zeros(len(obs))
     if not isinstance(offset, str):
         raise ValueError(f"offset names a column of adata.obs (a string), not {type(offset).__name__}.")
     if offset not in obs.columns:

@@ -13,8 +13,9 @@ from scanpy import logging as logg
 from .._core._step2 import impute
 from .._docs import doc_n_threads, doc_params, doc_spa, doc_variant_columns
 from .._utils import check_positive_int, select_genes
+from ..io._genotypes import sample_options
 from ._conditional import conditional_model, conditioning_dosages
-from ._step2 import StoredNull, VariantInfo, close_genotypes, file_options, open_genotypes, result_table, running
+from ._step2 import StoredNull, VariantInfo, close_genotypes, open_genotypes, result_table, running
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -101,7 +102,7 @@ def score_test(
     mask = select_genes(adata.var_names, genes)
     stored = StoredNull.read(adata, key)
     model = stored.compact(mask, spa=bool(spa))
-    geno = open_genotypes(genotypes, **file_options(genotypes, model.donors))
+    geno = open_genotypes(genotypes, **sample_options(genotypes, model.donors))
     try:
         out = _score_test(adata, geno, mask, model, key, condition, chunk_size, n_threads)
     finally:

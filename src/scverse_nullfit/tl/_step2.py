@@ -7,7 +7,6 @@ array maths is :mod:`scverse_nullfit._core._step2`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .._core._step2 import CompactNull, CountNull, allele_stats, derived_statist
 from .._core._store import unpack_symmetric
 from .._provenance import CELLS, FIT_ID, SOURCE, check_cells
 from .._utils import check_positive_int, resolve_threads
-from ..io._genotypes import GenotypeMatrix, resolve_reader
+from ..io._genotypes import GenotypeMatrix
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -182,14 +181,6 @@ def open_genotypes(genotypes, variants: pd.DataFrame | None = None, **reader_opt
     if isinstance(genotypes, GenotypeMatrix):
         return genotypes
     return GenotypeMatrix(genotypes, variants=variants, reader_options=reader_options)
-
-
-def file_options(genotypes, donors: pd.Index) -> dict:
-    """Reader options for a genotype file path: read only the fit's donors (htslib and pgenlib then skip the other
-    samples' data, which matters when the file has many more samples than the fit has donors)."""
-    if not isinstance(genotypes, (str, os.PathLike)):
-        return {}
-    return {"samples": list(donors)} if getattr(resolve_reader(genotypes), "takes_samples", False) else {}
 
 
 def close_genotypes(geno: GenotypeMatrix, genotypes) -> None:

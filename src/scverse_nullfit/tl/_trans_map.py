@@ -14,6 +14,7 @@ from .._constants import Key
 from .._core._step2 import BLOCK_ELEMENTS, impute
 from .._docs import doc_copy, doc_n_threads, doc_params, doc_spa
 from .._utils import select_genes
+from ..io._genotypes import sample_options
 from . import _step2 as step2
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def trans_map(
     mask = select_genes(adata.var_names, genes)
     stored = step2.StoredNull.read(adata, key)
     model = stored.compact(mask, spa=bool(spa))
-    options = step2.file_options(genotypes, model.donors)  # only the fit's donors are read
+    options = sample_options(genotypes, model.donors)  # only the fit's donors are read
     geno = step2.open_genotypes(genotypes, variants, **options)
     rows = geno.align(model.donors)
 
