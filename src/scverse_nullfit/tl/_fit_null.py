@@ -366,8 +366,6 @@ def _fit_counts(
     Y = get_expression(adata, layer)
     labels = donor_labels(adata.obs, donor_key)
     off = _offset_values(adata.obs, offset)
-    if off is None:
-        off = np.zeros(adata.n_obs)
     grm_df, grm_source = resolve_grm(adata, grm)
     G, donors = align_grm(grm_df, labels, grm_source)
     design = build_design(adata.obs, covariates, donor_covariates, donors)
