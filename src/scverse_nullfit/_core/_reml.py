@@ -309,10 +309,6 @@ class RemlProblem:
         self.df = self.N - self.p
         if self.df <= 0:
             raise ValueError(f"the design has {self.p} columns but there are only {self.N} cells.")
-        p = self.p
-        self._iu = np.triu_indices(p)
-        # packed outer products x~_k x~_k' (upper triangle): X~' diag(v) X~ = v' O for any weights v
-        self.O = np.ascontiguousarray(self.Xrot[:, self._iu[0]] * self.Xrot[:, self._iu[1]])
         self.functions = TauFunctions(self.lam, self.Xrot, self.Aw, spectral.XtX)
         self.logdet_XtX = self.functions.logdet_XtX
         self._const = self.df * (np.log(2 * np.pi / self.df) + 1.0) + self.logdet_XtX
@@ -335,13 +331,6 @@ class RemlProblem:
 
     def __getstate__(self):  # shipped to dask workers without the grid's weights (recomputed there when needed)
         return {**self.__dict__, "_weights_cache": {}}
-
-    def _unpack(self, packed: np.ndarray) -> np.ndarray:
-        p = self.p
-        out = np.empty((*packed.shape[:-1], p, p))
-        out[..., self._iu[0], self._iu[1]] = packed
-        out[..., self._iu[1], self._iu[0]] = packed
-        return out
 
     def _loglik(self, q, logdet):
         return -0.5 * (self.df * np.log(q) + self._const + logdet)
