@@ -621,12 +621,18 @@ class GeneFits:
 
 
 #: Genes per chunk: sized so that a chunk's donors x genes arrays stay within a few MB.
-CHUNK_ELEMENTS = 1 << 19
+CHUNK_ELEMENTS = 1 << 21
+#: Chunks per thread at least (when there are genes enough), so that the threads finish together.
+CHUNKS_PER_THREAD = 8
 
 
-def default_chunk_size(n_donors: int) -> int:
-    """Genes per chunk for ``n_donors`` donors."""
-    return int(max(16, CHUNK_ELEMENTS // max(n_donors, 1)))
+def default_chunk_size(n_donors: int, n_genes: int | None = None, n_threads: int = 1) -> int:
+    """Genes per chunk for ``n_donors`` donors: large chunks stream the rotation's ``U`` fewer times, but at least
+    :data:`CHUNKS_PER_THREAD` chunks per thread when there are ``n_genes``."""
+    size = CHUNK_ELEMENTS // max(n_donors, 1)
+    if n_genes is not None:
+        size = min(size, -(-n_genes // (CHUNKS_PER_THREAD * max(1, n_threads))))
+    return int(max(16, size))
 
 
 class StageTimer:
@@ -720,8 +726,9 @@ def fit_genes(
     distributed counterpart is :func:`._dask.fit_genes_distributed` (the caller chooses).
     """
     G, n, p = len(W), len(problem.lam), problem.p
+    threads = available_threads() if n_threads is None else max(1, int(n_threads))
     if chunk_size is None:
-        chunk_size = default_chunk_size(n)
+        chunk_size = default_chunk_size(n, G, threads)
     out = GeneFits.empty(G, n, p)
     slices = [slice(a, min(G, a + chunk_size)) for a in range(0, G, chunk_size)]
     timer = StageTimer()
@@ -732,7 +739,7 @@ def fit_genes(
         fit_chunk(problem, Rt, W[sl], tau=tau, timer=timer, out=out, sl=sl)
         return sl
 
-    n_workers = min(available_threads() if n_threads is None else max(1, int(n_threads)), len(slices))
+    n_workers = min(threads, len(slices))
     if n_workers <= 1:
         for sl in map(work, slices):
             if progress is not None:
