@@ -490,3 +490,14 @@ def test_unused_donor_categories_are_ignored(small_adata):
     reduced = _fit(subset, grm=small_adata.uns["grm"].loc[keep, keep])
     assert not set(gone) & set(res.uns["nullfit"]["donors"])
     _assert_same_fit(res, reduced, rtol=1e-10)
+
+
+def test_tau_se_is_nan_at_the_boundary():
+    """At tau = 0 the maximum is not stationary: tau_se is NaN there (as documented), finite elsewhere."""
+    adata = snf.datasets.example()
+    snf.tl.fit_null(adata, covariates=["age", "sex", "cell_type", "log_counts"], donor_covariates=["age", "sex"])
+    df = snf.get.nullfit_df(adata)
+    boundary = df["tau"] == 0
+    assert boundary.any() and (~boundary).any()
+    assert df.loc[boundary, "tau_se"].isna().all()
+    assert np.isfinite(df.loc[~boundary, "tau_se"]).all()

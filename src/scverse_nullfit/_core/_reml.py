@@ -699,6 +699,7 @@ def fit_chunk(
             local.Ainv[:] = ev.Ainv
             local.converged[:] = True
     local.loglik = np.where(local.tau == 0, ll0, local.loglik)  # the same number at the boundary, whatever the rounding
+    local.tau_se = np.where(local.tau == 0, np.nan, local.tau_se)  # no curvature at the boundary (docs/model.md)
     local.loglik0 = ll0
     local.resid = None
     if out is None:

@@ -138,7 +138,7 @@ def fit_null(
     ``adata.varm[key_added]``
         DataFrame by gene: ``tau``, ``sigma2_g``, ``sigma2_e``, ``h2``, ``loglik`` (REML, the convention of
         statsmodels' ``MixedLM.fit(reml=True).llf``), ``converged``, ``n_iter``, ``h2_pval`` (REML likelihood-ratio
-        test of ``tau > 0``, 50:50 mixture of chi2_0 and chi2_1), ``tau_se`` (observed information),
+        test of ``tau > 0``, 50:50 mixture of chi2_0 and chi2_1), ``tau_se`` (observed information; NaN at ``tau = 0``),
         ``loglik_null`` (at ``tau = 0``).
     ``adata.varm[f"{key_added}_beta"]``
         Fixed effects (genes x covariates, named in ``uns[key_added]["covariate_names"]``).
