@@ -201,7 +201,7 @@ def expression_by_genotype(
     """
     from scipy import sparse
 
-    from ..io._genotypes import GenotypeMatrix, allele_columns
+    from ..io._genotypes import GenotypeMatrix, allele_columns, sample_options
 
     if gene not in adata.var_names:
         raise KeyError(f"gene {gene!r} is not in adata.var_names.")
@@ -213,7 +213,8 @@ def expression_by_genotype(
     for col in (donor_key, groupby):
         if col is not None and col not in adata.obs.columns:
             raise KeyError(f"{col!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
-    geno = GenotypeMatrix(genotypes)
+    donors = pd.unique(adata.obs[donor_key].astype(str).to_numpy())  # only these are read from a file
+    geno = GenotypeMatrix(genotypes, reader_options=sample_options(genotypes, donors))
     try:  # a reader opened here from a path is closed here
         col = geno.var.index.get_indexer([str(variant)])
         if col[0] < 0:
