@@ -72,14 +72,13 @@ class TauFunctions:
 
     def __init__(self, lam: np.ndarray, Xrot: np.ndarray, Aw: np.ndarray, XtX: np.ndarray):
         self.lam, self.Xrot, self.Aw, self.XtX = lam, Xrot, Aw, XtX
-        n, p = Xrot.shape
+        p = Xrot.shape[1]
         self.p = p
         L, scale = scaled_cholesky(XtX)
         self.logdet_XtX = 2.0 * (np.log(np.diag(L)).sum() - np.log(scale).sum())
         self._C = linalg.solve_triangular(L, np.diag(scale), lower=True, check_finite=False)  # C X'X C' = I
-        self._O = (Xrot[:, :, None] * Xrot[:, None, :]).reshape(n, p * p)  # x~_j x~_j', whole (none to unpack)
         self._iu = np.triu_indices(p)
-        self._Op = np.ascontiguousarray(Xrot[:, self._iu[0]] * Xrot[:, self._iu[1]])  # the upper triangle
+        self._Op = np.ascontiguousarray(Xrot[:, self._iu[0]] * Xrot[:, self._iu[1]])  # x~_j x~_j', upper triangle
         n_nodes = -(-(NODE_RANGE[1] - NODE_RANGE[0] + 1) // NODES_PER_OCTAVE) * NODES_PER_OCTAVE  # whole octaves
         self._T = np.zeros((n_nodes, _K, p * p))  # sum_j w_cj u_cj^k x~_j x~_j'
         self._L = np.zeros(n_nodes)  # the restricted log-determinant at c
@@ -93,6 +92,15 @@ class TauFunctions:
     def __setstate__(self, state):
         self.__init__(state["lam"], state["Xrot"], state["Aw"], state["XtX"])
 
+    def _sums(self, weights: np.ndarray) -> np.ndarray:
+        """``X~' diag(v) X~`` (p x p) for each row ``v`` of ``weights`` (..., donors): one product with the packed
+        outer products, unpacked."""
+        packed = weights.reshape(-1, weights.shape[-1]) @ self._Op
+        out = np.empty((*weights.shape[:-1], self.p, self.p))
+        out[..., self._iu[0], self._iu[1]] = packed.reshape(*weights.shape[:-1], -1)
+        out[..., self._iu[1], self._iu[0]] = packed.reshape(*weights.shape[:-1], -1)
+        return out
+
     def _log_det_ratio(self, tau: np.ndarray, logdet_A: np.ndarray, N: np.ndarray | None = None) -> np.ndarray:
         """``log|A| - log|X'X|`` at each tau, given ``log|A|``: where ``tau max(lam) <= 1`` from the eigenvalues ``s``
         (in [0, 1/2]) of ``C N C'``, ``N = X~' diag(1 - w) X~`` (computed here unless given), as ``sum log(1 - s)``,
@@ -102,7 +110,7 @@ class TauFunctions:
         if len(small):
             if N is None:
                 lw = tau[small, None] * self.lam[None, :]
-                N = ((lw / (1.0 + lw)) @ self._O).reshape(len(small), self.p, self.p)
+                N = self._sums(lw / (1.0 + lw))
             else:
                 N = N[small]
             S = self._C @ N @ self._C.T
@@ -134,10 +142,7 @@ class TauFunctions:
         for k in range(1, terms):
             np.multiply(V[:, k - 1], u, out=V[:, k])
         V[:, terms] = u
-        packed = (V.reshape(m * (terms + 1), -1) @ self._Op).reshape(m, terms + 1, -1)
-        T = np.empty((m, terms + 1, p, p))
-        T[..., self._iu[0], self._iu[1]] = packed
-        T[..., self._iu[1], self._iu[0]] = packed
+        T = self._sums(V)
         self._T[missing] = T[:, :_K].reshape(m, _K, p * p)
         # A = A_c + sum_k (-x)^k T_k; with B_k = A_c^-1 T_k and R_k the coefficients of (I + sum_k (-x)^k B_k)^-1,
         # the coefficient of (-x)^k in log|A| is alpha_k = sum_(i <= k) i tr(R_(k-i) B_i) / k
@@ -201,7 +206,7 @@ class TauFunctions:
         weights[:, 0] = w
         for a in (1, 2, 3):
             np.multiply(weights[:, a - 1], self.lam * w, out=weights[:, a])
-        M = (weights @ self._O).reshape(len(t), 4, self.p, self.p)
+        M = self._sums(weights)
         logdet_A, S = _logdet_and_solve(M[:, 0] + self.Aw, M[:, 1:])  # S_a = A^-1 M_a
         logdet = np.log1p(t * self.lam[None, :]).sum(axis=1) + self._log_det_ratio(t[:, 0], logdet_A)
         lw = weights[:, 1] / weights[:, 0]  # lam w
