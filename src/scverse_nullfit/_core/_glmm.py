@@ -225,9 +225,11 @@ def _poisson_groups(Y, codes, X, offset, collapse=None):
 
     ``mu_c = exp(o_c) exp(x_c'b + u_d)``, so the cells of a (donor, design row) group enter the log-likelihood
     only through their summed counts and ``S_g = sum exp(o_c)``: the group is one "cell" with offset ``log S_g``.
-    The estimates, the mode and every donor sum are unchanged; the log-likelihood moves by a per-gene constant,
-    returned to be added back. Returns None when the design leaves too few repeated rows to gain from it.
-    ``collapse``: the gene-independent part (:func:`_poisson_collapse`), when the caller has it.
+    The estimates, the mode and every donor sum are unchanged; the log-likelihood moves by a per-gene constant.
+    Returns the groups' counts (CSC, groups x genes) and that constant, to be added back; None when the design leaves
+    too few repeated rows to gain from it (the groups' codes, design rows and offsets are gene-independent: see
+    :func:`count_groups`). ``collapse``: the gene-independent part (:func:`_poisson_collapse`), when the caller has
+    it.
     """
     if collapse is None:
         collapse = _poisson_collapse(codes, X, offset)
@@ -240,15 +242,14 @@ def _poisson_groups(Y, codes, X, offset, collapse=None):
         M.indptr.astype(np.int64), M.indices, M.data, group, len(first), off,
         logS,
     )  # fmt: skip
-    Yg = sparse.csc_matrix((gdat, gidx, gptr), shape=(len(first), M.shape[1]))
-    return Yg, codes[first], X[first], logS, const
+    return sparse.csc_matrix((gdat, gidx, gptr), shape=(len(first), M.shape[1])), const
 
 
-def _cell_layout(codes, X, offset, n_donors: int):
+def _cell_layout(codes, X, offset, n_donors: int, group: np.ndarray | None = None):
     """The gene-independent part of :func:`_by_donor`: the position of each cell in the group order (None: the
     cells are in it already) and each cell's group, then codes, design, offset and the groups' tuple in that
-    order."""
-    group = _row_groups(codes, X)
+    order. ``group``: each cell's group when the caller knows it (:func:`_row_groups` otherwise)."""
+    group = _row_groups(codes, X) if group is None else group
     inv = None
     ogroup = group
     if (np.diff(group) < 0).any():
@@ -316,10 +317,10 @@ def count_groups(codes, X, offset, family: str, n_donors: int, *, collapse: bool
     X = np.ascontiguousarray(X, dtype=np.float64)
     offset = np.ascontiguousarray(offset, dtype=np.float64)
     col = _poisson_collapse(codes, X, offset) if FAMILIES[family] == K.POISSON and collapse else None
-    if col is not None:
-        _, first, logS = col
-        codes, X, offset = codes[first], X[first], logS
-    return CountGroups(col, _cell_layout(codes, X, offset, n_donors))
+    if col is None:
+        return CountGroups(None, _cell_layout(codes, X, offset, n_donors))
+    _, first, logS = col  # each collapsed group is one cell, already in donor-major group order
+    return CountGroups(col, _cell_layout(codes[first], X[first], logS, n_donors, np.arange(len(first))))
 
 
 @dataclass
@@ -357,7 +358,7 @@ def count_layout(
     M = _as_csc(Y)
     const = 0.0
     if groups.collapse is not None:
-        M, _, _, _, const = _poisson_groups(M, codes, X, offset, groups.collapse)
+        M, const = _poisson_groups(M, codes, X, offset, groups.collapse)
     return CountLayout(_by_donor(M, None, None, None, n_donors, groups.cells), const)
 
 
