@@ -215,9 +215,12 @@ class Spectral:
 
 
 def eigh_or_error(M: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Eigendecomposition of a symmetric matrix; a LAPACK failure becomes a ValueError that says what failed."""
+    """Eigendecomposition of a symmetric matrix; a LAPACK failure becomes a ValueError that says what failed.
+
+    numpy's ``eigh`` (LAPACK ``syevd``, as scipy's ``driver="evd"``) releases the GIL, so the pass over the expression
+    runs while it works (scipy's wrapper holds the GIL throughout)."""
     try:
-        return linalg.eigh(M, check_finite=False, driver="evd")
+        return np.linalg.eigh(M)
     except (np.linalg.LinAlgError, ValueError) as err:
         raise ValueError(f"the eigendecomposition of {what} failed ({err}); check the GRM for extreme values.") from err
 

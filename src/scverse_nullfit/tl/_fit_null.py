@@ -46,7 +46,8 @@ def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray,
     side: the eigendecomposition on one more thread, with one BLAS thread. One thread keeps its bits the same whatever
     ``n_threads`` (the results are bit-identical across thread counts), and a multi-threaded eigendecomposition waits on
     each of its threads thousands of times, so on a small machine it stalls whenever another process holds a core
-    (measured here: 7-16 s instead of 0.6 s in 4 of 10 runs beside another job; side by side, 1.0-1.8 s)."""
+    (measured here: 7-16 s instead of 0.6 s in 4 of 10 runs beside another job; side by side, 1.0-1.8 s). The
+    eigendecomposition releases the GIL (``eigh_or_error``), so the pass's threads keep running beside it."""
     t1 = logg.debug("    stage 1: donor-level eigendecomposition, alongside the pass")
 
     def stage1():
