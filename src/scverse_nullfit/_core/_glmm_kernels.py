@@ -339,28 +339,55 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
 
 
 @jit()
-def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
-    """Per group g: xb_g = x_g'b and Bg_g = exp(oref_g + xb_g) (so mu_c = s_c Bg_g exp(u_d)); donor sums of y; for
-    the Poisson family the donor sums of Bg S1, Bg S1 x and Bg S1 x x' (upper triangle), S1_g = sum_c s_c.
-    Returns sum_c y_c (o_c + x_c'b)."""
-    buf, Yd, Sd, E, F, grp = st[0], st[1], st[2], st[3], st[4], st[10]
-    dgptr, Xg, oref, S1, gcell = grp[2], grp[3], grp[4], grp[8], grp[1]
-    XB, Bg = buf[0], buf[1]
-    G, p = Xg.shape
-    for g in range(G):
-        s = 0.0
-        for j in range(p):
-            s += Xg[g, j] * beta[j]
-        XB[g] = s
-        Bg[g] = math.exp(oref[g] + s)
+def _gene_constants(fam, yi, yv, codes, off, st):  # pragma: no cover - compiled
+    """Once per gene (``aux[7]``): donor sums of y, sum_c y_c o_c and sum_c y_c x_c (``ycon``), and for the negative
+    binomial the histogram of the counts below YHIST."""
+    Yd, aux, yhist, ycon, grp = st[1], st[11], st[13], st[14], st[10]
+    if aux[7] == 1.0:
+        return
+    gcell, Xg = grp[1], grp[3]
+    p = Xg.shape[1]
     Yd[:] = 0.0
-    yb = 0.0
+    ycon[:] = 0.0
+    yhist[:] = 0.0
     for k in range(yi.shape[0]):
         c = yi[k]
-        Yd[codes[c]] += yv[k]
-        yb += yv[k] * (off[c] + XB[gcell[c]])
+        y = yv[k]
+        Yd[codes[c]] += y
+        ycon[0] += y * off[c]
+        g = gcell[c]
+        for j in range(p):
+            ycon[1 + j] += y * Xg[g, j]
+        if fam == NEGATIVE_BINOMIAL and y < YHIST:
+            yhist[int(y)] += 1.0
+    aux[7] = 1.0
+
+
+@jit()
+def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
+    """Per group g: xb_g = x_g'b and Bg_g = exp(oref_g + xb_g) (so mu_c = s_c Bg_g exp(u_d)); for the Poisson family
+    the donor sums of Bg S1, Bg S1 x and Bg S1 x x' (upper triangle), S1_g = sum_c s_c. Returns
+    sum_c y_c (o_c + x_c'b) (from the gene's constants, :func:`_gene_constants`)."""
+    buf, Sd, E, F, grp, ycon = st[0], st[2], st[3], st[4], st[10], st[14]
+    ccols, dcols, Xd = st[7], st[8], st[9]
+    dgptr, Xg, oref, S1 = grp[2], grp[3], grp[4], grp[8]
+    _gene_constants(fam, yi, yv, codes, off, st)
+    XB, Bg = buf[0], buf[1]
+    p = Xg.shape[1]
+    for d in range(dgptr.shape[0] - 1):  # the donor-level columns once per donor
+        sd = 0.0
+        for j in dcols:
+            sd += Xd[d, j] * beta[j]
+        for g in range(dgptr[d], dgptr[d + 1]):
+            s = sd
+            for j in ccols:
+                s += Xg[g, j] * beta[j]
+            XB[g] = s
+            Bg[g] = math.exp(oref[g] + s)
+    yb = ycon[0]
+    for j in range(p):
+        yb += beta[j] * ycon[1 + j]
     if fam == POISSON:  # per group only the cell-level columns; the donor-level ones from the donor's sums
-        ccols, dcols, Xd = st[7], st[8], st[9]
         for d in range(dgptr.shape[0] - 1):
             sd = 0.0
             for j in ccols:
@@ -564,15 +591,10 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist = st
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist, _ = st
     aux[0] += 1.0
     lconst = -lfact
-    if fam == NEGATIVE_BINOMIAL and aux[7] != 1.0:  # the terms in (y, theta) alone go by distinct small counts
-        yhist[:] = 0.0
-        for k in range(yv.shape[0]):
-            if yv[k] < YHIST:
-                yhist[int(yv[k])] += 1.0
-        aux[7] = 1.0
+    _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
     if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
         if aux[2] != 1.0 or aux[3] != theta:
             acc = 0.0
@@ -607,9 +629,12 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     u, eu = work[0], work[1]
     _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
 
-    # the final pass at the mode: donor sums and cross-products for the gradient and the Hessian
-    sh = np.zeros(n)
-    sw = np.zeros(n)
+    # the final pass at the mode: donor sums and cross-products for the gradient and the Hessian (those of h1 and w
+    # kept in the work rows 6 and 7)
+    sh = work[6]
+    sw = work[7]
+    sh[:] = 0.0
+    sw[:] = 0.0
     a = np.zeros(n)
     swk = np.zeros(n)
     sh1k = np.zeros(n)
@@ -995,14 +1020,15 @@ def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
 
 @jit()
 def _optimise(
-    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
+    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st, sums
 ):  # pragma: no cover
     """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
 
     The Hessian: the penalised-likelihood Hessian in b, and the rows and columns of log(sigma2_g) and log(theta)
     of the Laplace log-likelihood's (the log-determinant matters most there): analytic with singleton donors,
     else by finite differences of the analytic gradient. Returns (loglik, status, iterations); ``Hout`` gets that
-    Hessian over all of phi (zero rows for fixed entries).
+    Hessian over all of phi (zero rows for fixed entries); ``sums`` (2 x donors) the donor sums of h1 and w at the
+    returned phi.
     """
     p = X.shape[1]
     k = p + 2
@@ -1013,6 +1039,7 @@ def _optimise(
     L, ok = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st)
     if not ok:
         return np.nan, FAILED, 0
+    sums[:, :] = st[5][6:8]
     vt = v.copy()
     dva = st[12].copy()  # the mode's derivatives in phi at phi: warm starts extrapolated along a step
     # rows/columns of the Hessian taken from finite differences of the gradient: log(s2), and log(theta) in the
@@ -1102,6 +1129,7 @@ def _optimise(
             moved[j] = ph[j] - phi[j]
         _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
         dva[:, :] = st[12]
+        sums[:, :] = st[5][6:8]
         L = Ln
         if t < STALL_STEP and dec < 1e-6:  # the log-likelihood's rounding, not the model, stops the steps
             return L, OK, it + 1
@@ -1114,6 +1142,7 @@ def _optimise(
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
                 dva[:, :] = st[12]
+                sums[:, :] = st[5][6:8]
                 L = Ln
         if not boundary and phi[p] < RHO_MIN:
             return L, BOUNDARY, it + 1
@@ -1149,7 +1178,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.empty(n),
         np.empty((n, p)),
         np.empty((n, p, p)),
-        np.zeros((6, n)),
+        np.zeros((8, n)),
         np.zeros(p + 2),
         np.flatnonzero(~is_donor),
         np.flatnonzero(is_donor),
@@ -1158,6 +1187,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.zeros(8),
         np.zeros((n, p + 2)),
         np.zeros(YHIST),
+        np.zeros(p + 1),
     )
 
 
@@ -1276,15 +1306,9 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
 
 
 @jit()
-def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st, sh, sw):  # pragma: no cover
-    """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2;
-    ``sh`` and ``sw`` get the donor sums of h1 and w there."""
-    p = X.shape[1]
-    n = bdon.shape[0]
-    key = st[6]
-    key[0] = 0.0
-    _prepare(fam, yi, yv, codes, off, phi[:p], st)
-    _inner_sums(fam, yi, yv, codes, math.exp(phi[p + 1]), np.ones(n), sh, sw, st)
+def _variance_score(bptr, bdon, Lflat, loff, sh, sw):  # pragma: no cover - compiled
+    """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2, from
+    the donor sums ``sh`` and ``sw`` of h1 and w there."""
     U = 0.0
     info = 0.0
     for b in range(bptr.shape[0] - 1):
@@ -1380,8 +1404,12 @@ def fit_genes_range(
     for c in range(N):
         if p > 0 and X[c, 0] != 1.0:
             intercept = False
-    sh0 = np.zeros(n)
-    sw0 = np.zeros(n)
+    sums0 = np.zeros((2, n))
+    sums1 = np.zeros((2, n))
+    sh0, sw0 = sums0[0], sums0[1]
+    lft = np.empty(LFACT_TABLE)
+    for y in range(LFACT_TABLE):
+        lft[y] = math.lgamma(y + 1.0)
     S2 = np.zeros(grp[0].shape[0] - 1)
     for c in range(N):
         S2[grp[1][c]] += grp[5][c] * grp[5][c]
@@ -1394,7 +1422,7 @@ def fit_genes_range(
         lfact = 0.0
         tot = 0.0
         for q in range(yv.shape[0]):
-            lfact += math.lgamma(yv[q] + 1.0)
+            lfact += _lfact(yv[q], lft)
             tot += yv[q]
         if yv.shape[0] < 2:
             status_out[gidx] = FAILED
@@ -1408,14 +1436,16 @@ def fit_genes_range(
         v = np.zeros(n)
         _glm_start(fam, yi, yv, phi, S2, st)
         st[6][0] = 0.0
-        L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st)
+        L0, st0, it0 = _optimise(
+            fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st, sums0
+        )
         loglik0_out[gidx] = L0
         st[11][6] = st[11][0]
         if st0 != OK:
             status_out[gidx] = FAILED
             iter_out[gidx] = it0
             continue
-        U, info = _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st, sh0, sw0)
+        U, info = _variance_score(bptr, bdon, Lflat, loff, sh0, sw0)
         phi0 = phi.copy()
         H0 = H.copy()
         status = BOUNDARY
@@ -1437,7 +1467,7 @@ def fit_genes_range(
                 free[p + 1] = False
             _mode_start(s2i, shift, sh0, sw0, bptr, bdon, Lflat, loff, v)
             L1, st1, it1 = _optimise(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st, sums1
             )
             its += it1
             if st1 == OK and L1 >= L0:
