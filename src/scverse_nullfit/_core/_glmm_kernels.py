@@ -204,9 +204,8 @@ def collapse_counts(indptr, indices, data, group, n_groups, offset, logS):  # pr
 
 _K = np.arange(SERIES_TERMS + 1, dtype=np.float64)
 _K[0] = 1.0
-#: Per term k of the series: (-1)^(k-1); the coefficients of the sums of delta^2, delta^3, delta^4 and log(1 + rho)
-#: relative to that of delta; and the largest rho for which k terms suffice.
-_SIGN = np.where(np.arange(SERIES_TERMS + 1) % 2 == 1, 1.0, -1.0)
+#: Per term k of the series (whose sign (-1)^(k-1) comes from Horner's rule in -t): the coefficients of the sums of
+#: delta^2, delta^3, delta^4 and log(1 + rho) relative to that of delta; and the largest rho for which k terms suffice.
 _C2 = -(_K - 1.0)
 _C3 = 0.5 * (_K - 1.0) * (_K - 2.0)
 _C4 = -(_K - 1.0) * (_K - 2.0) * (_K - 3.0) / 6.0
@@ -285,28 +284,29 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
                             out[6, g] = s6
                             out[7, g] = s7
                     continue
+                mt = -t  # the signs (-1)^(k-1) of the terms, exactly
                 if full and hess:
                     for k in range(nt, 0, -1):
-                        c = _SIGN[k] * mom[m, k]
-                        d1 = d1 * t + c
-                        d2 = d2 * t + _C2[k] * c
-                        d3 = d3 * t + _C3[k] * c
-                        d4 = d4 * t + _C4[k] * c
-                        dl = dl * t + _CL[k] * c
+                        c = mom[m, k]
+                        d1 = d1 * mt + c
+                        d2 = d2 * mt + _C2[k] * c
+                        d3 = d3 * mt + _C3[k] * c
+                        d4 = d4 * mt + _C4[k] * c
+                        dl = dl * mt + _CL[k] * c
                     dl *= t
                 elif full:
                     for k in range(nt, 0, -1):
-                        c = _SIGN[k] * mom[m, k]
-                        d1 = d1 * t + c
-                        d2 = d2 * t + _C2[k] * c
-                        d3 = d3 * t + _C3[k] * c
-                        dl = dl * t + _CL[k] * c
+                        c = mom[m, k]
+                        d1 = d1 * mt + c
+                        d2 = d2 * mt + _C2[k] * c
+                        d3 = d3 * mt + _C3[k] * c
+                        dl = dl * mt + _CL[k] * c
                     dl *= t
                 else:
                     for k in range(nt, 0, -1):
-                        c = _SIGN[k] * mom[m, k]
-                        d1 = d1 * t + c
-                        d2 = d2 * t + _C2[k] * c
+                        c = mom[m, k]
+                        d1 = d1 * mt + c
+                        d2 = d2 * mt + _C2[k] * c
                 d1 *= t * q0
                 d2 *= t * q0 * q0
                 d3 *= t * q0 * q0 * q0
@@ -591,7 +591,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist, _ = st
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx = st
     aux[0] += 1.0
     lconst = -lfact
     _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
@@ -712,46 +712,65 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
         s_r2 = 0.0
         s_l1p = 0.0
         for d in range(n):  # per group: every cell as a zero (zs), plus the non-zeros' corrections (cz)
+            shd = 0.0
+            swd = 0.0
+            ad = 0.0
+            sh1kd = 0.0
+            swkd = 0.0
+            w2dd = 0.0
+            w1kdd = 0.0
+            wkkdd = 0.0
+            s1kkdd = 0.0
             for g in range(dgptr[d], dgptr[d + 1]):
-                s_r += zs[0, g]
-                s_r2 += zs[2, g]
+                z0, z1, z2, z3, z4 = zs[0, g], zs[1, g], zs[2, g], zs[3, g], zs[4, g]
+                c0, c1, c2 = cz[0, g], cz[1, g], cz[2, g]
+                s_r += z0
+                s_r2 += z2
                 s_l1p += zs[5, g]
-                h1 = cz[0, g] - theta * zs[0, g]
-                wg = theta * zs[1, g] + cz[1, g]
-                h1k = cz[1, g] - theta * zs[2, g]
-                ag = theta * zs[4, g] + cz[2, g]
-                sh[d] += h1
-                sw[d] += wg
-                a[d] += ag
-                sh1k[d] += h1k
-                wkg = 2.0 * theta * zs[3, g] - cz[2, g]
-                swk[d] += wkg
+                h1 = c0 - theta * z0
+                wg = theta * z1 + c1
+                h1k = c1 - theta * z2
+                ag = theta * z4 + c2
+                shd += h1
+                swd += wg
+                ad += ag
+                sh1kd += h1k
+                wkg = 2.0 * theta * z3 - c2
+                swkd += wkg
                 if hrows:  # w2, w1k, wkk and h1kk (see the docs' analytic Hessian)
-                    w2g = theta * zs[6, g] + cz[3, g]
-                    w1kg = 2.0 * theta * zs[7, g] - cz[3, g]
-                    w2d[d] += w2g
-                    w1kd[d] += w1kg
-                    wkkd[d] += 2.0 * theta * (zs[3, g] - zs[7, g]) + cz[3, g]
-                    s1kkd[d] += theta * (2.0 * zs[3, g] - zs[2, g]) - cz[2, g]
-                    for j in ccols:
-                        x = Xg[g, j]
-                        if x == 0.0:
-                            continue
+                    c3, z7 = cz[3, g], zs[7, g]
+                    w2g = theta * zs[6, g] + c3
+                    w1kg = 2.0 * theta * z7 - c3
+                    w2dd += w2g
+                    w1kdd += w1kg
+                    wkkdd += 2.0 * theta * (z3 - z7) + c3
+                    s1kkdd += theta * (2.0 * z3 - z2) - c2
+                    for q in range(gcptr[g], gcptr[g + 1]):
+                        j = gcj[q]
+                        x = gcx[q]
                         w2x[d, j] += x * w2g
                         w1kx[d, j] += x * w1kg
                         wkx[d, j] += x * wkg
-                for j in ccols:
-                    x = Xg[g, j]
-                    if x == 0.0:
-                        continue
+                for q in range(gcptr[g], gcptr[g + 1]):
+                    j = gcj[q]
+                    x = gcx[q]
                     xh[j] += x * h1
                     xh1k[j] += x * h1k
                     zwx[d, j] += x * wg
                     zw1x[d, j] += x * ag
                     xw = x * wg
-                    for m2 in ccols:
-                        if m2 >= j:
-                            xwx[j, m2] += xw * Xg[g, m2]
+                    for q2 in range(q, gcptr[g + 1]):
+                        xwx[j, gcj[q2]] += xw * gcx[q2]
+            sh[d] = shd
+            sw[d] = swd
+            a[d] = ad
+            sh1k[d] = sh1kd
+            swk[d] = swkd
+            if hrows:
+                w2d[d] = w2dd
+                w1kd[d] = w1kdd
+                wkkd[d] = wkkdd
+                s1kkd[d] = s1kkdd
         lfix = -theta * s_l1p
         ll += lfix
         if need_ll:  # sum_c y_c log(mu_c) = sum_c y_c (o_c + x_c'b) + sum_d y_d u_d
@@ -772,13 +791,16 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                     w2x[d, j] = xd * w2d[d]
                     w1kx[d, j] = xd * w1kd[d]
                     wkx[d, j] = xd * swk[d]
+        xdw = np.zeros((p, p))  # sum_d x_dj zwx_d, donors in order
+        for d in range(n):
+            for j in dcols:
+                xd = Xd[d, j]
+                for m2 in range(p):
+                    xdw[j, m2] += xd * zwx[d, m2]
         for j in dcols:
             for m2 in range(p):
-                acc = 0.0
-                for d in range(n):
-                    acc += Xd[d, j] * zwx[d, m2]
                 lo_, hi_ = (j, m2) if j <= m2 else (m2, j)
-                xwx[lo_, hi_] = acc
+                xwx[lo_, hi_] = xdw[j, m2]
     for j in range(p):
         for m2 in range(j):
             xwx[j, m2] = xwx[m2, j]
@@ -1172,6 +1194,23 @@ def _state(p, n, grp):  # pragma: no cover - compiled
             for j in range(p):
                 if Xg[g, j] != Xd[d, j]:
                     is_donor[j] = False
+    ccols = np.flatnonzero(~is_donor)
+    gcptr = np.zeros(G + 1, dtype=np.int64)
+    for g in range(G):
+        m = 0
+        for j in ccols:
+            if Xg[g, j] != 0.0:
+                m += 1
+        gcptr[g + 1] = gcptr[g] + m
+    gcj = np.empty(gcptr[G], dtype=np.int64)
+    gcx = np.empty(gcptr[G])
+    for g in range(G):
+        q = gcptr[g]
+        for j in ccols:
+            if Xg[g, j] != 0.0:
+                gcj[q] = j
+                gcx[q] = Xg[g, j]
+                q += 1
     return (
         np.zeros((14, G)),
         np.empty(n),
@@ -1180,7 +1219,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.empty((n, p, p)),
         np.zeros((8, n)),
         np.zeros(p + 2),
-        np.flatnonzero(~is_donor),
+        ccols,
         np.flatnonzero(is_donor),
         Xd,
         grp,
@@ -1188,6 +1227,9 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.zeros((n, p + 2)),
         np.zeros(YHIST),
         np.zeros(p + 1),
+        gcptr,
+        gcj,
+        gcx,
     )
 
 
