@@ -340,12 +340,13 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
 
 @jit()
 def _gene_constants(fam, yi, yv, codes, off, st):  # pragma: no cover - compiled
-    """Once per gene (``aux[7]``): donor sums of y, sum_c y_c o_c and sum_c y_c x_c (``ycon``), and for the negative
-    binomial the histogram of the counts below YHIST."""
-    Yd, aux, yhist, ycon, grp = st[1], st[11], st[13], st[14], st[10]
+    """Once per gene (``aux[7]``): donor sums of y, sum_c y_c o_c and sum_c y_c x_c (``ycon``), the non-zero cells'
+    donors, groups and s_c (``nzd``, ``nzg``, ``nzs``: contiguous, in the gene's order), and for the negative binomial
+    the histogram of the counts below YHIST."""
+    Yd, aux, yhist, ycon, grp, nzd, nzg, nzs = st[1], st[11], st[13], st[14], st[10], st[18], st[19], st[20]
     if aux[7] == 1.0:
         return
-    gcell, Xg = grp[1], grp[3]
+    gcell, Xg, sig = grp[1], grp[3], grp[5]
     p = Xg.shape[1]
     Yd[:] = 0.0
     ycon[:] = 0.0
@@ -356,6 +357,9 @@ def _gene_constants(fam, yi, yv, codes, off, st):  # pragma: no cover - compiled
         Yd[codes[c]] += y
         ycon[0] += y * off[c]
         g = gcell[c]
+        nzd[k] = codes[c]
+        nzg[k] = g
+        nzs[k] = sig[c]
         for j in range(p):
             ycon[1 + j] += y * Xg[g, j]
         if fam == NEGATIVE_BINOMIAL and y < YHIST:
@@ -387,6 +391,9 @@ def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
     yb = ycon[0]
     for j in range(p):
         yb += beta[j] * ycon[1 + j]
+    nzg, nzs, m0 = st[19], st[20], st[21]
+    for k in range(yi.shape[0]):  # mu_c / e^u of the non-zero cells
+        m0[k] = Bg[nzg[k]] * nzs[k]
     if fam == POISSON:  # per group only the cell-level columns; the donor-level ones from the donor's sums
         for d in range(dgptr.shape[0] - 1):
             sd = 0.0
@@ -420,8 +427,8 @@ def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
 @jit()
 def _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st):  # pragma: no cover - compiled
     """Donor sums of h1 and w at eta = o + x'b + u[donor]: the zeros group by group, then the non-zeros."""
-    Bg, zs, grp = st[0][1], st[0][2:10], st[10]
-    dgptr, gcell, sig = grp[2], grp[1], grp[5]
+    Bg, zs, grp, nzd, m0 = st[0][1], st[0][2:10], st[10], st[18], st[21]
+    dgptr = grp[2]
     _zero_sums(eu / theta, Bg, False, grp, zs)
     for d in range(dgptr.shape[0] - 1):
         s1 = 0.0
@@ -432,10 +439,9 @@ def _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st):  # pragma: no cover - 
         sh[d] = -theta * s1
         sw[d] = theta * s2
     for k in range(yi.shape[0]):  # the non-zeros' corrections
-        c = yi[k]
-        d = codes[c]
+        d = nzd[k]
         y = yv[k]
-        mu = eu[d] * Bg[gcell[c]] * sig[c]
+        mu = eu[d] * m0[k]
         q = theta / (theta + mu)
         sh[d] += y * q
         sw[d] += y * (1.0 - q) * q
@@ -591,7 +597,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx = st
+    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx, _, _, _, _ = st
     aux[0] += 1.0
     lconst = -lfact
     _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
@@ -609,7 +615,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             aux[4] = acc
         lconst += aux[4]
     Bg = buf[1]
-    dgptr, gcell, Xg, sig = grp[2], grp[1], grp[3], grp[5]
+    dgptr, Xg = grp[2], grp[3]
     same = key[0] == 1.0
     for j in range(p):
         if key[2 + j] != beta[j]:
@@ -678,12 +684,12 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     else:
         zs, cz = buf[2:10], buf[10:14]
         cz[:, :] = 0.0
+        nzd, nzg, m0 = st[18], st[19], st[21]
         for k in range(yi.shape[0]):  # the non-zero cells: term(y) - term(0) in closed form, summed per group
-            c = yi[k]
-            d = codes[c]
-            g = gcell[c]
+            d = nzd[k]
+            g = nzg[k]
             y = yv[k]
-            mu = eu[d] * Bg[g] * sig[c]
+            mu = eu[d] * m0[k]
             t = theta + mu
             r = mu / t
             q = 1.0 - r
@@ -1184,6 +1190,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
     donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
+    N = grp[0][G]
     Xd = np.zeros((n, p))
     is_donor = np.ones(p, dtype=np.bool_)
     for d in range(n):
@@ -1230,6 +1237,10 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         gcptr,
         gcj,
         gcx,
+        np.empty(N, dtype=np.int64),
+        np.empty(N, dtype=np.int64),
+        np.empty(N),
+        np.empty(N),
     )
 
 
