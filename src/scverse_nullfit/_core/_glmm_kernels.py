@@ -1245,35 +1245,38 @@ def _state(p, n, grp):  # pragma: no cover - compiled
 
 
 @jit()
-def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gr, Hm):  # pragma: no cover - compiled
+def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # pragma: no cover - compiled
     """The Poisson GLM of the groups' summed counts ``Yg`` at ``b``: returns sum_g Yg x_g'b - mu_g (the
     log-likelihood less a constant), with ``gr`` = -sum_g mu_g x_g and ``Hm`` = -sum_g mu_g x_g x_g' (donor-level
-    columns through donor sums, so a group costs only its cell-level columns)."""
-    dgptr, Xg, oref, S1 = grp[2], grp[3], grp[4], grp[8]
-    p = Xg.shape[1]
+    columns through donor sums, so a group costs only its non-zero cell-level columns ``gcj``, ``gcx``)."""
+    dgptr, oref, S1 = grp[2], grp[4], grp[8]
+    p = Xd.shape[1]
     n = dgptr.shape[0] - 1
     gr[:] = 0.0
     Hm[:, :] = 0.0
     mcd = np.zeros(p)
     ll = 0.0
     for d in range(n):
+        xbd = 0.0
+        for j in dcols:
+            xbd += Xd[d, j] * b[j]
         md = 0.0
         for j in ccols:
             mcd[j] = 0.0
         for g in range(dgptr[d], dgptr[d + 1]):
-            xb = 0.0
-            for j in range(p):
-                xb += Xg[g, j] * b[j]
+            q0, q1 = gcptr[g], gcptr[g + 1]
+            xb = xbd
+            for q in range(q0, q1):
+                xb += gcx[q] * b[gcj[q]]
             mu = math.exp(oref[g] + xb) * S1[g]
             ll += Yg[g] * xb - mu
             md += mu
-            for j in ccols:
-                x = Xg[g, j]
-                if x == 0.0:
-                    continue
-                mcd[j] += mu * x
-                for m in ccols:
-                    Hm[j, m] -= mu * x * Xg[g, m]
+            for q in range(q0, q1):
+                j = gcj[q]
+                mx = mu * gcx[q]
+                mcd[j] += mx
+                for q2 in range(q0, q1):
+                    Hm[j, gcj[q2]] -= mx * gcx[q2]
         for j in dcols:
             xd = Xd[d, j]
             gr[j] -= xd * md
@@ -1293,7 +1296,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
     step halving, passes over the groups only, none over the cells), then for the negative binomial the moment
     estimate 1/theta = sum_c ((y_c - mu_c)^2 - y_c) / sum_c mu_c^2 at it (``S2``: the groups' sums of s_c^2).
     ``phi`` is left as it is when a step fails to be finite."""
-    grp, ccols, dcols, Xd = st[10], st[7], st[8], st[9]
+    grp, ccols, dcols, Xd, gcptr, gcj, gcx = st[10], st[7], st[8], st[9], st[15], st[16], st[17]
     gcell, Xg, oref, sig = grp[1], grp[3], grp[4], grp[5]
     G, p = Xg.shape
     Yg = np.zeros(G)
@@ -1308,7 +1311,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
     Hm = np.empty((p, p))
     gt = np.empty(p)
     Ht = np.empty((p, p))
-    ll = _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gr, Hm)
+    ll = _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm)
     if not (ll == ll) or abs(ll) == np.inf:
         return
     for _ in range(30):
@@ -1325,7 +1328,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
         ok = False
         for _h in range(30):
             bt = b + t * d
-            lt = _group_glm_pass(bt, Yg, grp, ccols, dcols, Xd, gt, Ht)
+            lt = _group_glm_pass(bt, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gt, Ht)
             if lt == lt and lt >= ll + 1e-4 * t * dec:
                 ok = True
                 break
