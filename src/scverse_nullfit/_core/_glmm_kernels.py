@@ -1255,6 +1255,7 @@ def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # p
     gr[:] = 0.0
     Hm[:, :] = 0.0
     mcd = np.zeros(p)
+    nd = dcols.shape[0]
     ll = 0.0
     for d in range(n):
         xbd = 0.0
@@ -1277,16 +1278,23 @@ def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # p
                 mcd[j] += mx
                 for q2 in range(q0, q1):
                     Hm[j, gcj[q2]] -= mx * gcx[q2]
-        for j in dcols:
+        for a in range(nd):  # the upper triangle, in the order of dcols (mirrored below)
+            j = dcols[a]
             xd = Xd[d, j]
             gr[j] -= xd * md
-            for m in dcols:
+            for b_ in range(a, nd):
+                m = dcols[b_]
                 Hm[j, m] -= xd * Xd[d, m] * md
             for m in ccols:
                 Hm[j, m] -= xd * mcd[m]
-                Hm[m, j] -= xd * mcd[m]
         for j in ccols:
             gr[j] -= mcd[j]
+    for a in range(nd):
+        j = dcols[a]
+        for b_ in range(a + 1, nd):
+            Hm[dcols[b_], j] = Hm[j, dcols[b_]]
+        for m in ccols:
+            Hm[m, j] = Hm[j, m]
     return ll
 
 
@@ -1387,6 +1395,39 @@ def _variance_score(bptr, bdon, Lflat, loff, sh, sw):  # pragma: no cover - comp
             for j in range(kk):
                 info += Gb[i, j] * Gb[i, j] * swi * sw[bdon[s + j]]
     return 0.5 * U, 0.5 * info
+
+
+@jit()
+def _s2_start(s2, bptr, bdon, Lflat, loff, sh, sw):  # pragma: no cover - compiled
+    """A start for s2 (singleton donors; ``s2`` itself otherwise, the score step U / info from 0): the maximum of the
+    donors' normal approximation at s2 = 0 (donor effect estimates sh_d / sw_d with variances 1/sw_d + s2 G_dd),
+    the sum over donors of (sh_d^2 tau_d / h_d - log h_d) / 2, tau_d = s2 G_dd, h_d = 1 + tau_d sw_d, by Newton's
+    method in log(s2) from ``s2``; ``s2`` when that fails."""
+    n = bdon.shape[0]
+    if bptr.shape[0] - 1 != n or not (s2 > 0.0):
+        return s2
+    r = math.log(min(max(s2, 1e-3), 10.0))
+    for _ in range(30):
+        e = math.exp(r)
+        g1 = 0.0
+        g2 = 0.0
+        for b in range(n):
+            d = bdon[b]
+            tau = e * Lflat[loff[b]] * Lflat[loff[b]]
+            ih = 1.0 / (1.0 + tau * sw[d])
+            s2h = sh[d] * sh[d] * ih * ih
+            g1 += tau * (s2h - sw[d] * ih)
+            g2 += tau * tau * (sw[d] * sw[d] * ih * ih - 2.0 * s2h * sw[d] * ih)
+        g2 += g1
+        if not (g1 == g1 and g2 < 0.0):
+            return s2
+        step = min(max(-g1 / g2, -2.0), 2.0)
+        r += step
+        if abs(step) < 1e-8:
+            break
+    if not (r == r) or r > 10.0:
+        return s2
+    return math.exp(r)
 
 
 @jit()
@@ -1508,7 +1549,7 @@ def fit_genes_range(
         L = L0
         its = it0
         if U > 0.0 and info > 0.0:
-            s2i = min(max(U / info, 1e-3), 10.0)
+            s2i = min(max(_s2_start(U / info, bptr, bdon, Lflat, loff, sh0, sw0), 1e-3), 10.0)
             phi[p] = math.log(s2i)
             if fam == NEGATIVE_BINOMIAL:  # the boundary fit's overdispersion, less the donor effects' share
                 ib = math.exp(-phi[p + 1])
