@@ -214,7 +214,7 @@ _RHO_OK = np.zeros(SERIES_TERMS + 1)
 _RHO_OK[2:] = (SERIES_EPS / (_K[2:] + 1.0) ** 2) ** (1.0 / (_K[2:] - 1.0))
 
 
-@jit()
+@jit(fastmath={"contract"})
 def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compiled
     """For every group g, sums over its cells, all taken as zeros, of r, r q, r^2 and (with ``full``) r^2 q,
     r q (q - r) and log1p(z) (rows 0..5 of ``out``), and with ``hess`` (and ``full``) r q (q^2 - 4 r q + r^2) and
@@ -226,6 +226,7 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
     (summed by Horner's rule, as many terms as rho needs); past SERIES_RHO, or when the group has fewer cells
     than terms (and ``full`` is off), cell by cell."""
     gptr, dgptr, sig, s0, hh, mom, midx = grp[0], grp[2], grp[5], grp[6], grp[7], grp[9], grp[10]
+    ntp = 2
     for dd in range(dgptr.shape[0] - 1):
         e = ea[dd]
         for g in range(dgptr[dd], dgptr[dd + 1]):
@@ -244,10 +245,14 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
             if m >= 0:
                 t = a * q0
                 rho = t * hh[g]
-                nt = 2
-                if rho <= SERIES_RHO:
+                nt = SERIES_TERMS
+                if rho <= SERIES_RHO:  # the fewest terms for rho (_RHO_OK increases), from the last group's
+                    nt = ntp
+                    while nt > 2 and rho < _RHO_OK[nt - 1]:
+                        nt -= 1
                     while nt < SERIES_TERMS and not (rho < _RHO_OK[nt]):
                         nt += 1
+                    ntp = nt
                 cells = not (rho <= SERIES_RHO) or (not full and nt >= n)
                 if cells:
                     sr = 0.0
@@ -285,28 +290,33 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
                             out[7, g] = s7
                     continue
                 mt = -t  # the signs (-1)^(k-1) of the terms, exactly
+                # P(x) = sum_k mom_k x^(k-1) at x = -t and its derivatives (Horner's rule with synthetic division):
+                # the sums of delta^2, delta^3, delta^4 are -x P'(x), x^2 P''(x)/2 and -x^3 P'''(x)/6 (times t q0^j)
                 if full and hess:
                     for k in range(nt, 0, -1):
                         c = mom[m, k]
+                        d4 = d4 * mt + d3
+                        d3 = d3 * mt + d2
+                        d2 = d2 * mt + d1
                         d1 = d1 * mt + c
-                        d2 = d2 * mt + _C2[k] * c
-                        d3 = d3 * mt + _C3[k] * c
-                        d4 = d4 * mt + _C4[k] * c
                         dl = dl * mt + _CL[k] * c
                     dl *= t
                 elif full:
                     for k in range(nt, 0, -1):
                         c = mom[m, k]
+                        d3 = d3 * mt + d2
+                        d2 = d2 * mt + d1
                         d1 = d1 * mt + c
-                        d2 = d2 * mt + _C2[k] * c
-                        d3 = d3 * mt + _C3[k] * c
                         dl = dl * mt + _CL[k] * c
                     dl *= t
                 else:
                     for k in range(nt, 0, -1):
                         c = mom[m, k]
+                        d2 = d2 * mt + d1
                         d1 = d1 * mt + c
-                        d2 = d2 * mt + _C2[k] * c
+                d2 *= t
+                d3 *= t * t
+                d4 *= t * t * t
                 d1 *= t * q0
                 d2 *= t * q0 * q0
                 d3 *= t * q0 * q0 * q0
