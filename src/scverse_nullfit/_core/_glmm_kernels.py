@@ -38,6 +38,8 @@ KAPPA_MAX = math.log(1e6)
 #: of log(theta) further each time it fails.
 KAPPA_TRY = math.log(20.0)
 MAX_ITER = 200
+#: The negative binomial's starting values stop their Poisson GLM at this Newton decrement: the NB fit refines them.
+GLM_START_TOL = 1e-2
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
 DECREMENT_TOL = 1e-10
@@ -1337,7 +1339,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
             gr[j] += xy[j]
         d = _ascent_direction(Hm, gr)
         dec = np.dot(gr, d)
-        if not (dec == dec) or dec < 1e-8:
+        if not (dec == dec) or dec < (1e-8 if fam == POISSON else GLM_START_TOL):
             break
         t = 1.0
         for j in range(p):
