@@ -854,19 +854,23 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             h = 1.0 + s2 * lo_ * lo_ * sw[d]
             if need_ll:
                 logdet += math.log(h)
-            md = lo_ * lo_ / h
+            ih = 1.0 / h
+            md = lo_ * lo_ * ih
+            cj = -sigma * lo_ * ih
             for j in range(p):  # the mode's derivatives in phi (implicit function; the mode condition used)
-                dvd[d, j] = -sigma * lo_ * zwx[d, j] / h
-            dvd[d, p] = 0.5 * v[d] * (1.0 - s2 * lo_ * lo_ * sw[d]) / h
-            dvd[d, p + 1] = sigma * lo_ * sh1k[d] / h
+                dvd[d, j] = cj * zwx[d, j]
+            dvd[d, p] = 0.5 * v[d] * (1.0 - s2 * lo_ * lo_ * sw[d]) * ih
+            sk = sh1k[d]
+            dvd[d, p + 1] = sigma * lo_ * sk * ih
             mdiag[d] = md
-            LHv[d] = lo_ * v[d] / h
+            LHv[d] = lo_ * v[d] * ih
             Maq[d] = md * a[d] * s2 * md
-            for j in range(p + 1):
-                zj = zwx[d, j] if j < p else sh1k[d]
-                for m2 in range(j, p + 1):
-                    zm = zwx[d, m2] if m2 < p else sh1k[d]
-                    Q[j, m2] += md * zj * zm
+            for j in range(p):
+                mz = md * zwx[d, j]
+                for m2 in range(j, p):
+                    Q[j, m2] += mz * zwx[d, m2]
+                Q[j, p] += mz * sk
+            Q[p, p] += md * sk * sk
             continue
         Lb, A, _ = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
         H = s2 * (A.T @ A)
