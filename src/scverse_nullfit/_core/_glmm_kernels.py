@@ -144,14 +144,12 @@ def _lfact(y, table):  # pragma: no cover - compiled
 
 
 @jit()
-def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no cover - compiled
-    """CSC columns with each cell c moved to row inv[c], rows sorted in every column: a counting sort of the
-    column's cells by their group ``group[c]`` (inv is increasing within a group). Returns (rows, values)."""
-    nnz = indptr[indptr.shape[0] - 1]
-    oi = np.empty(nnz, dtype=np.int64)
-    od = np.empty(nnz)
+def regroup_columns_range(lo, hi, indptr, indices, data, inv, group, n_groups, oi, od):  # pragma: no cover
+    """Columns lo..hi-1 of CSC counts with each cell c moved to row inv[c], rows sorted in every column, into
+    ``oi`` (rows) and ``od`` (values) at the column's own positions: a counting sort of the column's cells by their
+    group ``group[c]`` (inv is increasing within a group)."""
     cnt = np.zeros(n_groups + 1, dtype=np.int64)
-    for j in range(indptr.shape[0] - 1):
+    for j in range(lo, hi):
         a, b = indptr[j], indptr[j + 1]
         for k in range(a, b):
             cnt[group[indices[k]] + 1] += 1
@@ -165,6 +163,15 @@ def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no 
             oi[pos] = inv[c]
             od[pos] = data[k]
         cnt[:] = 0
+
+
+@jit()
+def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no cover - compiled
+    """All columns of :func:`regroup_columns_range`. Returns (rows, values)."""
+    nnz = indptr[indptr.shape[0] - 1]
+    oi = np.empty(nnz, dtype=np.int64)
+    od = np.empty(nnz)
+    regroup_columns_range(0, indptr.shape[0] - 1, indptr, indices, data, inv, group, n_groups, oi, od)
     return oi, od
 
 
