@@ -652,9 +652,9 @@ def count_projection(
 ) -> CountProjection:
     """The compact projection from the working sums: ``T = I - s2 D_w L K^-1 L'``, ``K = I + s2 L' D_w L``.
 
-    Chunk by chunk of genes (bounded temporaries; ``n_threads`` chunks at a time); singleton donors for all genes of a
-    chunk at once, blocks of related donors through :func:`block_solve`. The working sums are consumed: ``sums["ZWX"]`` becomes ``B``
-    (overwritten in place, so no second genes x donors x p array is allocated).
+    Chunk by chunk of genes (bounded temporaries; ``n_threads`` chunks at a time); singleton donors for all genes of
+    a chunk at once, blocks of related donors through :func:`block_solve`. The working sums are consumed:
+    ``sums["ZWX"]`` becomes ``B`` (overwritten in place, so no second genes x donors x p array is allocated).
     """
     Dw, ZWX, XWX, ZWr, XWr = (sums[k] for k in ("Dw", "ZWX", "XWX", "ZWr", "XWr"))
     genes, n, p = ZWX.shape

@@ -616,7 +616,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx, _, _, _, _ = st
+    buf, Yd, Sd, E, F, work, key, _, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx, _, _, _, _ = st
     aux[0] += 1.0
     lconst = -lfact
     _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
@@ -634,7 +634,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             aux[4] = acc
         lconst += aux[4]
     Bg = buf[1]
-    dgptr, Xg = grp[2], grp[3]
+    dgptr = grp[2]
     same = key[0] == 1.0
     for j in range(p):
         if key[2 + j] != beta[j]:
@@ -1203,14 +1203,16 @@ def _optimise(
 @jit()
 def _state(p, n, grp):  # pragma: no cover - compiled
     """Per-gene scratch of :func:`evaluate`: (x_g'b and exp(oref_g + x_g'b) per group, donor sums of y, of mu / e^u, of
-    mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows, the cache key [valid, sum y base, b]), then
-    the design's split: the cell-level columns, the donor-level ones (constant within every donor) and the
-    donor-level values (donors x p), the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner
-    passes, valid, theta, sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations,
-    boundary-fit evaluations, histogram valid], the mode's derivatives in phi at the last evaluation (donors x
-    (p + 2)) and the histogram of the gene's counts below YHIST. The caches (key, aux) belong to one gene: reset
-    key[0], aux[2] and aux[7] before the next. Donor-level columns need no per-group work: their sums follow from
-    donor sums."""
+    mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows (rows 6, 7: the donor sums of h1 and w of
+    the last evaluation's final pass), the cache key [valid, sum y base, b]), then the design's split: the
+    cell-level columns, the donor-level ones (constant within every donor) and the donor-level values (donors x p),
+    the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner passes, valid, theta,
+    sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations, boundary-fit evaluations,
+    gene constants valid], the mode's derivatives in phi at the last evaluation (donors x (p + 2)), the histogram
+    of the gene's counts below YHIST, the gene's constants ``ycon`` (:func:`_gene_constants`), each group's non-zero
+    cell-level columns (pointers, columns, values), and per non-zero cell of the gene its donor, group, s_c and
+    mu_c / e^u at the last b. The caches (key, aux) belong to one gene: reset key[0], aux[2] and aux[7] before the
+    next. Donor-level columns need no per-group work: their sums follow from donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
     N = grp[0][G]
