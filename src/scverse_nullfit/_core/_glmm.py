@@ -283,13 +283,14 @@ def _cell_layout(codes, X, offset, n_donors: int, group: np.ndarray | None = Non
     return inv, ogroup, codes, X, offset, grp
 
 
-def _by_donor(Y, codes, X, offset, n_donors: int, cells=None):
+def _by_donor(Y, codes, X, offset, n_donors: int, cells=None, n_threads: int = 1):
     """Counts (CSC, float64), codes, design and offset with the cells sorted by group (cells sharing a donor and
     a design row, donor-major: the kernels' layout), and the groups as the tuple the kernels take: (cell
     pointers, group of each cell, donor pointers into the groups, design rows, reference offset ``oref`` (the
     group's largest), ``s_c = exp(o_c - oref)`` per cell, centre ``s0`` and half-range ``hh`` of the group's
     ``s_c``, ``S1 = sum s_c``, moments ``sum (s_c - s0)^k`` of the groups with spread, and each group's row in
-    them (-1: none)). ``cells``: the gene-independent part (:func:`_cell_layout`), when the caller has it."""
+    them (-1: none)). ``cells``: the gene-independent part (:func:`_cell_layout`), when the caller has it;
+    ``n_threads``: threads over genes for the regrouping."""
     M = _as_csc(Y)
     if cells is None:
         cells = _cell_layout(codes, X, offset, n_donors)
@@ -298,7 +299,12 @@ def _by_donor(Y, codes, X, offset, n_donors: int, cells=None):
     if inv is None:
         indices, data = M.indices.astype(np.int64), M.data.astype(np.float64, copy=False)
     else:  # new arrays: the caller's Y is left untouched
-        indices, data = K.regroup_columns(indptr, M.indices, M.data, inv, ogroup, len(grp[0]) - 1)
+        indices, data = np.empty(indptr[-1], dtype=np.int64), np.empty(indptr[-1])
+
+        def work(lo_hi):
+            K.regroup_columns_range(*lo_hi, indptr, M.indices, M.data, inv, ogroup, len(grp[0]) - 1, indices, data)
+
+        _run_ranges(work, len(indptr) - 1, n_threads, max_chunk=1 << 30)
     return indptr, indices, data, codes, X, offset, grp
 
 
@@ -347,11 +353,13 @@ def count_layout(
     gene_names=None,
     cell_names=None,
     groups: CountGroups | None = None,
+    n_threads: int = 1,
 ) -> CountLayout:
     """Counts, codes, design and offset in the kernels' layout, once for :func:`fit_counts` and
     :func:`working_sums` of the same batch; the counts are checked first (:func:`check_counts`, naming a gene and a
     cell). ``collapse``: for the Poisson family, cells sharing a donor and a design row as one group (exact; see
-    :func:`_poisson_groups`). ``groups``: the fit's :func:`count_groups` (built here otherwise)."""
+    :func:`_poisson_groups`). ``groups``: the fit's :func:`count_groups` (built here otherwise); ``n_threads``: threads
+    over genes."""
     check_counts(Y, gene_names, cell_names)
     if groups is None:
         groups = count_groups(codes, X, offset, family, n_donors, collapse=collapse)
@@ -359,7 +367,7 @@ def count_layout(
     const = 0.0
     if groups.collapse is not None:
         M, const = _poisson_groups(M, codes, X, offset, groups.collapse)
-    return CountLayout(_by_donor(M, None, None, None, n_donors, groups.cells), const)
+    return CountLayout(_by_donor(M, None, None, None, n_donors, groups.cells, n_threads), const)
 
 
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
@@ -639,12 +647,14 @@ def block_quad(Dw: np.ndarray, s2: np.ndarray, groups: list[BlockGroup], G: np.n
     return out
 
 
-def count_projection(sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: DonorBlocks) -> CountProjection:
+def count_projection(
+    sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: DonorBlocks, n_threads: int = 1
+) -> CountProjection:
     """The compact projection from the working sums: ``T = I - s2 D_w L K^-1 L'``, ``K = I + s2 L' D_w L``.
 
-    Chunk by chunk of genes (bounded temporaries); singleton donors for all genes of a chunk at once, blocks of
-    related donors through :func:`block_solve`. The working sums are consumed: ``sums["ZWX"]`` becomes ``B``
-    (overwritten in place, so no second genes x donors x p array is allocated).
+    Chunk by chunk of genes (bounded temporaries; ``n_threads`` chunks at a time); singleton donors for all genes of
+    a chunk at once, blocks of related donors through :func:`block_solve`. The working sums are consumed:
+    ``sums["ZWX"]`` becomes ``B`` (overwritten in place, so no second genes x donors x p array is allocated).
     """
     Dw, ZWX, XWX, ZWr, XWr = (sums[k] for k in ("Dw", "ZWX", "XWX", "ZWr", "XWr"))
     genes, n, p = ZWX.shape
@@ -652,9 +662,13 @@ def count_projection(sums: dict[str, np.ndarray], sigma2_g: np.ndarray, blocks: 
     d1, g1, groups = _split_blocks(blocks)
     Ainv = np.full((genes, p, p), np.nan)
     resid = np.empty((genes, n))
-    for lo in range(0, genes, _gene_step(3 * n * (p + 1))):
-        sl = slice(lo, min(genes, lo + _gene_step(3 * n * (p + 1))))
+
+    def work(lo_hi):
+        sl = slice(*lo_hi)
         _project_chunk(Dw[sl], ZWX[sl], XWX[sl], ZWr[sl], XWr[sl], s2[sl], d1, g1, groups, Ainv[sl], resid[sl])
+
+    step = _gene_step(3 * n * (p + 1))
+    _run_ranges(work, genes, n_threads, max_chunk=step if n_threads > 1 else max(step, genes))
     return CountProjection(sigma2_g=s2, Dw=Dw, B=ZWX, Ainv=Ainv, resid=resid)
 
 

@@ -38,6 +38,8 @@ KAPPA_MAX = math.log(1e6)
 #: of log(theta) further each time it fails.
 KAPPA_TRY = math.log(20.0)
 MAX_ITER = 200
+#: The negative binomial's starting values stop their Poisson GLM at this Newton decrement: the NB fit refines them.
+GLM_START_TOL = 1e-2
 INNER_MAX_ITER = 100
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
 DECREMENT_TOL = 1e-10
@@ -142,14 +144,12 @@ def _lfact(y, table):  # pragma: no cover - compiled
 
 
 @jit()
-def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no cover - compiled
-    """CSC columns with each cell c moved to row inv[c], rows sorted in every column: a counting sort of the
-    column's cells by their group ``group[c]`` (inv is increasing within a group). Returns (rows, values)."""
-    nnz = indptr[indptr.shape[0] - 1]
-    oi = np.empty(nnz, dtype=np.int64)
-    od = np.empty(nnz)
+def regroup_columns_range(lo, hi, indptr, indices, data, inv, group, n_groups, oi, od):  # pragma: no cover
+    """Columns lo..hi-1 of CSC counts with each cell c moved to row inv[c], rows sorted in every column, into
+    ``oi`` (rows) and ``od`` (values) at the column's own positions: a counting sort of the column's cells by their
+    group ``group[c]`` (inv is increasing within a group)."""
     cnt = np.zeros(n_groups + 1, dtype=np.int64)
-    for j in range(indptr.shape[0] - 1):
+    for j in range(lo, hi):
         a, b = indptr[j], indptr[j + 1]
         for k in range(a, b):
             cnt[group[indices[k]] + 1] += 1
@@ -163,6 +163,15 @@ def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no 
             oi[pos] = inv[c]
             od[pos] = data[k]
         cnt[:] = 0
+
+
+@jit()
+def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no cover - compiled
+    """All columns of :func:`regroup_columns_range`. Returns (rows, values)."""
+    nnz = indptr[indptr.shape[0] - 1]
+    oi = np.empty(nnz, dtype=np.int64)
+    od = np.empty(nnz)
+    regroup_columns_range(0, indptr.shape[0] - 1, indptr, indices, data, inv, group, n_groups, oi, od)
     return oi, od
 
 
@@ -204,9 +213,8 @@ def collapse_counts(indptr, indices, data, group, n_groups, offset, logS):  # pr
 
 _K = np.arange(SERIES_TERMS + 1, dtype=np.float64)
 _K[0] = 1.0
-#: Per term k of the series: (-1)^(k-1); the coefficients of the sums of delta^2, delta^3, delta^4 and log(1 + rho)
-#: relative to that of delta; and the largest rho for which k terms suffice.
-_SIGN = np.where(np.arange(SERIES_TERMS + 1) % 2 == 1, 1.0, -1.0)
+#: Per term k of the series (whose sign (-1)^(k-1) comes from Horner's rule in -t): the coefficients of the sums of
+#: delta^2, delta^3, delta^4 and log(1 + rho) relative to that of delta; and the largest rho for which k terms suffice.
 _C2 = -(_K - 1.0)
 _C3 = 0.5 * (_K - 1.0) * (_K - 2.0)
 _C4 = -(_K - 1.0) * (_K - 2.0) * (_K - 3.0) / 6.0
@@ -215,7 +223,7 @@ _RHO_OK = np.zeros(SERIES_TERMS + 1)
 _RHO_OK[2:] = (SERIES_EPS / (_K[2:] + 1.0) ** 2) ** (1.0 / (_K[2:] - 1.0))
 
 
-@jit()
+@jit(fastmath={"contract"})
 def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compiled
     """For every group g, sums over its cells, all taken as zeros, of r, r q, r^2 and (with ``full``) r^2 q,
     r q (q - r) and log1p(z) (rows 0..5 of ``out``), and with ``hess`` (and ``full``) r q (q^2 - 4 r q + r^2) and
@@ -227,6 +235,7 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
     (summed by Horner's rule, as many terms as rho needs); past SERIES_RHO, or when the group has fewer cells
     than terms (and ``full`` is off), cell by cell."""
     gptr, dgptr, sig, s0, hh, mom, midx = grp[0], grp[2], grp[5], grp[6], grp[7], grp[9], grp[10]
+    ntp = 2
     for dd in range(dgptr.shape[0] - 1):
         e = ea[dd]
         for g in range(dgptr[dd], dgptr[dd + 1]):
@@ -245,10 +254,14 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
             if m >= 0:
                 t = a * q0
                 rho = t * hh[g]
-                nt = 2
-                if rho <= SERIES_RHO:
+                nt = SERIES_TERMS
+                if rho <= SERIES_RHO:  # the fewest terms for rho (_RHO_OK increases), from the last group's
+                    nt = ntp
+                    while nt > 2 and rho < _RHO_OK[nt - 1]:
+                        nt -= 1
                     while nt < SERIES_TERMS and not (rho < _RHO_OK[nt]):
                         nt += 1
+                    ntp = nt
                 cells = not (rho <= SERIES_RHO) or (not full and nt >= n)
                 if cells:
                     sr = 0.0
@@ -285,28 +298,34 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
                             out[6, g] = s6
                             out[7, g] = s7
                     continue
+                mt = -t  # the signs (-1)^(k-1) of the terms, exactly
+                # P(x) = sum_k mom_k x^(k-1) at x = -t and its derivatives (Horner's rule with synthetic division):
+                # the sums of delta^2, delta^3, delta^4 are -x P'(x), x^2 P''(x)/2 and -x^3 P'''(x)/6 (times t q0^j)
                 if full and hess:
                     for k in range(nt, 0, -1):
-                        c = _SIGN[k] * mom[m, k]
-                        d1 = d1 * t + c
-                        d2 = d2 * t + _C2[k] * c
-                        d3 = d3 * t + _C3[k] * c
-                        d4 = d4 * t + _C4[k] * c
-                        dl = dl * t + _CL[k] * c
+                        c = mom[m, k]
+                        d4 = d4 * mt + d3
+                        d3 = d3 * mt + d2
+                        d2 = d2 * mt + d1
+                        d1 = d1 * mt + c
+                        dl = dl * mt + _CL[k] * c
                     dl *= t
                 elif full:
                     for k in range(nt, 0, -1):
-                        c = _SIGN[k] * mom[m, k]
-                        d1 = d1 * t + c
-                        d2 = d2 * t + _C2[k] * c
-                        d3 = d3 * t + _C3[k] * c
-                        dl = dl * t + _CL[k] * c
+                        c = mom[m, k]
+                        d3 = d3 * mt + d2
+                        d2 = d2 * mt + d1
+                        d1 = d1 * mt + c
+                        dl = dl * mt + _CL[k] * c
                     dl *= t
                 else:
                     for k in range(nt, 0, -1):
-                        c = _SIGN[k] * mom[m, k]
-                        d1 = d1 * t + c
-                        d2 = d2 * t + _C2[k] * c
+                        c = mom[m, k]
+                        d2 = d2 * mt + d1
+                        d1 = d1 * mt + c
+                d2 *= t
+                d3 *= t * t
+                d4 *= t * t * t
                 d1 *= t * q0
                 d2 *= t * q0 * q0
                 d3 *= t * q0 * q0 * q0
@@ -339,28 +358,62 @@ def _zero_sums(ea, Bg, full, grp, out, hess=False):  # pragma: no cover - compil
 
 
 @jit()
-def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
-    """Per group g: xb_g = x_g'b and Bg_g = exp(oref_g + xb_g) (so mu_c = s_c Bg_g exp(u_d)); donor sums of y; for
-    the Poisson family the donor sums of Bg S1, Bg S1 x and Bg S1 x x' (upper triangle), S1_g = sum_c s_c.
-    Returns sum_c y_c (o_c + x_c'b)."""
-    buf, Yd, Sd, E, F, grp = st[0], st[1], st[2], st[3], st[4], st[10]
-    dgptr, Xg, oref, S1, gcell = grp[2], grp[3], grp[4], grp[8], grp[1]
-    XB, Bg = buf[0], buf[1]
-    G, p = Xg.shape
-    for g in range(G):
-        s = 0.0
-        for j in range(p):
-            s += Xg[g, j] * beta[j]
-        XB[g] = s
-        Bg[g] = math.exp(oref[g] + s)
+def _gene_constants(fam, yi, yv, codes, off, st):  # pragma: no cover - compiled
+    """Once per gene (``aux[7]``): donor sums of y, sum_c y_c o_c and sum_c y_c x_c (``ycon``), the non-zero cells'
+    donors, groups and s_c (``nzd``, ``nzg``, ``nzs``: contiguous, in the gene's order), and for the negative binomial
+    the histogram of the counts below YHIST."""
+    Yd, aux, yhist, ycon, grp, nzd, nzg, nzs = st[1], st[11], st[13], st[14], st[10], st[18], st[19], st[20]
+    if aux[7] == 1.0:
+        return
+    gcell, Xg, sig = grp[1], grp[3], grp[5]
+    p = Xg.shape[1]
     Yd[:] = 0.0
-    yb = 0.0
+    ycon[:] = 0.0
+    yhist[:] = 0.0
     for k in range(yi.shape[0]):
         c = yi[k]
-        Yd[codes[c]] += yv[k]
-        yb += yv[k] * (off[c] + XB[gcell[c]])
+        y = yv[k]
+        Yd[codes[c]] += y
+        ycon[0] += y * off[c]
+        g = gcell[c]
+        nzd[k] = codes[c]
+        nzg[k] = g
+        nzs[k] = sig[c]
+        for j in range(p):
+            ycon[1 + j] += y * Xg[g, j]
+        if fam == NEGATIVE_BINOMIAL and y < YHIST:
+            yhist[int(y)] += 1.0
+    aux[7] = 1.0
+
+
+@jit()
+def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
+    """Per group g: xb_g = x_g'b and Bg_g = exp(oref_g + xb_g) (so mu_c = s_c Bg_g exp(u_d)); for the Poisson family
+    the donor sums of Bg S1, Bg S1 x and Bg S1 x x' (upper triangle), S1_g = sum_c s_c. Returns
+    sum_c y_c (o_c + x_c'b) (from the gene's constants, :func:`_gene_constants`)."""
+    buf, Sd, E, F, grp, ycon = st[0], st[2], st[3], st[4], st[10], st[14]
+    ccols, dcols, Xd = st[7], st[8], st[9]
+    dgptr, Xg, oref, S1 = grp[2], grp[3], grp[4], grp[8]
+    _gene_constants(fam, yi, yv, codes, off, st)
+    XB, Bg = buf[0], buf[1]
+    p = Xg.shape[1]
+    for d in range(dgptr.shape[0] - 1):  # the donor-level columns once per donor
+        sd = 0.0
+        for j in dcols:
+            sd += Xd[d, j] * beta[j]
+        for g in range(dgptr[d], dgptr[d + 1]):
+            s = sd
+            for j in ccols:
+                s += Xg[g, j] * beta[j]
+            XB[g] = s
+            Bg[g] = math.exp(oref[g] + s)
+    yb = ycon[0]
+    for j in range(p):
+        yb += beta[j] * ycon[1 + j]
+    nzg, nzs, m0 = st[19], st[20], st[21]
+    for k in range(yi.shape[0]):  # mu_c / e^u of the non-zero cells
+        m0[k] = Bg[nzg[k]] * nzs[k]
     if fam == POISSON:  # per group only the cell-level columns; the donor-level ones from the donor's sums
-        ccols, dcols, Xd = st[7], st[8], st[9]
         for d in range(dgptr.shape[0] - 1):
             sd = 0.0
             for j in ccols:
@@ -393,8 +446,8 @@ def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
 @jit()
 def _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st):  # pragma: no cover - compiled
     """Donor sums of h1 and w at eta = o + x'b + u[donor]: the zeros group by group, then the non-zeros."""
-    Bg, zs, grp = st[0][1], st[0][2:10], st[10]
-    dgptr, gcell, sig = grp[2], grp[1], grp[5]
+    Bg, zs, grp, nzd, m0 = st[0][1], st[0][2:10], st[10], st[18], st[21]
+    dgptr = grp[2]
     _zero_sums(eu / theta, Bg, False, grp, zs)
     for d in range(dgptr.shape[0] - 1):
         s1 = 0.0
@@ -405,10 +458,9 @@ def _nb_inner_pass(yi, yv, codes, eu, theta, sh, sw, st):  # pragma: no cover - 
         sh[d] = -theta * s1
         sw[d] = theta * s2
     for k in range(yi.shape[0]):  # the non-zeros' corrections
-        c = yi[k]
-        d = codes[c]
+        d = nzd[k]
         y = yv[k]
-        mu = eu[d] * Bg[gcell[c]] * sig[c]
+        mu = eu[d] * m0[k]
         q = theta / (theta + mu)
         sh[d] += y * q
         sw[d] += y * (1.0 - q) * q
@@ -564,15 +616,10 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, ccols, dcols, Xd, grp, aux, dvd, yhist = st
+    buf, Yd, Sd, E, F, work, key, _, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx, _, _, _, _ = st
     aux[0] += 1.0
     lconst = -lfact
-    if fam == NEGATIVE_BINOMIAL and aux[7] != 1.0:  # the terms in (y, theta) alone go by distinct small counts
-        yhist[:] = 0.0
-        for k in range(yv.shape[0]):
-            if yv[k] < YHIST:
-                yhist[int(yv[k])] += 1.0
-        aux[7] = 1.0
+    _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
     if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
         if aux[2] != 1.0 or aux[3] != theta:
             acc = 0.0
@@ -587,7 +634,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             aux[4] = acc
         lconst += aux[4]
     Bg = buf[1]
-    dgptr, gcell, Xg, sig = grp[2], grp[1], grp[3], grp[5]
+    dgptr = grp[2]
     same = key[0] == 1.0
     for j in range(p):
         if key[2 + j] != beta[j]:
@@ -607,9 +654,12 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     u, eu = work[0], work[1]
     _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
 
-    # the final pass at the mode: donor sums and cross-products for the gradient and the Hessian
-    sh = np.zeros(n)
-    sw = np.zeros(n)
+    # the final pass at the mode: donor sums and cross-products for the gradient and the Hessian (those of h1 and w
+    # kept in the work rows 6 and 7)
+    sh = work[6]
+    sw = work[7]
+    sh[:] = 0.0
+    sw[:] = 0.0
     a = np.zeros(n)
     swk = np.zeros(n)
     sh1k = np.zeros(n)
@@ -653,12 +703,12 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     else:
         zs, cz = buf[2:10], buf[10:14]
         cz[:, :] = 0.0
+        nzd, nzg, m0 = st[18], st[19], st[21]
         for k in range(yi.shape[0]):  # the non-zero cells: term(y) - term(0) in closed form, summed per group
-            c = yi[k]
-            d = codes[c]
-            g = gcell[c]
+            d = nzd[k]
+            g = nzg[k]
             y = yv[k]
-            mu = eu[d] * Bg[g] * sig[c]
+            mu = eu[d] * m0[k]
             t = theta + mu
             r = mu / t
             q = 1.0 - r
@@ -687,46 +737,65 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
         s_r2 = 0.0
         s_l1p = 0.0
         for d in range(n):  # per group: every cell as a zero (zs), plus the non-zeros' corrections (cz)
+            shd = 0.0
+            swd = 0.0
+            ad = 0.0
+            sh1kd = 0.0
+            swkd = 0.0
+            w2dd = 0.0
+            w1kdd = 0.0
+            wkkdd = 0.0
+            s1kkdd = 0.0
             for g in range(dgptr[d], dgptr[d + 1]):
-                s_r += zs[0, g]
-                s_r2 += zs[2, g]
+                z0, z1, z2, z3, z4 = zs[0, g], zs[1, g], zs[2, g], zs[3, g], zs[4, g]
+                c0, c1, c2 = cz[0, g], cz[1, g], cz[2, g]
+                s_r += z0
+                s_r2 += z2
                 s_l1p += zs[5, g]
-                h1 = cz[0, g] - theta * zs[0, g]
-                wg = theta * zs[1, g] + cz[1, g]
-                h1k = cz[1, g] - theta * zs[2, g]
-                ag = theta * zs[4, g] + cz[2, g]
-                sh[d] += h1
-                sw[d] += wg
-                a[d] += ag
-                sh1k[d] += h1k
-                wkg = 2.0 * theta * zs[3, g] - cz[2, g]
-                swk[d] += wkg
+                h1 = c0 - theta * z0
+                wg = theta * z1 + c1
+                h1k = c1 - theta * z2
+                ag = theta * z4 + c2
+                shd += h1
+                swd += wg
+                ad += ag
+                sh1kd += h1k
+                wkg = 2.0 * theta * z3 - c2
+                swkd += wkg
                 if hrows:  # w2, w1k, wkk and h1kk (see the docs' analytic Hessian)
-                    w2g = theta * zs[6, g] + cz[3, g]
-                    w1kg = 2.0 * theta * zs[7, g] - cz[3, g]
-                    w2d[d] += w2g
-                    w1kd[d] += w1kg
-                    wkkd[d] += 2.0 * theta * (zs[3, g] - zs[7, g]) + cz[3, g]
-                    s1kkd[d] += theta * (2.0 * zs[3, g] - zs[2, g]) - cz[2, g]
-                    for j in ccols:
-                        x = Xg[g, j]
-                        if x == 0.0:
-                            continue
+                    c3, z7 = cz[3, g], zs[7, g]
+                    w2g = theta * zs[6, g] + c3
+                    w1kg = 2.0 * theta * z7 - c3
+                    w2dd += w2g
+                    w1kdd += w1kg
+                    wkkdd += 2.0 * theta * (z3 - z7) + c3
+                    s1kkdd += theta * (2.0 * z3 - z2) - c2
+                    for q in range(gcptr[g], gcptr[g + 1]):
+                        j = gcj[q]
+                        x = gcx[q]
                         w2x[d, j] += x * w2g
                         w1kx[d, j] += x * w1kg
                         wkx[d, j] += x * wkg
-                for j in ccols:
-                    x = Xg[g, j]
-                    if x == 0.0:
-                        continue
+                for q in range(gcptr[g], gcptr[g + 1]):
+                    j = gcj[q]
+                    x = gcx[q]
                     xh[j] += x * h1
                     xh1k[j] += x * h1k
                     zwx[d, j] += x * wg
                     zw1x[d, j] += x * ag
                     xw = x * wg
-                    for m2 in ccols:
-                        if m2 >= j:
-                            xwx[j, m2] += xw * Xg[g, m2]
+                    for q2 in range(q, gcptr[g + 1]):
+                        xwx[j, gcj[q2]] += xw * gcx[q2]
+            sh[d] = shd
+            sw[d] = swd
+            a[d] = ad
+            sh1k[d] = sh1kd
+            swk[d] = swkd
+            if hrows:
+                w2d[d] = w2dd
+                w1kd[d] = w1kdd
+                wkkd[d] = wkkdd
+                s1kkd[d] = s1kkdd
         lfix = -theta * s_l1p
         ll += lfix
         if need_ll:  # sum_c y_c log(mu_c) = sum_c y_c (o_c + x_c'b) + sum_d y_d u_d
@@ -747,13 +816,16 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                     w2x[d, j] = xd * w2d[d]
                     w1kx[d, j] = xd * w1kd[d]
                     wkx[d, j] = xd * swk[d]
+        xdw = np.zeros((p, p))  # sum_d x_dj zwx_d, donors in order
+        for d in range(n):
+            for j in dcols:
+                xd = Xd[d, j]
+                for m2 in range(p):
+                    xdw[j, m2] += xd * zwx[d, m2]
         for j in dcols:
             for m2 in range(p):
-                acc = 0.0
-                for d in range(n):
-                    acc += Xd[d, j] * zwx[d, m2]
                 lo_, hi_ = (j, m2) if j <= m2 else (m2, j)
-                xwx[lo_, hi_] = acc
+                xwx[lo_, hi_] = xdw[j, m2]
     for j in range(p):
         for m2 in range(j):
             xwx[j, m2] = xwx[m2, j]
@@ -789,19 +861,23 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             h = 1.0 + s2 * lo_ * lo_ * sw[d]
             if need_ll:
                 logdet += math.log(h)
-            md = lo_ * lo_ / h
+            ih = 1.0 / h
+            md = lo_ * lo_ * ih
+            cj = -sigma * lo_ * ih
             for j in range(p):  # the mode's derivatives in phi (implicit function; the mode condition used)
-                dvd[d, j] = -sigma * lo_ * zwx[d, j] / h
-            dvd[d, p] = 0.5 * v[d] * (1.0 - s2 * lo_ * lo_ * sw[d]) / h
-            dvd[d, p + 1] = sigma * lo_ * sh1k[d] / h
+                dvd[d, j] = cj * zwx[d, j]
+            dvd[d, p] = 0.5 * v[d] * (1.0 - s2 * lo_ * lo_ * sw[d]) * ih
+            sk = sh1k[d]
+            dvd[d, p + 1] = sigma * lo_ * sk * ih
             mdiag[d] = md
-            LHv[d] = lo_ * v[d] / h
+            LHv[d] = lo_ * v[d] * ih
             Maq[d] = md * a[d] * s2 * md
-            for j in range(p + 1):
-                zj = zwx[d, j] if j < p else sh1k[d]
-                for m2 in range(j, p + 1):
-                    zm = zwx[d, m2] if m2 < p else sh1k[d]
-                    Q[j, m2] += md * zj * zm
+            for j in range(p):
+                mz = md * zwx[d, j]
+                for m2 in range(j, p):
+                    Q[j, m2] += mz * zwx[d, m2]
+                Q[j, p] += mz * sk
+            Q[p, p] += md * sk * sk
             continue
         Lb, A, _ = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
         H = s2 * (A.T @ A)
@@ -995,14 +1071,15 @@ def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
 
 @jit()
 def _optimise(
-    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st
+    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st, sums
 ):  # pragma: no cover
     """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
 
     The Hessian: the penalised-likelihood Hessian in b, and the rows and columns of log(sigma2_g) and log(theta)
     of the Laplace log-likelihood's (the log-determinant matters most there): analytic with singleton donors,
     else by finite differences of the analytic gradient. Returns (loglik, status, iterations); ``Hout`` gets that
-    Hessian over all of phi (zero rows for fixed entries).
+    Hessian over all of phi (zero rows for fixed entries); ``sums`` (2 x donors) the donor sums of h1 and w at the
+    returned phi.
     """
     p = X.shape[1]
     k = p + 2
@@ -1013,6 +1090,7 @@ def _optimise(
     L, ok = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st)
     if not ok:
         return np.nan, FAILED, 0
+    sums[:, :] = st[5][6:8]
     vt = v.copy()
     dva = st[12].copy()  # the mode's derivatives in phi at phi: warm starts extrapolated along a step
     # rows/columns of the Hessian taken from finite differences of the gradient: log(s2), and log(theta) in the
@@ -1102,6 +1180,7 @@ def _optimise(
             moved[j] = ph[j] - phi[j]
         _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
         dva[:, :] = st[12]
+        sums[:, :] = st[5][6:8]
         L = Ln
         if t < STALL_STEP and dec < 1e-6:  # the log-likelihood's rounding, not the model, stops the steps
             return L, OK, it + 1
@@ -1114,6 +1193,7 @@ def _optimise(
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
                 dva[:, :] = st[12]
+                sums[:, :] = st[5][6:8]
                 L = Ln
         if not boundary and phi[p] < RHO_MIN:
             return L, BOUNDARY, it + 1
@@ -1123,16 +1203,19 @@ def _optimise(
 @jit()
 def _state(p, n, grp):  # pragma: no cover - compiled
     """Per-gene scratch of :func:`evaluate`: (x_g'b and exp(oref_g + x_g'b) per group, donor sums of y, of mu / e^u, of
-    mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows, the cache key [valid, sum y base, b]), then
-    the design's split: the cell-level columns, the donor-level ones (constant within every donor) and the
-    donor-level values (donors x p), the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner
-    passes, valid, theta, sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations,
-    boundary-fit evaluations, histogram valid], the mode's derivatives in phi at the last evaluation (donors x
-    (p + 2)) and the histogram of the gene's counts below YHIST. The caches (key, aux) belong to one gene: reset
-    key[0], aux[2] and aux[7] before the next. Donor-level columns need no per-group work: their sums follow from
-    donor sums."""
+    mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows (rows 6, 7: the donor sums of h1 and w of
+    the last evaluation's final pass), the cache key [valid, sum y base, b]), then the design's split: the
+    cell-level columns, the donor-level ones (constant within every donor) and the donor-level values (donors x p),
+    the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner passes, valid, theta,
+    sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations, boundary-fit evaluations,
+    gene constants valid], the mode's derivatives in phi at the last evaluation (donors x (p + 2)), the histogram
+    of the gene's counts below YHIST, the gene's constants ``ycon`` (:func:`_gene_constants`), each group's non-zero
+    cell-level columns (pointers, columns, values), and per non-zero cell of the gene its donor, group, s_c and
+    mu_c / e^u at the last b. The caches (key, aux) belong to one gene: reset key[0], aux[2] and aux[7] before the
+    next. Donor-level columns need no per-group work: their sums follow from donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
+    N = grp[0][G]
     Xd = np.zeros((n, p))
     is_donor = np.ones(p, dtype=np.bool_)
     for d in range(n):
@@ -1143,64 +1226,100 @@ def _state(p, n, grp):  # pragma: no cover - compiled
             for j in range(p):
                 if Xg[g, j] != Xd[d, j]:
                     is_donor[j] = False
+    ccols = np.flatnonzero(~is_donor)
+    gcptr = np.zeros(G + 1, dtype=np.int64)
+    for g in range(G):
+        m = 0
+        for j in ccols:
+            if Xg[g, j] != 0.0:
+                m += 1
+        gcptr[g + 1] = gcptr[g] + m
+    gcj = np.empty(gcptr[G], dtype=np.int64)
+    gcx = np.empty(gcptr[G])
+    for g in range(G):
+        q = gcptr[g]
+        for j in ccols:
+            if Xg[g, j] != 0.0:
+                gcj[q] = j
+                gcx[q] = Xg[g, j]
+                q += 1
     return (
         np.zeros((14, G)),
         np.empty(n),
         np.empty(n),
         np.empty((n, p)),
         np.empty((n, p, p)),
-        np.zeros((6, n)),
+        np.zeros((8, n)),
         np.zeros(p + 2),
-        np.flatnonzero(~is_donor),
+        ccols,
         np.flatnonzero(is_donor),
         Xd,
         grp,
         np.zeros(8),
         np.zeros((n, p + 2)),
         np.zeros(YHIST),
+        np.zeros(p + 1),
+        gcptr,
+        gcj,
+        gcx,
+        np.empty(N, dtype=np.int64),
+        np.empty(N, dtype=np.int64),
+        np.empty(N),
+        np.empty(N),
     )
 
 
 @jit()
-def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gr, Hm):  # pragma: no cover - compiled
+def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # pragma: no cover - compiled
     """The Poisson GLM of the groups' summed counts ``Yg`` at ``b``: returns sum_g Yg x_g'b - mu_g (the
     log-likelihood less a constant), with ``gr`` = -sum_g mu_g x_g and ``Hm`` = -sum_g mu_g x_g x_g' (donor-level
-    columns through donor sums, so a group costs only its cell-level columns)."""
-    dgptr, Xg, oref, S1 = grp[2], grp[3], grp[4], grp[8]
-    p = Xg.shape[1]
+    columns through donor sums, so a group costs only its non-zero cell-level columns ``gcj``, ``gcx``)."""
+    dgptr, oref, S1 = grp[2], grp[4], grp[8]
+    p = Xd.shape[1]
     n = dgptr.shape[0] - 1
     gr[:] = 0.0
     Hm[:, :] = 0.0
     mcd = np.zeros(p)
+    nd = dcols.shape[0]
     ll = 0.0
     for d in range(n):
+        xbd = 0.0
+        for j in dcols:
+            xbd += Xd[d, j] * b[j]
         md = 0.0
         for j in ccols:
             mcd[j] = 0.0
         for g in range(dgptr[d], dgptr[d + 1]):
-            xb = 0.0
-            for j in range(p):
-                xb += Xg[g, j] * b[j]
+            q0, q1 = gcptr[g], gcptr[g + 1]
+            xb = xbd
+            for q in range(q0, q1):
+                xb += gcx[q] * b[gcj[q]]
             mu = math.exp(oref[g] + xb) * S1[g]
             ll += Yg[g] * xb - mu
             md += mu
-            for j in ccols:
-                x = Xg[g, j]
-                if x == 0.0:
-                    continue
-                mcd[j] += mu * x
-                for m in ccols:
-                    Hm[j, m] -= mu * x * Xg[g, m]
-        for j in dcols:
+            for q in range(q0, q1):
+                j = gcj[q]
+                mx = mu * gcx[q]
+                mcd[j] += mx
+                for q2 in range(q0, q1):
+                    Hm[j, gcj[q2]] -= mx * gcx[q2]
+        for a in range(nd):  # the upper triangle, in the order of dcols (mirrored below)
+            j = dcols[a]
             xd = Xd[d, j]
             gr[j] -= xd * md
-            for m in dcols:
+            for b_ in range(a, nd):
+                m = dcols[b_]
                 Hm[j, m] -= xd * Xd[d, m] * md
             for m in ccols:
                 Hm[j, m] -= xd * mcd[m]
-                Hm[m, j] -= xd * mcd[m]
         for j in ccols:
             gr[j] -= mcd[j]
+    for a in range(nd):
+        j = dcols[a]
+        for b_ in range(a + 1, nd):
+            Hm[dcols[b_], j] = Hm[j, dcols[b_]]
+        for m in ccols:
+            Hm[m, j] = Hm[j, m]
     return ll
 
 
@@ -1210,7 +1329,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
     step halving, passes over the groups only, none over the cells), then for the negative binomial the moment
     estimate 1/theta = sum_c ((y_c - mu_c)^2 - y_c) / sum_c mu_c^2 at it (``S2``: the groups' sums of s_c^2).
     ``phi`` is left as it is when a step fails to be finite."""
-    grp, ccols, dcols, Xd = st[10], st[7], st[8], st[9]
+    grp, ccols, dcols, Xd, gcptr, gcj, gcx = st[10], st[7], st[8], st[9], st[15], st[16], st[17]
     gcell, Xg, oref, sig = grp[1], grp[3], grp[4], grp[5]
     G, p = Xg.shape
     Yg = np.zeros(G)
@@ -1225,7 +1344,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
     Hm = np.empty((p, p))
     gt = np.empty(p)
     Ht = np.empty((p, p))
-    ll = _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gr, Hm)
+    ll = _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm)
     if not (ll == ll) or abs(ll) == np.inf:
         return
     for _ in range(30):
@@ -1233,7 +1352,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
             gr[j] += xy[j]
         d = _ascent_direction(Hm, gr)
         dec = np.dot(gr, d)
-        if not (dec == dec) or dec < 1e-8:
+        if not (dec == dec) or dec < (1e-8 if fam == POISSON else GLM_START_TOL):
             break
         t = 1.0
         for j in range(p):
@@ -1242,7 +1361,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
         ok = False
         for _h in range(30):
             bt = b + t * d
-            lt = _group_glm_pass(bt, Yg, grp, ccols, dcols, Xd, gt, Ht)
+            lt = _group_glm_pass(bt, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gt, Ht)
             if lt == lt and lt >= ll + 1e-4 * t * dec:
                 ok = True
                 break
@@ -1276,15 +1395,9 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
 
 
 @jit()
-def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st, sh, sw):  # pragma: no cover
-    """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2;
-    ``sh`` and ``sw`` get the donor sums of h1 and w there."""
-    p = X.shape[1]
-    n = bdon.shape[0]
-    key = st[6]
-    key[0] = 0.0
-    _prepare(fam, yi, yv, codes, off, phi[:p], st)
-    _inner_sums(fam, yi, yv, codes, math.exp(phi[p + 1]), np.ones(n), sh, sw, st)
+def _variance_score(bptr, bdon, Lflat, loff, sh, sw):  # pragma: no cover - compiled
+    """At s2 = 0: U = dl/ds2 = (|L'Z'h1|^2 - sum_d G_dd sw_d)/2 and the information proxy tr(G D_w G D_w)/2, from
+    the donor sums ``sh`` and ``sw`` of h1 and w there."""
     U = 0.0
     info = 0.0
     for b in range(bptr.shape[0] - 1):
@@ -1307,6 +1420,39 @@ def _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st
             for j in range(kk):
                 info += Gb[i, j] * Gb[i, j] * swi * sw[bdon[s + j]]
     return 0.5 * U, 0.5 * info
+
+
+@jit()
+def _s2_start(s2, bptr, bdon, Lflat, loff, sh, sw):  # pragma: no cover - compiled
+    """A start for s2 (singleton donors; ``s2`` itself otherwise, the score step U / info from 0): the maximum of the
+    donors' normal approximation at s2 = 0 (donor effect estimates sh_d / sw_d with variances 1/sw_d + s2 G_dd),
+    the sum over donors of (sh_d^2 tau_d / h_d - log h_d) / 2, tau_d = s2 G_dd, h_d = 1 + tau_d sw_d, by Newton's
+    method in log(s2) from ``s2``; ``s2`` when that fails."""
+    n = bdon.shape[0]
+    if bptr.shape[0] - 1 != n or not (s2 > 0.0):
+        return s2
+    r = math.log(min(max(s2, 1e-3), 10.0))
+    for _ in range(30):
+        e = math.exp(r)
+        g1 = 0.0
+        g2 = 0.0
+        for b in range(n):
+            d = bdon[b]
+            tau = e * Lflat[loff[b]] * Lflat[loff[b]]
+            ih = 1.0 / (1.0 + tau * sw[d])
+            s2h = sh[d] * sh[d] * ih * ih
+            g1 += tau * (s2h - sw[d] * ih)
+            g2 += tau * tau * (sw[d] * sw[d] * ih * ih - 2.0 * s2h * sw[d] * ih)
+        g2 += g1
+        if not (g1 == g1 and g2 < 0.0):
+            return s2
+        step = min(max(-g1 / g2, -2.0), 2.0)
+        r += step
+        if abs(step) < 1e-8:
+            break
+    if not (r == r) or r > 10.0:
+        return s2
+    return math.exp(r)
 
 
 @jit()
@@ -1380,8 +1526,12 @@ def fit_genes_range(
     for c in range(N):
         if p > 0 and X[c, 0] != 1.0:
             intercept = False
-    sh0 = np.zeros(n)
-    sw0 = np.zeros(n)
+    sums0 = np.zeros((2, n))
+    sums1 = np.zeros((2, n))
+    sh0, sw0 = sums0[0], sums0[1]
+    lft = np.empty(LFACT_TABLE)
+    for y in range(LFACT_TABLE):
+        lft[y] = math.lgamma(y + 1.0)
     S2 = np.zeros(grp[0].shape[0] - 1)
     for c in range(N):
         S2[grp[1][c]] += grp[5][c] * grp[5][c]
@@ -1394,7 +1544,7 @@ def fit_genes_range(
         lfact = 0.0
         tot = 0.0
         for q in range(yv.shape[0]):
-            lfact += math.lgamma(yv[q] + 1.0)
+            lfact += _lfact(yv[q], lft)
             tot += yv[q]
         if yv.shape[0] < 2:
             status_out[gidx] = FAILED
@@ -1408,21 +1558,23 @@ def fit_genes_range(
         v = np.zeros(n)
         _glm_start(fam, yi, yv, phi, S2, st)
         st[6][0] = 0.0
-        L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st)
+        L0, st0, it0 = _optimise(
+            fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st, sums0
+        )
         loglik0_out[gidx] = L0
         st[11][6] = st[11][0]
         if st0 != OK:
             status_out[gidx] = FAILED
             iter_out[gidx] = it0
             continue
-        U, info = _variance_score(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, st, sh0, sw0)
+        U, info = _variance_score(bptr, bdon, Lflat, loff, sh0, sw0)
         phi0 = phi.copy()
         H0 = H.copy()
         status = BOUNDARY
         L = L0
         its = it0
         if U > 0.0 and info > 0.0:
-            s2i = min(max(U / info, 1e-3), 10.0)
+            s2i = min(max(_s2_start(U / info, bptr, bdon, Lflat, loff, sh0, sw0), 1e-3), 10.0)
             phi[p] = math.log(s2i)
             if fam == NEGATIVE_BINOMIAL:  # the boundary fit's overdispersion, less the donor effects' share
                 ib = math.exp(-phi[p + 1])
@@ -1437,7 +1589,7 @@ def fit_genes_range(
                 free[p + 1] = False
             _mode_start(s2i, shift, sh0, sw0, bptr, bdon, Lflat, loff, v)
             L1, st1, it1 = _optimise(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st, sums1
             )
             its += it1
             if st1 == OK and L1 >= L0:

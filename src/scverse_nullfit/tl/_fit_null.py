@@ -397,7 +397,7 @@ def _fit_counts(
                 # the batch in the kernels' layout once (the counts checked), for the fit and the working sums
                 layout = _glmm.count_layout(
                     counts, donors.codes, design.X, off, family, n,
-                    gene_names=adata.var_names[batch], cell_names=adata.obs_names, groups=groups,
+                    gene_names=adata.var_names[batch], cell_names=adata.obs_names, groups=groups, n_threads=n_threads,
                 )  # fmt: skip
                 fits = _glmm.fit_counts(
                     counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=n_threads,
@@ -407,7 +407,7 @@ def _fit_counts(
                     counts, donors.codes, design.X, off, fits, family, n_threads=n_threads, layout=layout
                 )
                 del counts, layout
-                proj = _glmm.count_projection(sums, fits.sigma2_g, blocks)
+                proj = _glmm.count_projection(sums, fits.sigma2_g, blocks, n_threads)
                 del sums
                 arrays[Key.beta(key_added)][batch] = fits.beta
                 arrays[Key.xhx_inv(key_added)][batch] = pack_symmetric(proj.Ainv)
