@@ -11,6 +11,7 @@ end.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 
@@ -130,6 +131,9 @@ class Accumulator:
         Mask of design columns constant within donors (their ``X'y`` is taken from ``Z'y``); computed when None.
     n_threads
         Threads summing the runs of a chunk (the sums do not depend on it).
+    slots
+        A semaphore each run holds while it is summed, shared with other work that runs beside the pass (stage 1
+        holds one slot while it eigendecomposes, so the pass then uses one thread fewer, and all once it is done).
     """
 
     def __init__(
@@ -142,8 +146,10 @@ class Accumulator:
         *,
         donor_cols: np.ndarray | None = None,
         n_threads: int = 1,
+        slots: threading.Semaphore | None = None,
     ):
         self.n_threads = max(1, int(n_threads))
+        self._slots = slots
         self._pool = None
         self.codes = np.ascontiguousarray(codes, dtype=np.int64)
         self.n_donors = int(n_donors)
@@ -191,7 +197,14 @@ class Accumulator:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="snf-sum")
-        return list(self._pool.map(lambda item: fn(*item), items))
+        if self._slots is None:
+            return list(self._pool.map(lambda item: fn(*item), items))
+
+        def task(item):
+            with self._slots:
+                return fn(*item)
+
+        return list(self._pool.map(task, items))
 
     def add_csr(self, indptr, indices, data, rows: np.ndarray | slice) -> None:
         """Add CSR rows (one per cell of ``rows``), summed in runs of whole donors (on concurrent threads when the
@@ -370,17 +383,19 @@ def sufficient_stats(
     block_elements: int | None = None,
     prefetch: bool = True,
     n_threads: int | None = None,
+    slots: threading.Semaphore | None = None,
 ) -> SuffStats:
     """One pass over ``Y[:, genes]`` (dense, sparse or backed), never holding more than one chunk.
 
     In-memory sparse input is read in place; backed input in chunks of about ``block_elements`` stored values
     (default :data:`~._read.BLOCK_ELEMENTS`), the next one read in a background thread while the current one is
-    summed, by ``n_threads`` threads (default: the BLAS thread limit in effect). Dask input takes
+    summed, by ``n_threads`` threads (default: the BLAS thread limit in effect; ``slots``: see :class:`Accumulator`).
+    Dask input takes
     :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
     """
     genes = np.asarray(genes, dtype=np.int64)
     n_threads = available_threads() if n_threads is None else max(1, int(n_threads))
-    acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads)
+    acc = Accumulator(donors.codes, len(donors.ids), X, genes, Y.shape[1], n_threads=n_threads, slots=slots)
     waiting = summing = 0.0
     n_chunks = n_values = 0
     chunks = iter_chunks(Y, block_elements=block_elements, prefetch=prefetch, reuse_buffers=True)

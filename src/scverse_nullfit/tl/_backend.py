@@ -10,12 +10,12 @@ from .._core._suffstats import sufficient_stats
 from .._utils import is_dask
 
 
-def compute_sufficient_stats(Y, genes: np.ndarray, donors, X: np.ndarray, *, n_threads: int | None = None):
+def compute_sufficient_stats(Y, genes: np.ndarray, donors, X: np.ndarray, *, n_threads: int | None = None, slots=None):
     """The sufficient statistics of ``Y[:, genes]``: a dask map-reduce for dask input, else one streamed pass in
-    ``n_threads`` threads."""
+    ``n_threads`` threads (each run of donors holding one of ``slots``, if given)."""
     if is_dask(Y):
         return dask_sufficient_stats(Y, genes, donors, X)
-    return sufficient_stats(Y, genes, donors, X, n_threads=n_threads)
+    return sufficient_stats(Y, genes, donors, X, n_threads=n_threads, slots=slots)
 
 
 def fit_all_genes(
