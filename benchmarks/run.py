@@ -275,11 +275,13 @@ def first_call_table(rows: list[dict]) -> str:
 
 
 def airqtl_table(rows: list[dict]) -> str:
-    seed = next((r for r in rows if r.get("size") == "seed"), None)
     lines = []
     for row in rows:
         if row.get("kind") != "airqtl":
             continue
+        label = row["size"].removeprefix("airqtl")  # the seed row of the same run: the same label
+        seed = next((r for r in rows if r.get("size") == f"seed{label}"), None)
+        seed = seed or next((r for r in rows if r.get("size") == "seed"), None)
         if "error" in row:
             lines.append(f"airqtl could not be run: {row['error']}")
             continue
