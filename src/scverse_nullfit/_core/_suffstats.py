@@ -390,8 +390,7 @@ def sufficient_stats(
     In-memory sparse input is read in place; backed input in chunks of about ``block_elements`` stored values
     (default :data:`~._read.BLOCK_ELEMENTS`), the next one read in a background thread while the current one is
     summed, by ``n_threads`` threads (default: the BLAS thread limit in effect; ``slots``: see :class:`Accumulator`).
-    Dask input takes
-    :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
+    Dask input takes :func:`._dask.dask_sufficient_stats` instead (the caller chooses).
     """
     genes = np.asarray(genes, dtype=np.int64)
     n_threads = available_threads() if n_threads is None else max(1, int(n_threads))

@@ -44,13 +44,14 @@ if TYPE_CHECKING:
 
 def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray, n_threads: int):
     """The pass over the expression and stage 1's eigendecomposition (independent), side by side: the eigendecomposition
-    on one thread (one BLAS thread), the pass on the other ``n_threads - 1`` and on all once the eigendecomposition is
-    done (they share ``n_threads`` slots). One thread keeps its bits the same whatever
-    ``n_threads`` (the results are bit-identical across thread counts), and a multi-threaded eigendecomposition waits on
-    each of its threads thousands of times, so on a small machine it stalls whenever another process holds a core
-    (measured here: 7-16 s instead of 0.6 s in 4 of 10 runs beside another job; side by side, 1.0-1.8 s). The
-    eigendecomposition releases the GIL (``eigh_or_error``), so the pass runs while it works; a pass on all
-    ``n_threads`` beside it would oversubscribe the cores (seed: 3.20 s median vs 2.96 s with n_threads - 1)."""
+    on one thread (one BLAS thread), the pass on the other ``n_threads - 1``, and on all of them once the
+    eigendecomposition is done (the two share ``n_threads`` slots).
+
+    One thread keeps the eigendecomposition's bits the same whatever ``n_threads`` (the results are bit-identical
+    across thread counts), and a multi-threaded eigendecomposition waits on each of its threads thousands of times, so
+    on a small machine it stalls whenever another process holds a core (measured here: 7-16 s instead of 0.6 s in 4
+    of 10 runs beside another job). It releases the GIL (``eigh_or_error``), so the pass runs while it works; a pass
+    on all ``n_threads`` beside it would oversubscribe the cores (seed: 3.20 s median vs 2.96 s with n_threads - 1)."""
     t1 = logg.debug("    stage 1: donor-level eigendecomposition, alongside the pass")
 
     def stage1():
