@@ -213,3 +213,25 @@ def test_no_offset_is_offset_zero(small_adata, family):
     assert a["converged"].all()
     pd.testing.assert_frame_equal(a, b)
     assert adata.uns["none"]["params"]["offset"] is None
+
+
+def test_compile_notice_on_first_use(small_adata, monkeypatch, capsys):
+    """A fit that will compile the count kernels says so (at info level) before the wait; a cached one does not."""
+    import sys
+
+    from scanpy import settings
+
+    from scverse_nullfit._core._compiled import cached_on_disk
+
+    assert cached_on_disk(_glmm.K.fit_genes_range)  # compiled by the fits above, or loaded from numba's cache
+    adata = small_adata[:, :3].copy()
+    old = settings.verbosity, settings.logfile
+    settings.verbosity, settings.logfile = 2, sys.stderr
+    try:
+        snf.tl.fit_null(adata, family="poisson", **KW)
+        assert "compiling the count kernels" not in capsys.readouterr().err
+        monkeypatch.setattr(_glmm, "kernels_cached", lambda: False)
+        snf.tl.fit_null(adata, family="poisson", **KW)
+        assert "compiling the count kernels" in capsys.readouterr().err
+    finally:
+        settings.verbosity, settings.logfile = old

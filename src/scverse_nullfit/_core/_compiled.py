@@ -7,6 +7,8 @@ the kernels are compiled in every process instead of failing at import.
 
 from __future__ import annotations
 
+import os
+
 import numba
 
 
@@ -20,3 +22,17 @@ def jit(**options):
             return numba.njit(cache=False, nogil=True, **options)(fn)
 
     return wrap
+
+
+def cached_on_disk(dispatcher) -> bool:
+    """Whether ``dispatcher`` is compiled in this process or its numba cache index exists on disk (so its first call
+    loads rather than compiles); True when numba's cache cannot be inspected (its layout is numba's own)."""
+    if dispatcher.signatures:
+        return True
+    cache = getattr(dispatcher, "_cache", None)
+    if type(cache).__name__ == "NullCache":  # caching disabled: compiled in every process
+        return False
+    try:
+        return os.path.exists(cache._cache_file._index_path)
+    except AttributeError:
+        return True

@@ -19,6 +19,7 @@ from scipy.sparse import csgraph
 from threadpoolctl import threadpool_limits
 
 from . import _glmm_kernels as K
+from ._compiled import cached_on_disk
 
 FAMILIES = {"poisson": K.POISSON, "negative_binomial": K.NEGATIVE_BINOMIAL}
 
@@ -368,6 +369,11 @@ def count_layout(
     if groups.collapse is not None:
         M, const = _poisson_groups(M, codes, X, offset, groups.collapse)
     return CountLayout(_by_donor(M, None, None, None, n_donors, groups.cells, n_threads), const)
+
+
+def kernels_cached() -> bool:
+    """Whether the count kernels are compiled or cached already (False: the first fit compiles them)."""
+    return cached_on_disk(K.fit_genes_range)
 
 
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:

@@ -388,6 +388,11 @@ def _fit_counts(
         spectral = spectral_precompute(G, donors, design.X)
         blocks = _glmm.donor_blocks(G, name=f"GRM from {grm_source}")
         logg.debug(f"    {len(donors.ids)} donors, GRM {blocks.kind} ({len(blocks.ptr) - 1} blocks)")
+        if not _glmm.kernels_cached():
+            logg.info(
+                "    compiling the count kernels: once after installing or updating the package (about 1-2 minutes); "
+                "numba caches them for later runs"
+            )
         n, p = len(donors.ids), design.X.shape[1]
         # the per-gene arrays, filled batch by batch; every stored array is 2-D (xhx_inv packed, working_xw as
         # genes x (donors p))
