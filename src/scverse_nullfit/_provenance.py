@@ -34,13 +34,23 @@ def new_fit_id() -> str:
 
 
 def _hashes(values: pd.Index | np.ndarray) -> np.ndarray:
-    return pd.util.hash_pandas_object(pd.Index(np.asarray(values).astype(str)), index=False).to_numpy()
+    """pandas' hash of each value as a string (strings are hashed as they are, without a conversion)."""
+    index = values if isinstance(values, pd.Index) else pd.Index(np.asarray(values, dtype=object))
+    if pd.api.types.infer_dtype(index, skipna=False) != "string":
+        index = pd.Index(np.asarray(values).astype(str))
+    return pd.util.hash_pandas_object(index, index=False).to_numpy()
+
+
+def _label_hashes(labels: np.ndarray) -> np.ndarray:
+    """:func:`_hashes` of labels with few distinct values (donor IDs): each distinct label hashed once."""
+    codes, uniques = pd.factorize(np.asarray(labels))
+    return _hashes(np.asarray(uniques))[codes]
 
 
 def cell_fingerprint(obs_names: pd.Index, donor_labels: np.ndarray, donor_key: str) -> dict:
     """Fingerprint of the cells a result describes: count, names in order, names as a set, donor of each cell."""
     h = _hashes(obs_names)
-    donors = _hashes(donor_labels)
+    donors = _label_hashes(donor_labels)
     return {
         "n_cells": len(obs_names),
         "order_sha256": hashlib.sha256(h.tobytes()).hexdigest(),
