@@ -501,3 +501,18 @@ def test_tau_se_is_nan_at_the_boundary():
     assert boundary.any() and (~boundary).any()
     assert df.loc[boundary, "tau_se"].isna().all()
     assert np.isfinite(df.loc[~boundary, "tau_se"]).all()
+
+
+def test_full_rank_columns_by_blocks_of_rows(monkeypatch):
+    """The QR of the design by blocks of rows keeps the same columns as one QR of the whole (collinear, constant,
+    nearly collinear and sparse columns)."""
+    from scverse_nullfit._core import _design
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    X = np.column_stack([np.ones(n), rng.standard_normal((n, 3)), np.zeros(n)])
+    X = np.column_stack([X, X[:, 1] - X[:, 2], 2 * X[:, 3] + 1e-12 * rng.standard_normal(n), rng.random(n) < 0.01])
+    whole = _design.full_rank_columns(X)
+    monkeypatch.setattr(_design, "QR_BLOCK_ELEMENTS", 64)  # blocks of 16 rows
+    np.testing.assert_array_equal(_design.full_rank_columns(X), whole)
+    np.testing.assert_array_equal(whole, [True, True, True, True, False, False, False, True])

@@ -14,6 +14,8 @@ from .._utils import preview
 
 #: Relative tolerance on the diagonal of R (QR of the design) below which a column counts as collinear.
 RANK_TOL = 1e-8
+#: Elements per block of rows in the QR of the design (:func:`full_rank_columns`).
+QR_BLOCK_ELEMENTS = 1 << 17
 #: Eigenvalues of D^1/2 G D^1/2 below ``-NEG_EIG_TOL * max(eigenvalue)`` are reported as clearly negative.
 NEG_EIG_TOL = 1e-6
 #: A GRM whose smallest eigenvalue is below ``-GRM_NEG_EIG_RTOL`` times its largest is an error, not rounding.
@@ -186,9 +188,14 @@ def _check_constant_within_donor(series: pd.Series, values: np.ndarray, col: str
 def full_rank_columns(X: np.ndarray) -> np.ndarray:
     """Boolean mask of the columns kept greedily, in order, such that the kept ones have full rank.
 
-    One QR of X gives R with R'R = X'X; the greedy selection then works on R's p columns only.
+    One QR of X gives R with R'R = X'X (by blocks of rows, whose R factors are stacked and factored again: the same R
+    up to signs and rounding, with each block's passes in cache); the greedy selection then works on R's p columns
+    only.
     """
     p = X.shape[1]
+    rows = max(QR_BLOCK_ELEMENTS // max(p, 1), 2 * p)
+    if len(X) > 2 * rows:
+        X = np.vstack([linalg.qr(X[a : a + rows], mode="r", check_finite=False)[0][:p] for a in range(0, len(X), rows)])
     R = linalg.qr(X, mode="r", check_finite=False)[0][:p]
     norms = np.sqrt(np.einsum("ij,ij->j", R, R))
     keep = np.zeros(p, dtype=bool)
