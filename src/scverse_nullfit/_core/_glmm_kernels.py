@@ -166,16 +166,6 @@ def regroup_columns_range(lo, hi, indptr, indices, data, inv, group, n_groups, o
 
 
 @jit()
-def regroup_columns(indptr, indices, data, inv, group, n_groups):  # pragma: no cover - compiled
-    """All columns of :func:`regroup_columns_range`. Returns (rows, values)."""
-    nnz = indptr[indptr.shape[0] - 1]
-    oi = np.empty(nnz, dtype=np.int64)
-    od = np.empty(nnz)
-    regroup_columns_range(0, indptr.shape[0] - 1, indptr, indices, data, inv, group, n_groups, oi, od)
-    return oi, od
-
-
-@jit()
 def collapse_counts(indptr, indices, data, group, n_groups, offset, logS):  # pragma: no cover - compiled
     """The Poisson grouping of CSC counts (see ``_glmm._poisson_groups``): each column's counts summed by group
     (zero sums dropped, groups in order) and the per-gene log-likelihood constant ``sum_c y_c o_c - lgamma(y_c + 1)
@@ -213,11 +203,8 @@ def collapse_counts(indptr, indices, data, group, n_groups, offset, logS):  # pr
 
 _K = np.arange(SERIES_TERMS + 1, dtype=np.float64)
 _K[0] = 1.0
-#: Per term k of the series (whose sign (-1)^(k-1) comes from Horner's rule in -t): the coefficients of the sums of
-#: delta^2, delta^3, delta^4 and log(1 + rho) relative to that of delta; and the largest rho for which k terms suffice.
-_C2 = -(_K - 1.0)
-_C3 = 0.5 * (_K - 1.0) * (_K - 2.0)
-_C4 = -(_K - 1.0) * (_K - 2.0) * (_K - 3.0) / 6.0
+#: Per term k of the series (whose sign (-1)^(k-1) comes from Horner's rule in -t): the coefficient of the sum of
+#: log(1 + rho) relative to that of delta; and the largest rho for which k terms suffice.
 _CL = 1.0 / _K
 _RHO_OK = np.zeros(SERIES_TERMS + 1)
 _RHO_OK[2:] = (SERIES_EPS / (_K[2:] + 1.0) ** 2) ** (1.0 / (_K[2:] - 1.0))
@@ -1034,6 +1021,16 @@ def _rho_kappa_rows(
 
 
 @jit()
+def _step_length(d):  # pragma: no cover - compiled
+    """The first step length tried along ``d``: 1, or less so that no parameter moves by more than 3."""
+    t = 1.0
+    for a in range(d.shape[0]):
+        if abs(d[a]) * t > 3.0:
+            t = 3.0 / abs(d[a])
+    return t
+
+
+@jit()
 def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
     """Newton direction -Hm^-1 gi, made an ascent direction: on the unit-diagonal scaling of -Hm (so that
     covariates on large scales do not set the tolerance), eigenvalues below 1e-10 of the largest are floored."""
@@ -1145,10 +1142,7 @@ def _optimise(
             return L, FAILED, it
         if dec < DECREMENT_TOL:
             return L, OK, it
-        t = 1.0
-        for a_ in range(m):
-            if abs(d[a_]) * t > 3.0:
-                t = 3.0 / abs(d[a_])
+        t = _step_length(d)
         accepted = False
         for _h in range(50):
             ph = phi.copy()
@@ -1354,10 +1348,7 @@ def _glm_start(fam, yi, yv, phi, S2, st):  # pragma: no cover - compiled
         dec = np.dot(gr, d)
         if not (dec == dec) or dec < (1e-8 if fam == POISSON else GLM_START_TOL):
             break
-        t = 1.0
-        for j in range(p):
-            if abs(d[j]) * t > 3.0:
-                t = 3.0 / abs(d[j])
+        t = _step_length(d)
         ok = False
         for _h in range(30):
             bt = b + t * d
