@@ -43,7 +43,10 @@ def _hashes(values: pd.Index | np.ndarray) -> np.ndarray:
 
 def _label_hashes(labels: np.ndarray) -> np.ndarray:
     """:func:`_hashes` of labels with few distinct values (donor IDs): each distinct label hashed once."""
-    codes, uniques = pd.factorize(np.asarray(labels))
+    labels = np.asarray(labels)
+    if pd.api.types.infer_dtype(labels, skipna=False) != "string":  # missing values as their text, like _hashes
+        labels = labels.astype(str)
+    codes, uniques = pd.factorize(labels)
     return _hashes(np.asarray(uniques))[codes]
 
 
