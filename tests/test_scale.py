@@ -346,6 +346,32 @@ def test_iter_chunks_cover_backed(h5ad_files):
         next(_read.iter_chunks(np.zeros((3, 3)), block_elements=0))
 
 
+@pytest.mark.parametrize("kind", ["csr_matrix", "csr_array", "unsorted"])
+def test_column_reader_batches(kind):
+    """The column reader gives the same CSC batches as a column selection: batches in order with gaps between them,
+    a batch out of order, one column, a batch with gaps inside, float32 values; a small first buffer that must grow;
+    an unsorted CSR matrix through the column selection."""
+    rng = np.random.default_rng(3)
+    Y = sparse.random(300, 90, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+    Y.data = np.round(Y.data * 10)
+    if kind == "csr_array":
+        Y = sparse.csr_array(Y)
+    if kind == "unsorted":
+        Y = Y.copy()
+        Y.indices[: Y.indptr[1]] = Y.indices[: Y.indptr[1]][::-1]
+        Y.has_sorted_indices = False
+    reader = _read.ColumnReader(Y)
+    batches = [np.arange(0, 5), np.arange(7, 30, 2), np.array([30]), np.arange(40, 90), np.arange(3, 45), [89]]
+    for batch in batches:
+        got = reader(np.asarray(batch))
+        want = sparse.csc_matrix(Y[:, np.asarray(batch)])
+        want.sort_indices()
+        assert got.format == "csc" and got.dtype == np.float32 and got.has_sorted_indices
+        np.testing.assert_array_equal(got.indptr, want.indptr)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.data, want.data)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dask.distributed
 # ----------------------------------------------------------------------------------------------------------------

@@ -184,7 +184,8 @@ def read_columns(Y, idx: np.ndarray) -> sparse.csc_matrix:
     """The genes ``idx`` of ``Y`` (cells x genes, any supported storage) as an in-memory CSC matrix.
 
     Dense storage is read (and sparsified) only for those columns; backed and dask matrices are read through
-    their own column selection. Used by the count families, which fit genes in batches.
+    their own column selection. Used by the count families, which fit genes in batches (through
+    :class:`ColumnReader`, which reads an in-memory CSR matrix's batches in one pass over it in all).
     """
     idx = np.asarray(idx, dtype=np.int64)
     if is_dask(Y):
@@ -198,3 +199,47 @@ def read_columns(Y, idx: np.ndarray) -> sparse.csc_matrix:
     if sparse.issparse(block):
         return sparse.csc_matrix(block)
     return sparse.csc_matrix(np.asarray(block))
+
+
+class ColumnReader:
+    """``reader(idx)``: :func:`read_columns` of ``Y``, for batches of genes read one after another.
+
+    An in-memory CSR matrix with sorted indices keeps, per cell, where the last batch's scan of its row stopped:
+    batches of increasing genes then visit every stored value once in all, where a column selection scans the whole
+    matrix per batch. Other storage goes through :func:`read_columns`.
+    """
+
+    def __init__(self, Y):
+        self.Y = Y
+        self._cursor = None
+        if _is_sparse(Y) and Y.format == "csr" and Y.has_sorted_indices:
+            self._indptr = np.asarray(Y.indptr, dtype=np.int64)
+            self._cursor = self._indptr[:-1].copy()
+            self._rptr = np.empty(Y.shape[0] + 1, dtype=np.int64)
+            self._tcol = np.empty(0, dtype=np.int64)  # the batch's row-major copy, kept for the next batch
+            self._tdat = np.empty(0, dtype=Y.data.dtype)
+
+    def __call__(self, idx: np.ndarray) -> sparse.csc_matrix:
+        idx = np.asarray(idx, dtype=np.int64)
+        if self._cursor is None or not len(idx) or (np.diff(idx) <= 0).any():
+            return read_columns(self.Y, idx)
+        from ._read_kernels import csr_columns_scan, csr_columns_transpose
+
+        Y = self.Y
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        pos = np.full(hi - lo, -1, dtype=np.int64)
+        pos[idx - lo] = np.arange(len(idx))
+        count = np.empty(len(idx) + 1, dtype=np.int64)
+        cursor = self._cursor.copy()
+        m = csr_columns_scan(self._indptr, Y.indices, Y.data, cursor, lo, hi, pos, self._tcol, self._tdat,
+                             self._rptr, count)  # fmt: skip
+        if m > len(self._tcol):  # the buffers were too small: again with room for this batch and a larger one
+            size = int(1.25 * m) + 1
+            self._tcol, self._tdat = np.empty(size, dtype=np.int64), np.empty(size, dtype=Y.data.dtype)
+            cursor = self._cursor.copy()
+            csr_columns_scan(self._indptr, Y.indices, Y.data, cursor, lo, hi, pos, self._tcol, self._tdat,
+                             self._rptr, count)  # fmt: skip
+        self._cursor = cursor
+        rows, data = np.empty(m, dtype=np.int32), np.empty(m, dtype=Y.data.dtype)
+        csr_columns_transpose(self._tcol, self._tdat, self._rptr, count, rows, data)
+        return sparse.csc_matrix((data, rows, count), shape=(Y.shape[0], len(idx)))

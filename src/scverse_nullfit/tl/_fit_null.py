@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .._constants import Key
 from .._core import _glmm
 from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
-from .._core._read import describe_matrix, get_expression, read_columns
+from .._core._read import ColumnReader, describe_matrix, get_expression
 from .._core._reml import RemlProblem, Rotation
 from .._core._store import (
     blocks_part,
@@ -394,24 +394,27 @@ def _fit_counts(
                 "numba caches them for later runs"
             )
         n, p = len(donors.ids), design.X.shape[1]
-        # the per-gene arrays, filled batch by batch; every stored array is 2-D (xhx_inv packed, working_xw as
-        # genes x (donors p))
+        # the per-gene arrays, filled batch by batch (the genes not fitted: NaN); every stored array is 2-D (xhx_inv
+        # packed, working_xw as genes x (donors p))
         arrays = {
-            Key.beta(key_added): np.full((adata.n_vars, p), np.nan),
-            Key.xhx_inv(key_added): np.full((adata.n_vars, p * (p + 1) // 2), np.nan),
-            Key.resid_rot(key_added): np.full((adata.n_vars, n), np.nan),
-            Key.working_weights(key_added): np.full((adata.n_vars, n), np.nan),
-            Key.working_xw(key_added): np.full((adata.n_vars, n * p), np.nan),
+            Key.beta(key_added): np.empty((adata.n_vars, p)),
+            Key.xhx_inv(key_added): np.empty((adata.n_vars, p * (p + 1) // 2)),
+            Key.resid_rot(key_added): np.empty((adata.n_vars, n)),
+            Key.working_weights(key_added): np.empty((adata.n_vars, n)),
+            Key.working_xw(key_added): np.empty((adata.n_vars, n * p)),
         }
+        for arr in arrays.values():
+            arr[~mask] = np.nan
         parts = []
         show = settings.verbosity >= 2 and len(fitted_idx) > 200
         # the cells' grouping and order depend on the design and the offset only: once for all batches
         groups = _glmm.count_groups(donors.codes, design.X, off, family, n)
-        # each batch is read from the matrix as stored (a column selection of an in-memory CSR matrix scans its
-        # stored values once per batch, ~0.2 s per 50 million; a CSC copy of the whole matrix would cost its size)
+        # each batch is read from the matrix as stored (an in-memory CSR matrix in one pass over it in all, without a
+        # CSC copy of the whole matrix)
+        reader = ColumnReader(Y)
         with tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar:
             for batch in _gene_batches(Y, fitted_idx):
-                counts = read_columns(Y, batch)
+                counts = reader(batch)
                 # the batch in the kernels' layout once (the counts checked), for the fit and the working sums
                 layout = _glmm.count_layout(
                     counts, donors.codes, design.X, off, family, n,
