@@ -49,6 +49,13 @@ ROUNDING_DEC = 1e-6
 #: A line search that needs a step shorter than this while the Newton decrement is below 1e-6 has reached the
 #: rounding floor of the log-likelihood (sums over all cells): the fit has converged.
 STALL_STEP = 1e-3
+#: Below this Newton decrement the (full) Newton step is the last: its end point is within about the square of the
+#: decrement of the maximum, and the log-likelihood there is the quadratic model's L + dec / 2 (off by about
+#: dec^(3/2), 1e-9 here); the mode there is solved again, the Hessian (standard errors) is the step's start's.
+FINAL_DEC = 1e-6
+#: ... and when no parameter moves by more than this (a flat direction, such as log(theta) far out, is not
+#: quadratic over a longer step).
+FINAL_STEP = 1e-3
 #: Relative finite-difference step in log(sigma2_g) for the Hessian column of log(sigma2_g).
 FD_STEP = 1e-5
 
@@ -583,6 +590,31 @@ def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st): 
 
 
 @jit()
+def _prepared(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
+    """:func:`_prepare` at b unless the state holds it already (its cache key); returns sum_c y_c (o_c + x_c'b)."""
+    key = st[6]
+    p = beta.shape[0]
+    same = key[0] == 1.0
+    for j in range(p):
+        if key[2 + j] != beta[j]:
+            same = False
+    if not same:
+        key[1] = _prepare(fam, yi, yv, codes, off, beta, st)
+        key[0] = 1.0
+        for j in range(p):
+            key[2 + j] = beta[j]
+    return key[1]
+
+
+@jit()
+def _mode_at(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, v, st):  # pragma: no cover - compiled
+    """The mode of the donor effects at phi (interior), in place from the warm start ``v``; returns converged."""
+    p = X.shape[1]
+    _prepared(fam, yi, yv, codes, off, phi[:p], st)
+    return _inner_mode(fam, yi, yv, codes, math.exp(phi[p + 1]), math.exp(phi[p]), bptr, bdon, Lflat, loff, v, st)
+
+
+@jit()
 def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
     """See :func:`_evaluate` (with the log-likelihood)."""  # pragma: no cover - compiled
     return _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, True)
@@ -603,7 +635,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     theta = math.exp(phi[p + 1])
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
-    buf, Yd, Sd, E, F, work, key, _, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx, _, _, _, _ = st
+    buf, Yd, Sd, E, F, work, _, _, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx, _, _, _, _ = st
     aux[0] += 1.0
     lconst = -lfact
     _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
@@ -622,16 +654,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
         lconst += aux[4]
     Bg = buf[1]
     dgptr = grp[2]
-    same = key[0] == 1.0
-    for j in range(p):
-        if key[2 + j] != beta[j]:
-            same = False
-    if not same:
-        key[1] = _prepare(fam, yi, yv, codes, off, beta, st)
-        key[0] = 1.0
-        for j in range(p):
-            key[2 + j] = beta[j]
-    yb = key[1]
+    yb = _prepared(fam, yi, yv, codes, off, beta, st)
     if boundary:
         v[:] = 0.0
     else:
@@ -1143,6 +1166,24 @@ def _optimise(
         if dec < DECREMENT_TOL:
             return L, OK, it
         t = _step_length(d)
+        if dec < FINAL_DEC and np.max(np.abs(d)) < FINAL_STEP:  # the last step: its end point is the answer
+            ph = phi.copy()
+            for a_ in range(m):
+                ph[idx[a_]] += d[a_]
+            if KAPPA_MIN <= ph[p + 1] <= KAPPA_MAX and (boundary or ph[p] >= RHO_MIN):
+                vt[:] = v
+                ok = True
+                if not boundary:  # the mode there, exactly (from the first-order warm start)
+                    for a_ in range(k):
+                        dp = ph[a_] - phi[a_]
+                        if dp != 0.0:
+                            for dd in range(vt.shape[0]):
+                                vt[dd] += dp * dva[dd, a_]
+                    ok = _mode_at(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, vt, st)
+                if ok:
+                    phi[:] = ph
+                    v[:] = vt
+                    return L + 0.5 * dec, OK, it + 1
         accepted = False
         for _h in range(50):
             ph = phi.copy()
