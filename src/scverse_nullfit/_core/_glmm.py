@@ -471,11 +471,13 @@ def fit_counts(
     se = np.full((genes, p + 2), np.nan)
     u = np.full((genes, n), np.nan)
 
+    consts = K.fit_constants(off_s, X_s, grp)
+
     def work(lo_hi):
         lo, hi = lo_hi
         K.fit_genes_range(
             fam, lo, hi, indptr, indices, data, codes_s, off_s, X_s, grp, blocks.ptr, blocks.donors, blocks.L,
-            blocks.loff, beta, s2, theta, ll, ll0, status, iters, se, u,
+            blocks.loff, beta, s2, theta, ll, ll0, status, iters, se, u, consts,
         )  # fmt: skip
 
     _run_ranges(work, genes, n_threads, max_chunk=8)  # small ranges: the threads finish a batch together

@@ -1515,6 +1515,27 @@ def _mode_start(s2, shift, sh, sw, bptr, bdon, Lflat, loff, v):  # pragma: no co
 
 
 @jit()
+def fit_constants(off, X, grp):  # pragma: no cover - compiled
+    """What every gene of a layout shares (once per layout, not per range of genes): sum_c exp(o_c), whether the
+    first design column is the intercept, the groups' sums of s_c^2 and a table of lgamma(y + 1)."""
+    N, p = X.shape
+    sumoff = 0.0
+    for c in range(N):
+        sumoff += math.exp(off[c])
+    intercept = p > 0
+    for c in range(N):
+        if p > 0 and X[c, 0] != 1.0:
+            intercept = False
+    lft = np.empty(LFACT_TABLE)
+    for y in range(LFACT_TABLE):
+        lft[y] = math.lgamma(y + 1.0)
+    S2 = np.zeros(grp[0].shape[0] - 1)
+    for c in range(N):
+        S2[grp[1][c]] += grp[5][c] * grp[5][c]
+    return sumoff, intercept, S2, lft
+
+
+@jit()
 def fit_genes_range(
     fam,
     lo,
@@ -1539,34 +1560,23 @@ def fit_genes_range(
     iter_out,
     se_out,
     u_out,
+    consts,
 ):  # pragma: no cover - compiled
     """Fit genes lo..hi-1 (CSC columns): the s2 = 0 fit, then the interior fit when the variance score is positive.
 
     ``se_out`` gets the standard errors of (b, log s2, log theta) from the Hessian of the last Newton step
-    (NaN where a parameter sits at a boundary).
+    (NaN where a parameter sits at a boundary); ``consts``: :func:`fit_constants` of the layout.
     """
-    N, p = X.shape
+    p = X.shape[1]
     n = bdon.shape[0]
     k = p + 2
     H = np.zeros((k, k))
     eu = np.empty(n)
     st = _state(p, n, grp)
-    sumoff = 0.0
-    for c in range(N):
-        sumoff += math.exp(off[c])
-    intercept = p > 0
-    for c in range(N):
-        if p > 0 and X[c, 0] != 1.0:
-            intercept = False
+    sumoff, intercept, S2, lft = consts
     sums0 = np.zeros((2, n))
     sums1 = np.zeros((2, n))
     sh0, sw0 = sums0[0], sums0[1]
-    lft = np.empty(LFACT_TABLE)
-    for y in range(LFACT_TABLE):
-        lft[y] = math.lgamma(y + 1.0)
-    S2 = np.zeros(grp[0].shape[0] - 1)
-    for c in range(N):
-        S2[grp[1][c]] += grp[5][c] * grp[5][c]
     for gidx in range(lo, hi):
         st[11][:2] = 0.0
         st[11][5:] = 0.0
