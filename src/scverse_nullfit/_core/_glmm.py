@@ -8,6 +8,7 @@ The maths is in ``docs/model.md``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import linalg, sparse, stats
 from scipy.sparse import csgraph
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from . import _glmm_kernels as K
 from ._compiled import cached_on_disk
@@ -376,12 +377,19 @@ def kernels_cached() -> bool:
     return cached_on_disk(K.fit_genes_range)
 
 
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """The process's thread pools (BLAS, OpenMP), found once: a fresh ``threadpool_limits`` scans the loaded
+    libraries every time (about 4 ms, several times per batch of genes)."""
+    return ThreadpoolController()
+
+
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
     """Run ``work((lo, hi))`` over ranges of genes in ``n_threads`` threads (the kernels release the GIL), with
     BLAS itself single-threaded: the kernels' small dense algebra is far slower with threaded BLAS."""
     chunk = max(1, min(max_chunk, -(-genes // max(1, 4 * n_threads))))
     ranges = [(lo, min(genes, lo + chunk)) for lo in range(0, genes, chunk)]
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _threadpools().limit(limits=1, user_api="blas"):
         if n_threads > 1 and len(ranges) > 1:
             with ThreadPoolExecutor(n_threads) as ex:
                 list(ex.map(work, ranges))
