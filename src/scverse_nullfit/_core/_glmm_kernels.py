@@ -1075,6 +1075,19 @@ def _ascent_direction(Hm, gi):  # pragma: no cover - compiled
 
 
 @jit()
+def _warm_start(boundary, v, phi, ph, dva, vt):  # pragma: no cover - compiled
+    """The mode at ``ph`` to first order from the mode ``v`` at ``phi`` and its derivatives ``dva``, into ``vt``
+    (v itself at the boundary)."""
+    vt[:] = v
+    if not boundary:
+        for a_ in range(phi.shape[0]):
+            dp = ph[a_] - phi[a_]
+            if dp != 0.0:
+                for dd in range(vt.shape[0]):
+                    vt[dd] += dp * dva[dd, a_]
+
+
+@jit()
 def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
     """Take the trial point: parameters, mode and gradient, and the analytic Hessian columns (the finite-difference
     columns are kept while their parameter barely moves: an older column only slows Newton)."""
@@ -1099,7 +1112,7 @@ def _optimise(
     of the Laplace log-likelihood's (the log-determinant matters most there): analytic with singleton donors,
     else by finite differences of the analytic gradient. Returns (loglik, status, iterations); ``Hout`` gets that
     Hessian over all of phi (zero rows for fixed entries); ``sums`` (2 x donors) the donor sums of h1 and w at the
-    returned phi.
+    returned phi, or at the last step's start when that step was taken without an evaluation (FINAL_DEC).
     """
     p = X.shape[1]
     k = p + 2
@@ -1171,14 +1184,9 @@ def _optimise(
             for a_ in range(m):
                 ph[idx[a_]] += d[a_]
             if KAPPA_MIN <= ph[p + 1] <= KAPPA_MAX and (boundary or ph[p] >= RHO_MIN):
-                vt[:] = v
+                _warm_start(boundary, v, phi, ph, dva, vt)
                 ok = True
-                if not boundary:  # the mode there, exactly (from the first-order warm start)
-                    for a_ in range(k):
-                        dp = ph[a_] - phi[a_]
-                        if dp != 0.0:
-                            for dd in range(vt.shape[0]):
-                                vt[dd] += dp * dva[dd, a_]
+                if not boundary:  # the mode there, exactly
                     ok = _mode_at(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, vt, st)
                 if ok:
                     phi[:] = ph
@@ -1193,13 +1201,7 @@ def _optimise(
                 ph[p + 1] = KAPPA_MAX
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
-            vt[:] = v
-            if not boundary:
-                for a_ in range(k):
-                    dp = ph[a_] - phi[a_]
-                    if dp != 0.0:
-                        for dd in range(vt.shape[0]):
-                            vt[dd] += dp * dva[dd, a_]
+            _warm_start(boundary, v, phi, ph, dva, vt)
             Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
             armijo = Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L)
             rounding = t == 1.0 and dec < ROUNDING_DEC and Ln >= L - 1e-12 * abs(L)
