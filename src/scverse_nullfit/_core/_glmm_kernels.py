@@ -1310,22 +1310,22 @@ def _state(p, n, grp):  # pragma: no cover - compiled
 def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # pragma: no cover - compiled
     """The Poisson GLM of the groups' summed counts ``Yg`` at ``b``: returns sum_g Yg x_g'b - mu_g (the
     log-likelihood less a constant), with ``gr`` = -sum_g mu_g x_g and ``Hm`` = -sum_g mu_g x_g x_g' (donor-level
-    columns through donor sums, so a group costs only its non-zero cell-level columns ``gcj``, ``gcx``)."""
+    columns through donor sums, so a group costs only its non-zero cell-level columns ``gcj``, ``gcx``; the sums
+    over donors then run one accumulator at a time)."""
     dgptr, oref, S1 = grp[2], grp[4], grp[8]
     p = Xd.shape[1]
     n = dgptr.shape[0] - 1
     gr[:] = 0.0
     Hm[:, :] = 0.0
-    mcd = np.zeros(p)
+    md = np.empty(n)  # per donor: sum of mu, and of mu x over the cell-level columns
+    mcd = np.zeros((n, p))
     nd = dcols.shape[0]
     ll = 0.0
     for d in range(n):
         xbd = 0.0
         for j in dcols:
             xbd += Xd[d, j] * b[j]
-        md = 0.0
-        for j in ccols:
-            mcd[j] = 0.0
+        m_ = 0.0
         for g in range(dgptr[d], dgptr[d + 1]):
             q0, q1 = gcptr[g], gcptr[g + 1]
             xb = xbd
@@ -1333,24 +1333,36 @@ def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # p
                 xb += gcx[q] * b[gcj[q]]
             mu = math.exp(oref[g] + xb) * S1[g]
             ll += Yg[g] * xb - mu
-            md += mu
+            m_ += mu
             for q in range(q0, q1):
                 j = gcj[q]
                 mx = mu * gcx[q]
-                mcd[j] += mx
+                mcd[d, j] += mx
                 for q2 in range(q0, q1):
                     Hm[j, gcj[q2]] -= mx * gcx[q2]
-        for a in range(nd):  # the upper triangle, in the order of dcols (mirrored below)
-            j = dcols[a]
-            xd = Xd[d, j]
-            gr[j] -= xd * md
-            for b_ in range(a, nd):
-                m = dcols[b_]
-                Hm[j, m] -= xd * Xd[d, m] * md
-            for m in ccols:
-                Hm[j, m] -= xd * mcd[m]
-        for j in ccols:
-            gr[j] -= mcd[j]
+        md[d] = m_
+    for j in ccols:
+        acc = 0.0
+        for d in range(n):
+            acc += mcd[d, j]
+        gr[j] -= acc
+    for a in range(nd):  # the upper triangle, in the order of dcols (mirrored below)
+        j = dcols[a]
+        acc = 0.0
+        for d in range(n):
+            acc += Xd[d, j] * md[d]
+        gr[j] -= acc
+        for b_ in range(a, nd):
+            m = dcols[b_]
+            acc = 0.0
+            for d in range(n):
+                acc += Xd[d, j] * Xd[d, m] * md[d]
+            Hm[j, m] -= acc
+        for m in ccols:
+            acc = 0.0
+            for d in range(n):
+                acc += Xd[d, j] * mcd[d, m]
+            Hm[j, m] -= acc
     for a in range(nd):
         j = dcols[a]
         for b_ in range(a + 1, nd):
@@ -1695,6 +1707,9 @@ def working_sums_range(
     Bg = np.empty(G)
     ea = np.empty(n)
     zs = np.zeros((6, G))
+    wdv = np.empty(n)
+    zr = np.empty(n)
+    yq = np.zeros(G)
     for g in range(lo, hi):
         if not (beta[g, 0] == beta[g, 0]):
             continue
@@ -1710,7 +1725,7 @@ def working_sums_range(
             ea[d] = math.exp(u[g, d])
         if fam != POISSON:
             _zero_sums(ea / th, Bg, False, grp, zs)
-        for d in range(n):  # per group only the cell-level columns; the donor-level ones from the donor's sums
+        for d in range(n):  # per group only the cell-level columns; the donor-level ones from the donor sums below
             ud = u[g, d]
             wd = 0.0
             for h in range(dgptr[d], dgptr[d + 1]):
@@ -1727,30 +1742,48 @@ def working_sums_range(
                     for m in ccols:
                         if m >= j:
                             XWX[g, j, m] += xw * Xg[h, m]
-            Dw[g, d] += wd
-            wrd = wd * (ud - 1.0)
-            ZWr[g, d] += wrd
-            for j in dcols:
-                xd = Xd[d, j]
-                ZWX[g, d, j] += xd * wd
-                XWr[g, j] += xd * wrd
-                for m in ccols:
-                    if m >= j:
-                        XWX[g, j, m] += xd * ZWX[g, d, m]
-                    else:
-                        XWX[g, m, j] += xd * ZWX[g, d, m]
-                for m in dcols:
-                    if m >= j:
-                        XWX[g, j, m] += xd * Xd[d, m] * wd
-        for k in range(yi.shape[0]):
+            wdv[d] = wd
+            zr[d] = wd * (ud - 1.0)
+        for k in range(yi.shape[0]):  # the non-zero cells' y q, summed per group (whose design row they share)
             c = yi[k]
             y = yv[k]
+            h = gcell[c]
             if fam != POISSON:
-                mu = ea[codes[c]] * Bg[gcell[c]] * sig[c]
+                mu = ea[codes[c]] * Bg[h] * sig[c]
                 y *= th / (th + mu)
-            ZWr[g, codes[c]] += y
-            for j in range(p):
-                XWr[g, j] += X[c, j] * y
+            yq[h] += y
+        for d in range(n):
+            sd = 0.0
+            for h in range(dgptr[d], dgptr[d + 1]):
+                y = yq[h]
+                if y != 0.0:
+                    sd += y
+                    for j in ccols:
+                        XWr[g, j] += Xg[h, j] * y
+                    yq[h] = 0.0
+            zr[d] += sd
+            Dw[g, d] += wdv[d]
+            ZWr[g, d] += zr[d]
+        for j in dcols:  # the donor-level columns: sums over donors of x_d times the donor sums
+            acc = 0.0
+            for d in range(n):
+                ZWX[g, d, j] += Xd[d, j] * wdv[d]
+                acc += Xd[d, j] * zr[d]
+            XWr[g, j] += acc
+            for m in ccols:
+                acc = 0.0
+                for d in range(n):
+                    acc += Xd[d, j] * ZWX[g, d, m]
+                if m >= j:
+                    XWX[g, j, m] += acc
+                else:
+                    XWX[g, m, j] += acc
+            for m in dcols:
+                if m >= j:
+                    acc = 0.0
+                    for d in range(n):
+                        acc += Xd[d, j] * Xd[d, m] * wdv[d]
+                    XWX[g, j, m] += acc
         for j in range(p):
             for m in range(j):
                 XWX[g, j, m] = XWX[g, m, j]
