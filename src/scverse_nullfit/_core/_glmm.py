@@ -387,8 +387,12 @@ def _threadpools() -> ThreadpoolController:
 def _run_ranges(work, genes: int, n_threads: int, max_chunk: int) -> None:
     """Run ``work((lo, hi))`` over ranges of genes in ``n_threads`` threads (the kernels release the GIL), with
     BLAS itself single-threaded: the kernels' small dense algebra is far slower with threaded BLAS."""
-    chunk = max(1, min(max_chunk, -(-genes // max(1, 4 * n_threads))))
-    ranges = [(lo, min(genes, lo + chunk)) for lo in range(0, genes, chunk)]
+    ranges = []
+    lo = 0
+    while lo < genes:  # guided: each range about the work left over twice the threads, so that the threads end together
+        size = max(1, min(max_chunk, -(-(genes - lo) // max(1, 2 * n_threads))))
+        ranges.append((lo, lo + size))
+        lo += size
     with _threadpools().limit(limits=1, user_api="blas"):
         if n_threads > 1 and len(ranges) > 1:
             with ThreadPoolExecutor(n_threads) as ex:
