@@ -240,6 +240,7 @@ class ColumnReader:
             csr_columns_scan(self._indptr, Y.indices, Y.data, cursor, lo, hi, pos, self._tcol, self._tdat,
                              self._rptr, count)  # fmt: skip
         self._cursor = cursor
-        rows, data = np.empty(m, dtype=np.int32), np.empty(m, dtype=Y.data.dtype)
+        rows = np.empty(m, dtype=np.int32 if Y.shape[0] < np.iinfo(np.int32).max else np.int64)
+        data = np.empty(m, dtype=Y.data.dtype)
         csr_columns_transpose(self._tcol, self._tdat, self._rptr, count, rows, data)
         return sparse.csc_matrix((data, rows, count), shape=(Y.shape[0], len(idx)))
