@@ -381,6 +381,21 @@ def _gene_constants(fam, yi, yv, codes, off, st):  # pragma: no cover - compiled
 
 
 @jit()
+def _donor_products(Xd, cols, V):  # pragma: no cover - compiled
+    """``Xd[:, cols]' V`` (len(cols) x V's columns): sums over the donors in donor order, one accumulator at a
+    time (the donor-level columns' cross-products, from per-donor sums)."""
+    out = np.empty((cols.shape[0], V.shape[1]))
+    for a in range(cols.shape[0]):
+        j = cols[a]
+        for m in range(V.shape[1]):
+            acc = 0.0
+            for d in range(Xd.shape[0]):
+                acc += Xd[d, j] * V[d, m]
+            out[a, m] = acc
+    return out
+
+
+@jit()
 def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
     """Per group g: xb_g = x_g'b and Bg_g = exp(oref_g + xb_g) (so mu_c = s_c Bg_g exp(u_d)); for the Poisson family
     the donor sums of Bg S1, Bg S1 x and Bg S1 x x' (upper triangle), S1_g = sum_c s_c. Returns
@@ -705,10 +720,8 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                 xh[j] -= zwx[d, j]
                 for m2 in range(j, p):
                     xwx[j, m2] += eu[d] * F[d, j, m2]
-        for k in range(yi.shape[0]):
-            c = yi[k]
-            for j in range(p):
-                xh[j] += yv[k] * X[c, j]
+        for j in range(p):  # X'y, from the gene's constants
+            xh[j] += st[14][1 + j]
         ll += yb
     else:
         zs, cz = buf[2:10], buf[10:14]
@@ -826,16 +839,12 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                     w2x[d, j] = xd * w2d[d]
                     w1kx[d, j] = xd * w1kd[d]
                     wkx[d, j] = xd * swk[d]
-        xdw = np.zeros((p, p))  # sum_d x_dj zwx_d, donors in order
-        for d in range(n):
-            for j in dcols:
-                xd = Xd[d, j]
-                for m2 in range(p):
-                    xdw[j, m2] += xd * zwx[d, m2]
-        for j in dcols:
+        xdw = _donor_products(Xd, dcols, zwx)
+        for a_ in range(dcols.shape[0]):
+            j = dcols[a_]
             for m2 in range(p):
                 lo_, hi_ = (j, m2) if j <= m2 else (m2, j)
-                xwx[lo_, hi_] = xdw[j, m2]
+                xwx[lo_, hi_] = xdw[a_, m2]
     for j in range(p):
         for m2 in range(j):
             xwx[j, m2] = xwx[m2, j]
@@ -1346,23 +1355,18 @@ def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # p
         for d in range(n):
             acc += mcd[d, j]
         gr[j] -= acc
-    for a in range(nd):  # the upper triangle, in the order of dcols (mirrored below)
+    for d in range(n):  # the donor-level columns' mu x per donor, beside the cell-level ones
+        for j in dcols:
+            mcd[d, j] = Xd[d, j] * md[d]
+    P = _donor_products(Xd, dcols, mcd)
+    Pg = _donor_products(Xd, dcols, md.reshape(n, 1))
+    for a in range(nd):  # the upper triangle of the donor-level block, and its rows of the cell-level columns
         j = dcols[a]
-        acc = 0.0
-        for d in range(n):
-            acc += Xd[d, j] * md[d]
-        gr[j] -= acc
+        gr[j] -= Pg[a, 0]
         for b_ in range(a, nd):
-            m = dcols[b_]
-            acc = 0.0
-            for d in range(n):
-                acc += Xd[d, j] * Xd[d, m] * md[d]
-            Hm[j, m] -= acc
+            Hm[j, dcols[b_]] -= P[a, dcols[b_]]
         for m in ccols:
-            acc = 0.0
-            for d in range(n):
-                acc += Xd[d, j] * mcd[d, m]
-            Hm[j, m] -= acc
+            Hm[j, m] -= P[a, m]
     for a in range(nd):
         j = dcols[a]
         for b_ in range(a + 1, nd):
@@ -1710,6 +1714,8 @@ def working_sums_range(
     wdv = np.empty(n)
     zr = np.empty(n)
     yq = np.zeros(G)
+    is_dcol = np.zeros(p, dtype=np.bool_)
+    is_dcol[dcols] = True
     for g in range(lo, hi):
         if not (beta[g, 0] == beta[g, 0]):
             continue
@@ -1764,26 +1770,19 @@ def working_sums_range(
             zr[d] += sd
             Dw[g, d] += wdv[d]
             ZWr[g, d] += zr[d]
-        for j in dcols:  # the donor-level columns: sums over donors of x_d times the donor sums
-            acc = 0.0
-            for d in range(n):
+        for d in range(n):  # the donor-level columns: x_d times the donor sums, then their sums over donors
+            for j in dcols:
                 ZWX[g, d, j] += Xd[d, j] * wdv[d]
-                acc += Xd[d, j] * zr[d]
-            XWr[g, j] += acc
-            for m in ccols:
-                acc = 0.0
-                for d in range(n):
-                    acc += Xd[d, j] * ZWX[g, d, m]
+        P = _donor_products(Xd, dcols, ZWX[g])
+        Pr = _donor_products(Xd, dcols, zr.reshape(n, 1))
+        for a in range(dcols.shape[0]):
+            j = dcols[a]
+            XWr[g, j] += Pr[a, 0]
+            for m in range(p):  # the upper triangle (a donor-level pair below it is the pair's other order)
                 if m >= j:
-                    XWX[g, j, m] += acc
-                else:
-                    XWX[g, m, j] += acc
-            for m in dcols:
-                if m >= j:
-                    acc = 0.0
-                    for d in range(n):
-                        acc += Xd[d, j] * Xd[d, m] * wdv[d]
-                    XWX[g, j, m] += acc
+                    XWX[g, j, m] += P[a, m]
+                elif not is_dcol[m]:
+                    XWX[g, m, j] += P[a, m]
         for j in range(p):
             for m in range(j):
                 XWX[g, j, m] = XWX[g, m, j]
