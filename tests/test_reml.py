@@ -35,11 +35,18 @@ def test_tau_functions_taylor_equal_direct(problem_and_sums):
     """Inside the nodes' range (and outside, where they are computed directly) the tables give the direct sums."""
     problem, _, _ = problem_and_sums
     tau = np.concatenate([np.geomspace(1e-9, 1e8, 61), [0.0, 0.0371, 2.5e-11, 3e7]])
-    M, logdet, h = problem.functions.at(tau)
+    M, logdet, h, Ainv = problem.functions.at(tau)
     M0, logdet0, h0 = problem.functions.direct(tau)
     for a, rtol in enumerate((1e-14, 1e-12, 1e-10, 1e-8)):
         scale = np.abs(M0[:, a]).max(axis=(1, 2))[:, None, None]
         np.testing.assert_allclose(M[:, a] / scale, M0[:, a] / scale, rtol=0, atol=rtol, err_msg=f"M_{a}")
+    # A^-1 from its own series: the inverse's rounding (eps cond(A)) either way
+    A = M0[:, 0] + problem.Aw
+    Ainv0 = np.linalg.inv(A)
+    assert np.array_equal(Ainv, np.swapaxes(Ainv, 1, 2))
+    scale = np.abs(Ainv0).max(axis=(1, 2))[:, None, None]
+    err = np.abs(Ainv - Ainv0) / scale
+    np.testing.assert_array_less(err.max(axis=(1, 2)), 1e-15 * np.linalg.cond(A) + 1e-13)
     # beyond tau = 100, log|A| (A losing the directions of donor-level covariates like 1/tau) carries rounding of
     # about eps cond(A) either way; so do the eigenvalues of the restricted matrix (see test_scale)
     for part, rtol in ((tau <= 100, 1.0), (tau > 100, 1e4)):

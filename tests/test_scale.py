@@ -312,7 +312,7 @@ def test_restricted_log_determinant(sparse_adata, pieces, donor_level):
     ref_h = np.stack([(mw**a).sum(axis=1) for a in (1, 2, 3)], axis=1)
     # the reference's own rounding: eigenvalues that are 0 come out as +-delta, which moves log(1 + tau mu) by tau delta
     delta = len(mu) * np.finfo(float).eps * mu.max()
-    for name, (_, logdet, h) in {"series": functions.at(taus), "direct": functions.direct(taus)}.items():
+    for name, (_, logdet, h) in {"series": functions.at(taus)[:3], "direct": functions.direct(taus)}.items():
         bound = 1e-12 * np.abs(ref_logdet) + 1e-11 + len(mu) * taus * delta
         assert np.all(np.abs(logdet - ref_logdet) <= bound), (name, np.abs(logdet - ref_logdet) / bound)
         np.testing.assert_allclose(h[:, 0], ref_h[:, 0], rtol=1e-12, atol=len(mu) * delta, err_msg=name)

@@ -81,6 +81,8 @@ class TauFunctions:
         self._Op = np.ascontiguousarray(Xrot[:, self._iu[0]] * Xrot[:, self._iu[1]])  # x~_j x~_j', upper triangle
         n_nodes = -(-(NODE_RANGE[1] - NODE_RANGE[0] + 1) // NODES_PER_OCTAVE) * NODES_PER_OCTAVE  # whole octaves
         self._T = np.zeros((n_nodes, _K, p * p))  # sum_j w_cj u_cj^k x~_j x~_j'
+        self._Ai = np.zeros((n_nodes, _K, p * p))  # the coefficients of (-x)^k in A^-1
+        self._regular = np.zeros(n_nodes, dtype=bool)  # A_c not numerically singular: the series of A^-1 holds
         self._L = np.zeros(n_nodes)  # the restricted log-determinant at c
         self._P = np.zeros((n_nodes, _K + 3))  # minus k times its coefficient of (-x)^k (sum_j v_cj^k, v = c mu w)
         self._built = np.zeros(n_nodes, dtype=bool)
@@ -146,8 +148,10 @@ class TauFunctions:
         self._T[missing] = T[:, :_K].reshape(m, _K, p * p)
         # A = A_c + sum_k (-x)^k T_k; with B_k = A_c^-1 T_k and R_k the coefficients of (I + sum_k (-x)^k B_k)^-1,
         # the coefficient of (-x)^k in log|A| is alpha_k = sum_(i <= k) i tr(R_(k-i) B_i) / k
-        logdet_A, B = _logdet_and_solve(T[:, 0] + self.Aw, T[:, 1:terms])
-        B = np.moveaxis(B, 1, 0)  # (terms - 1, m, p, p): B_1, B_2, ...
+        eye = np.broadcast_to(np.eye(p), (m, 1, p, p))
+        logdet_A, B, regular = _logdet_and_solve(T[:, 0] + self.Aw, np.concatenate([T[:, 1:terms], eye], axis=1))
+        Ac_inv = B[:, -1]
+        B = np.moveaxis(B[:, :-1], 1, 0)  # (terms - 1, m, p, p): B_1, B_2, ...
         iB = B * np.arange(1, terms)[:, None, None, None]
         R = np.empty((terms, m, p, p))
         R[0] = np.eye(p)
@@ -156,6 +160,9 @@ class TauFunctions:
             back = R[k - 1 :: -1]  # R_(k-1), ..., R_0
             k_alpha[:, k] = np.einsum("imab,imba->m", back, iB[:k])
             R[k] = -np.matmul(B[:k], back).sum(axis=0)
+        # A^-1 = (I + sum_k (-x)^k B_k)^-1 A_c^-1 = sum_k (-x)^k R_k A_c^-1
+        self._Ai[missing] = np.moveaxis(np.matmul(R[:_K], Ac_inv), 0, 1).reshape(m, _K, p * p)
+        self._regular[missing] = regular
         P = np.empty((m, terms))
         vk = np.ones_like(u)
         for k in range(terms):
@@ -166,11 +173,12 @@ class TauFunctions:
         self._L[missing] = np.log1p(c[:, None] * self.lam[None, :]).sum(axis=1) + ratio
         self._built[missing] = True
 
-    def at(self, tau: np.ndarray, matrices: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """``M`` (genes, 4, p, p; None unless ``matrices``), the restricted log-determinant (genes) and ``h`` (genes,
-        3) at a per-gene tau."""
+    def at(self, tau: np.ndarray, matrices: bool = True) -> tuple[np.ndarray | None, ...]:
+        """``M`` (genes, 4, p, p), the restricted log-determinant (genes), ``h`` (genes, 3) and ``A^-1`` (genes, p, p)
+        at a per-gene tau (the matrices None unless ``matrices``)."""
         m, p = len(tau), self.p
         M = np.empty((m, 4, p * p))
+        Ainv = np.empty((m, p * p))
         logdet = np.empty(m)
         h = np.empty((m, 3))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -179,6 +187,9 @@ class TauFunctions:
         if inside.any():
             idx = node[inside].astype(np.int64) - NODE_RANGE[0]
             self._build(np.unique(idx))
+            if matrices and not self._regular[idx].all():  # a singular A at a node: those genes directly
+                inside[np.flatnonzero(inside)[~self._regular[idx]]] = False
+                idx = idx[self._regular[idx]]
             c = np.exp2((idx + NODE_RANGE[0]) / NODES_PER_OCTAVE)
             powers = np.empty((len(c), _K + 1))  # (-x)^k
             powers[:, 0] = 1.0
@@ -188,15 +199,22 @@ class TauFunctions:
             coef = _M_BINOM[None] * powers[:, _M_POWER] * inv_c[:, :, None]  # (genes, a, k)
             if matrices:
                 M[inside] = np.matmul(coef, self._T[idx])
+                Ainv[inside] = np.matmul(powers[:, None, :_K], self._Ai[idx])[:, 0]
             P = self._P[idx]
             logdet[inside] = self._L[idx] - (powers[:, 1:] / np.arange(1, _K + 1) * P[:, 1 : _K + 1]).sum(axis=1)
             for a in (1, 2, 3):
                 h[inside, a - 1] = inv_c[:, a] * (_H_BINOM[a - 1] * powers[:, :_K] * P[:, a : a + _K]).sum(axis=1)
         M = M.reshape(m, 4, p, p)
+        Ainv = Ainv.reshape(m, p, p)
+        if matrices:
+            Ainv += np.swapaxes(Ainv, 1, 2)
+            Ainv *= 0.5
         out = np.flatnonzero(~inside)
         if len(out):
             M[out], logdet[out], h[out] = self.direct(tau[out])
-        return M if matrices else None, logdet, h
+            if matrices:
+                Ainv[out] = _spd_inverse(M[out, 0] + self.Aw)
+        return (M, logdet, h, Ainv) if matrices else (None, logdet, h, None)
 
     def direct(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`at` by direct sums over the donors (for a few values of tau)."""
@@ -207,7 +225,7 @@ class TauFunctions:
         for a in (1, 2, 3):
             np.multiply(weights[:, a - 1], self.lam * w, out=weights[:, a])
         M = self._sums(weights)
-        logdet_A, S = _logdet_and_solve(M[:, 0] + self.Aw, M[:, 1:])  # S_a = A^-1 M_a
+        logdet_A, S, _ = _logdet_and_solve(M[:, 0] + self.Aw, M[:, 1:])  # S_a = A^-1 M_a
         logdet = np.log1p(t * self.lam[None, :]).sum(axis=1) + self._log_det_ratio(t[:, 0], logdet_A)
         lw = weights[:, 1] / weights[:, 0]  # lam w
         S1, S2, S3 = S[:, 0], S[:, 1], S[:, 2]
@@ -225,10 +243,10 @@ def _trace_of_product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.einsum("...ij,...ji->...", A, B)
 
 
-def _logdet_and_solve(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``log|A|`` and ``A^-1 B_k`` for a stack of symmetric positive definite ``A`` (m, p, p) and ``B`` (m, k, p, p),
-    after scaling ``A`` to a unit diagonal (covariates on different scales lose no digits); the log
-    pseudo-determinant and the pseudo-inverse where ``A`` is numerically singular."""
+def _logdet_and_solve(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``log|A|``, ``A^-1 B_k`` and whether ``A`` is regular, for a stack of symmetric positive definite ``A`` (m,
+    p, p) and ``B`` (m, k, p, p), after scaling ``A`` to a unit diagonal (covariates on different scales lose no
+    digits); the log pseudo-determinant and the pseudo-inverse where ``A`` is numerically singular."""
     d = np.sqrt(np.abs(np.diagonal(A, axis1=-2, axis2=-1)))
     scale = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 1.0)
     As = A * scale[:, :, None] * scale[:, None, :]
@@ -237,14 +255,16 @@ def _logdet_and_solve(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndar
         Asinv = np.linalg.inv(As) if np.all(sign > 0) else None
     except np.linalg.LinAlgError:
         Asinv = None
+    regular = np.full(len(A), Asinv is not None)
     if Asinv is None:
         s, Q = np.linalg.eigh(As)
         top = np.max(np.abs(s), axis=-1, keepdims=True)
         keep = s > top * A.shape[-1] * np.finfo(float).eps
+        regular = keep.all(axis=-1)
         logdet = np.where(keep, np.log(np.where(keep, s, 1.0)), 0.0).sum(axis=-1)
         Asinv = (Q * np.where(keep, 1.0 / np.where(keep, s, 1.0), 0.0)[..., None, :]) @ np.swapaxes(Q, -1, -2)
     Ainv = Asinv * scale[:, :, None] * scale[:, None, :]
-    return logdet - 2.0 * np.log(scale).sum(axis=-1), Ainv[:, None] @ B
+    return logdet - 2.0 * np.log(scale).sum(axis=-1), Ainv[:, None] @ B, regular
 
 
 @dataclass
@@ -286,7 +306,7 @@ class Evaluation:
         Ainv2 = Ainv + dA * d[:, :, None] + d2A * (d * d)[:, :, None]
         Ainv2 = 0.5 * (Ainv2 + np.swapaxes(Ainv2, 1, 2))
         q = self.q[sel] + delta * (self.dq[sel] + delta * (0.5 * self.d2q[sel] + delta * self.d3q[sel] / 6.0))
-        _, logdet, _ = problem.functions.at(tau + delta, matrices=False)
+        _, logdet, _, _ = problem.functions.at(tau + delta, matrices=False)
         with np.errstate(invalid="ignore", divide="ignore"):
             loglik = problem._loglik(np.where(q > 0, q, np.nan), logdet)
         d2l = self.d2loglik[sel] + self.d3loglik[sel] * delta
@@ -410,22 +430,21 @@ class RemlProblem:
         s = np.empty((4, m))
         u = np.empty((4, m, p))
         size = max(1, BLOCK_ELEMENTS // max(n, 1))
-        r_buf = np.empty((min(size, m), n))
         w_buf = np.empty((min(size, m), n))
-        a_buf = np.empty((4 * min(size, m), n))
+        a_buf = np.empty((4, min(size, m), n))
         for a in range(0, m, size):
             g = min(size, m - a)
-            r = np.take(Rt, rows[a : a + g], axis=0, out=r_buf[:g])
-            w = np.multiply.outer(tau[a : a + g], self.lam, out=w_buf[:g])
+            r = Rt[rows[a : a + g]]
+            w = np.multiply(tau[a : a + g, None], self.lam, out=w_buf[:g])
             w += 1.0
+            wr = a_buf[:, :g]  # omega_a r~
+            np.divide(r, w, out=wr[0])
             np.reciprocal(w, out=w)
-            wr = a_buf[: 4 * g].reshape(4, g, n)  # omega_a r~
-            np.multiply(w, r, out=wr[0])
             w *= self.lam  # lam w
             for k in (1, 2, 3):
                 np.multiply(w, wr[k - 1], out=wr[k])
             s[:, a : a + g] = np.matmul(wr[:, :, None, :], r[:, :, None])[:, :, 0, 0]
-            u[:, a : a + g] = (self.XT @ a_buf[: 4 * g].T).reshape(p, 4, g).transpose(1, 2, 0)
+            np.matmul(wr, self.Xrot, out=u[:, a : a + g])
         return s, u
 
     def evaluate(self, tau: np.ndarray, rows: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray) -> Evaluation:
@@ -437,8 +456,7 @@ class RemlProblem:
         tau = np.ascontiguousarray(tau, dtype=np.float64)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         s, u = self._gene_sums(tau, rows, Rt)
-        M, logdet, h = self.functions.at(tau)  # (genes, 4, p, p)
-        Ainv = _spd_inverse(M[:, 0] + self.Aw)
+        M, logdet, h, Ainv = self.functions.at(tau)  # (genes, 4, p, p), ..., (genes, p, p)
         return self._combine(s, u, XR[rows], W[rows], M, Ainv, logdet, h)
 
     def _combine(self, s, u, XR, W, M, Ainv, logdet, h) -> Evaluation:
