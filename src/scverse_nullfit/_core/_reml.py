@@ -45,6 +45,9 @@ NODES_PER_OCTAVE = 16
 TAYLOR_TERMS = 10
 #: The nodes kept in a table (tau from about 6e-11 to 1.7e7); a tau outside is evaluated directly.
 NODE_RANGE = (-34 * NODES_PER_OCTAVE, 24 * NODES_PER_OCTAVE)
+#: The shared grid's products keep the singular values of its matrix down to this fraction of the largest (what is
+#: dropped moves ``b'A^-1b`` by about 1e-16 of ``q``; the grid only brackets each gene's maximum).
+GRID_RANK_RTOL = 1e-14
 #: Genes x donors elements per block of the per-gene pass: its few arrays stay in a core's L2 cache.
 BLOCK_ELEMENTS = 1 << 15
 
@@ -350,7 +353,12 @@ class RemlProblem:
         f = 1.0 - w
         M = np.einsum("jk,jt,tkl->jtl", self.Xrot, f, K).reshape(len(self.lam), -1)
         self._grid_w = np.ascontiguousarray(w)
-        self._grid_M = np.ascontiguousarray(np.hstack([M, self.Xrot]))  # and X~: Rt X~ from the same GEMM
+        # M's columns (f_t times the covariates, all t) span few dimensions: M = Q S with Q orthonormal (donors x
+        # rank), the singular values kept down to GRID_RANK_RTOL of the largest, so Rt M = (Rt Q) S costs rank columns
+        Q, sv, Vt = np.linalg.svd(M, full_matrices=False)
+        rank = int(np.sum(sv > GRID_RANK_RTOL * sv[:1]))
+        self._grid_Q = np.ascontiguousarray(Q[:, :rank])
+        self._grid_S = np.ascontiguousarray(sv[:rank, None] * Vt[:rank])
         self._grid_logdet = logdet
         self._weights_cache = {}
 
@@ -372,9 +380,9 @@ class RemlProblem:
         q0 = W + R2.sum(axis=1)
         q = (R2 @ self._grid_w).T  # (taus, genes)
         q += W
-        B = Rt @ self._grid_M
-        XR = np.ascontiguousarray(B[:, T * self.p :])
-        B = B[:, : T * self.p].reshape(G, T, self.p)
+        B = (Rt @ self._grid_Q) @ self._grid_S
+        XR = Rt @ self.Xrot
+        B = B.reshape(G, T, self.p)
         q -= np.einsum("gtk,gtk->tg", B, B)
         del B
         with np.errstate(invalid="ignore", divide="ignore"):
