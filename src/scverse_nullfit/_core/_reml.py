@@ -357,7 +357,7 @@ class RemlProblem:
         # rank), the singular values kept down to GRID_RANK_RTOL of the largest, so Rt M = (Rt Q) S costs rank columns
         Q, sv, Vt = np.linalg.svd(M, full_matrices=False)
         rank = int(np.sum(sv > GRID_RANK_RTOL * sv[:1]))
-        self._grid_Q = np.ascontiguousarray(Q[:, :rank])
+        self._grid_QX = np.ascontiguousarray(np.hstack([Q[:, :rank], self.Xrot]))  # and X~: Rt X~ in the same product
         self._grid_S = np.ascontiguousarray(sv[:rank, None] * Vt[:rank])
         self._grid_logdet = logdet
         self._weights_cache = {}
@@ -380,9 +380,9 @@ class RemlProblem:
         q0 = W + R2.sum(axis=1)
         q = (R2 @ self._grid_w).T  # (taus, genes)
         q += W
-        B = (Rt @ self._grid_Q) @ self._grid_S
-        XR = Rt @ self.Xrot
-        B = B.reshape(G, T, self.p)
+        QX = Rt @ self._grid_QX
+        XR = np.ascontiguousarray(QX[:, -self.p :])
+        B = (QX[:, : -self.p] @ self._grid_S).reshape(G, T, self.p)
         q -= np.einsum("gtk,gtk->tg", B, B)
         del B
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -439,20 +439,19 @@ class RemlProblem:
         u = np.empty((4, m, p))
         size = max(1, BLOCK_ELEMENTS // max(n, 1))
         w_buf = np.empty((min(size, m), n))
-        a_buf = np.empty((4, min(size, m), n))
+        a_buf = np.empty(4 * min(size, m) * n)
         for a in range(0, m, size):
             g = min(size, m - a)
             r = Rt[rows[a : a + g]]
             w = np.multiply(tau[a : a + g, None], self.lam, out=w_buf[:g])
-            w += 1.0
-            wr = a_buf[:, :g]  # omega_a r~
+            w += 1.0  # 1 / w
+            wr = a_buf[: 4 * g * n].reshape(4, g, n)  # omega_a r~
             np.divide(r, w, out=wr[0])
-            np.reciprocal(w, out=w)
-            w *= self.lam  # lam w
+            np.divide(self.lam, w, out=w)  # lam w
             for k in (1, 2, 3):
                 np.multiply(w, wr[k - 1], out=wr[k])
             s[:, a : a + g] = np.matmul(wr[:, :, None, :], r[:, :, None])[:, :, 0, 0]
-            np.matmul(wr, self.Xrot, out=u[:, a : a + g])
+            u[:, a : a + g] = (self.XT @ wr.reshape(4 * g, n).T).reshape(p, 4, g).transpose(1, 2, 0)
         return s, u
 
     def evaluate(self, tau: np.ndarray, rows: np.ndarray, Rt: np.ndarray, W: np.ndarray, XR: np.ndarray) -> Evaluation:
