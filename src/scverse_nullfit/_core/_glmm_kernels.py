@@ -41,6 +41,10 @@ MAX_ITER = 200
 #: The negative binomial's starting values stop their Poisson GLM at this Newton decrement: the NB fit refines them.
 GLM_START_TOL = 1e-2
 INNER_MAX_ITER = 100
+#: Below this Newton decrement of the inner problem (the mode of the donor effects), the full Newton step is the last,
+#: taken without a pass at its end: Newton's quadratic convergence leaves a decrement of about its square there
+#: (1e-12), whose effect on the Laplace log-likelihood (second order at the mode) is below its rounding.
+INNER_FINAL_DEC = 1e-6
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
 DECREMENT_TOL = 1e-10
 #: Below this Newton decrement the full step's gain (half the decrement) is within the rounding of the
@@ -582,7 +586,7 @@ def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st): 
         dec = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
         if not (dec == dec):
             return False
-        if dec < 1e-12:  # quadratic convergence: the Newton step leaves an error ~dec^2, below rounding
+        if dec < INNER_FINAL_DEC:  # the Newton step's end point is the mode (see INNER_FINAL_DEC)
             for d in range(n):
                 v[d] += dv[d]
             return True
