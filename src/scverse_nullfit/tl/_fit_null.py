@@ -412,14 +412,26 @@ def _fit_counts(
         # each batch is read from the matrix as stored (an in-memory CSR matrix in one pass over it in all, without a
         # CSC copy of the whole matrix)
         reader = ColumnReader(Y)
-        with tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar:
-            for batch in _gene_batches(Y, fitted_idx):
-                counts = reader(batch)
-                # the batch in the kernels' layout once (the counts checked), for the fit and the working sums
-                layout = _glmm.count_layout(
-                    counts, donors.codes, design.X, off, family, n,
-                    gene_names=adata.var_names[batch], cell_names=adata.obs_names, groups=groups, n_threads=n_threads,
-                )  # fmt: skip
+
+        def load(batch):  # the batch in the kernels' layout once (the counts checked), for the fit and the working sums
+            counts = reader(batch)
+            layout = _glmm.count_layout(
+                counts, donors.codes, design.X, off, family, n,
+                gene_names=adata.var_names[batch], cell_names=adata.obs_names, groups=groups, n_threads=1,
+            )  # fmt: skip
+            return counts, layout
+
+        batches = _gene_batches(Y, fitted_idx)
+        # the next batch is read and laid out on one more thread while the threads fit this one (the reads are
+        # single-threaded: a core would wait for them otherwise)
+        with (
+            tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar,
+            ThreadPoolExecutor(1, "snf-read") as ahead,
+        ):
+            loading = ahead.submit(load, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                counts, layout = loading.result()
+                loading = ahead.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
                 fits = _glmm.fit_counts(
                     counts, donors.codes, design.X, family=family, offset=off, G=blocks, n_threads=n_threads,
                     gene_names=adata.var_names[batch], cell_names=adata.obs_names, layout=layout,
