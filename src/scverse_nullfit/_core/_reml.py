@@ -7,10 +7,11 @@ squares ``W``; with ``w_j = 1/(1 + tau lam_j)`` (see ``docs/model.md``)
     log|H| + log|X'H^-1 X| = sum_j log(1 + tau lam_j) + log|A|
 
 (one eigendecomposition, shared by all genes; no restricted eigenvalues). The parts that depend on tau only
-(``X~' diag(lam^a w^(a+1)) X~`` and ``log|A|``) come from Taylor expansions at geometric nodes in tau, shared by all
-genes; the per-gene part of an evaluation at a per-gene tau is one pass over the gene's donors (weights and four
-weighted copies of ``r~``) and one narrow GEMM with ``X~``. The shared grid is one GEMM for all genes. No second
-rotation of the genes is needed, and nothing is compiled.
+(``X~' diag(lam^a w^(a+1)) X~``, ``log|A|`` and ``A^-1``) come from Taylor expansions at geometric nodes in tau,
+shared by all genes; the per-gene part of an evaluation at a per-gene tau is one pass over the gene's donors
+(weights and four weighted copies of ``r~``) and one narrow GEMM with ``X~``. The shared grid is one GEMM for all
+genes (through a low-rank factor of its matrix). No second rotation of the genes is needed, and nothing is
+compiled.
 """
 
 from __future__ import annotations
@@ -444,7 +445,7 @@ class RemlProblem:
             g = min(size, m - a)
             r = Rt[rows[a : a + g]]
             w = np.multiply(tau[a : a + g, None], self.lam, out=w_buf[:g])
-            w += 1.0  # 1 / w
+            w += 1.0  # 1 + tau lam = 1 / w
             wr = a_buf[: 4 * g * n].reshape(4, g, n)  # omega_a r~
             np.divide(r, w, out=wr[0])
             np.divide(self.lam, w, out=w)  # lam w
