@@ -167,6 +167,20 @@ def test_gene_batches_and_subsets(small_adata, count_fits, monkeypatch):
     )
 
 
+def test_batches_read_ahead_leave_blas_threads(small_adata, monkeypatch):
+    """With the next batch read on a background thread, the process's BLAS thread counts are as before the fit."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import scverse_nullfit.tl._fit_null as module
+
+    monkeypatch.setattr(module, "COUNT_BATCH_NNZ", 300)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        snf.tl.fit_null(small_adata.copy(), family="negative_binomial", n_threads=2, **KW)
+        after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert after == before
+
+
 def test_trans_map_takes_a_count_fit(small_adata):
     import scverse_nullfit as snf
 

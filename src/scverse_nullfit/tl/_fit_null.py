@@ -423,8 +423,11 @@ def _fit_counts(
 
         batches = _gene_batches(Y, fitted_idx)
         # the next batch is read and laid out on one more thread while the threads fit this one (the reads are
-        # single-threaded: a core would wait for them otherwise)
+        # single-threaded: a core would wait for them otherwise). Every step of the loop runs its kernels with one BLAS
+        # thread; the limit is set here, on this thread, so that no thread raises it while another works (OpenBLAS
+        # ignores a raise of its thread count made from a thread other than this one: measured)
         with (
+            threadpool_limits(limits=1, user_api="blas"),
             tqdm(total=len(fitted_idx), desc="genes", unit="gene", disable=not show) as bar,
             ThreadPoolExecutor(1, "snf-read") as ahead,
         ):
