@@ -400,6 +400,26 @@ def _donor_products(Xd, cols, V):  # pragma: no cover - compiled
 
 
 @jit()
+def _add_donor_pairs(M, P, dcols, sign):  # pragma: no cover - compiled
+    """Add ``sign * P`` (:func:`_donor_products`, row a for the donor-level column ``dcols[a]``) to the symmetric
+    ``M`` at every pair of design columns with a donor-level one: into the upper triangle, a pair of two donor-level
+    columns once (from the earlier column's row), then mirrored below."""
+    p = M.shape[0]
+    is_d = np.zeros(p, dtype=np.bool_)
+    for j in dcols:
+        is_d[j] = True
+    for a in range(dcols.shape[0]):
+        j = dcols[a]
+        for m in range(p):
+            if m >= j:
+                M[j, m] += sign * P[a, m]
+                M[m, j] = M[j, m]
+            elif not is_d[m]:
+                M[m, j] += sign * P[a, m]
+                M[j, m] = M[m, j]
+
+
+@jit()
 def _prepare(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
     """Per group g: xb_g = x_g'b and Bg_g = exp(oref_g + xb_g) (so mu_c = s_c Bg_g exp(u_d)); for the Poisson family
     the donor sums of Bg S1, Bg S1 x and Bg S1 x x' (upper triangle), S1_g = sum_c s_c. Returns
@@ -843,12 +863,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                     w2x[d, j] = xd * w2d[d]
                     w1kx[d, j] = xd * w1kd[d]
                     wkx[d, j] = xd * swk[d]
-        xdw = _donor_products(Xd, dcols, zwx)
-        for a_ in range(dcols.shape[0]):
-            j = dcols[a_]
-            for m2 in range(p):
-                lo_, hi_ = (j, m2) if j <= m2 else (m2, j)
-                xwx[lo_, hi_] = xdw[a_, m2]
+        _add_donor_pairs(xwx, _donor_products(Xd, dcols, zwx), dcols, 1.0)
     for j in range(p):
         for m2 in range(j):
             xwx[j, m2] = xwx[m2, j]
@@ -1364,19 +1379,9 @@ def _group_glm_pass(b, Yg, grp, ccols, dcols, Xd, gcptr, gcj, gcx, gr, Hm):  # p
             mcd[d, j] = Xd[d, j] * md[d]
     P = _donor_products(Xd, dcols, mcd)
     Pg = _donor_products(Xd, dcols, md.reshape(n, 1))
-    for a in range(nd):  # the upper triangle of the donor-level block, and its rows of the cell-level columns
-        j = dcols[a]
-        gr[j] -= Pg[a, 0]
-        for b_ in range(a, nd):
-            Hm[j, dcols[b_]] -= P[a, dcols[b_]]
-        for m in ccols:
-            Hm[j, m] -= P[a, m]
     for a in range(nd):
-        j = dcols[a]
-        for b_ in range(a + 1, nd):
-            Hm[dcols[b_], j] = Hm[j, dcols[b_]]
-        for m in ccols:
-            Hm[m, j] = Hm[j, m]
+        gr[dcols[a]] -= Pg[a, 0]
+    _add_donor_pairs(Hm, P, dcols, -1.0)
     return ll
 
 
@@ -1718,8 +1723,6 @@ def working_sums_range(
     wdv = np.empty(n)
     zr = np.empty(n)
     yq = np.zeros(G)
-    is_dcol = np.zeros(p, dtype=np.bool_)
-    is_dcol[dcols] = True
     for g in range(lo, hi):
         if not (beta[g, 0] == beta[g, 0]):
             continue
@@ -1780,13 +1783,8 @@ def working_sums_range(
         P = _donor_products(Xd, dcols, ZWX[g])
         Pr = _donor_products(Xd, dcols, zr.reshape(n, 1))
         for a in range(dcols.shape[0]):
-            j = dcols[a]
-            XWr[g, j] += Pr[a, 0]
-            for m in range(p):  # the upper triangle (a donor-level pair below it is the pair's other order)
-                if m >= j:
-                    XWX[g, j, m] += P[a, m]
-                elif not is_dcol[m]:
-                    XWX[g, m, j] += P[a, m]
+            XWr[g, dcols[a]] += Pr[a, 0]
+        _add_donor_pairs(XWX[g], P, dcols, 1.0)
         for j in range(p):
             for m in range(j):
                 XWX[g, j, m] = XWX[g, m, j]
