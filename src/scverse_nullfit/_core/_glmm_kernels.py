@@ -41,10 +41,11 @@ MAX_ITER = 200
 #: The negative binomial's starting values stop their Poisson GLM at this Newton decrement: the NB fit refines them.
 GLM_START_TOL = 1e-2
 INNER_MAX_ITER = 100
-#: Below this Newton decrement of the inner problem (the mode of the donor effects), the full Newton step is the last,
-#: taken without a pass at its end: Newton's quadratic convergence leaves a decrement of about its square there
-#: (1e-12), whose effect on the Laplace log-likelihood (second order at the mode) is below its rounding.
-INNER_FINAL_DEC = 1e-6
+#: When a bound on the inner problem's Newton decrement at the end of a Newton step (the mode of the donor effects;
+#: see :func:`_block_newton`) is below this, that step is the last, taken without a pass at its end: the Laplace
+#: penalised log-likelihood there is within half the decrement of its maximum, and the mode within about its square
+#: root, as after a further pass and step.
+INNER_REM_TOL = 1e-14
 #: The outer Newton stops when the Newton decrement g'(-H)^-1 g falls below this (log-likelihood units).
 DECREMENT_TOL = 1e-10
 #: Below this Newton decrement the full step's gain (half the decrement) is within the rounding of the
@@ -117,6 +118,36 @@ def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
             k += 1.0
         return s
     return math.lgamma(y + theta) - math.lgamma(theta)
+
+
+@jit()
+def _hist_terms(yhist, theta, with_lgamma):  # pragma: no cover - compiled
+    """Over the histogram of the counts below YHIST (``yhist[y]`` cells with count y): the sums of
+    ``psi(y + theta) - psi(theta)``, of ``psi'(y + theta) - psi'(theta)`` and (``with_lgamma``) of
+    ``lgamma(y + theta) - lgamma(theta)``, by the recurrences in y (one term 1/(theta + y - 1) per count)."""
+    top = 0
+    for y in range(1, YHIST):
+        if yhist[y] > 0.0:
+            top = y
+    dg = 0.0
+    tg = 0.0
+    lg = 0.0
+    sdg = 0.0
+    stg = 0.0
+    slg = 0.0
+    for y in range(1, top + 1):
+        x = theta + (y - 1)
+        r = 1.0 / x
+        dg += r
+        tg -= r * r
+        if with_lgamma:
+            lg += math.log(x)
+        n = yhist[y]
+        if n > 0.0:
+            sdg += n * dg
+            stg += n * tg
+            slg += n * lg
+    return sdg, stg, slg
 
 
 #: The zeros of a group of cells (same donor and design row, offsets differing) are summed by a power series in
@@ -386,16 +417,14 @@ def _gene_constants(fam, yi, yv, codes, off, st):  # pragma: no cover - compiled
 
 @jit()
 def _donor_products(Xd, cols, V):  # pragma: no cover - compiled
-    """``Xd[:, cols]' V`` (len(cols) x V's columns): sums over the donors in donor order, one accumulator at a
-    time (the donor-level columns' cross-products, from per-donor sums)."""
-    out = np.empty((cols.shape[0], V.shape[1]))
-    for a in range(cols.shape[0]):
-        j = cols[a]
-        for m in range(V.shape[1]):
-            acc = 0.0
-            for d in range(Xd.shape[0]):
-                acc += Xd[d, j] * V[d, m]
-            out[a, m] = acc
+    """``Xd[:, cols]' V`` (len(cols) x V's columns): every entry a sum over the donors in donor order (the donor-level
+    columns' cross-products, from per-donor sums), all entries accumulated together, a donor's row at a time."""
+    out = np.zeros((cols.shape[0], V.shape[1]))
+    for d in range(Xd.shape[0]):
+        for a in range(cols.shape[0]):
+            x = Xd[d, cols[a]]
+            for m in range(V.shape[1]):
+                out[a, m] += x * V[d, m]
     return out
 
 
@@ -538,8 +567,12 @@ def _block_gather(k, s, o, bdon, Lflat, sw, sh):  # pragma: no cover - compiled
 
 @jit()
 def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma: no cover - compiled
-    """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv."""
+    """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv and a bound
+    on the Newton decrement at the step's end (see INNER_REM_TOL): per donor, h_d's third derivative is at most
+    sw_d e^|du_d| in size over the step du = sigma L dv, so the gradient there is sigma L'rho with
+    |rho_d| <= sw_d e^|du_d| du_d^2 / 2, and H there is at least I (singleton donors: 1 + s2 L^2 sw_d e^-|du_d|)."""
     dec = 0.0
+    rem = 0.0
     for b in range(bptr.shape[0] - 1):
         s, e = bptr[b], bptr[b + 1]
         k = e - s
@@ -547,9 +580,14 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
         if k == 1:
             d = bdon[s]
             lo_ = Lflat[o]
+            tau = s2 * lo_ * lo_
             g = sigma * lo_ * sh[d] - v[d]
-            dv[d] = g / (1.0 + s2 * lo_ * lo_ * sw[d])
+            dv[d] = g / (1.0 + tau * sw[d])
             dec += g * dv[d]
+            du = abs(sigma * lo_ * dv[d])
+            ed = math.exp(du)
+            r = 0.5 * sigma * lo_ * sw[d] * ed * du * du
+            rem += r * r / (1.0 + tau * sw[d] / ed)
             continue
         Lb, A, shb = _block_gather(k, s, o, bdon, Lflat, sw, sh)
         H = s2 * (A.T @ A)
@@ -558,10 +596,16 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
             g[i] -= v[bdon[s + i]]
             H[i, i] += 1.0
         x = np.linalg.solve(H, g)
+        du = sigma * (Lb @ x)
         for i in range(k):
-            dv[bdon[s + i]] = x[i]
+            d = bdon[s + i]
+            dv[d] = x[i]
             dec += g[i] * x[i]
-    return dec
+            a = abs(du[i])
+            du[i] = 0.5 * sw[d] * math.exp(a) * a * a
+        R = sigma * (Lb.T @ du)
+        rem += np.dot(R, R)
+    return dec, rem
 
 
 @jit()
@@ -603,10 +647,10 @@ def _inner_mode(fam, yi, yv, codes, theta, s2, bptr, bdon, Lflat, loff, v, st): 
     _u_from_v(sigma, bptr, bdon, Lflat, loff, v, u, eu)
     _inner_sums(fam, yi, yv, codes, theta, eu, sh, sw, st)
     for _ in range(INNER_MAX_ITER):
-        dec = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
+        dec, rem = _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv)
         if not (dec == dec):
             return False
-        if dec < INNER_FINAL_DEC:  # the Newton step's end point is the mode (see INNER_FINAL_DEC)
+        if rem < INNER_REM_TOL:  # the Newton step's end point is the mode (see INNER_REM_TOL)
             for d in range(n):
                 v[d] += dv[d]
             return True
@@ -680,10 +724,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
     if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
         if aux[2] != 1.0 or aux[3] != theta:
-            acc = 0.0
-            for yy in range(1, YHIST):
-                if yhist[yy] > 0.0:
-                    acc += yhist[yy] * _lgamma_ratio(float(yy), theta)
+            acc = _hist_terms(yhist, theta, True)[2]
             for k in range(yv.shape[0]):
                 if yv[k] >= YHIST:
                     acc += _lgamma_ratio(yv[k], theta)
@@ -773,11 +814,9 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
                 cz[3, g] += dw * (q * q - 4.0 * r * q + r * r)
             hk_sum -= y * q
             hkk_sum += y * q * (q - 1.0)
-        for yy in range(1, YHIST):
-            if yhist[yy] > 0.0:
-                dg, tg = _gamma_diffs(float(yy), theta)
-                hk_sum += yhist[yy] * theta * dg
-                hkk_sum += yhist[yy] * (theta * dg + theta * theta * tg)
+        sdg, stg, _ = _hist_terms(yhist, theta, False)
+        hk_sum += theta * sdg
+        hkk_sum += theta * sdg + theta * theta * stg
         ea = eu / theta
         _zero_sums(ea, Bg, True, grp, zs, hrows)
         s_r = 0.0
