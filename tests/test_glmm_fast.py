@@ -232,3 +232,60 @@ def test_analytic_hessian_rows_match_finite_differences(family, diagonal, level)
         fd = (grad_hess(a)[0] - grad_hess(b)[0]) / (2 * h)
         np.testing.assert_allclose(H[j, :k], fd[:k], rtol=1e-6, atol=1e-7 * np.abs(fd[:k]).max(), err_msg=str(j))
         np.testing.assert_allclose(H[:k, j], H[j, :k], rtol=1e-14)
+
+
+def _dense_factor(blocks):
+    """The donors x donors factor L of the GRM (G = L L') from its blocks."""
+    n = blocks.n_donors
+    L = np.zeros((n, n))
+    for j in range(n):
+        e = np.zeros(n)
+        e[j] = 1.0
+        K._block_apply(1.0, blocks.ptr, blocks.donors, blocks.L, blocks.loff, e, L[:, j], False)
+    return L
+
+
+def _donor_sums(family, y, codes, eta, theta, n):
+    """Donor sums of h' and of the observed weight w of every cell, in numpy."""
+    mu = np.exp(eta)
+    if family == K.POISSON:
+        h1, w = y - mu, mu
+    else:
+        h1 = theta * (y - mu) / (theta + mu)
+        w = (y + theta) * mu * theta / (theta + mu) ** 2
+    return np.bincount(codes, h1, n), np.bincount(codes, w, n)
+
+
+@pytest.mark.parametrize("family", [K.POISSON, K.NEGATIVE_BINOMIAL])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 20.0])
+def test_inner_step_bound(family, scale):
+    """The bound of _block_newton on the inner Newton decrement at a step's end holds (singleton donors and a
+    related block), from starts near and far from the mode."""
+    rng = np.random.default_rng(int(scale * 100) + family)
+    n = 8
+    G = np.eye(n)
+    G[:3, :3] = 0.5 + 0.5 * np.eye(3)
+    blocks = _glmm.donor_blocks(G, n)
+    L = _dense_factor(blocks)
+    np.testing.assert_allclose(L @ L.T, G, atol=1e-12)
+    codes = np.repeat(np.arange(n), 6)
+    base = np.log(scale) + rng.normal(0, 0.3, len(codes))
+    y = rng.poisson(np.exp(base + 0.5 * rng.standard_normal(n)[codes])).astype(float)
+    theta, s2 = 3.0, 0.7
+    sigma = math.sqrt(s2)
+    v = np.zeros(n)
+    rems = []
+    for _ in range(8):  # Newton's iteration from v = 0 to the mode: every step's bound, far from it and near it
+        sh, sw = _donor_sums(family, y, codes, base + sigma * (L @ v)[codes], theta, n)
+        dv = np.empty(n)
+        dec, rem = K._block_newton(s2, sigma, blocks.ptr, blocks.donors, blocks.L, blocks.loff, v, sh, sw, dv)
+        H = np.eye(n) + s2 * L.T @ (sw[:, None] * L)
+        np.testing.assert_allclose(dv, np.linalg.solve(H, sigma * L.T @ sh - v), rtol=1e-8, atol=1e-14)
+        assert dec >= 0.0
+        v = v + dv
+        sh, sw = _donor_sums(family, y, codes, base + sigma * (L @ v)[codes], theta, n)
+        g = sigma * L.T @ sh - v
+        actual = g @ np.linalg.solve(np.eye(n) + s2 * L.T @ (sw[:, None] * L), g)
+        assert actual <= rem * (1 + 1e-9) + 1e-24, (actual, rem)  # + the rounding floor of g near the mode
+        rems.append(rem)
+    assert rems[0] > 1e-6 and rems[-1] < K.INNER_REM_TOL

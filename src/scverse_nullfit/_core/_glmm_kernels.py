@@ -570,7 +570,8 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
     """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv and a bound
     on the Newton decrement at the step's end (see INNER_REM_TOL): per donor, h_d's third derivative is at most
     sw_d e^|du_d| in size over the step du = sigma L dv, so the gradient there is sigma L'rho with
-    |rho_d| <= sw_d e^|du_d| du_d^2 / 2, and H there is at least I (singleton donors: 1 + s2 L^2 sw_d e^-|du_d|)."""
+    |rho_d| <= sw_d e^|du_d| du_d^2 / 2 (at most sigma |L|'|rho| in size), and H there is at least I (singleton donors:
+    1 + s2 L^2 sw_d e^-|du_d|)."""
     dec = 0.0
     rem = 0.0
     for b in range(bptr.shape[0] - 1):
@@ -603,7 +604,7 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
             dec += g[i] * x[i]
             a = abs(du[i])
             du[i] = 0.5 * sw[d] * math.exp(a) * a * a
-        R = sigma * (Lb.T @ du)
+        R = sigma * (np.abs(Lb).T @ du)
         rem += np.dot(R, R)
     return dec, rem
 
