@@ -93,30 +93,15 @@ def _trigamma(x):  # pragma: no cover - compiled
 
 @jit()
 def _gamma_diffs(y, theta):  # pragma: no cover - compiled
-    """(psi(y + theta) - psi(theta), psi'(y + theta) - psi'(theta)) for a count y >= 0."""
-    if y < 30.0:
-        s = 0.0
-        s2 = 0.0
-        k = 0.0
-        while k < y:
-            r = 1.0 / (theta + k)
-            s += r
-            s2 -= r * r
-            k += 1.0
-        return s, s2
+    """(psi(y + theta) - psi(theta), psi'(y + theta) - psi'(theta)) for a count y >= YHIST (the smaller counts go
+    through :func:`_hist_terms`)."""
     return _digamma(y + theta) - _digamma(theta), _trigamma(y + theta) - _trigamma(theta)
 
 
 @jit()
 def _lgamma_ratio(y, theta):  # pragma: no cover - compiled
-    """lgamma(y + theta) - lgamma(theta), without the cancellation of two large lgammas when theta is large."""
-    if y < 30.0:
-        s = 0.0
-        k = 0.0
-        while k < y:
-            s += math.log(theta + k)
-            k += 1.0
-        return s
+    """lgamma(y + theta) - lgamma(theta) for a count y >= YHIST (the smaller counts go through :func:`_hist_terms`,
+    without the cancellation of two large lgammas when theta is large)."""
     return math.lgamma(y + theta) - math.lgamma(theta)
 
 
