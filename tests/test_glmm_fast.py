@@ -234,6 +234,50 @@ def test_analytic_hessian_rows_match_finite_differences(family, diagonal, level)
         np.testing.assert_allclose(H[:k, j], H[j, :k], rtol=1e-14)
 
 
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+@pytest.mark.parametrize("related", [False, True])
+@pytest.mark.parametrize("level", [0.05, 0.8, 30.0])
+def test_loglik_only_evaluation_equals_full(family, related, level):
+    """The last Newton step's end point is evaluated for its log-likelihood only (FINAL_DEC): the same Laplace
+    log-likelihood and mode as the full evaluation, interior and boundary, singleton donors and related blocks."""
+    rng = np.random.default_rng(9)
+    codes, X = _design(rng, n_donors=24, per_donor=15)
+    N, p = X.shape
+    n = codes.max() + 1
+    G = None
+    if related:
+        G = np.eye(n)
+        for a in range(0, n - 3, 6):
+            G[a, a + 1] = G[a + 1, a] = 0.4
+            G[a + 3, a + 4] = G[a + 4, a + 3] = G[a + 3, a + 5] = G[a + 5, a + 3] = 0.25
+    off = rng.normal(0.0, 0.3, N)
+    mu = level * np.exp(off + 0.5 * rng.standard_normal(n)[codes])
+    y = rng.negative_binomial(3.0, 3.0 / (3.0 + mu)).astype(float)
+    y[rng.integers(0, N)] = 70.0  # one count past the histogram
+    Y = sparse.csc_matrix(y[:, None])
+    fam = K.POISSON if family == "poisson" else K.NEGATIVE_BINOMIAL
+    blocks = _glmm.donor_blocks(G, n)
+    _, indices, data, cs, Xs, offs, grp = _glmm._by_donor(Y, codes, X, off, n)
+    lfact = float(sum(math.lgamma(v + 1) for v in y))
+    phi = np.concatenate([[math.log(level), 0.1, -0.2, 0.3], [math.log(0.3), 1.0]])
+    for boundary in (False, True):
+        out = []
+        for need_grad in (True, False):
+            st = K._state(p, n, grp)
+            g, H, v = np.zeros(p + 2), np.zeros((p + 2, p + 2)), np.zeros(n)
+            ll, ok = K._evaluate(
+                fam, indices, data, cs, offs, Xs, blocks.ptr, blocks.donors, blocks.L, blocks.loff, phi, boundary,
+                v, lfact, g, H, st, True, need_grad,
+            )  # fmt: skip
+            assert ok
+            out.append((ll, v, g))
+        (la, va, ga), (lb, vb, gb) = out
+        assert np.isfinite(la) and np.abs(ga).max() > 0
+        np.testing.assert_allclose(lb, la, rtol=1e-13)
+        np.testing.assert_array_equal(vb, va)
+        assert not gb.any()  # no gradient was computed
+
+
 def _dense_factor(blocks):
     """The donors x donors factor L of the GRM (G = L L') from its blocks."""
     n = blocks.n_donors

@@ -54,13 +54,19 @@ ROUNDING_DEC = 1e-6
 #: A line search that needs a step shorter than this while the Newton decrement is below 1e-6 has reached the
 #: rounding floor of the log-likelihood (sums over all cells): the fit has converged.
 STALL_STEP = 1e-3
-#: Below this Newton decrement the (full) Newton step is the last: its end point is within about the square of the
-#: decrement of the maximum, and the log-likelihood there is the quadratic model's L + dec / 2 (off by about
-#: dec^(3/2), 1e-9 here); the mode there is solved again, the Hessian (standard errors) is the step's start's.
-FINAL_DEC = 1e-6
-#: ... and when no parameter moves by more than this (a flat direction, such as log(theta) far out, is not
-#: quadratic over a longer step).
-FINAL_STEP = 1e-3
+#: Below this Newton decrement (the squared distance to the maximum in standard errors: 1e-2 of one here) the full
+#: Newton step is the last: by Newton's quadratic convergence its end point is within about 1e-4 standard errors of
+#: the maximum, and its log-likelihood within about 1e-7. Only that log-likelihood (and the mode) is evaluated
+#: there, not the gradient and Hessian; the Hessian (standard errors) is the step's start's.
+FINAL_DEC = 1e-4
+#: ... and when no parameter moves by more than this (a flat direction, such as log(theta) far out, converges more
+#: slowly: Newton's error after a step is about the step squared in these log-scale parameters).
+FINAL_STEP = 1e-2
+#: At the boundary (the GLM, whose Newton Hessian is the log-likelihood's own) that last step's end is not evaluated
+#: when dec * (its largest move) is below this: the quadratic model's L + dec / 2 is then off by about that much
+#: (the cubic term). In the interior the Hessian leaves out the log-determinant's curvature in b, and the quadratic
+#: model is off by about 1e-2 dec.
+FINAL_MODEL = 1e-8
 #: Relative finite-difference step in log(sigma2_g) for the Hessian column of log(sigma2_g).
 FD_STEP = 1e-5
 
@@ -676,27 +682,50 @@ def _prepared(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
 
 
 @jit()
-def _mode_at(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, v, st):  # pragma: no cover - compiled
-    """The mode of the donor effects at phi (interior), in place from the warm start ``v``; returns converged."""
-    p = X.shape[1]
-    _prepared(fam, yi, yv, codes, off, phi[:p], st)
-    return _inner_mode(fam, yi, yv, codes, math.exp(phi[p + 1]), math.exp(phi[p]), bptr, bdon, Lflat, loff, v, st)
+def _laplace(ll, boundary, s2, bptr, bdon, Lflat, loff, v, sw):  # pragma: no cover - compiled
+    """The Laplace log-likelihood ll - v'v/2 - log|I + s2 L'diag(sw) L|/2 from the cells' log-likelihood ``ll`` at the
+    mode v and the donor sums of w (``ll`` itself at the boundary)."""
+    if boundary:
+        return ll
+    logdet = 0.0
+    for b in range(bptr.shape[0] - 1):
+        s, e = bptr[b], bptr[b + 1]
+        k = e - s
+        o = loff[b]
+        if k == 1:
+            lo_ = Lflat[o]
+            logdet += math.log(1.0 + s2 * lo_ * lo_ * sw[bdon[s]])
+            continue
+        _, A, _ = _block_gather(k, s, o, bdon, Lflat, sw, sw)
+        H = s2 * (A.T @ A)
+        for i in range(k):
+            H[i, i] += 1.0
+        C = np.linalg.cholesky(H)
+        for i in range(k):
+            logdet += 2.0 * math.log(C[i, i])
+    return ll - 0.5 * np.dot(v, v) - 0.5 * logdet
 
 
 @jit()
 def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
     """See :func:`_evaluate` (with the log-likelihood)."""  # pragma: no cover - compiled
-    return _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, True)
+    return _evaluate(
+        fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, True, True
+    )
 
 
 @jit()
-def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, need_ll):
+def _evaluate(
+    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, need_ll, need_grad
+):
     """Laplace log-likelihood at phi = (b, rho = log s2, kappa = log theta), its analytic gradient in phi (``grad``)
     and the Hessian of the penalised log-likelihood at the mode in (b, kappa) (``hess``; its rho row and column
     are left 0). ``v`` (the mode) is the warm start and is updated; ``boundary``: s2 = 0 (rho unused); ``lfact``:
     sum_c lgamma(y_c + 1); ``st``: per-gene state (see :func:`_state`), which caches the per-cell
     quantities of the last b. Returns (loglik, ok); without ``need_ll`` (a finite-difference evaluation, which needs
-    the gradient only) the log-likelihood is not computed and NaN is returned in its place.
+    the gradient only) the log-likelihood is not computed and NaN is returned in its place; without ``need_grad``
+    (the last Newton step's end point, FINAL_DEC) only the log-likelihood is, and ``grad``, ``hess`` and the mode's
+    derivatives are left as they are.
     """  # pragma: no cover - compiled
     p = X.shape[1]
     n = v.shape[0]
@@ -705,7 +734,7 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
     s2 = 0.0 if boundary else math.exp(phi[p])
     sigma = math.sqrt(s2)
     buf, Yd, Sd, E, F, work, _, _, dcols, Xd, grp, aux, dvd, yhist, _, gcptr, gcj, gcx, _, _, _, _ = st
-    aux[0] += 1.0
+    aux[0 if need_grad else 8] += 1.0
     lconst = -lfact
     _gene_constants(fam, yi, yv, codes, off, st)  # the terms in (y, theta) alone go by distinct small counts
     if fam == NEGATIVE_BINOMIAL and need_ll:  # sum_c lgamma(y_c + theta) - lgamma(theta), kept per theta
@@ -774,6 +803,8 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
         for j in range(p):  # X'y, from the gene's constants
             xh[j] += st[14][1 + j]
         ll += yb
+        if not need_grad:
+            return _laplace(ll + lconst, boundary, s2, bptr, bdon, Lflat, loff, v, sw), True
     else:
         zs, cz = buf[2:10], buf[10:14]
         cz[:, :] = 0.0
@@ -786,25 +817,39 @@ def _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary
             t = theta + mu
             r = mu / t
             q = 1.0 - r
+            if need_ll:  # -y log(1 + theta/mu) = y log(mu) - y log(theta + mu); the first summed below
+                ll -= y * math.log(t)
+            dw = y * r * q
+            cz[1, g] += dw
+            if not need_grad:
+                continue
             if y >= YHIST:
                 dg, tg = _gamma_diffs(y, theta)
                 hk_sum += theta * dg
                 hkk_sum += theta * dg + theta * theta * tg
-            if need_ll:  # -y log(1 + theta/mu) = y log(mu) - y log(theta + mu); the first summed below
-                ll -= y * math.log(t)
-            dw = y * r * q
             cz[0, g] += y * q
-            cz[1, g] += dw
             cz[2, g] += dw * (q - r)
             if hrows:
                 cz[3, g] += dw * (q * q - 4.0 * r * q + r * r)
             hk_sum -= y * q
             hkk_sum += y * q * (q - 1.0)
+        ea = eu / theta
+        _zero_sums(ea, Bg, True, grp, zs, hrows and need_grad)
+        if not need_grad:  # the log-likelihood's terms: sum_c log1p(mu_c / theta), and the donor sums of w
+            s_l1p = 0.0
+            for d in range(n):
+                swd = 0.0
+                for g in range(dgptr[d], dgptr[d + 1]):
+                    s_l1p += zs[5, g]
+                    swd += theta * zs[1, g] + cz[1, g]
+                sw[d] = swd
+            ll += yb - theta * s_l1p
+            for d in range(n):
+                ll += Yd[d] * u[d]
+            return _laplace(ll + lconst, boundary, s2, bptr, bdon, Lflat, loff, v, sw), True
         sdg, stg, _ = _hist_terms(yhist, theta, False)
         hk_sum += theta * sdg
         hkk_sum += theta * sdg + theta * theta * stg
-        ea = eu / theta
-        _zero_sums(ea, Bg, True, grp, zs, hrows)
         s_r = 0.0
         s_r2 = 0.0
         s_l1p = 0.0
@@ -1165,8 +1210,8 @@ def _optimise(
     of the Laplace log-likelihood's (the log-determinant matters most there): analytic with singleton donors,
     else by finite differences of the analytic gradient. Returns (loglik, status, iterations); ``Hout`` gets that
     Hessian over all of phi (zero rows for fixed entries); ``sums`` (2 x donors) the donor sums of h1 and w at the
-    returned phi, or at the last step's start when that step was taken without an evaluation (FINAL_DEC).
-    """
+    returned phi, or at the last step's start when that step's end was evaluated for its log-likelihood only
+    (FINAL_DEC)."""
     p = X.shape[1]
     k = p + 2
     g = np.empty(k)
@@ -1198,7 +1243,7 @@ def _optimise(
                 vt[dd] = v[dd] + step * dva[dd, j0]
             st[11][5] += 1.0
             _, ok2 = _evaluate(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, False
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, False, True
             )
             if not ok2:
                 return L, FAILED, it
@@ -1232,19 +1277,24 @@ def _optimise(
         if dec < DECREMENT_TOL:
             return L, OK, it
         t = _step_length(d)
-        if dec < FINAL_DEC and np.max(np.abs(d)) < FINAL_STEP:  # the last step: its end point is the answer
+        big = np.max(np.abs(d))
+        if dec < FINAL_DEC and big < FINAL_STEP and (not boundary or dec * big < FINAL_MODEL):  # the last step
             ph = phi.copy()
             for a_ in range(m):
                 ph[idx[a_]] += d[a_]
             if KAPPA_MIN <= ph[p + 1] <= KAPPA_MAX and (boundary or ph[p] >= RHO_MIN):
+                if boundary:  # the quadratic model's log-likelihood (FINAL_MODEL)
+                    phi[:] = ph
+                    return L + 0.5 * dec, OK, it + 1
                 _warm_start(boundary, v, phi, ph, dva, vt)
-                ok = True
-                if not boundary:  # the mode there, exactly
-                    ok = _mode_at(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, vt, st)
-                if ok:
+                Ln, okn = _evaluate(
+                    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, True,
+                    False,
+                )  # fmt: skip
+                if okn and Ln == Ln and Ln >= L - 1e-13 * abs(L):
                     phi[:] = ph
                     v[:] = vt
-                    return L + 0.5 * dec, OK, it + 1
+                    return Ln, OK, it + 1
         accepted = False
         for _h in range(50):
             ph = phi.copy()
@@ -1292,17 +1342,17 @@ def _optimise(
 
 @jit()
 def _state(p, n, grp):  # pragma: no cover - compiled
-    """Per-gene scratch of :func:`evaluate`: (x_g'b and exp(oref_g + x_g'b) per group, donor sums of y, of mu / e^u, of
-    mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows (rows 6, 7: the donor sums of h1 and w of
+    """Per-gene scratch of :func:`evaluate`: (x_g'b and exp(oref_g + x_g'b) per group, donor sums of y, of mu / e^u,
+    of mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows (rows 6, 7: the donor sums of h1 and w of
     the last evaluation's final pass), the cache key [valid, sum y base, b]), then the design's split: the
     cell-level columns, the donor-level ones (constant within every donor) and the donor-level values (donors x p),
-    the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner passes, valid, theta,
-    sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations, boundary-fit evaluations,
-    gene constants valid], the mode's derivatives in phi at the last evaluation (donors x (p + 2)), the histogram
-    of the gene's counts below YHIST, the gene's constants ``ycon`` (:func:`_gene_constants`), each group's non-zero
-    cell-level columns (pointers, columns, values), and per non-zero cell of the gene its donor, group, s_c and
-    mu_c / e^u at the last b. The caches (key, aux) belong to one gene: reset key[0], aux[2] and aux[7] before the
-    next. Donor-level columns need no per-group work: their sums follow from donor sums."""
+    the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner passes, valid, theta, sum_c lgamma(y_c
+    + theta) - lgamma(theta) at that theta, finite-difference evaluations, boundary-fit evaluations, gene constants
+    valid, log-likelihood-only evaluations], the mode's derivatives in phi at the last evaluation (donors x (p +
+    2)), the histogram of the gene's counts below YHIST, the gene's constants ``ycon`` (:func:`_gene_constants`),
+    each group's non-zero cell-level columns (pointers, columns, values), and per non-zero cell of the gene its
+    donor, group, s_c and mu_c / e^u at the last b. The caches (key, aux) belong to one gene: reset key[0], aux[2]
+    and aux[7] before the next. Donor-level columns need no per-group work: their sums follow from donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
     N = grp[0][G]
@@ -1345,7 +1395,7 @@ def _state(p, n, grp):  # pragma: no cover - compiled
         np.flatnonzero(is_donor),
         Xd,
         grp,
-        np.zeros(8),
+        np.zeros(9),
         np.zeros((n, p + 2)),
         np.zeros(YHIST),
         np.zeros(p + 1),
@@ -1698,7 +1748,9 @@ def fit_genes_range(
         status_out[gidx] = status
         iter_out[gidx] = its
         if COUNT_EVALS:
-            iter_out[gidx] = ((int(st[11][0]) * 100 + int(st[11][5])) * 100 + int(st[11][6])) * 1000 + int(st[11][1])
+            iter_out[gidx] = ((int(st[11][0]) * 100 + int(st[11][5] + st[11][8])) * 100 + int(st[11][6])) * 1000 + int(
+                st[11][1]
+            )
         loglik_out[gidx] = L
         for j in range(p):
             beta_out[gidx, j] = phi[j]
