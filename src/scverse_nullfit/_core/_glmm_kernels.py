@@ -1346,13 +1346,14 @@ def _state(p, n, grp):  # pragma: no cover - compiled
     of mu x / e^u, of mu x x' / e^u (Poisson), the inner-problem work rows (rows 6, 7: the donor sums of h1 and w of
     the last evaluation's final pass), the cache key [valid, sum y base, b]), then the design's split: the
     cell-level columns, the donor-level ones (constant within every donor) and the donor-level values (donors x p),
-    the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner passes, valid, theta, sum_c lgamma(y_c
-    + theta) - lgamma(theta) at that theta, finite-difference evaluations, boundary-fit evaluations, gene constants
-    valid, log-likelihood-only evaluations], the mode's derivatives in phi at the last evaluation (donors x (p +
-    2)), the histogram of the gene's counts below YHIST, the gene's constants ``ycon`` (:func:`_gene_constants`),
-    each group's non-zero cell-level columns (pointers, columns, values), and per non-zero cell of the gene its
-    donor, group, s_c and mu_c / e^u at the last b. The caches (key, aux) belong to one gene: reset key[0], aux[2]
-    and aux[7] before the next. Donor-level columns need no per-group work: their sums follow from donor sums."""
+    the groups ``grp`` (see ``_glmm._by_donor``), ``aux`` [evaluations, inner passes, valid, theta,
+    sum_c lgamma(y_c + theta) - lgamma(theta) at that theta, finite-difference evaluations, boundary-fit evaluations,
+    gene constants valid, log-likelihood-only evaluations], the mode's derivatives in phi at the last evaluation
+    (donors x (p + 2)), the histogram of the gene's counts below YHIST, the gene's constants ``ycon``
+    (:func:`_gene_constants`), each group's non-zero cell-level columns (pointers, columns, values), and per non-zero
+    cell of the gene its donor, group, s_c and mu_c / e^u at the last b. The caches (key, aux) belong to one gene:
+    reset key[0], aux[2] and aux[7] before the next. Donor-level columns need no per-group work: their sums follow
+    from donor sums."""
     dgptr, Xg = grp[2], grp[3]
     G = Xg.shape[0]
     N = grp[0][G]
