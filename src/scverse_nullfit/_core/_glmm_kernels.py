@@ -557,6 +557,25 @@ def _block_gather(k, s, o, bdon, Lflat, sw, sh):  # pragma: no cover - compiled
 
 
 @jit()
+def _block_h(s2, A):  # pragma: no cover - compiled
+    """A block's H = I + s2 A'A (= I + s2 L_b' diag(sw_b) L_b, :func:`_block_gather`)."""
+    H = s2 * (A.T @ A)
+    for i in range(A.shape[0]):
+        H[i, i] += 1.0
+    return H
+
+
+@jit()
+def _chol_logdet(H):  # pragma: no cover - compiled
+    """log|H| of a positive definite H, from its Cholesky factor."""
+    C = np.linalg.cholesky(H)
+    out = 0.0
+    for i in range(H.shape[0]):
+        out += 2.0 * math.log(C[i, i])
+    return out
+
+
+@jit()
 def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma: no cover - compiled
     """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv and a bound
     on the Newton decrement at the step's end (see INNER_REM_TOL): per donor, h_d's third derivative is at most
@@ -582,11 +601,10 @@ def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma:
             rem += r * r / (1.0 + tau * sw[d] / ed)
             continue
         Lb, A, shb = _block_gather(k, s, o, bdon, Lflat, sw, sh)
-        H = s2 * (A.T @ A)
+        H = _block_h(s2, A)
         g = sigma * (Lb.T @ shb)
         for i in range(k):
             g[i] -= v[bdon[s + i]]
-            H[i, i] += 1.0
         x = np.linalg.solve(H, g)
         du = sigma * (Lb @ x)
         for i in range(k):
@@ -697,12 +715,7 @@ def _laplace(ll, boundary, s2, bptr, bdon, Lflat, loff, v, sw):  # pragma: no co
             logdet += math.log(1.0 + s2 * lo_ * lo_ * sw[bdon[s]])
             continue
         _, A, _ = _block_gather(k, s, o, bdon, Lflat, sw, sw)
-        H = s2 * (A.T @ A)
-        for i in range(k):
-            H[i, i] += 1.0
-        C = np.linalg.cholesky(H)
-        for i in range(k):
-            logdet += 2.0 * math.log(C[i, i])
+        logdet += _chol_logdet(_block_h(s2, A))
     return ll - 0.5 * np.dot(v, v) - 0.5 * logdet
 
 
@@ -988,13 +1001,9 @@ def _evaluate(
             Q[p, p] += md * sk * sk
             continue
         Lb, A, _ = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
-        H = s2 * (A.T @ A)
-        for i in range(kk):
-            H[i, i] += 1.0
+        H = _block_h(s2, A)
         if need_ll:
-            C = np.linalg.cholesky(H)
-            for i in range(kk):
-                logdet += 2.0 * math.log(C[i, i])
+            logdet += _chol_logdet(H)
         Hinv = np.linalg.inv(H)
         Mb = Lb @ (Hinv @ Lb.T)
         vb = np.empty(kk)
