@@ -566,16 +566,6 @@ def _block_h(s2, A):  # pragma: no cover - compiled
 
 
 @jit()
-def _chol_logdet(H):  # pragma: no cover - compiled
-    """log|H| of a positive definite H, from its Cholesky factor."""
-    C = np.linalg.cholesky(H)
-    out = 0.0
-    for i in range(H.shape[0]):
-        out += 2.0 * math.log(C[i, i])
-    return out
-
-
-@jit()
 def _block_newton(s2, sigma, bptr, bdon, Lflat, loff, v, sh, sw, dv):  # pragma: no cover - compiled
     """Newton direction dv = H^-1 (sigma L'sh - v), H = I + s2 L' diag(sw) L block by block; returns g'dv and a bound
     on the Newton decrement at the step's end (see INNER_REM_TOL): per donor, h_d's third derivative is at most
@@ -702,7 +692,8 @@ def _prepared(fam, yi, yv, codes, off, beta, st):  # pragma: no cover - compiled
 @jit()
 def _laplace(ll, boundary, s2, bptr, bdon, Lflat, loff, v, sw):  # pragma: no cover - compiled
     """The Laplace log-likelihood ll - v'v/2 - log|I + s2 L'diag(sw) L|/2 from the cells' log-likelihood ``ll`` at the
-    mode v and the donor sums of w (``ll`` itself at the boundary)."""
+    mode v and the donor sums of w (``ll`` itself at the boundary); of both the full and the log-likelihood-only
+    evaluation."""
     if boundary:
         return ll
     logdet = 0.0
@@ -715,7 +706,9 @@ def _laplace(ll, boundary, s2, bptr, bdon, Lflat, loff, v, sw):  # pragma: no co
             logdet += math.log(1.0 + s2 * lo_ * lo_ * sw[bdon[s]])
             continue
         _, A, _ = _block_gather(k, s, o, bdon, Lflat, sw, sw)
-        logdet += _chol_logdet(_block_h(s2, A))
+        C = np.linalg.cholesky(_block_h(s2, A))
+        for i in range(k):
+            logdet += 2.0 * math.log(C[i, i])
     return ll - 0.5 * np.dot(v, v) - 0.5 * logdet
 
 
@@ -965,9 +958,8 @@ def _evaluate(
         grad[p + 1] = hk_sum
         return ll + lconst, True
 
-    # block algebra: m = diag(M), M = L H^-1 L', LHv = L H^-1 v, log|H|, Maq = M (a * q), and the quadratic forms
-    # of M in (zwx, sh1k) for the Hessian
-    logdet = 0.0
+    # block algebra: m = diag(M), M = L H^-1 L', LHv = L H^-1 v, Maq = M (a * q), and the quadratic forms of M in
+    # (zwx, sh1k) for the Hessian
     mdiag = np.zeros(n)
     LHv = np.zeros(n)
     Maq = np.zeros(n)
@@ -980,8 +972,6 @@ def _evaluate(
             d = bdon[s]
             lo_ = Lflat[o]
             h = 1.0 + s2 * lo_ * lo_ * sw[d]
-            if need_ll:
-                logdet += math.log(h)
             ih = 1.0 / h
             md = lo_ * lo_ * ih
             cj = -sigma * lo_ * ih
@@ -1002,8 +992,6 @@ def _evaluate(
             continue
         Lb, A, _ = _block_gather(kk, s, o, bdon, Lflat, sw, sh)
         H = _block_h(s2, A)
-        if need_ll:
-            logdet += _chol_logdet(H)
         Hinv = np.linalg.inv(H)
         Mb = Lb @ (Hinv @ Lb.T)
         vb = np.empty(kk)
@@ -1045,7 +1033,7 @@ def _evaluate(
         for j in range(p + 1):
             for m2 in range(j, p + 1):
                 Q[j, m2] += Qb[j, m2]
-    lap = ll + lconst - 0.5 * vv - 0.5 * logdet if need_ll else np.nan
+    lap = _laplace(ll + lconst, False, s2, bptr, bdon, Lflat, loff, v, sw) if need_ll else np.nan
     for j in range(p):
         acc = 0.0
         for d in range(n):
