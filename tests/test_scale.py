@@ -327,6 +327,20 @@ def test_fit_null_threads(sparse_adata, reference):
             np.testing.assert_array_equal(result[key], reference[key], err_msg=f"n_threads={n_threads}: {key}")
 
 
+def test_fit_null_threads_many_genes(monkeypatch):
+    """Enough genes for several chunks per thread: the chunks (whose GEMMs' bits can depend on their size) and the
+    REML's shared parts are the same whatever the thread count, so the results are bit-identical."""
+    from scverse_nullfit._core import _reml
+
+    monkeypatch.setattr(_reml, "machine_cores", lambda: 2)
+    adata = snf.datasets.simulate(n_donors=60, cells_per_donor=6.0, n_genes=600, seed=5)
+    reference = _fit(adata.copy(), n_threads=1)
+    for n_threads in (2, 3):
+        result = _fit(adata.copy(), n_threads=n_threads)
+        for key in KEYS:
+            np.testing.assert_array_equal(result[key], reference[key], err_msg=f"n_threads={n_threads}: {key}")
+
+
 def test_iter_chunks_cover_backed(h5ad_files):
     """Backed chunks tile the matrix exactly, whatever the chunk size, with and without prefetching."""
     a = ad.read_h5ad(h5ad_files["csr"], backed="r")

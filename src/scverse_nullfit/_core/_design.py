@@ -259,8 +259,29 @@ def check_grm_negativity(G: np.ndarray) -> None:
     )
 
 
-def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectral:
-    """Eigendecompose D^1/2 G D^1/2 and rotate the covariates' donor sums."""
+@dataclass
+class DesignSums:
+    """The design's sums over cells, which need no eigendecomposition (the OLS pre-residuals use only these)."""
+
+    ZtX: np.ndarray  #: (donors, p) donor sums of the covariates Z'X
+    XtX: np.ndarray  #: (p, p)
+    Aw: np.ndarray  #: (p, p) within-donor cross-products
+    n_cells: int
+
+
+def design_sums(donors: Donors, X: np.ndarray) -> DesignSums:
+    """``Z'X``, ``X'X`` and the within-donor cross-products of the design."""
+    ZtX = donor_sums(X, donors)
+    means = ZtX / donors.counts[:, None]
+    Aw = np.zeros((X.shape[1], X.shape[1]))
+    for a in range(0, X.shape[0], 1 << 16):  # blocks of cells: no cells x p temporaries (stage 1 runs beside the pass)
+        Xw = X[a : a + (1 << 16)] - means[donors.codes[a : a + (1 << 16)]]
+        Aw += Xw.T @ Xw
+    return DesignSums(ZtX=ZtX, XtX=X.T @ X, Aw=(Aw + Aw.T) / 2, n_cells=X.shape[0])
+
+
+def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray, *, sums: DesignSums | None = None) -> Spectral:
+    """Eigendecompose D^1/2 G D^1/2 and rotate the covariates' donor sums (``sums``: the design's, if computed)."""
     sqrt_c = np.sqrt(donors.counts)
     M = G * sqrt_c[:, None] * sqrt_c[None, :]
     lam, U = eigh_or_error(M, "D^1/2 G D^1/2 (the GRM scaled by cells per donor)")
@@ -268,14 +289,9 @@ def spectral_precompute(G: np.ndarray, donors: Donors, X: np.ndarray) -> Spectra
     if lam.min(initial=0.0) < -NEG_EIG_TOL * top:
         check_grm_negativity(G)
     lam = np.clip(lam, 0.0, None)
-    ZtX = donor_sums(X, donors)
-    Xrot = U.T @ (ZtX / sqrt_c[:, None])
-    means = ZtX / donors.counts[:, None]
-    Aw = np.zeros((X.shape[1], X.shape[1]))
-    for a in range(0, X.shape[0], 1 << 16):  # blocks of cells: no cells x p temporaries (stage 1 runs beside the pass)
-        Xw = X[a : a + (1 << 16)] - means[donors.codes[a : a + (1 << 16)]]
-        Aw += Xw.T @ Xw
-    return Spectral(lam=lam, U=U, ZtX=ZtX, Xrot=Xrot, XtX=X.T @ X, Aw=(Aw + Aw.T) / 2, n_cells=X.shape[0])
+    sums = design_sums(donors, X) if sums is None else sums
+    Xrot = U.T @ (sums.ZtX / sqrt_c[:, None])
+    return Spectral(lam=lam, U=U, ZtX=sums.ZtX, Xrot=Xrot, XtX=sums.XtX, Aw=sums.Aw, n_cells=sums.n_cells)
 
 
 def incidence(codes: np.ndarray, n_donors: int) -> sparse.csr_matrix:

@@ -16,6 +16,7 @@ compiled.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, fields
 
@@ -653,16 +654,27 @@ class GeneFits:
 
 #: Genes per chunk: sized so that a chunk's donors x genes arrays stay within a few MB.
 CHUNK_ELEMENTS = 1 << 21
-#: Chunks per thread at least (when there are genes enough), so that the threads finish together.
-CHUNKS_PER_THREAD = 8
+#: Chunks per core of the machine at least (when there are genes enough), so that the threads finish together.
+CHUNKS_PER_CORE = 8
 
 
-def default_chunk_size(n_donors: int, n_genes: int | None = None, n_threads: int = 1) -> int:
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity), whatever ``n_threads``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def default_chunk_size(n_donors: int, n_genes: int | None = None) -> int:
     """Genes per chunk for ``n_donors`` donors: large chunks stream the rotation's ``U`` fewer times, but at least
-    :data:`CHUNKS_PER_THREAD` chunks per thread when there are ``n_genes``."""
+    :data:`CHUNKS_PER_CORE` chunks per core of the machine when there are ``n_genes``.
+
+    The rule does not depend on the thread count: a GEMM's bits can depend on its size (OpenBLAS takes other kernels
+    for small products), so the same chunks on any number of threads keep the results bit-identical."""
     size = CHUNK_ELEMENTS // max(n_donors, 1)
     if n_genes is not None:
-        size = min(size, -(-n_genes // (CHUNKS_PER_THREAD * max(1, n_threads))))
+        size = min(size, -(-n_genes // (CHUNKS_PER_CORE * machine_cores())))
     return int(max(16, size))
 
 
@@ -760,7 +772,7 @@ def fit_genes(
     G, n, p = len(W), len(problem.lam), problem.p
     threads = available_threads() if n_threads is None else max(1, int(n_threads))
     if chunk_size is None:
-        chunk_size = default_chunk_size(n, G, threads)
+        chunk_size = default_chunk_size(n, G)
     out = GeneFits.empty(G, n, p)
     slices = [slice(a, min(G, a + chunk_size)) for a in range(0, G, chunk_size)]
     timer = StageTimer()

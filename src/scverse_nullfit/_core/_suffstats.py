@@ -13,13 +13,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 from scanpy import logging as logg
 from scipy import linalg, sparse
 
-from ._design import Donors, Spectral
+from ._design import DesignSums, Donors, Spectral
 from ._read import available_threads, iter_chunks, major_ranges
 
 
@@ -463,21 +464,28 @@ class PreResiduals:
 ROW_BLOCK = 64
 
 
-def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral, n_threads: int | None = None) -> PreResiduals:
+def pre_residualise(
+    stats: SuffStats,
+    donors: Donors,
+    sums: DesignSums | Spectral,
+    n_threads: int | None = None,
+    slots: threading.Semaphore | None = None,
+) -> PreResiduals:
     """OLS residuals' sufficient statistics from the raw ones, their donor sums scaled to ``D^-1/2 Z'r``; genes with
-    nothing to fit are flagged.
+    nothing to fit are flagged. ``sums``: the design's ``Z'X`` and ``X'X`` (no eigendecomposition needed).
 
     Works in place: ``T`` reuses the memory of ``stats.S``, which must not be used afterwards. Row blocks of ``T`` run
-    on ``n_threads`` threads; each block's share of the between-donor sum of squares is kept and the shares are added
-    in block order, so the result does not depend on the thread count.
+    on ``n_threads`` threads (each holding one of ``slots`` while it works, if given: see :class:`Accumulator`); each
+    block's share of the between-donor sum of squares is kept and the shares are added in block order, so the result
+    does not depend on the thread count.
     """
     c = donors.counts
-    ZtX = spectral.ZtX
+    ZtX = sums.ZtX
     colsum = ZtX.sum(axis=0)
     # a non-finite value anywhere in a gene makes its sum of squares non-finite, so S needs no separate check
     finite = np.isfinite(stats.M2) & np.isfinite(stats.XtY).all(axis=0) & np.isfinite(stats.mean)
     Xyc = stats.XtY - colsum[:, None] * stats.mean[None, :]
-    L, scale = scaled_cholesky(spectral.XtX)
+    L, scale = scaled_cholesky(sums.XtX)
     b0 = scale[:, None] * linalg.cho_solve((L, True), scale[:, None] * Xyc, check_finite=False)
     rr = stats.M2 - np.einsum("pg,pg->g", Xyc, b0)
     T = stats.S
@@ -490,10 +498,11 @@ def pre_residualise(stats: SuffStats, donors: Donors, spectral: Spectral, n_thre
 
     def block(i: int) -> None:  # no temporary of T's size, one pass while in cache
         rows = slice(starts[i], starts[i] + ROW_BLOCK)
-        blk = T[rows]
-        blk -= fitted_by[rows] @ coef
-        blk *= inv_sqrt_c[rows, None]
-        np.einsum("dg,dg->g", blk, blk, out=between[i])
+        with nullcontext() if slots is None else slots:
+            blk = T[rows]
+            blk -= fitted_by[rows] @ coef
+            blk *= inv_sqrt_c[rows, None]
+            np.einsum("dg,dg->g", blk, blk, out=between[i])
 
     n_threads = min(available_threads() if n_threads is None else max(1, int(n_threads)), len(starts))
     if n_threads > 1:

@@ -24,7 +24,7 @@ def fit_all_genes(
     """REML of every gene: on the workers of the active ``dask.distributed`` client when ``distributed`` (the
     caller's explicit choice: dask input) and there is more than one chunk of genes, else in threads of this
     process. A client that merely exists is never used for in-memory input."""
-    chunk_size = kwargs.get("chunk_size") or default_chunk_size(len(problem.lam))
+    chunk_size = kwargs.get("chunk_size") or default_chunk_size(len(problem.lam), len(W))
     client = distributed_client() if distributed else None
     if client is not None and isinstance(rotate, Rotation) and len(W) > chunk_size:
         return fit_genes_distributed(client, problem, rotate, W, tau=tau, chunk_size=chunk_size, progress=progress)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .._constants import Key
 from .._core import _glmm
-from .._core._design import align_grm, as_list, build_design, donor_labels, spectral_precompute
+from .._core._design import align_grm, as_list, build_design, design_sums, donor_labels, spectral_precompute
 from .._core._read import ColumnReader, describe_matrix, get_expression
 from .._core._reml import RemlProblem, Rotation
 from .._core._store import (
@@ -42,25 +42,33 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
-def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray, n_threads: int):
-    """The pass over the expression and stage 1's eigendecomposition (independent), side by side: the eigendecomposition
-    on one thread (one BLAS thread), the pass on the other ``n_threads - 1``, and on all of them once the
-    eigendecomposition is done (the two share ``n_threads`` slots).
+def _stage1_and_pass(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray, n_threads: int):
+    """Stage 1 (the eigendecomposition and the REML's shared parts) and the pass over the expression with its OLS
+    pre-residuals (independent), side by side: stage 1 on one thread (one BLAS thread), the pass and the
+    pre-residuals on the other ``n_threads - 1``, and on all of them once the eigendecomposition is done (the two
+    share ``n_threads`` slots). Returns the pre-residuals, the stage 1 spectral part and the REML problem.
 
     One thread keeps the eigendecomposition's bits the same whatever ``n_threads`` (the results are bit-identical
     across thread counts), and a multi-threaded eigendecomposition waits on each of its threads thousands of times, so
     on a small machine it stalls whenever another process holds a core (measured here: 7-16 s instead of 0.6 s in 4
     of 10 runs beside another job). It releases the GIL (``eigh_or_error``), so the pass runs while it works; a pass
-    on all ``n_threads`` beside it would oversubscribe the cores (seed: 3.20 s median vs 2.96 s with n_threads - 1)."""
+    on all ``n_threads`` beside it would oversubscribe the cores (seed: 3.20 s median vs 2.96 s with n_threads - 1).
+    The pre-residuals need only the design's sums, not the eigendecomposition, so they run on the pass's side."""
     t1 = logg.debug("    stage 1: donor-level eigendecomposition, alongside the pass")
+    sums = design_sums(donors, X)
 
     def stage1():
-        spectral = spectral_precompute(G, donors, X)
+        spectral = spectral_precompute(G, donors, X, sums=sums)
+        problem = RemlProblem(spectral)
         logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
-        return spectral
+        return spectral, problem
+
+    def stage2(slots=None):
+        stats = compute_sufficient_stats(Y, genes, donors, X, n_threads=n_threads, slots=slots)
+        return pre_residualise(stats, donors, sums, n_threads=n_threads, slots=slots)
 
     if n_threads <= 1:
-        return compute_sufficient_stats(Y, genes, donors, X, n_threads=1), stage1()
+        return (stage2(), *stage1())
     slots = threading.Semaphore(n_threads)
     slots.acquire()  # stage 1's slot, held until its eigendecomposition is done
 
@@ -72,8 +80,8 @@ def _pass_and_stage1(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray,
 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
         spectral = pool.submit(stage1_in_slot)
-        stats = compute_sufficient_stats(Y, genes, donors, X, n_threads=n_threads, slots=slots)
-        return stats, spectral.result()
+        pre = stage2(slots)
+        return (pre, *spectral.result())
 
 
 @doc_params(doc_n_threads=doc_n_threads, doc_copy=doc_copy)
@@ -217,10 +225,7 @@ def fit_null(
     with threadpool_limits(limits=n_threads, user_api="blas"):
         fitted_idx = np.flatnonzero(mask)
         t2 = logg.debug(f"    stage 2: sufficient statistics of {len(fitted_idx)} genes ({describe_matrix(Y)})")
-        stats, spectral = _pass_and_stage1(Y, fitted_idx, donors, design.X, G, n_threads)
-        problem = RemlProblem(spectral)
-        pre = pre_residualise(stats, donors, spectral, n_threads=n_threads)
-        del stats
+        pre, spectral, problem = _stage1_and_pass(Y, fitted_idx, donors, design.X, G, n_threads)
         logg.debug("    stage 2: sufficient statistics done", time=t2)
 
         ok_idx = np.flatnonzero(pre.ok)
