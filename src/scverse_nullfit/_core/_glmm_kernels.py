@@ -715,8 +715,9 @@ def _laplace(ll, boundary, s2, bptr, bdon, Lflat, loff, v, sw):  # pragma: no co
 @jit()
 def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
     """See :func:`_evaluate` (with the log-likelihood)."""  # pragma: no cover - compiled
+    yes = v.shape[0] >= 0  # True, but not a literal (see _optimise)
     return _evaluate(
-        fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, True, True
+        fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, yes, yes
     )
 
 
@@ -1199,7 +1200,7 @@ def _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd):  # pragma: no cover - compiled
 
 @jit()
 def _optimise(
-    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, boundary, v, lfact, Hout, st, sums
+    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, v, lfact, Hout, st, sums
 ):  # pragma: no cover
     """Newton ascent of the Laplace log-likelihood over the free entries of phi (in place), with step halving.
 
@@ -1208,9 +1209,16 @@ def _optimise(
     else by finite differences of the analytic gradient. Returns (loglik, status, iterations); ``Hout`` gets that
     Hessian over all of phi (zero rows for fixed entries); ``sums`` (2 x donors) the donor sums of h1 and w at the
     returned phi, or at the last step's start when that step's end was evaluated for its log-likelihood only
-    (FINAL_DEC)."""
+    (FINAL_DEC). The fit at the boundary s2 = 0 is the one with log(s2) fixed.
+
+    Its flags, and those it passes to :func:`_evaluate`, are runtime values, not literals: numba compiles a function
+    once per combination of literal arguments, and these two are the largest kernels (their first compile took minutes
+    when they were literals)."""
     p = X.shape[1]
     k = p + 2
+    boundary = not free[p]
+    yes = k > 0
+    no = not yes
     g = np.empty(k)
     gt = np.empty(k)
     Ha = np.empty((k, k))
@@ -1240,7 +1248,7 @@ def _optimise(
                 vt[dd] = v[dd] + step * dva[dd, j0]
             st[11][5] += 1.0
             _, ok2 = _evaluate(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, False, True
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, no, yes
             )
             if not ok2:
                 return L, FAILED, it
@@ -1285,9 +1293,8 @@ def _optimise(
                     return L + 0.5 * dec, OK, it + 1
                 _warm_start(boundary, v, phi, ph, dva, vt)
                 Ln, okn = _evaluate(
-                    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, True,
-                    False,
-                )  # fmt: skip
+                    fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, yes, no
+                )
                 if okn and Ln == Ln and Ln >= L - 1e-13 * abs(L):
                     phi[:] = ph
                     v[:] = vt
@@ -1700,9 +1707,7 @@ def fit_genes_range(
         v = np.zeros(n)
         _glm_start(fam, yi, yv, phi, S2, st)
         st[6][0] = 0.0
-        L0, st0, it0 = _optimise(
-            fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, True, v, lfact, H, st, sums0
-        )
+        L0, st0, it0 = _optimise(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, v, lfact, H, st, sums0)
         loglik0_out[gidx] = L0
         st[11][6] = st[11][0]
         if st0 != OK:
@@ -1731,7 +1736,7 @@ def fit_genes_range(
                 free[p + 1] = False
             _mode_start(s2i, shift, sh0, sw0, bptr, bdon, Lflat, loff, v)
             L1, st1, it1 = _optimise(
-                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, False, v, lfact, H, st, sums1
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, free, v, lfact, H, st, sums1
             )
             its += it1
             if st1 == OK and L1 >= L0:

@@ -395,7 +395,7 @@ def _fit_counts(
         logg.debug(f"    {len(donors.ids)} donors, GRM {blocks.kind} ({len(blocks.ptr) - 1} blocks)")
         if not _glmm.kernels_cached():
             logg.info(
-                "    compiling the count kernels: once after installing or updating the package (about 2 minutes); "
+                "    compiling the count kernels: once after installing or updating the package (about a minute); "
                 "numba caches them for later runs"
             )
         n, p = len(donors.ids), design.X.shape[1]
