@@ -656,6 +656,8 @@ class GeneFits:
 CHUNK_ELEMENTS = 1 << 21
 #: Chunks per core of the machine at least (when there are genes enough), so that the threads finish together.
 CHUNKS_PER_CORE = 8
+#: Cores counted at most by that rule: on a large machine, smaller chunks would cost more than the balance gains.
+CHUNK_CORES_MAX = 16
 
 
 def machine_cores() -> int:
@@ -668,13 +670,14 @@ def machine_cores() -> int:
 
 def default_chunk_size(n_donors: int, n_genes: int | None = None) -> int:
     """Genes per chunk for ``n_donors`` donors: large chunks stream the rotation's ``U`` fewer times, but at least
-    :data:`CHUNKS_PER_CORE` chunks per core of the machine when there are ``n_genes``.
+    :data:`CHUNKS_PER_CORE` chunks per core of the machine (up to :data:`CHUNK_CORES_MAX` cores) when there are
+    ``n_genes``.
 
     The rule does not depend on the thread count: a GEMM's bits can depend on its size (OpenBLAS takes other kernels
     for small products), so the same chunks on any number of threads keep the results bit-identical."""
     size = CHUNK_ELEMENTS // max(n_donors, 1)
     if n_genes is not None:
-        size = min(size, -(-n_genes // (CHUNKS_PER_CORE * machine_cores())))
+        size = min(size, -(-n_genes // (CHUNKS_PER_CORE * min(machine_cores(), CHUNK_CORES_MAX))))
     return int(max(16, size))
 
 

@@ -63,12 +63,12 @@ def _stage1_and_pass(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray,
         logg.debug(f"    stage 1: {len(donors.ids)} donors, {X.shape[1]} design columns", time=t1)
         return spectral, problem
 
-    def stage2(slots=None):
+    def pass_and_pre(slots=None):
         stats = compute_sufficient_stats(Y, genes, donors, X, n_threads=n_threads, slots=slots)
         return pre_residualise(stats, donors, sums, n_threads=n_threads, slots=slots)
 
     if n_threads <= 1:
-        return (stage2(), *stage1())
+        return (pass_and_pre(), *stage1())
     slots = threading.Semaphore(n_threads)
     slots.acquire()  # stage 1's slot, held until its eigendecomposition is done
 
@@ -80,7 +80,7 @@ def _stage1_and_pass(Y, genes: np.ndarray, donors, X: np.ndarray, G: np.ndarray,
 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(1, "snf-stage1") as pool:
         spectral = pool.submit(stage1_in_slot)
-        pre = stage2(slots)
+        pre = pass_and_pre(slots)
         return (pre, *spectral.result())
 
 
