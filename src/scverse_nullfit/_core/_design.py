@@ -274,7 +274,7 @@ def design_sums(donors: Donors, X: np.ndarray) -> DesignSums:
     ZtX = donor_sums(X, donors)
     means = ZtX / donors.counts[:, None]
     Aw = np.zeros((X.shape[1], X.shape[1]))
-    for a in range(0, X.shape[0], 1 << 16):  # blocks of cells: no cells x p temporaries (stage 1 runs beside the pass)
+    for a in range(0, X.shape[0], 1 << 16):  # blocks of cells: no cells x p temporaries
         Xw = X[a : a + (1 << 16)] - means[donors.codes[a : a + (1 << 16)]]
         Aw += Xw.T @ Xw
     return DesignSums(ZtX=ZtX, XtX=X.T @ X, Aw=(Aw + Aw.T) / 2, n_cells=X.shape[0])
