@@ -714,7 +714,8 @@ def _laplace(ll, boundary, s2, bptr, bdon, Lflat, loff, v, sw):  # pragma: no co
 
 @jit()
 def evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st):
-    """See :func:`_evaluate` (with the log-likelihood)."""  # pragma: no cover - compiled
+    """See :func:`_evaluate` (with the log-likelihood), for calls from Python. The fit calls :func:`_evaluate`
+    itself: numba would optimise this wrapper again with all of that inlined."""  # pragma: no cover - compiled
     yes = v.shape[0] >= 0  # True, but not a literal (see _optimise)
     return _evaluate(
         fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, grad, hess, st, yes, yes
@@ -1223,7 +1224,7 @@ def _optimise(
     gt = np.empty(k)
     Ha = np.empty((k, k))
     Ht = np.empty((k, k))
-    L, ok = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st)
+    L, ok = _evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, phi, boundary, v, lfact, g, Ha, st, yes, yes)
     if not ok:
         return np.nan, FAILED, 0
     sums[:, :] = st[5][6:8]
@@ -1309,7 +1310,9 @@ def _optimise(
             if ph[p + 1] < KAPPA_MIN:
                 ph[p + 1] = KAPPA_MIN
             _warm_start(boundary, v, phi, ph, dva, vt)
-            Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            Ln, okn = _evaluate(
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, yes, yes
+            )
             armijo = Ln >= L + 1e-4 * t * dec - 1e-13 * abs(L)
             rounding = t == 1.0 and dec < ROUNDING_DEC and Ln >= L - 1e-12 * abs(L)
             if okn and Ln == Ln and (armijo or rounding):
@@ -1333,7 +1336,9 @@ def _optimise(
             ph = phi.copy()
             ph[p + 1] = KAPPA_MAX
             vt[:] = v
-            Ln, okn = evaluate(fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st)
+            Ln, okn = _evaluate(
+                fam, yi, yv, codes, off, X, bptr, bdon, Lflat, loff, ph, boundary, vt, lfact, gt, Ht, st, yes, yes
+            )
             if okn and Ln >= L and gt[p + 1] >= 0.0:  # still climbing at the bound: the Poisson limit is the sup
                 _accept(phi, ph, v, vt, g, gt, Ha, Ht, fd)
                 dva[:, :] = st[12]
